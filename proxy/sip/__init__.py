@@ -1,0 +1,1 @@
+"""Sans-IO SIP layer: message parsing/serialisation, URIs, transactions."""
