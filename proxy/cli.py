@@ -1,0 +1,138 @@
+"""Command line: `sip700 run`, `sip700 check-config`, and the binding admin commands."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import functools
+import os
+import signal
+import sys
+from typing import Any
+
+import structlog
+
+from proxy.config import Config, ConfigError, check_config, load_config
+from proxy.logs import configure_logging
+
+log = structlog.get_logger("sip700")
+
+
+def build_core(cfg: Config) -> Any:
+    """The sans-IO proxy core, configured from `cfg`."""
+    from proxy.core import CoreSettings, FinalResponse, Hop, ProxyCore
+    from proxy.privacy import DialogSealer
+    from proxy.sip.transaction import TimerSettings
+
+    key = cfg.privacy.dialog_key_bytes
+    if key is None:
+        key = os.urandom(32)
+        log.warning("dialog_key_generated",
+                    detail="no privacy.dialog_key configured: calls do not survive a restart "
+                           "and instances cannot serve each other's dialogs")
+    adv = cfg.advertised
+    pattern = cfg.middle_number_regex
+    r = cfg.responses
+    t = cfg.timers
+    settings = CoreSettings(
+        advertise_host=adv.host,
+        advertise_port=adv.port,
+        transport=cfg.listen_endpoints[0].transport,
+        is_trusted=functools.lru_cache(maxsize=4096)(cfg.is_trusted),
+        middle_number=lambda n: pattern.search(n) is not None,
+        gateways=[Hop(g.host, g.port, g.transport) for g in cfg.carrier.targets],
+        gateway_strategy=cfg.carrier.strategy,
+        to_header=cfg.privacy.to_header,
+        mask_numbers=cfg.privacy.mask_numbers_in_logs,
+        timer_settings=TimerSettings(t1=t.t1_ms / 1000, t2=t.t2_ms / 1000, t4=t.t4_ms / 1000),
+        timer_c=t.timer_c_s,
+        retry_after_s=cfg.store.retry_after_s,
+        no_binding=FinalResponse(r.no_binding.code, r.no_binding.reason),
+        not_party=FinalResponse(r.not_party.code, r.not_party.reason),
+        not_middle_number=FinalResponse(r.not_middle_number.code, r.not_middle_number.reason),
+        untrusted_peer=FinalResponse(r.untrusted_peer.code, r.untrusted_peer.reason),
+        store_unavailable=FinalResponse(r.store_unavailable.code, r.store_unavailable.reason),
+    )
+    call_log = structlog.get_logger("sip700.calls")
+    return ProxyCore(settings, DialogSealer(key), log=call_log.info)
+
+
+async def serve(cfg: Config) -> None:
+    """Run the proxy until SIGTERM/SIGINT."""
+    from proxy.bindings.store import open_store
+    from proxy.transport import ProxyServer
+
+    store = open_store(cfg)
+    start = getattr(store, "start", None)
+    if start is not None:
+        await start()
+    core = build_core(cfg)
+    server = ProxyServer(
+        core, store,
+        listen=[(e.transport, e.host, e.port) for e in cfg.listen_endpoints],
+        udp_rcvbuf=cfg.transport.udp_rcvbuf_bytes,
+        udp_sndbuf=cfg.transport.udp_sndbuf_bytes,
+        tcp_idle_timeout=cfg.transport.tcp_idle_timeout_s,
+        max_message_bytes=cfg.transport.max_message_bytes,
+    )
+    await server.start()
+    log.info("listening", listen=[str(e) for e in cfg.listen_endpoints],
+             advertise=str(cfg.advertised), backend=cfg.store.backend)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("stopping", stats=core.stats)
+    await server.close()
+    await store.close()
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    try:
+        cfg = load_config(args.config)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        return 1
+    configure_logging(cfg.logging.level, cfg.logging.format)
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+        asyncio.run(serve(cfg))
+    else:
+        uvloop.run(serve(cfg))
+    return 0
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    problems = check_config(args.config)
+    for problem in problems:
+        print(problem)
+    if problems:
+        return 1
+    print(f"{args.config}: OK")
+    return 0
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sip700", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("run", help="run the proxy")
+    p.add_argument("--config", required=True, help="YAML config file")
+    p.set_defaults(func=cmd_run)
+    p = sub.add_parser("check-config", help="validate a config file; exit 1 on problems")
+    p.add_argument("config", help="YAML config file")
+    p.set_defaults(func=cmd_check_config)
+    try:
+        from proxy.bindings.admin import add_commands
+    except ImportError:
+        pass
+    else:
+        add_commands(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = make_parser().parse_args(argv)
+    return int(args.func(args) or 0)

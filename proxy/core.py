@@ -1,0 +1,827 @@
+"""The proxy core, sans-IO: SIP messages and time in; datagrams, lookups and log records out.
+
+A transaction-stateful, record-routing proxy (RFC 3261 §16). Each proxied transaction is a
+`Relay`: the upstream server transaction and the downstream client transaction. The binding
+lookup of an initial INVITE is an explicit step: the core queues it in `lookups`, the shell
+resolves it (cache, then the store) and calls `complete_lookup`. The dialog's rule travels in our
+Record-Route token, so in-dialog requests need no memory of the INVITE.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+from proxy.bindings.model import Outcome, Resolution
+from proxy.numbers import mask_number
+from proxy.privacy import (
+    TOKEN_PARAM,
+    DialogRule,
+    DialogSealer,
+    InvalidDialogToken,
+    hide_number,
+    set_address_user,
+    uri_number,
+)
+from proxy.sip.address import parse_name_addr
+from proxy.sip.errors import ParseError
+from proxy.sip.message import SipMessage, build_response, parse_message
+from proxy.sip.transaction import (
+    ClientInviteTransaction,
+    ClientNonInviteTransaction,
+    DeliverResponse,
+    Send,
+    ServerInviteTransaction,
+    ServerNonInviteTransaction,
+    Terminated,
+    TimedOut,
+    TimerSettings,
+    TransportFailed,
+    cancelled_invite_key,
+    server_transaction_key,
+)
+from proxy.sip.uri import SipUri
+from proxy.timers import TimerWheel
+
+Address = tuple[str, int]
+BRANCH_PREFIX = "z9hG4bKs7"
+SUPPORTED_EXTENSIONS = frozenset()  # option-tags this proxy understands in Proxy-Require
+
+
+class Outgoing(NamedTuple):
+    data: bytes
+    dest: Address
+    transport: str  # "udp" | "tcp"
+
+
+class Hop(NamedTuple):
+    host: str
+    port: int
+    transport: str
+
+
+@dataclass(frozen=True)
+class FinalResponse:
+    code: int
+    reason: str
+
+
+@dataclass
+class CoreSettings:
+    """What the core needs from the config, flattened for the hot path."""
+
+    advertise_host: str
+    advertise_port: int
+    transport: str  # transport we put in our Via/Record-Route by default
+    is_trusted: Callable[[str], bool]
+    middle_number: Callable[[str], bool]
+    gateways: list[Hop]
+    gateway_strategy: str = "round_robin"
+    to_header: str = "middle_number"
+    mask_numbers: bool = True
+    timer_settings: TimerSettings = field(default_factory=TimerSettings)
+    timer_c: float = 180.0
+    retry_after_s: int = 5
+    no_binding: FinalResponse = FinalResponse(404, "No Binding")
+    not_party: FinalResponse = FinalResponse(403, "Not A Party Of This Binding")
+    not_middle_number: FinalResponse = FinalResponse(404, "Not A Middle Number")
+    untrusted_peer: FinalResponse = FinalResponse(403, "Untrusted Peer")
+    store_unavailable: FinalResponse = FinalResponse(503, "Binding Store Unavailable")
+
+
+class Relay:
+    """One proxied transaction: where it came from, where it went, and the dialog's rule."""
+
+    __slots__ = (
+        "caller",
+        "cancel_client",
+        "cancel_pending",
+        "client",
+        "client_key",
+        "downstream",
+        "final_sent",
+        "hidden",
+        "is_invite",
+        "out",
+        "provisional",
+        "request",
+        "rule",
+        "server",
+        "server_key",
+        "started",
+        "timer_c",
+        "upstream",
+        "x",
+    )
+
+    def __init__(self, request: SipMessage, upstream: Outgoing, server: Any, key: tuple) -> None:
+        self.request = request
+        self.upstream = upstream  # data unused: dest + transport of the previous hop
+        self.server = server
+        self.server_key = key
+        self.client: Any = None
+        self.client_key: tuple[str, str] | None = None
+        self.cancel_client: ClientNonInviteTransaction | None = None
+        self.cancel_pending = False
+        self.out: SipMessage | None = None
+        self.downstream: Hop | None = None
+        self.rule: DialogRule | None = None
+        self.hidden = ""  # the number the upstream side must not see
+        self.is_invite = request.method == "INVITE"
+        self.provisional = False
+        self.final_sent = False
+        self.timer_c: float | None = None
+        self.x = ""
+        self.caller = ""
+        self.started = 0.0
+
+    def next_deadline(self) -> float | None:
+        deadlines = [d for d in (
+            self.server.next_deadline(),
+            self.client.next_deadline() if self.client is not None else None,
+            self.cancel_client.next_deadline() if self.cancel_client is not None else None,
+            self.timer_c,
+        ) if d is not None]
+        return min(deadlines) if deadlines else None
+
+
+class ProxyCore:
+    """Request/response handling for one worker. Not thread-safe; one event loop feeds it."""
+
+    def __init__(
+        self,
+        settings: CoreSettings,
+        sealer: DialogSealer,
+        log: Callable[..., None] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.sealer = sealer
+        self.log = log or (lambda event, **kw: None)
+        self.outbox: list[Outgoing] = []
+        self.lookups: list[tuple[Relay, str, str]] = []
+        self.server_txs: dict[tuple, Relay] = {}
+        self.client_txs: dict[tuple[str, str], Relay] = {}
+        self.wheel: TimerWheel[Relay] = TimerWheel()
+        self.stats: dict[str, int] = {}
+        self._via_sent_by = f"{settings.advertise_host}:{settings.advertise_port}"
+        self._rr_prefix = f"<sip:{self._via_sent_by};lr;{TOKEN_PARAM}="
+        self._branch_seq = 0
+        self._branch_salt = os.urandom(4).hex()
+        self._gw_next = 0
+        self._gw_down: dict[int, float] = {}
+
+    # ---- bookkeeping -------------------------------------------------------------------------
+    def _count(self, name: str, n: int = 1) -> None:
+        self.stats[name] = self.stats.get(name, 0) + n
+
+    def _mask(self, number: str) -> str:
+        return mask_number(number) if self.settings.mask_numbers else number
+
+    def _new_branch(self) -> str:
+        self._branch_seq += 1
+        return f"{BRANCH_PREFIX}{self._branch_salt}{self._branch_seq:x}"
+
+    def next_deadline(self) -> float | None:
+        return self.wheel.next_deadline()
+
+    # ---- entry points --------------------------------------------------------------------------
+    def receive_datagram(self, data: bytes, source: Address, transport: str, now: float) -> None:
+        """Handle one UDP payload or one framed TCP message."""
+        try:
+            msg = parse_message(data, stream=transport == "tcp")
+        except ParseError as exc:
+            self.reject_malformed(exc, source, transport)
+            return
+        self.receive_message(msg, data, source, transport, now)
+
+    def reject_malformed(self, exc: ParseError, source: Address, transport: str) -> None:
+        """Answer a malformed request when it can be answered (RFC 4475), else drop it."""
+        self._count("malformed")
+        self.log("malformed", source=f"{source[0]}:{source[1]}", reason=exc.reason)
+        if exc.can_respond and exc.message is not None:
+            reason = "Version Not Supported" if exc.status == 505 else (
+                "Not Implemented" if exc.status == 501 else "Bad Request")
+            self._reply(exc.message, exc.status, reason, source, transport,
+                        warning=exc.reason)
+
+    def receive_message(
+        self, msg: SipMessage, data: bytes, source: Address, transport: str, now: float
+    ) -> None:
+        try:
+            if msg.is_request:
+                self._on_request(msg, source, transport, now)
+            else:
+                self._on_response(msg, data, now)
+        except ParseError as exc:
+            if exc.message is None:
+                exc.message = msg
+            if not msg.is_request:
+                self._count("malformed")
+                return
+            self.reject_malformed(exc, source, transport)
+
+    def handle_timers(self, now: float) -> None:
+        for relay in self.wheel.due(now):
+            if relay.timer_c is not None and relay.timer_c <= now:
+                relay.timer_c = None
+                self._timer_c_fired(relay, now)
+            self._server_events(relay, relay.server.handle_timer(now), now)
+            if relay.client is not None:
+                self._client_events(relay, relay.client.handle_timer(now), now)
+            if relay.cancel_client is not None and relay.downstream is not None:
+                hop = relay.downstream
+                for ev in relay.cancel_client.handle_timer(now):
+                    if isinstance(ev, Send):  # CANCEL retransmission
+                        self.outbox.append(Outgoing(ev.data, (hop.host, hop.port), hop.transport))
+            self._rearm(relay)
+
+    # ---- requests ----------------------------------------------------------------------------
+    def _server_key(self, msg: SipMessage) -> tuple:
+        via = msg.top_via
+        branch = via.branch
+        if branch is not None and len(branch) > 7 and branch.startswith("z9hG4bK"):
+            return server_transaction_key(msg.method, branch, via.sent_by, "", None, None, "",
+                                          0, "", "")
+        num, cseq_method = msg.cseq
+        to_tag = msg.to.tag
+        return server_transaction_key(
+            msg.method, branch, via.sent_by, msg.uri_text, msg.from_.tag, to_tag,
+            msg.call_id, num, cseq_method, str(via),
+        )
+
+    def _on_request(self, msg: SipMessage, source: Address, transport: str, now: float) -> None:
+        method = msg.method
+        key = self._server_key(msg)
+        relay = self.server_txs.get(key)
+        if method == "ACK":
+            if relay is not None:  # ACK for our non-2xx: hop-by-hop, absorbed (§16.7 step 10)
+                self._server_events(relay, relay.server.receive_ack(now), now)
+                self._rearm(relay)
+                return
+            self._forward_in_dialog(msg, source, transport, now, stateless=True)
+            return
+        if relay is not None:  # retransmission: the server transaction replays its response
+            self._server_events(relay, relay.server.receive_request(now), now)
+            self._rearm(relay)
+            self._count("retransmissions_absorbed")
+            return
+        if method == "CANCEL":
+            self._on_cancel(msg, key, source, transport, now)
+            return
+        msg.validate()
+        # RFC 3261 §16.3 request validation
+        if msg.uri.scheme not in ("sip", "sips", "tel"):
+            self._reply(msg, 416, "Unsupported URI Scheme", source, transport)
+            return
+        mf = msg.max_forwards
+        if mf == 0:
+            self._reply(msg, 483, "Too Many Hops", source, transport)
+            return
+        required = [v for v in msg.header_values("proxy-require") if v not in
+                    SUPPORTED_EXTENSIONS]
+        if required:
+            self._reply(msg, 420, "Bad Extension", source, transport,
+                        headers=[("Unsupported", ", ".join(required))])
+            return
+        routes = msg.header_values("route")
+        token = self._our_token(routes[0]) if routes else None
+        if token is not None:
+            self._forward_in_dialog(msg, source, transport, now, stateless=False,
+                                    routes=routes, token=token)
+            return
+        self._on_initial(msg, key, source, transport, now, mf, routes)
+
+    def _our_token(self, route: str) -> str | None:
+        if TOKEN_PARAM not in route:
+            return None
+        try:
+            addr = parse_name_addr(route, "Route")
+        except ParseError:
+            return None
+        return addr.uri.param(TOKEN_PARAM)
+
+    def _on_initial(
+        self, msg: SipMessage, key: tuple, source: Address, transport: str, now: float,
+        mf: int | None, routes: list[str],
+    ) -> None:
+        s = self.settings
+        if not s.is_trusted(source[0]):
+            self._count("rejected_untrusted")
+            self.log("rejected", reason="untrusted peer", source=f"{source[0]}:{source[1]}",
+                     method=msg.method, call_id=msg.call_id)
+            self._reply(msg, s.untrusted_peer.code, s.untrusted_peer.reason, source, transport)
+            return
+        if msg.to.tag is not None:  # in-dialog, but not through us: we hold no such dialog
+            self._reply(msg, 481, "Call/Transaction Does Not Exist", source, transport)
+            return
+        if any(self._is_our_via(v) for v in msg.header_values("via")):
+            self._reply(msg, 482, "Loop Detected", source, transport)
+            return
+        x = uri_number(msg.uri)
+        if x is None or not s.middle_number(x):
+            if msg.method == "OPTIONS" and msg.uri.user is None:
+                self._reply(msg, 200, "OK", source, transport,
+                            headers=[("Allow", "INVITE, ACK, CANCEL, BYE, OPTIONS, PRACK, "
+                                      "UPDATE, INFO, REFER")])
+                return
+            self._count("rejected_not_middle_number")
+            self.log("rejected", reason="not a middle number", method=msg.method,
+                     call_id=msg.call_id, ruri_user=self._mask(x or str(msg.uri.user or "")))
+            r = s.not_middle_number
+            self._reply(msg, r.code, r.reason, source, transport, reason_header=True)
+            return
+        if msg.method != "INVITE":
+            self._reply(msg, 405, "Method Not Allowed", source, transport,
+                        headers=[("Allow", "INVITE, ACK, CANCEL, BYE, OPTIONS, PRACK, UPDATE, "
+                                  "INFO, REFER")])
+            return
+        caller = self._caller_number(msg)
+        upstream = self._upstream(msg, source, transport)
+        server = ServerInviteTransaction(reliable=transport == "tcp", settings=s.timer_settings)
+        relay = Relay(msg, upstream, server, key)
+        relay.x = x
+        relay.caller = caller or ""
+        relay.started = now
+        self.server_txs[key] = relay
+        self._server_events(relay, server.receive_request(now), now)
+        trying = build_response(msg, 100, "Trying").serialize()
+        self._server_events(relay, server.send_response(100, trying, now), now)
+        if routes and self._is_our_route(routes[0]):
+            msg.set_header_values("route", routes[1:])  # pre-loaded route to us (§16.4)
+        if mf is not None:
+            msg.set_header("max-forwards", str(mf - 1))
+        else:
+            msg.set_header("max-forwards", "70")
+        if caller is None:
+            self._final(relay, s.not_party, now, outcome="no caller number")
+            return
+        self.lookups.append((relay, x, caller))
+        self._rearm(relay)
+
+    def _caller_number(self, msg: SipMessage) -> str | None:
+        """The caller: P-Asserted-Identity (the peer is trusted to assert it), else From."""
+        for value in msg.header_values("p-asserted-identity"):
+            try:
+                number = uri_number(parse_name_addr(value, "P-Asserted-Identity").uri)
+            except ParseError:
+                continue
+            if number is not None:
+                return number
+        return uri_number(msg.from_.uri)
+
+    def _is_our_via(self, via: str) -> bool:
+        return BRANCH_PREFIX in via and self._via_sent_by in via
+
+    def _is_our_route(self, route: str) -> bool:
+        try:
+            uri = parse_name_addr(route, "Route").uri
+        except ParseError:
+            return False
+        return uri.host == self.settings.advertise_host and (
+            uri.port or 5060) == self.settings.advertise_port
+
+    def _upstream(self, msg: SipMessage, source: Address, transport: str) -> Outgoing:
+        if transport == "tcp":
+            return Outgoing(b"", source, "tcp")
+        return Outgoing(b"", msg.top_via.response_address(source), "udp")
+
+    # ---- the lookup step -------------------------------------------------------------------------
+    def complete_lookup(self, relay: Relay, resolution: Resolution, now: float) -> None:
+        """Resume an INVITE once the shell has resolved (X, caller)."""
+        if relay.final_sent:  # cancelled while we were looking up
+            return
+        s = self.settings
+        if resolution.outcome is Outcome.NO_BINDING:
+            self._final(relay, s.no_binding, now, outcome="no binding")
+            return
+        if resolution.outcome is Outcome.NOT_PARTY or resolution.callee is None:
+            self._final(relay, s.not_party, now, outcome="not a party")
+            return
+        self._forward_initial(relay, resolution.callee, now)
+
+    def fail_lookup(self, relay: Relay, now: float) -> None:
+        """The store could not answer: 503 with Retry-After, never a hang."""
+        if relay.final_sent:
+            return
+        self._final(relay, self.settings.store_unavailable, now, outcome="store unavailable",
+                    extra=[("Retry-After", str(self.settings.retry_after_s))])
+
+    def _forward_initial(self, relay: Relay, callee: str, now: float) -> None:
+        s = self.settings
+        msg = relay.request
+        out = msg.copy()
+        from_ = msg.from_
+        rule = DialogRule(relay.x, relay.caller, callee, from_.uri.user or "", from_.tag or "")
+        hop = self._pick_gateway()
+        params = ";transport=tcp" if hop.transport == "tcp" else ""
+        out.set_uri(f"sip:{callee}@{_host(hop.host)}:{hop.port}{params}")
+        set_address_user(out, "from", relay.x)
+        if s.to_header == "callee":
+            set_address_user(out, "to", callee)
+        scrubbed = hide_number(out, relay.caller, relay.x)
+        if scrubbed:
+            self._count("leaks_scrubbed", scrubbed)
+        out.prepend_record_route(self._rr_prefix + self.sealer.seal(rule) + ">")
+        branch = self._new_branch()
+        out.push_via(f"SIP/2.0/{hop.transport.upper()} {self._via_sent_by};branch={branch};rport")
+        relay.rule = rule
+        relay.hidden = callee
+        relay.out = out
+        relay.downstream = hop
+        data = out.serialize()
+        client = ClientInviteTransaction(
+            data, lambda resp, r=relay: self._build_ack(r, resp),
+            reliable=hop.transport == "tcp", settings=s.timer_settings,
+        )
+        relay.client = client
+        relay.client_key = (branch, "INVITE")
+        self.client_txs[relay.client_key] = relay
+        relay.timer_c = now + s.timer_c
+        self._count("calls_routed")
+        self.log("call", call_id=msg.call_id, x=relay.x, caller=self._mask(relay.caller),
+                 callee=self._mask(callee), outcome="routed",
+                 decision_ms=round((now - relay.started) * 1000, 3))
+        self._client_events(relay, client.start(now), now)
+        self._rearm(relay)
+
+    def _pick_gateway(self) -> Hop:
+        gws = self.settings.gateways
+        if len(gws) == 1:
+            return gws[0]
+        now = time.monotonic()
+        order = range(len(gws))
+        if self.settings.gateway_strategy == "round_robin":
+            start = self._gw_next
+            self._gw_next = (start + 1) % len(gws)
+            order = [(start + i) % len(gws) for i in range(len(gws))]
+        for i in order:
+            if self._gw_down.get(i, 0.0) <= now:
+                return gws[i]
+        return gws[order[0]]
+
+    def _mark_gateway_down(self, hop: Hop | None) -> None:
+        if hop is None:
+            return
+        for i, gw in enumerate(self.settings.gateways):
+            if gw == hop:
+                self._gw_down[i] = time.monotonic() + 30.0
+
+    # ---- in-dialog requests -------------------------------------------------------------------
+    def _forward_in_dialog(
+        self, msg: SipMessage, source: Address, transport: str, now: float, *,
+        stateless: bool, routes: list[str] | None = None, token: str | None = None,
+    ) -> None:
+        if routes is None:
+            routes = msg.header_values("route")
+            token = self._our_token(routes[0]) if routes else None
+        if token is None:
+            self._count("dropped_unroutable_ack" if stateless else "rejected_no_dialog")
+            if not stateless:
+                self._reply(msg, 481, "Call/Transaction Does Not Exist", source, transport)
+            return
+        try:
+            rule = self.sealer.open(token)
+        except InvalidDialogToken:
+            self._count("rejected_bad_token")
+            self.log("rejected", reason="dialog token failed authentication",
+                     method=msg.method, source=f"{source[0]}:{source[1]}")
+            if not stateless:
+                self._reply(msg, 403, "Invalid Dialog Token", source, transport)
+            return
+        original = None if stateless else msg.copy()
+        msg.set_header_values("route", routes[1:])
+        from_caller = msg.from_.tag == rule.caller_tag
+        s = self.settings
+        if from_caller:  # A → B
+            set_address_user(msg, "from", rule.x)
+            if s.to_header == "callee":
+                set_address_user(msg, "to", rule.callee)
+            if uri_number(msg.uri) == rule.x:
+                msg.set_uri(msg.uri.with_user(rule.callee))  # type: ignore[union-attr]
+            hidden_downstream, hidden_upstream = rule.caller, rule.callee
+        else:  # B → A
+            set_address_user(msg, "from", rule.x)
+            set_address_user(msg, "to", rule.caller_user)
+            if uri_number(msg.uri) == rule.x:
+                msg.set_uri(msg.uri.with_user(rule.caller_user))  # type: ignore[union-attr]
+            hidden_downstream, hidden_upstream = rule.callee, rule.caller
+        scrubbed = hide_number(msg, hidden_downstream, rule.x)
+        if scrubbed:
+            self._count("leaks_scrubbed", scrubbed)
+        mf = msg.max_forwards
+        msg.set_header("max-forwards", str((mf if mf is not None else 70) - 1))
+        hop = self._next_hop(msg)
+        if hop is None:
+            if not stateless:
+                self._reply(msg, 502, "Bad Gateway", source, transport,
+                            warning="next hop is not an IP address")
+            return
+        if stateless:  # 2xx ACK: its own transaction end to end (RFC 3261 §13.2.2.4)
+            branch = BRANCH_PREFIX + hashlib.blake2b(
+                (msg.top_via.branch or msg.call_id).encode(), digest_size=8).hexdigest()
+            msg.push_via(f"SIP/2.0/{hop.transport.upper()} {self._via_sent_by};branch={branch}")
+            self.outbox.append(Outgoing(msg.serialize(), (hop.host, hop.port), hop.transport))
+            self._count("acks_forwarded")
+            return
+        key = self._server_key(msg)
+        upstream = self._upstream(msg, source, transport)
+        reliable_up = transport == "tcp"
+        if msg.method == "INVITE":
+            server: Any = ServerInviteTransaction(reliable=reliable_up,
+                                                  settings=s.timer_settings)
+        else:
+            server = ServerNonInviteTransaction(reliable=reliable_up, settings=s.timer_settings)
+        assert original is not None
+        relay = Relay(original, upstream, server, key)
+        relay.rule = rule
+        relay.hidden = hidden_upstream
+        relay.x = rule.x
+        relay.started = now
+        self.server_txs[key] = relay
+        self._server_events(relay, server.receive_request(now), now)
+        if relay.is_invite:
+            trying = build_response(msg, 100, "Trying").serialize()
+            self._server_events(relay, server.send_response(100, trying, now), now)
+        branch = self._new_branch()
+        msg.push_via(f"SIP/2.0/{hop.transport.upper()} {self._via_sent_by};branch={branch};rport")
+        relay.out = msg
+        relay.downstream = hop
+        data = msg.serialize()
+        reliable = hop.transport == "tcp"
+        if relay.is_invite:
+            relay.client = ClientInviteTransaction(
+                data, lambda resp, r=relay: self._build_ack(r, resp), reliable=reliable,
+                settings=s.timer_settings)
+            relay.timer_c = now + s.timer_c
+        else:
+            relay.client = ClientNonInviteTransaction(data, reliable=reliable,
+                                                      settings=s.timer_settings)
+        relay.client_key = (branch, msg.method)
+        self.client_txs[relay.client_key] = relay
+        self._client_events(relay, relay.client.start(now), now)
+        self._rearm(relay)
+
+    def _next_hop(self, msg: SipMessage) -> Hop | None:
+        """Loose routing (RFC 3261 §16.12): first remaining Route, else the Request-URI."""
+        routes = msg.header_values("route")
+        try:
+            uri = parse_name_addr(routes[0], "Route").uri if routes else msg.uri
+        except ParseError:
+            return None
+        if not isinstance(uri, SipUri) or uri.scheme == "tel":
+            return None
+        host = uri.param("maddr") or uri.host
+        host = host.strip("[]")
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            if host != "localhost":
+                return None
+            host = "127.0.0.1"
+        transport = (uri.param("transport") or "udp").lower()
+        return Hop(host, uri.port or 5060, "tcp" if transport == "tcp" else "udp")
+
+    # ---- CANCEL ---------------------------------------------------------------------------------
+    def _on_cancel(
+        self, msg: SipMessage, key: tuple, source: Address, transport: str, now: float
+    ) -> None:
+        relay = self.server_txs.get(cancelled_invite_key(key))
+        if relay is None:
+            self._reply(msg, 481, "Call/Transaction Does Not Exist", source, transport)
+            return
+        self._reply(msg, 200, "OK", source, transport)  # hop-by-hop (RFC 3261 §16.10)
+        if relay.final_sent:
+            return
+        if relay.client is None:  # still looking up the binding: nothing went downstream
+            self._final(relay, FinalResponse(487, "Request Terminated"), now,
+                        outcome="cancelled")
+            return
+        if relay.provisional:
+            self._send_cancel(relay, now)
+        else:
+            relay.cancel_pending = True  # RFC 3261 §9.1: wait for a provisional response
+
+    def _send_cancel(self, relay: Relay, now: float) -> None:
+        if relay.cancel_client is not None or relay.out is None or relay.downstream is None:
+            return
+        data = self._build_cancel(relay)
+        hop = relay.downstream
+        relay.cancel_client = ClientNonInviteTransaction(
+            data, reliable=hop.transport == "tcp", settings=self.settings.timer_settings)
+        assert relay.client_key is not None
+        self.client_txs[(relay.client_key[0], "CANCEL")] = relay
+        for ev in relay.cancel_client.start(now):
+            if isinstance(ev, Send):
+                self.outbox.append(Outgoing(ev.data, (hop.host, hop.port), hop.transport))
+        self._rearm(relay)
+
+    def _build_cancel(self, relay: Relay) -> bytes:
+        return self._hop_request(relay, "CANCEL", None)
+
+    def _build_ack(self, relay: Relay, response: bytes) -> bytes:
+        to_row = None
+        try:
+            resp = parse_message(response)
+            to_row = next(row for name, row in resp.rows if name == "to")
+        except (ParseError, StopIteration):
+            pass
+        return self._hop_request(relay, "ACK", to_row)
+
+    def _hop_request(self, relay: Relay, method: str, to_row: bytes | None) -> bytes:
+        """ACK (non-2xx) or CANCEL for our outgoing INVITE (RFC 3261 §17.1.1.3, §9.1)."""
+        out = relay.out
+        assert out is not None
+        rows: list[bytes] = [f"{method} {out.uri_text} SIP/2.0".encode("latin-1")]
+        via_done = False
+        for name, row in out.rows:
+            if name == "via" and not via_done:
+                rows.append(row)
+                via_done = True
+            elif name in ("route", "from", "call-id"):
+                rows.append(row)
+            elif name == "to":
+                rows.append(to_row if to_row is not None else row)
+        rows.append(f"CSeq: {out.cseq[0]} {method}".encode())
+        rows.append(b"Max-Forwards: 70")
+        rows.append(b"Content-Length: 0")
+        return b"\r\n".join(rows) + b"\r\n\r\n"
+
+    # ---- responses ---------------------------------------------------------------------------
+    def _on_response(self, msg: SipMessage, data: bytes, now: float) -> None:
+        via = msg.top_via
+        branch = via.branch
+        if branch is None or not branch.startswith(BRANCH_PREFIX):
+            self._count("responses_dropped")  # not ours (RFC 4475 bcast): never forwarded
+            return
+        _num, method = msg.cseq
+        relay = self.client_txs.get((branch, method))
+        if relay is None:
+            self._count("responses_dropped")
+            return
+        if method == "CANCEL" and relay.cancel_client is not None and relay.is_invite:
+            relay.cancel_client.receive_response(msg.status, data, now)
+            self._rearm(relay)
+            return
+        events = relay.client.receive_response(msg.status, data, now)
+        self._client_events(relay, events, now, msg)
+        self._rearm(relay)
+
+    def _relay_response(self, relay: Relay, msg: SipMessage, now: float) -> None:
+        status = msg.status
+        if status == 100:
+            return  # hop-by-hop
+        if relay.final_sent and status >= 200 and not (200 <= status < 300):
+            return
+        msg.pop_via()
+        _restore_dialog_headers(msg, relay.request)
+        if relay.hidden:
+            scrubbed = hide_number(msg, relay.hidden, relay.x)
+            if scrubbed:
+                self._count("leaks_scrubbed", scrubbed)
+        if relay.is_invite:
+            if status < 200:
+                relay.provisional = True
+                if relay.timer_c is not None:
+                    relay.timer_c = now + self.settings.timer_c
+                if relay.cancel_pending:
+                    self._send_cancel(relay, now)
+            else:
+                relay.timer_c = None
+        if status >= 200:
+            relay.final_sent = True
+        self._server_events(relay, relay.server.send_response(status, msg.serialize(), now), now)
+
+    # ---- local responses ------------------------------------------------------------------------
+    def _final(
+        self, relay: Relay, response: FinalResponse, now: float, *, outcome: str,
+        extra: list[tuple[str, str]] | None = None,
+    ) -> None:
+        relay.final_sent = True
+        relay.timer_c = None
+        headers = [("Reason", f'SIP;cause={response.code};text="{response.reason}"')]
+        if extra:
+            headers.extend(extra)
+        resp = build_response(relay.request, response.code, response.reason,
+                              to_tag=os.urandom(6).hex(), headers=headers)
+        self._count(f"calls_{outcome.replace(' ', '_')}")
+        if relay.is_invite and relay.rule is None:
+            self.log("call", call_id=relay.request.call_id, x=relay.x,
+                     caller=self._mask(relay.caller), outcome=outcome, code=response.code,
+                     decision_ms=round((now - relay.started) * 1000, 3))
+        self._server_events(relay, relay.server.send_response(response.code, resp.serialize(),
+                                                               now), now)
+        self._rearm(relay)
+
+    def _reply(
+        self, msg: SipMessage, code: int, reason: str, source: Address, transport: str, *,
+        headers: list[tuple[str, str]] | None = None, warning: str | None = None,
+        reason_header: bool = False,
+    ) -> None:
+        """A stateless answer (RFC 3261 §16.3 rejections, CANCEL's 200, malformed requests)."""
+        if msg.method == "ACK":
+            return
+        hdrs = list(headers or [])
+        if warning:
+            hdrs.append(("Warning", f'399 sip700 "{_quote_safe(warning)}"'))
+        if reason_header:
+            hdrs.append(("Reason", f'SIP;cause={code};text="{reason}"'))
+        resp = build_response(msg, code, reason, to_tag=os.urandom(6).hex(), headers=hdrs)
+        try:
+            dest = msg.top_via.response_address(source) if transport == "udp" else source
+        except ParseError:
+            dest = source
+        self.outbox.append(Outgoing(resp.serialize(), dest, transport))
+
+    # ---- transaction events --------------------------------------------------------------------
+    def _server_events(self, relay: Relay, events: list, now: float) -> None:
+        up = relay.upstream
+        for ev in events:
+            if isinstance(ev, Send):
+                self.outbox.append(Outgoing(ev.data, up.dest, up.transport))
+            elif isinstance(ev, Terminated) and self.server_txs.get(relay.server_key) is relay:
+                del self.server_txs[relay.server_key]
+
+    def _client_events(
+        self, relay: Relay, events: list, now: float, msg: SipMessage | None = None
+    ) -> None:
+        hop = relay.downstream
+        for ev in events:
+            if isinstance(ev, Send):
+                assert hop is not None
+                self.outbox.append(Outgoing(ev.data, (hop.host, hop.port), hop.transport))
+            elif isinstance(ev, DeliverResponse):
+                resp = msg if msg is not None else parse_message(ev.data)
+                self._relay_response(relay, resp, now)
+                msg = None  # a second delivery in one batch is a different response
+            elif isinstance(ev, TimedOut | TransportFailed):
+                self._downstream_failed(relay, now, isinstance(ev, TransportFailed))
+            elif isinstance(ev, Terminated):
+                key = relay.client_key
+                if key is not None and self.client_txs.get(key) is relay:
+                    del self.client_txs[key]
+                    self.client_txs.pop((key[0], "CANCEL"), None)
+
+    def _downstream_failed(self, relay: Relay, now: float, transport_error: bool) -> None:
+        if relay.final_sent:
+            return
+        if transport_error:
+            self._mark_gateway_down(relay.downstream if relay.rule is not None else None)
+        if relay.is_invite:
+            code = (503, "Service Unavailable") if transport_error else (408, "Request Timeout")
+            self._final(relay, FinalResponse(*code), now, outcome="downstream timeout")
+        else:
+            # RFC 4320: no 408 for a non-INVITE; end the server transaction quietly
+            relay.final_sent = True
+            self._server_events(relay, relay.server.abandon(now), now)
+
+    def _timer_c_fired(self, relay: Relay, now: float) -> None:
+        """RFC 3261 §16.8: CANCEL the silent branch, 408 to the caller."""
+        self._count("timer_c_fired")
+        if relay.final_sent:
+            return
+        if relay.provisional:
+            self._send_cancel(relay, now)
+        self._final(relay, FinalResponse(408, "Request Timeout"), now, outcome="timer c")
+
+    def _rearm(self, relay: Relay) -> None:
+        self.wheel.schedule(relay, relay.next_deadline())
+
+
+def _host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+def _quote_safe(text: str) -> str:
+    return text.replace("\\", "").replace('"', "'")[:120]
+
+
+def _restore_dialog_headers(resp: SipMessage, request: SipMessage) -> None:
+    """The upstream side gets its own From and To back exactly as it sent them (+ the To tag)."""
+    from_row = to_row = None
+    for name, row in request.rows:
+        if name == "from" and from_row is None:
+            from_row = row
+        elif name == "to" and to_row is None:
+            to_row = row
+    if to_row is not None and resp.status > 100:
+        try:
+            tag = resp.to.tag
+            had_tag = request.to.tag is not None
+        except ParseError:
+            tag, had_tag = None, True
+        if tag is not None and not had_tag:
+            to_row = to_row.rstrip() + b";tag=" + tag.encode("latin-1")
+    rows = resp.rows
+    for i, (name, _) in enumerate(rows):
+        if name == "from" and from_row is not None:
+            rows[i] = (name, from_row)
+        elif name == "to" and to_row is not None:
+            rows[i] = (name, to_row)
+    resp._forget("from")
+    resp._forget("to")
+

@@ -1,0 +1,244 @@
+"""The asyncio shell: UDP and TCP endpoints, the timer tick and the binding-lookup step.
+
+Everything protocol-shaped happens in `ProxyCore`; this module moves bytes, reads the clock and
+awaits the store. The per-datagram path is synchronous: parse, decide, send, with the binding
+answered from memory; only a cache miss on the Redis store creates a task.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import time
+from typing import Any
+
+import structlog
+
+from proxy.bindings.model import StoreUnavailable
+from proxy.core import Outgoing, ProxyCore, Relay
+from proxy.sip.message import StreamFramer
+
+log = structlog.get_logger("sip700.transport")
+
+TICK_S = 0.01
+
+
+class _UdpEndpoint(asyncio.DatagramProtocol):
+    def __init__(self, server: ProxyServer) -> None:
+        self.server = server
+        self.transport: asyncio.DatagramTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def datagram_received(self, data: bytes, addr: tuple[Any, ...]) -> None:
+        self.server.on_datagram(data, (addr[0], addr[1]))
+
+    def error_received(self, exc: Exception) -> None:
+        # ICMP port unreachable and the like: the transaction layer times out on its own
+        self.server.core.stats["udp_errors"] = self.server.core.stats.get("udp_errors", 0) + 1
+
+
+class _TcpConnection(asyncio.Protocol):
+    def __init__(self, server: ProxyServer, peer: tuple[str, int] | None = None) -> None:
+        self.server = server
+        self.framer = StreamFramer(server.max_message_bytes)
+        self.transport: asyncio.Transport | None = None
+        self.peer = peer
+        self.last_active = time.monotonic()
+        self.pending: list[bytes] = []
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        if self.peer is None:
+            addr = transport.get_extra_info("peername")
+            self.peer = (addr[0], addr[1])
+        self.server.tcp_connections[self.peer] = self
+        for data in self.pending:
+            self.transport.write(data)  # type: ignore[union-attr]
+        self.pending.clear()
+
+    def data_received(self, data: bytes) -> None:
+        self.last_active = time.monotonic()
+        assert self.peer is not None
+        self.server.on_stream_data(self, data)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.peer is not None and self.server.tcp_connections.get(self.peer) is self:
+            del self.server.tcp_connections[self.peer]
+
+    def send(self, data: bytes) -> None:
+        self.last_active = time.monotonic()
+        if self.transport is None:
+            self.pending.append(data)
+        else:
+            self.transport.write(data)
+
+
+class ProxyServer:
+    """Owns the sockets and feeds the core."""
+
+    def __init__(
+        self,
+        core: ProxyCore,
+        store: Any,
+        *,
+        listen: list[tuple[str, str, int]],
+        udp_rcvbuf: int = 4 << 20,
+        udp_sndbuf: int = 4 << 20,
+        tcp_idle_timeout: float = 300.0,
+        max_message_bytes: int = 65535,
+    ) -> None:
+        self.core = core
+        self.store = store
+        self.listen = listen
+        self.udp_rcvbuf = udp_rcvbuf
+        self.udp_sndbuf = udp_sndbuf
+        self.tcp_idle_timeout = tcp_idle_timeout
+        self.max_message_bytes = max_message_bytes
+        self.udp: dict[int, asyncio.DatagramTransport] = {}  # by address family
+        self.tcp_servers: list[asyncio.base_events.Server] = []
+        self.tcp_connections: dict[tuple[str, int], _TcpConnection] = {}
+        self.loop = asyncio.get_running_loop()
+        self._ticker: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> None:
+        for transport, host, port in self.listen:
+            if transport == "udp":
+                family = socket.AF_INET6 if ":" in host else socket.AF_INET
+                sock = socket.socket(family, socket.SOCK_DGRAM)
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.udp_rcvbuf)
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.udp_sndbuf)
+                sock.bind((host, port))
+                udp, _ = await self.loop.create_datagram_endpoint(
+                    lambda: _UdpEndpoint(self), sock=sock)
+                self.udp.setdefault(family, udp)
+            else:
+                server = await self.loop.create_server(
+                    lambda: _TcpConnection(self), host, port, reuse_address=True)
+                self.tcp_servers.append(server)
+        self._ticker = self.loop.create_task(self._tick())
+
+    async def close(self) -> None:
+        if self._ticker is not None:
+            self._ticker.cancel()
+        for udp in self.udp.values():
+            udp.close()
+        for server in self.tcp_servers:
+            server.close()
+        for conn in list(self.tcp_connections.values()):
+            if conn.transport is not None:
+                conn.transport.close()
+
+    # ---- input -------------------------------------------------------------------------------
+    def on_datagram(self, data: bytes, source: tuple[str, int]) -> None:
+        if len(data) > self.max_message_bytes:
+            self.core.stats["oversize_dropped"] = self.core.stats.get("oversize_dropped", 0) + 1
+            return
+        if not data.strip(b"\r\n"):
+            return  # keep-alive
+        try:
+            self.core.receive_datagram(data, source, "udp", self.loop.time())
+        except Exception:  # a bug must cost one message, never the process
+            self._internal_error(source)
+        self.flush()
+
+    def _internal_error(self, source: tuple[str, int]) -> None:
+        self.core.stats["internal_errors"] = self.core.stats.get("internal_errors", 0) + 1
+        log.exception("internal_error", source=f"{source[0]}:{source[1]}")
+
+    def on_stream_data(self, conn: _TcpConnection, data: bytes) -> None:
+        assert conn.peer is not None
+        now = self.loop.time()
+        for item in conn.framer.feed(data):
+            try:
+                if isinstance(item, Exception):
+                    self.core.reject_malformed(item, conn.peer, "tcp")  # type: ignore[arg-type]
+                else:
+                    self.core.receive_message(item, item.serialize(), conn.peer, "tcp", now)
+            except Exception:  # a bug must cost one message, never the process
+                self._internal_error(conn.peer)
+        self.flush()
+        if conn.framer.broken and conn.transport is not None:
+            conn.transport.close()  # the stream cannot be resynchronised
+
+    # ---- output and lookups -----------------------------------------------------------------
+    def flush(self) -> None:
+        core = self.core
+        while core.outbox or core.lookups:
+            if core.outbox:
+                out, core.outbox = core.outbox, []
+                for item in out:
+                    self._send(item)
+            if core.lookups:
+                lookups, core.lookups = core.lookups, []
+                wall = time.time()
+                for relay, x, caller in lookups:
+                    answer = self.store.resolve_cached(x, caller, wall)
+                    if answer is not None:
+                        core.complete_lookup(relay, answer, self.loop.time())
+                    else:
+                        task = self.loop.create_task(self._lookup(relay, x, caller))
+                        self._tasks.add(task)
+                        task.add_done_callback(self._tasks.discard)
+
+    async def _lookup(self, relay: Relay, x: str, caller: str) -> None:
+        try:
+            answer = await self.store.resolve(x, caller)
+        except StoreUnavailable:
+            self.core.fail_lookup(relay, self.loop.time())
+        else:
+            self.core.complete_lookup(relay, answer, self.loop.time())
+        self.flush()
+
+    def _send(self, item: Outgoing) -> None:
+        if item.transport == "tcp":
+            conn = self.tcp_connections.get(item.dest)
+            if conn is None:
+                conn = _TcpConnection(self, item.dest)
+                self.tcp_connections[item.dest] = conn
+                task = self.loop.create_task(self._connect(conn))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+            conn.send(item.data)
+            return
+        family = socket.AF_INET6 if ":" in item.dest[0] else socket.AF_INET
+        udp = self.udp.get(family) or next(iter(self.udp.values()), None)
+        if udp is None:
+            return
+        udp.sendto(item.data, item.dest)
+
+    async def _connect(self, conn: _TcpConnection) -> None:
+        assert conn.peer is not None
+        try:
+            await self.loop.create_connection(lambda: conn, conn.peer[0], conn.peer[1])
+        except OSError as exc:
+            log.warning("tcp_connect_failed", peer=f"{conn.peer[0]}:{conn.peer[1]}",
+                        error=str(exc))
+            if self.tcp_connections.get(conn.peer) is conn:
+                del self.tcp_connections[conn.peer]
+
+    async def _tick(self) -> None:
+        sweep_at = self.loop.time() + 5.0
+        while True:
+            await asyncio.sleep(TICK_S)
+            now = self.loop.time()
+            deadline = self.core.next_deadline()
+            if deadline is not None and deadline <= now:
+                try:
+                    self.core.handle_timers(now)
+                except Exception:
+                    self._internal_error(("timer", 0))
+                self.flush()
+            if now >= sweep_at:
+                sweep_at = now + 5.0
+                self._close_idle()
+
+    def _close_idle(self) -> None:
+        limit = time.monotonic() - self.tcp_idle_timeout
+        for conn in list(self.tcp_connections.values()):
+            if conn.last_active < limit and conn.transport is not None:
+                conn.transport.close()
