@@ -1,0 +1,845 @@
+"""The YAML routing config: schema, validation and loading.
+
+Admins edit this file by hand, so every problem is reported at once and names the file, the key
+path and the bad value (`proxy.yaml: carrier.gateways[0]: not a SIP URI ('http://x')`). The proxy
+reads the config once at start-up; a bad edit is caught by `sip700 check-config` before a restart,
+never by a running proxy.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import difflib
+import ipaddress
+import re
+import typing
+from functools import cached_property
+from pathlib import Path
+from typing import Annotated, Any, Literal, NamedTuple
+from urllib.parse import SplitResult, urlsplit
+
+import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    Strict,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+__all__ = [
+    "CarrierConfig",
+    "Config",
+    "ConfigError",
+    "HostPort",
+    "ListenEndpoint",
+    "SipTarget",
+    "StoreConfig",
+    "check_config",
+    "load_config",
+    "parse_host_port",
+    "parse_listen",
+    "parse_sip_uri",
+]
+
+DIALOG_KEY_BYTES = 32  # AES-256-GCM
+DEFAULT_SIP_PORT = 5060
+
+
+class ConfigError(Exception):
+    """The config cannot be used; `problems` holds one line per problem found."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+# ---------------------------------------------------------------------------------------------
+# Addresses: listen entries, host[:port], gateway SIP URIs.
+# ---------------------------------------------------------------------------------------------
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+_HOSTNAME_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
+_TOKEN = re.compile(r"[A-Za-z0-9\-.!%*_+`'~]+")  # RFC 3261 §25.1 token
+
+
+def _q(value: str) -> str:
+    """Quote a config value as the admin typed it (repr would double every regex backslash)."""
+    if value.isprintable() and "'" not in value:
+        return f"'{value}'"
+    return repr(value)
+
+
+def _bracketed(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+class HostPort(NamedTuple):
+    """A host (IP literal without brackets, or a DNS name) and a port."""
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"{_bracketed(self.host)}:{self.port}"
+
+
+class ListenEndpoint(NamedTuple):
+    """One socket the proxy binds: `udp:127.0.0.1:5060`."""
+
+    transport: Literal["udp", "tcp"]
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"{self.transport}:{_bracketed(self.host)}:{self.port}"
+
+
+class SipTarget(NamedTuple):
+    """A gateway parsed from `sip:host[:port][;transport=udp|tcp][;other-params]`."""
+
+    scheme: str
+    host: str
+    port: int
+    transport: Literal["udp", "tcp"]
+    params: tuple[tuple[str, str | None], ...]
+
+    def __str__(self) -> str:
+        params = "".join(f";{k}" if v is None else f";{k}={v}" for k, v in self.params)
+        return f"{self.scheme}:{_bracketed(self.host)}:{self.port}{params}"
+
+
+def _check_host(host: str) -> str:
+    """The host with IPv6 brackets removed; ValueError if it is neither an IP nor a DNS name."""
+    if host.startswith("["):
+        if not host.endswith("]"):
+            raise ValueError("unclosed '[' in IPv6 address")
+        try:
+            return str(ipaddress.IPv6Address(host[1:-1]))
+        except ValueError:
+            raise ValueError(f"not an IPv6 address: {host}") from None
+    if ":" in host:
+        raise ValueError("an IPv6 address must be in brackets, e.g. [::1]")
+    if host.replace(".", "").isdigit():
+        try:
+            return str(ipaddress.IPv4Address(host))
+        except ValueError:
+            raise ValueError(f"not an IPv4 address: {host}") from None
+    name = host[:-1] if host.endswith(".") else host
+    if (
+        not name
+        or len(name) > 253
+        or not all(_HOSTNAME_LABEL.fullmatch(p) for p in name.split("."))
+    ):
+        raise ValueError(f"not a host name or IP address: {_q(host)}")
+    return host
+
+
+def _check_port(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 65535:
+        raise ValueError("port must be 1-65535")
+    return int(text)
+
+
+def _split_host_port(text: str) -> tuple[str, str | None]:
+    """Split `host`, `host:port`, `[v6]` or `[v6]:port`; the port stays text."""
+    if text.startswith("["):
+        close = text.find("]")
+        if close < 0:
+            return text, None  # _check_host reports the unclosed bracket
+        rest = text[close + 1 :]
+        if not rest:
+            return text, None
+        if not rest.startswith(":"):
+            raise ValueError(f"unexpected {_q(rest)} after IPv6 address")
+        return text[: close + 1], rest[1:]
+    if text.count(":") == 1:
+        host, port = text.split(":")
+        return host, port
+    return text, None  # no colon, or a bare IPv6 address that _check_host rejects
+
+
+def parse_host_port(text: str, *, default_port: int | None = None) -> HostPort:
+    """Parse `host[:port]` (IPv6 as `[::1]:5060`); the port is required if no default is given."""
+    host, port = _split_host_port(text.strip())
+    if port is None and default_port is None:
+        raise ValueError("expected host:port")
+    return HostPort(_check_host(host), default_port if port is None else _check_port(port))
+
+
+def parse_listen(text: str) -> ListenEndpoint:
+    """Parse a listen entry `transport:host[:port]`; the port defaults to 5060."""
+    transport, sep, rest = text.strip().partition(":")
+    if not sep or transport.lower() not in ("udp", "tcp"):
+        raise ValueError("expected transport:host:port with transport udp or tcp")
+    host, port = parse_host_port(rest, default_port=DEFAULT_SIP_PORT)
+    return ListenEndpoint(typing.cast(Literal["udp", "tcp"], transport.lower()), host, port)
+
+
+def parse_sip_uri(text: str) -> SipTarget:
+    """Parse a gateway URI `sip:host[:port][;params]` (RFC 3261 §19.1, without a user part).
+
+    `sips:` parses but is refused by the config check: sip700 has no TLS transport.
+    """
+    scheme, sep, rest = text.strip().partition(":")
+    scheme = scheme.lower()
+    if not sep or scheme not in ("sip", "sips"):
+        raise ValueError("not a SIP URI")
+    if "@" in rest:
+        raise ValueError("a gateway URI has no user part")
+    if "?" in rest:
+        raise ValueError("a gateway URI has no headers")
+    hostport, *raw_params = rest.split(";")
+    host, port = parse_host_port(hostport, default_port=5061 if scheme == "sips" else 5060)
+    params: list[tuple[str, str | None]] = []
+    for raw in raw_params:
+        name, eq, value = raw.partition("=")
+        if not _TOKEN.fullmatch(name) or (eq and not _TOKEN.fullmatch(value)):
+            raise ValueError(f"bad URI parameter {_q(raw)}")
+        params.append((name.lower(), value if eq else None))
+    transport = dict(params).get("transport") or "udp"
+    transport = transport.lower()
+    if transport not in ("udp", "tcp"):
+        raise ValueError(f"transport must be udp or tcp, not {_q(transport)}")
+    return SipTarget(
+        scheme, host, port, typing.cast(Literal["udp", "tcp"], transport), tuple(params)
+    )
+
+
+def _wildcard(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_unspecified
+    except ValueError:
+        return False
+
+
+# ---------------------------------------------------------------------------------------------
+# Field types. Scalars are strict so `workers: true` or `timeout_ms: "200"` is an error, not a
+# silent conversion; lists arrive from YAML as lists and are kept as tuples (the config is frozen).
+# ---------------------------------------------------------------------------------------------
+
+
+def _with_value(check: typing.Callable[[str], object]) -> typing.Callable[[str], str]:
+    """Run a parser for its errors, adding the bad value to the message."""
+
+    def validate(value: str) -> str:
+        try:
+            check(value)
+        except ValueError as exc:
+            raise ValueError(f"{exc} ({_q(value)})") from None
+        return value
+
+    return validate
+
+
+def _check_gateway(value: str) -> str:
+    try:
+        target = parse_sip_uri(value)
+    except ValueError as exc:
+        raise ValueError(f"{exc} ({_q(value)})") from None
+    if target.scheme == "sips":
+        raise ValueError(f"sips: needs TLS, which sip700 does not offer; use sip: ({_q(value)})")
+    return value
+
+
+def _check_cidr(value: str) -> str:
+    try:
+        ipaddress.ip_network(value.strip(), strict=False)
+    except ValueError:
+        raise ValueError(f"not an IPv4/IPv6 network in CIDR form ({_q(value)})") from None
+    return value
+
+
+def _check_reason(value: str) -> str:
+    if not value.strip():
+        raise ValueError("reason must not be empty")
+    if len(value) > 128:
+        raise ValueError(f"reason is longer than 128 characters ({_q(value[:40])}...)")
+    if any((ord(c) < 32 and c != "\t") or ord(c) == 127 for c in value):
+        raise ValueError(f"reason must not contain control characters or line breaks ({_q(value)})")
+    return value
+
+
+def _check_nonblank_token(value: str) -> str:
+    if not value or any(c.isspace() or ord(c) < 32 for c in value):
+        raise ValueError(f"must be non-empty, without spaces or control characters ({_q(value)})")
+    return value
+
+
+Str = Annotated[str, Strict()]
+Bool = Annotated[bool, Strict()]
+PositiveInt = Annotated[int, Strict(), Field(gt=0)]
+NonNegativeInt = Annotated[int, Strict(), Field(ge=0)]
+PositiveFloat = Annotated[float, Strict(), Field(gt=0)]
+NonNegativeFloat = Annotated[float, Strict(), Field(ge=0)]
+ListenStr = Annotated[Str, AfterValidator(_with_value(parse_listen))]
+HostPortStr = Annotated[Str, AfterValidator(_with_value(parse_host_port))]
+GatewayStr = Annotated[Str, AfterValidator(_check_gateway)]
+CidrStr = Annotated[Str, AfterValidator(_check_cidr)]
+TokenStr = Annotated[Str, AfterValidator(_check_nonblank_token)]
+
+
+def _no_duplicates(values: tuple[str, ...], normalise: typing.Callable[[str], object]) -> None:
+    seen: dict[object, int] = {}
+    for index, value in enumerate(values):
+        key = normalise(value)
+        if key in seen:
+            raise ValueError(f"duplicate entry {_q(value)} (items {seen[key]} and {index})")
+        seen[key] = index
+
+
+def _base_dir(info: ValidationInfo) -> Path:
+    """Relative paths resolve against the config file's directory (passed as context)."""
+    context = info.context or {}
+    return Path(context.get("base_dir") or Path.cwd())
+
+
+def _decode_dialog_key(text: str) -> bytes:
+    """Decode a base64 dialog key; the message never shows the key itself."""
+    try:
+        key = base64.b64decode("".join(text.split()), validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError("not valid base64 (value hidden)") from None
+    if len(key) != DIALOG_KEY_BYTES:
+        raise ValueError(
+            f"decodes to {len(key)} bytes, need {DIALOG_KEY_BYTES} (value hidden);"
+            " make one with: openssl rand -base64 32"
+        )
+    return key
+
+
+# ---------------------------------------------------------------------------------------------
+# Schema.
+# ---------------------------------------------------------------------------------------------
+
+
+class _Section(BaseModel):
+    """Every section: unknown keys are errors, values are read-only after loading."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _empty_section_is_defaults(cls, data: Any) -> Any:
+        # `metrics:` with every key commented out is YAML null: treat it as an empty section.
+        return {} if data is None else data
+
+
+class CarrierConfig(_Section):
+    """The carrier leg: where translated calls are sent."""
+
+    gateways: tuple[GatewayStr, ...] = Field(min_length=1)
+    strategy: Literal["round_robin", "failover"] = "round_robin"
+
+    @field_validator("gateways")
+    @classmethod
+    def _unique_gateways(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        _no_duplicates(value, lambda uri: parse_sip_uri(uri)[:4])
+        return value
+
+    @cached_property
+    def targets(self) -> tuple[SipTarget, ...]:
+        """The gateways, parsed, in config order."""
+        return tuple(parse_sip_uri(uri) for uri in self.gateways)
+
+
+class SentinelConfig(_Section):
+    """Redis Sentinel: the proxy asks these sentinels where the master of `service_name` is."""
+
+    addresses: tuple[HostPortStr, ...] = Field(min_length=1)
+    service_name: TokenStr
+
+    @cached_property
+    def endpoints(self) -> tuple[HostPort, ...]:
+        return tuple(parse_host_port(a) for a in self.addresses)
+
+
+class ClusterConfig(_Section):
+    """Redis Cluster: any reachable startup node reveals the rest of the cluster."""
+
+    startup_nodes: tuple[HostPortStr, ...] = Field(min_length=1)
+
+    @cached_property
+    def endpoints(self) -> tuple[HostPort, ...]:
+        return tuple(parse_host_port(a) for a in self.startup_nodes)
+
+
+class CacheConfig(_Section):
+    """The per-process binding cache in front of the store."""
+
+    max_entries: NonNegativeInt = 1_000_000
+    max_ttl_s: NonNegativeFloat = 300
+    negative_ttl_s: NonNegativeFloat = 1.0
+
+    @field_validator("negative_ttl_s")
+    @classmethod
+    def _negative_within_max(cls, value: float, info: ValidationInfo) -> float:
+        max_ttl = info.data.get("max_ttl_s")
+        if max_ttl is not None and value > max_ttl:
+            raise ValueError(f"must not exceed store.cache.max_ttl_s ({value} > {max_ttl})")
+        return value
+
+
+class CircuitBreakerConfig(_Section):
+    """Stop calling a failing store for a while instead of making every call wait for it."""
+
+    failure_threshold: PositiveInt = 5
+    open_s: PositiveFloat = 2.0
+
+
+def _mask_url_password(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return SplitResult(parts.scheme, netloc, parts.path, parts.query, parts.fragment).geturl()
+
+
+def _check_redis_url(url: str) -> None:
+    parts = urlsplit(url)
+    if parts.scheme not in ("redis", "rediss", "unix"):
+        raise ValueError("scheme must be redis://, rediss:// or unix://")
+    if parts.scheme == "unix":
+        if not parts.path:
+            raise ValueError("unix:// needs a socket path, e.g. unix:///run/redis.sock")
+        return
+    if not parts.hostname:
+        raise ValueError("no host")
+    try:
+        parts.port  # noqa: B018 - urlsplit validates the port lazily
+    except ValueError:
+        raise ValueError("port must be 1-65535") from None
+    db = parts.path.lstrip("/")
+    if db and not db.isdigit():
+        raise ValueError(f"database must be a number, not {_q(db)}")
+
+
+class StoreConfig(_Section):
+    """Where bindings live: in memory (loaded from a file) or in Redis."""
+
+    backend: Literal["memory", "redis"] = "memory"
+    bindings_file: Path | None = Field(default=None, validate_default=True)
+    redis_url: Str = "redis://127.0.0.1:6379/0"
+    key_prefix: TokenStr = "sip700:"
+    sentinel: SentinelConfig | None = None
+    cluster: ClusterConfig | None = None
+    timeout_ms: PositiveInt = 200
+    retry_after_s: NonNegativeInt = 5
+    cache: CacheConfig = CacheConfig()
+    circuit_breaker: CircuitBreakerConfig = CircuitBreakerConfig()
+
+    @field_validator("bindings_file")
+    @classmethod
+    def _bindings_file_for_memory(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        backend = info.data.get("backend")
+        if backend == "redis" and value is not None:
+            raise ValueError("only used with store.backend memory; remove it or change backend")
+        if backend != "memory":
+            return value
+        if value is None:
+            raise ValueError("required when store.backend is memory")
+        path = _base_dir(info) / value
+        if not path.is_file():
+            raise ValueError(f"no such file ({_q(str(value))}, looked for {_q(str(path))})")
+        return path.resolve()
+
+    @field_validator("redis_url")
+    @classmethod
+    def _valid_redis_url(cls, value: str) -> str:
+        try:
+            _check_redis_url(value)
+        except ValueError as exc:
+            raise ValueError(f"{exc} ({_q(_mask_url_password(value))})") from None
+        return value
+
+    @field_validator("sentinel")
+    @classmethod
+    def _sentinel_needs_redis(
+        cls, value: SentinelConfig | None, info: ValidationInfo
+    ) -> SentinelConfig | None:
+        if value is not None and info.data.get("backend") == "memory":
+            raise ValueError("only used with store.backend redis")
+        return value
+
+    @field_validator("cluster")
+    @classmethod
+    def _cluster_alone(
+        cls, value: ClusterConfig | None, info: ValidationInfo
+    ) -> ClusterConfig | None:
+        if value is None:
+            return value
+        if info.data.get("backend") == "memory":
+            raise ValueError("only used with store.backend redis")
+        if info.data.get("sentinel") is not None:
+            raise ValueError("cannot be combined with store.sentinel; choose one")
+        db = urlsplit(info.data.get("redis_url") or "").path.lstrip("/")
+        if db not in ("", "0"):
+            raise ValueError(f"Redis Cluster has only database 0; store.redis_url selects {db}")
+        return value
+
+
+class ResponseSpec(_Section):
+    """A final response the proxy sends itself."""
+
+    code: Annotated[int, Strict(), Field(ge=300, le=699)]
+    reason: Annotated[Str, AfterValidator(_check_reason)]
+
+
+class ResponsesConfig(_Section):
+    """The proxy's own rejections, by cause."""
+
+    no_binding: ResponseSpec = ResponseSpec(code=404, reason="No Binding")
+    not_party: ResponseSpec = ResponseSpec(code=403, reason="Not A Party Of This Binding")
+    not_middle_number: ResponseSpec = ResponseSpec(code=404, reason="Not A Middle Number")
+    untrusted_peer: ResponseSpec = ResponseSpec(code=403, reason="Untrusted Peer")
+    store_unavailable: ResponseSpec = ResponseSpec(code=503, reason="Binding Store Unavailable")
+
+
+class PrivacyConfig(_Section):
+    """How identities are hidden, and the key that seals each dialog's rewrite rule."""
+
+    to_header: Literal["middle_number", "callee"] = "middle_number"
+    mask_numbers_in_logs: Bool = True
+    dialog_key: SecretStr | None = None
+    dialog_key_file: Path | None = None
+
+    @field_validator("dialog_key")
+    @classmethod
+    def _valid_dialog_key(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            _decode_dialog_key(value.get_secret_value())
+        return value
+
+    @field_validator("dialog_key_file")
+    @classmethod
+    def _valid_dialog_key_file(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        if value is None:
+            return None
+        if info.data.get("dialog_key") is not None:
+            raise ValueError("set privacy.dialog_key or privacy.dialog_key_file, not both")
+        path = _base_dir(info) / value
+        try:
+            text = path.read_text(encoding="ascii")
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) else "not base64 text"
+            raise ValueError(f"cannot read {_q(str(path))}: {reason}") from None
+        try:
+            _decode_dialog_key(text)
+        except ValueError as exc:
+            raise ValueError(f"{_q(str(path))}: {exc}") from None
+        return path.resolve()
+
+    @cached_property
+    def dialog_key_bytes(self) -> bytes | None:
+        """The 32-byte dialog key, or None: the proxy then makes a random one (and warns)."""
+        if self.dialog_key is not None:
+            return _decode_dialog_key(self.dialog_key.get_secret_value())
+        if self.dialog_key_file is not None:
+            return _decode_dialog_key(self.dialog_key_file.read_text(encoding="ascii"))
+        return None
+
+
+class TimersConfig(_Section):
+    """RFC 3261 §17 transaction timers and the §16.6 proxy timer C."""
+
+    t1_ms: PositiveInt = 500
+    t2_ms: PositiveInt = Field(default=4000, validate_default=True)
+    t4_ms: PositiveInt = 5000
+    timer_c_s: PositiveFloat = 180
+
+    @field_validator("t2_ms")
+    @classmethod
+    def _t2_not_below_t1(cls, value: int, info: ValidationInfo) -> int:
+        t1 = info.data.get("t1_ms")
+        if t1 is not None and value < t1:
+            raise ValueError(f"must be >= timers.t1_ms ({value} < {t1})")
+        return value
+
+
+class TransportConfig(_Section):
+    """Socket tuning."""
+
+    udp_rcvbuf_bytes: PositiveInt = 4 * 1024 * 1024
+    udp_sndbuf_bytes: PositiveInt = 4 * 1024 * 1024
+    tcp_idle_timeout_s: PositiveFloat = 300
+    max_message_bytes: Annotated[int, Strict(), Field(ge=1024, le=65535)] = 65535
+
+
+class LoggingConfig(_Section):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["json", "console"] = "json"
+
+
+class MetricsConfig(_Section):
+    listen: HostPortStr | None = None
+
+    @cached_property
+    def endpoint(self) -> HostPort | None:
+        """Where the Prometheus / health HTTP endpoint listens, or None when it is off."""
+        return None if self.listen is None else parse_host_port(self.listen)
+
+
+class Config(_Section):
+    """The whole proxy configuration. Build it with `load_config`."""
+
+    listen: tuple[ListenStr, ...] = Field(
+        default=("udp:127.0.0.1:5060", "tcp:127.0.0.1:5060"), min_length=1
+    )
+    advertise: Str | None = Field(default=None, validate_default=True)
+    trusted_peers: tuple[CidrStr, ...] = Field(default=("127.0.0.1/32",), min_length=1)
+    carrier: CarrierConfig
+    middle_number_pattern: Str = r"^700\d{12}$"
+    # A missing `store:` section is validated like an empty one, so the admin is told which
+    # key is missing (store.bindings_file) rather than just "store".
+    store: StoreConfig = Field(default_factory=dict, validate_default=True)  # type: ignore[arg-type]
+    responses: ResponsesConfig = ResponsesConfig()
+    privacy: PrivacyConfig = PrivacyConfig()
+    timers: TimersConfig = TimersConfig()
+    transport: TransportConfig = TransportConfig()
+    workers: Annotated[int, Strict(), Field(ge=1, le=1024)] = 1
+    logging: LoggingConfig = LoggingConfig()
+    metrics: MetricsConfig = MetricsConfig()
+
+    @field_validator("listen")
+    @classmethod
+    def _unique_listen(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        _no_duplicates(value, parse_listen)
+        return value
+
+    @field_validator("advertise")
+    @classmethod
+    def _advertise_reachable(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is not None:
+            try:
+                host = parse_host_port(value, default_port=DEFAULT_SIP_PORT).host
+            except ValueError as exc:
+                raise ValueError(f"{exc} ({_q(value)})") from None
+            if _wildcard(host):
+                raise ValueError(
+                    f"must be an address peers can reach, not a wildcard ({_q(value)})"
+                )
+            return value
+        listen = info.data.get("listen")
+        if listen and _wildcard(parse_listen(listen[0]).host):
+            raise ValueError(
+                f"required when listen[0] binds a wildcard address ({_q(listen[0])}):"
+                " set the address peers should send to"
+            )
+        return None
+
+    @field_validator("middle_number_pattern")
+    @classmethod
+    def _compiles(cls, value: str) -> str:
+        try:
+            re.compile(value)
+        except re.error as exc:
+            raise ValueError(f"not a valid regular expression: {exc} ({_q(value)})") from None
+        return value
+
+    @cached_property
+    def listen_endpoints(self) -> tuple[ListenEndpoint, ...]:
+        return tuple(parse_listen(entry) for entry in self.listen)
+
+    @cached_property
+    def advertised(self) -> HostPort:
+        """The host:port written into Via and Record-Route; the port defaults to listen[0]'s."""
+        first = self.listen_endpoints[0]
+        if self.advertise is None:
+            return HostPort(first.host, first.port)
+        return parse_host_port(self.advertise, default_port=first.port)
+
+    @cached_property
+    def trusted_networks(self) -> tuple[IPNetwork, ...]:
+        return tuple(ipaddress.ip_network(c.strip(), strict=False) for c in self.trusted_peers)
+
+    def is_trusted(self, address: str) -> bool:
+        """Whether a peer IP may send initial requests (IPv4-mapped IPv6 counts as IPv4)."""
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            return False
+        candidates: list[ipaddress.IPv4Address | ipaddress.IPv6Address] = [ip]
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            candidates.append(ip.ipv4_mapped)
+        return any(c in net for c in candidates for net in self.trusted_networks)
+
+    @cached_property
+    def middle_number_regex(self) -> re.Pattern[str]:
+        return re.compile(self.middle_number_pattern)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading and error reporting.
+# ---------------------------------------------------------------------------------------------
+
+_YamlLoader: type = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+class _ConfigLoader(_YamlLoader):  # type: ignore[misc, valid-type]
+    """Safe loader that records duplicate keys: YAML would silently keep the last one."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self.duplicate_keys: list[str] = []
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        first_line: dict[str, int] = {}
+        for key_node, _ in node.value:
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.value == "<<":
+                continue
+            line = key_node.start_mark.line + 1
+            if key_node.value in first_line:
+                self.duplicate_keys.append(
+                    f"line {line}, column {key_node.start_mark.column + 1}: duplicate key "
+                    f"{_q(key_node.value)} (first at line {first_line[key_node.value]})"
+                )
+            else:
+                first_line[key_node.value] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def _read_yaml(text: str, shown: str) -> tuple[Any, list[str]]:
+    """The document and any problems; a syntax error names its line and column."""
+    loader = _ConfigLoader(text)
+    try:
+        data = loader.get_single_data()
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        what = exc.problem or exc.context or "invalid YAML"
+        if exc.context and exc.problem and exc.context_mark:
+            what += f" ({exc.context} at line {exc.context_mark.line + 1})"
+        return None, [f"{shown}: {where}{what}"]
+    except yaml.YAMLError as exc:
+        return None, [f"{shown}: invalid YAML: {exc}"]
+    finally:
+        loader.dispose()
+    return data, [f"{shown}: {d}" for d in loader.duplicate_keys]
+
+
+def _key_path(loc: tuple[int | str, ...]) -> str:
+    path = ""
+    for part in loc:
+        path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
+    return path
+
+
+def _show(value: Any) -> str:
+    """A short rendering of a bad value, in YAML's words where they differ from Python's."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, list | tuple):
+        return "a list"
+    text = _q(value) if isinstance(value, str) else repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _model_at(loc: tuple[int | str, ...]) -> type[BaseModel] | None:
+    """The schema section at a key path, to suggest the intended key for an unknown one."""
+    model: type[BaseModel] = Config
+    for part in loc:
+        field = model.model_fields.get(part) if isinstance(part, str) else None
+        if field is None:
+            return None
+        nested = [
+            t
+            for t in (field.annotation, *typing.get_args(field.annotation))
+            if isinstance(t, type) and issubclass(t, BaseModel)
+        ]
+        if not nested:
+            return None
+        model = nested[0]
+    return model
+
+
+_SECRET_KEYS = frozenset({"dialog_key"})
+_TYPE_WORDS = {
+    "tuple_type": "must be a list",
+    "list_type": "must be a list",
+    "model_type": "must be a mapping",
+    "dict_type": "must be a mapping",
+    "model_attributes_type": "must be a mapping",
+}
+
+
+def _describe(error: Any) -> str:
+    """One pydantic error as an admin-readable sentence."""
+    kind, loc, ctx = error["type"], error["loc"], error.get("ctx") or {}
+    if kind == "missing":
+        return "required key missing"
+    if kind == "extra_forbidden":
+        section = _model_at(loc[:-1])
+        hint = (
+            difflib.get_close_matches(str(loc[-1]), list(section.model_fields), n=1)
+            if section
+            else []
+        )
+        return "unknown key" + (f" (did you mean {_q(hint[0])}?)" if hint else "")
+    if kind == "value_error":
+        return str(ctx.get("error", error["msg"]))
+    if kind == "too_short" and ctx.get("min_length") == 1:
+        return "must not be empty"
+    message = _TYPE_WORDS.get(kind) or error["msg"].replace("Input should", "must", 1)
+    shown = "hidden" if loc and loc[-1] in _SECRET_KEYS else _show(error["input"])
+    return f"{message} (got {shown})"
+
+
+def _validate(data: dict[str, Any], base_dir: Path, shown: str) -> tuple[Config | None, list[str]]:
+    try:
+        return Config.model_validate(data, context={"base_dir": base_dir}), []
+    except ValidationError as exc:
+        errors = exc.errors(include_url=False)
+    # A list whose only items are bad is also "too short after validation": say it once.
+    bad_items = {e["loc"][:-1] for e in errors if e["loc"] and isinstance(e["loc"][-1], int)}
+    problems = []
+    for error in errors:
+        if error["type"] == "too_short" and error["loc"] in bad_items:
+            continue
+        path = _key_path(error["loc"])
+        problems.append(f"{shown}: {path + ': ' if path else ''}{_describe(error)}")
+    return None, problems
+
+
+def load_config(path: str | Path) -> Config:
+    """Read and validate a config file; raise ConfigError listing every problem found."""
+    path = Path(path)
+    shown = str(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError([f"{shown}: cannot read: {exc.strerror or exc}"]) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError([f"{shown}: not UTF-8 text (byte {exc.start})"]) from None
+    data, problems = _read_yaml(text, shown)
+    if data is None and not problems:
+        problems = [f"{shown}: the file is empty; expected a mapping of settings (see proxy.yaml)"]
+    elif data is not None and not isinstance(data, dict):
+        kind = "a list" if isinstance(data, list) else f"a single value ({_show(data)})"
+        problems = [*problems, f"{shown}: the document is {kind}; expected a mapping of settings"]
+    if problems and not isinstance(data, dict):
+        raise ConfigError(problems)
+    config, invalid = _validate(data, path.parent.resolve(), shown)
+    problems += invalid
+    if problems or config is None:
+        raise ConfigError(problems)
+    return config
+
+
+def check_config(path: str | Path) -> list[str]:
+    """Every problem in a config file, or an empty list if the proxy can start with it."""
+    try:
+        load_config(path)
+    except ConfigError as exc:
+        return exc.problems
+    return []
