@@ -114,20 +114,23 @@ def set_address_user(msg: SipMessage, name: str, user: str, *, drop_display: boo
 class LeakScanner:
     """Finds and replaces every wire form of one number (national, +86, 0086, 86)."""
 
-    __slots__ = ("_needles", "_pattern")
+    __slots__ = ("_intl", "_national", "_pattern")
 
     def __init__(self, national: str) -> None:
-        intl = national[1:] if national.startswith("0") else national
-        self._needles = tuple({national.encode(), intl.encode()})
-        self._pattern = re.compile(
-            rb"(?<![0-9])(?:\+86|0086|86)?(?:" + re.escape(national.encode())
-            + rb"|" + re.escape(intl.encode()) + rb")(?![0-9])"
-        )
+        self._national = national.encode()
+        self._intl = (national[1:] if national.startswith("0") else national).encode()
+        self._pattern: re.Pattern[bytes] | None = None  # compiled only when something is found
 
     def present(self, data: bytes) -> bool:
-        return any(n in data for n in self._needles)
+        # every wire form contains the national or the international digits: two C-level finds
+        return self._intl in data or self._national in data
 
     def replace(self, data: bytes, x: bytes) -> tuple[bytes, int]:
+        if self._pattern is None:
+            self._pattern = re.compile(
+                rb"(?<![0-9])(?:\+86|0086|86)?(?:" + re.escape(self._national)
+                + rb"|" + re.escape(self._intl) + rb")(?![0-9])"
+            )
         return self._pattern.subn(x, data)
 
 
@@ -135,36 +138,49 @@ def hide_number(msg: SipMessage, hidden: str, x: str) -> int:
     """Make `msg` safe for the side that must not learn `hidden`; returns leaks scrubbed.
 
     Identity headers: P-Asserted-Identity becomes X, sender-identity headers without a
-    translation are removed, Contact/Referred-By users carrying the number become X, the SDP
-    `o=` user becomes X. Then every other row and the body are scanned for any form of the
-    number (the last line of defence); what is found is replaced by X and counted. From/To are
-    the caller's job (they depend on the direction).
+    translation are removed, Contact/Referred-By users carrying the number become X. Then every
+    other row and the body (SDP `o=` included) are scanned for any form of the number (the last
+    line of defence); what is found is replaced by X and counted. From/To are the caller's job
+    (they depend on the direction). One pass over the rows decides what needs work.
     """
-    for name in REMOVED_IDENTITY_HEADERS:
-        if msg.has(name):
-            msg.remove_header(name)
-    if msg.has("p-asserted-identity"):
+    scanner = LeakScanner(hidden)
+    names: set[str] = set()
+    carrying: set[str] = set()
+    for name, row in msg.rows:
+        names.add(name)
+        if scanner.present(row):
+            carrying.add(name)
+    if not names.isdisjoint(REMOVED_IDENTITY_HEADERS):
+        msg.rows = [r for r in msg.rows if r[0] not in _REMOVED]
+        for name in names.intersection(_REMOVED):
+            msg._forget(name)
+    if "p-asserted-identity" in names:
         msg.set_header_values("p-asserted-identity", _pai_values(msg, x))
     for name in REWRITTEN_ADDRESS_HEADERS:
-        if msg.has(name):
+        if name in carrying:
             _rewrite_users(msg, name, hidden, x)
-    scanner = LeakScanner(hidden)
     found = 0
     xb = x.encode()
-    rows = msg.rows
-    for i, (name, row) in enumerate(rows):
-        if name != "call-id" and scanner.present(row):
-            new, n = scanner.replace(row, xb)
-            if n:
-                rows[i] = (name, new)
-                msg._forget(name)
-                found += n
+    if carrying - _HANDLED:
+        rows = msg.rows
+        for i, (name, row) in enumerate(rows):
+            if name != "call-id" and scanner.present(row):
+                new, n = scanner.replace(row, xb)
+                if n:
+                    rows[i] = (name, new)
+                    msg._forget(name)
+                    found += n
     if msg.body and scanner.present(msg.body):
         body, n = scanner.replace(msg.body, xb)
         if n:
             msg.set_body(body)
             found += n
     return found
+
+
+_REMOVED = frozenset(REMOVED_IDENTITY_HEADERS)
+# rows rewritten or dropped above; anything else that carries the number gets the full scan
+_HANDLED = _REMOVED | {"p-asserted-identity", "call-id"}
 
 
 def _pai_values(msg: SipMessage, x: str) -> list[str]:
