@@ -1,0 +1,50 @@
+"""Fixtures that start real processes: the proxy and SIPp (see procs.py)."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.integration.procs import ProxyProcess, free_port, start_proxy, write_config
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if "integration" in str(item.fspath):
+            item.add_marker(pytest.mark.integration)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _sipp_installed() -> None:
+    if shutil.which("sipp") is None:
+        pytest.fail("sipp is not installed: run scripts/test, which installs sip-tester")
+
+
+@pytest.fixture
+def start_sip700(tmp_path: Path) -> Iterator[Callable[..., ProxyProcess]]:
+    """Factory: start a proxy with a test config (memory store); stopped after the test."""
+    started: list[ProxyProcess] = []
+
+    def start(*, bindings: list[dict] | None = None, overrides: dict | None = None,
+              port: int | None = None, gateway_port: int | None = None,
+              transports: tuple[str, ...] = ("udp", "tcp")) -> ProxyProcess:
+        port = port or free_port()
+        gateway_port = gateway_port or free_port()
+        cfg_dir = tmp_path / f"proxy-{port}"
+        cfg_dir.mkdir(exist_ok=True)
+        path, config = write_config(cfg_dir, port=port, gateway_port=gateway_port,
+                                    bindings=bindings, overrides=overrides,
+                                    transports=transports)
+        proc = start_proxy(path, port, gateway_port, cfg_dir / "proxy.log", config)
+        started.append(proc)
+        return proc
+
+    yield start
+    for proc in started:
+        rc = proc.stop()
+        crashed = [ln for ln in proc.log_lines() if "internal_error" in ln or "Traceback" in ln]
+        assert not crashed, "proxy logged internal errors:\n" + "\n".join(crashed[:20])
+        assert rc in (0, -15), f"proxy exited with {rc}"

@@ -1,0 +1,214 @@
+"""Real processes for integration tests: the proxy (`python -m proxy run`) and SIPp.
+
+Every helper here starts a real process on loopback and waits for it properly (port open, exit
+code), so a test asserts on what real SIP peers did.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+SCENARIOS = ROOT / "scripts" / "sipp"
+TEST_DIALOG_KEY = "c2lwNzAwLXRlc3QtZGlhbG9nLWtleS0zMi1ieXRlcyE="  # 32 bytes, tests only
+
+
+def free_port(kind: int = socket.SOCK_DGRAM, host: str = "127.0.0.1") -> int:
+    """A port free for both UDP and TCP on `host`."""
+    while True:
+        with socket.socket(socket.AF_INET, kind) as s:
+            s.bind((host, 0))
+            port = s.getsockname()[1]
+        other = socket.SOCK_STREAM if kind == socket.SOCK_DGRAM else socket.SOCK_DGRAM
+        with socket.socket(socket.AF_INET, other) as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+        return port
+
+
+def wait_udp_bound(port: int, host: str = "127.0.0.1", timeout: float = 20.0) -> None:
+    """Wait until something is bound to udp host:port (bind fails once it is)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                return
+        time.sleep(0.05)
+    raise TimeoutError(f"nothing bound udp {host}:{port} within {timeout}s")
+
+
+@dataclass
+class ProxyProcess:
+    """A running sip700 with the config it was given."""
+
+    config_path: Path
+    port: int
+    gateway_port: int
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+    config: dict = field(default_factory=dict)
+
+    def log_lines(self) -> list[str]:
+        return self.log_path.read_text(errors="replace").splitlines()
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+def write_config(
+    tmp: Path, *, port: int, gateway_port: int, bindings: list[dict] | None = None,
+    overrides: dict | None = None, transports: tuple[str, ...] = ("udp", "tcp"),
+) -> tuple[Path, dict]:
+    """A proxy config for tests (memory store unless overridden), written under tmp."""
+    bindings_path = tmp / "bindings.yaml"
+    if bindings is None:
+        bindings = [
+            {"type": "axb", "x": "700100000000001", "a": "13800000001", "b": "13900000001",
+             "ttl": 3600},
+            {"type": "axb", "x": "700100000000002", "a": "13800000002", "b": "13900000002",
+             "ttl": 3600},
+        ]
+    bindings_path.write_text(yaml.safe_dump({"bindings": bindings}))
+    config: dict = {
+        "listen": [f"{t}:127.0.0.1:{port}" for t in transports],
+        "advertise": f"127.0.0.1:{port}",
+        "trusted_peers": ["127.0.0.1/32"],
+        "carrier": {"gateways": [f"sip:127.0.0.1:{gateway_port}"]},
+        "store": {"backend": "memory", "bindings_file": str(bindings_path)},
+        "middle_number_pattern": r"^700\d{12}$",
+        "privacy": {"dialog_key": TEST_DIALOG_KEY},
+        "logging": {"level": "debug"},
+    }
+    for key, value in (overrides or {}).items():
+        if isinstance(value, dict) and isinstance(config.get(key), dict):
+            config[key] = {**config[key], **value}
+        else:
+            config[key] = value
+    path = tmp / "proxy.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path, config
+
+
+def start_proxy(config_path: Path, port: int, gateway_port: int, log_path: Path,
+                config: dict | None = None) -> ProxyProcess:
+    """Start `python -m proxy run --config …` and wait for its UDP port."""
+    log = log_path.open("ab")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "proxy", "run", "--config", str(config_path)],
+        cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    try:
+        wait_udp_bound(port)
+    except TimeoutError:
+        proc.kill()
+        raise RuntimeError(f"proxy did not start:\n{log_path.read_text()}") from None
+    return ProxyProcess(config_path, port, gateway_port, proc, log_path, config or {})
+
+
+@dataclass
+class SippResult:
+    returncode: int
+    successful: int
+    failed: int
+    stdout: str
+    stderr: str
+    errors: str
+
+    def __str__(self) -> str:
+        return (f"sipp rc={self.returncode} successful={self.successful} failed={self.failed}\n"
+                f"errors:\n{self.errors[-3000:]}\nstderr:\n{self.stderr[-2000:]}")
+
+
+def sipp_args(
+    scenario: str, *, remote: str | None, local_port: int, calls: int = 1, rate: float = 10,
+    csv: Path | None = None, transport: str = "u1", local_ip: str = "127.0.0.1",
+    extra: list[str] | None = None, workdir: Path,
+) -> list[str]:
+    args = ["sipp", "-sf", str(SCENARIOS / scenario), "-i", local_ip, "-p", str(local_port),
+            "-t", transport, "-m", str(calls), "-r", str(rate), "-nostdin",
+            "-trace_err", "-error_file", str(workdir / f"{scenario}.{local_port}.errors.log"),
+            "-trace_stat", "-stf", str(workdir / f"{scenario}.{local_port}.stat.csv")]
+    if csv is not None:
+        # SIPp matches -infindex against the -inf text: pass names relative to the workdir
+        args += ["-inf", os.path.relpath(csv, workdir)]
+    args += extra or []
+    if remote:
+        args.append(remote)
+    return args
+
+
+def _parse_counts(workdir: Path, scenario: str, port: int) -> tuple[int, int]:
+    stat = workdir / f"{scenario}.{port}.stat.csv"
+    if not stat.exists():
+        return 0, 0
+    lines = [ln for ln in stat.read_text().splitlines() if ln.strip()]
+    if len(lines) < 2:
+        return 0, 0
+    header = lines[0].split(";")
+    last = lines[-1].split(";")
+    row = dict(zip(header, last, strict=False))
+    return int(row.get("SuccessfulCall(C)", 0)), int(row.get("FailedCall(C)", 0))
+
+
+@contextlib.contextmanager
+def sipp_server(scenario: str, port: int, workdir: Path, *, calls: int = 0,
+                csv: Path | None = None, transport: str = "u1",
+                extra: list[str] | None = None) -> Iterator[subprocess.Popen[bytes]]:
+    """A SIPp UAS (or any scenario that waits for traffic) in the background."""
+    args = sipp_args(scenario, remote=None, local_port=port, calls=calls or 1000000,
+                     csv=csv, transport=transport, extra=extra, workdir=workdir)
+    out = (workdir / f"{scenario}.{port}.out").open("wb")
+    proc = subprocess.Popen(args, cwd=workdir, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        wait_udp_bound(port) if transport.startswith("u") else time.sleep(0.5)
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGUSR1)  # SIPp: dump stats and quit
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def server_counts(scenario: str, port: int, workdir: Path) -> tuple[int, int]:
+    """(successful, failed) calls of a finished sipp_server."""
+    return _parse_counts(workdir, scenario, port)
+
+
+def run_sipp(scenario: str, remote: str, port: int, workdir: Path, *, calls: int = 1,
+             rate: float = 10, csv: Path | None = None, transport: str = "u1",
+             local_ip: str = "127.0.0.1", extra: list[str] | None = None,
+             timeout: float = 60) -> SippResult:
+    """Run a SIPp client scenario to completion; returns its exit code and counts."""
+    args = sipp_args(scenario, remote=remote, local_port=port, calls=calls, rate=rate, csv=csv,
+                     transport=transport, local_ip=local_ip, extra=extra, workdir=workdir)
+    done = subprocess.run(args, cwd=workdir, capture_output=True, timeout=timeout, check=False)
+    ok, failed = _parse_counts(workdir, scenario, port)
+    err_file = workdir / f"{scenario}.{port}.errors.log"
+    errors = err_file.read_text(errors="replace") if err_file.exists() else ""
+    return SippResult(done.returncode, ok, failed, done.stdout.decode(errors="replace"),
+                      done.stderr.decode(errors="replace"), errors)
