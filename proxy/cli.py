@@ -81,6 +81,21 @@ async def serve(cfg: Config) -> None:
         max_message_bytes=cfg.transport.max_message_bytes,
     )
     await server.start()
+    metrics_server = None
+    if cfg.metrics.endpoint is not None:
+        from prometheus_client import CollectorRegistry
+
+        from proxy.metrics import CoreCollector, serve_metrics
+
+        registry = CollectorRegistry()
+        registry.register(CoreCollector(
+            lambda: core.stats,
+            lambda: {"server_transactions": len(core.server_txs),
+                     "client_transactions": len(core.client_txs),
+                     "tcp_connections": len(server.tcp_connections)}))
+        ep = cfg.metrics.endpoint
+        metrics_server = await serve_metrics(ep.host, ep.port, registry,
+                                             lambda: getattr(store, "healthy", True))
     log.info("listening", listen=[str(e) for e in cfg.listen_endpoints],
              advertise=str(cfg.advertised), backend=cfg.store.backend)
     stop = asyncio.Event()
@@ -90,6 +105,8 @@ async def serve(cfg: Config) -> None:
     await stop.wait()
     log.info("stopping", stats=core.stats)
     await server.close()
+    if metrics_server is not None:
+        metrics_server.close()
     await store.close()
 
 
