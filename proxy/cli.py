@@ -80,7 +80,6 @@ async def serve(cfg: Config) -> None:
         tcp_idle_timeout=cfg.transport.tcp_idle_timeout_s,
         max_message_bytes=cfg.transport.max_message_bytes,
     )
-    await server.start()
     metrics_server = None
     if cfg.metrics.endpoint is not None:
         from prometheus_client import CollectorRegistry
@@ -96,6 +95,7 @@ async def serve(cfg: Config) -> None:
         ep = cfg.metrics.endpoint
         metrics_server = await serve_metrics(ep.host, ep.port, registry,
                                              lambda: getattr(store, "healthy", True))
+    await server.start()  # last: an open SIP port means everything else is ready
     log.info("listening", listen=[str(e) for e in cfg.listen_endpoints],
              advertise=str(cfg.advertised), backend=cfg.store.backend)
     stop = asyncio.Event()
