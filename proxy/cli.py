@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import functools
 import gc
 import os
+import shutil
 import signal
 import sys
+import tempfile
+import time
 from typing import Any
 
 import structlog
@@ -19,18 +23,23 @@ from proxy.logs import configure_logging
 log = structlog.get_logger("sip700")
 
 
-def build_core(cfg: Config) -> Any:
-    """The sans-IO proxy core, configured from `cfg`."""
-    from proxy.core import CoreSettings, FinalResponse, Hop, ProxyCore
-    from proxy.privacy import DialogSealer
-    from proxy.sip.transaction import TimerSettings
-
+def dialog_key(cfg: Config) -> bytes:
+    """The configured AES-256-GCM key, or a random one (with a warning) for this run only."""
     key = cfg.privacy.dialog_key_bytes
     if key is None:
         key = os.urandom(32)
         log.warning("dialog_key_generated",
                     detail="no privacy.dialog_key configured: calls do not survive a restart "
                            "and instances cannot serve each other's dialogs")
+    return key
+
+
+def build_core(cfg: Config, key: bytes) -> Any:
+    """The sans-IO proxy core, configured from `cfg`."""
+    from proxy.core import CoreSettings, FinalResponse, Hop, ProxyCore
+    from proxy.privacy import DialogSealer
+    from proxy.sip.transaction import TimerSettings
+
     adv = cfg.advertised
     pattern = cfg.middle_number_regex
     r = cfg.responses
@@ -58,20 +67,31 @@ def build_core(cfg: Config) -> Any:
     return ProxyCore(settings, DialogSealer(key), log=call_log.info)
 
 
-async def serve(cfg: Config) -> None:
-    """Run the proxy until SIGTERM/SIGINT."""
+def open_store_frozen(cfg: Config) -> Any:
+    """Open the store; the memory backend loads its file here (before any fork)."""
     from proxy.bindings.store import open_store
-    from proxy.transport import ProxyServer
 
     store = open_store(cfg)
     # Long-lived start-up objects (100k+ bindings) move out of the collector's reach: a full
-    # collection over them is a pause of hundreds of milliseconds on the call path.
+    # collection over them is a pause of hundreds of milliseconds on the call path (and, after
+    # a fork, the collector would touch and so copy every shared page).
     gc.collect()
     gc.freeze()
+    return store
+
+
+async def serve(
+    cfg: Config, key: bytes, store: Any = None, index: int = 0, count: int = 1, group: str = ""
+) -> None:
+    """Run one worker until SIGTERM/SIGINT."""
+    from proxy.transport import ProxyServer
+
+    if store is None:
+        store = open_store_frozen(cfg)
     start = getattr(store, "start", None)
     if start is not None:
         await start()
-    core = build_core(cfg)
+    core = build_core(cfg, key)
     server = ProxyServer(
         core, store,
         listen=[(e.transport, e.host, e.port) for e in cfg.listen_endpoints],
@@ -79,6 +99,7 @@ async def serve(cfg: Config) -> None:
         udp_sndbuf=cfg.transport.udp_sndbuf_bytes,
         tcp_idle_timeout=cfg.transport.tcp_idle_timeout_s,
         max_message_bytes=cfg.transport.max_message_bytes,
+        worker_index=index, worker_count=count, relay_group=group,
     )
     metrics_server = None
     if cfg.metrics.endpoint is not None:
@@ -97,7 +118,8 @@ async def serve(cfg: Config) -> None:
                                              lambda: getattr(store, "healthy", True))
     await server.start()  # last: an open SIP port means everything else is ready
     log.info("listening", listen=[str(e) for e in cfg.listen_endpoints],
-             advertise=str(cfg.advertised), backend=cfg.store.backend)
+             advertise=str(cfg.advertised), backend=cfg.store.backend,
+             worker=index, workers=count)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -118,12 +140,73 @@ def cmd_run(args: argparse.Namespace) -> int:
             print(problem, file=sys.stderr)
         return 1
     configure_logging(cfg.logging.level, cfg.logging.format)
+    key = dialog_key(cfg)
+    if cfg.workers == 1:
+        _run_loop(serve(cfg, key))
+        return 0
+    return supervise(cfg, key)
+
+
+def _run_loop(main: Any) -> None:
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
-        asyncio.run(serve(cfg))
+        asyncio.run(main)
     else:
-        uvloop.run(serve(cfg))
+        uvloop.run(main)
+
+
+def supervise(cfg: Config, key: bytes) -> int:
+    """Fork `workers` processes sharing the SIP port and restart any that dies.
+
+    The memory store is loaded once, before the fork, so workers share its pages. The Redis
+    store is opened in each worker (connections do not survive a fork).
+    """
+    store = open_store_frozen(cfg) if cfg.store.backend == "memory" else None
+    group = tempfile.mkdtemp(prefix="sip700-")  # the workers' relay sockets live here
+    children: dict[int, int] = {}  # pid → worker index
+    stopping = False
+
+    def fork(index: int) -> None:
+        pid = os.fork()
+        if pid == 0:  # the worker
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            code = 0
+            try:
+                _run_loop(serve(cfg, key, store, index, cfg.workers, group))
+            except BaseException:
+                log.exception("worker_failed", worker=index)
+                code = 1
+            os._exit(code)
+        children[pid] = index
+
+    def stop(signum: int, _frame: Any) -> None:
+        nonlocal stopping
+        stopping = True
+        for pid in list(children):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    for index in range(cfg.workers):
+        fork(index)
+    log.info("supervisor_started", workers=cfg.workers)
+    while children:
+        try:
+            pid, status = os.wait()
+        except ChildProcessError:
+            break
+        except InterruptedError:
+            continue
+        index = children.pop(pid, None)
+        if index is None or stopping:
+            continue
+        log.error("worker_died", worker=index, status=status)
+        time.sleep(0.2)  # no restart storm if a worker dies at start-up
+        fork(index)
+    shutil.rmtree(group, ignore_errors=True)
     return 0
 
 

@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import socket
+import struct
 import time
+import zlib
 from typing import Any
 
 import structlog
@@ -22,6 +25,26 @@ from proxy.sip.message import StreamFramer
 log = structlog.get_logger("sip700.transport")
 
 TICK_S = 0.01
+# Call-ID row at the start of a line, long or compact form, any case (RFC 3261 §7.3.3)
+_CALL_ID = re.compile(rb"\n(?:call-id|i)[ \t]*:[ \t]*([^\r\n]+)", re.IGNORECASE)
+_RELAY_HEADER = struct.Struct("!IH46s")  # length, source port, source host (NUL-padded)
+
+
+def call_id_owner(data: bytes, workers: int) -> int:
+    """Which worker owns the transaction state of this message: a hash of its Call-ID.
+
+    Every message of a call (requests, retransmissions, CANCEL, responses) carries the same
+    Call-ID, so it meets its transactions whichever worker the kernel handed it to.
+    """
+    m = _CALL_ID.search(data)
+    if m is None:
+        return 0
+    return zlib.crc32(m.group(1).strip()) % workers
+
+
+def relay_address(group: str, index: int) -> str:
+    """Unix socket path of one worker's relay inbox (`group` is the supervisor's private dir)."""
+    return f"{group}/worker{index}.sock"
 
 
 class _UdpEndpoint(asyncio.DatagramProtocol):
@@ -76,6 +99,39 @@ class _TcpConnection(asyncio.Protocol):
             self.transport.write(data)
 
 
+class _RelayInbox(asyncio.Protocol):
+    """Messages other workers pass to this one (a unix stream, length-prefixed)."""
+
+    def __init__(self, server: ProxyServer) -> None:
+        self.server = server
+        self.buf = bytearray()
+
+    def data_received(self, data: bytes) -> None:
+        buf = self.buf
+        buf += data
+        size = _RELAY_HEADER.size
+        while len(buf) >= size:
+            length, port, host = _RELAY_HEADER.unpack_from(buf)
+            if len(buf) < size + length:
+                break
+            payload = bytes(buf[size: size + length])
+            del buf[: size + length]
+            self.server.on_relayed(payload, (host.rstrip(b"\0").decode("ascii"), port))
+
+
+class _RelayOutbox(asyncio.Protocol):
+    """The connection to another worker's inbox; asyncio buffers while that worker is busy."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+
+
 class ProxyServer:
     """Owns the sockets and feeds the core."""
 
@@ -89,6 +145,9 @@ class ProxyServer:
         udp_sndbuf: int = 4 << 20,
         tcp_idle_timeout: float = 300.0,
         max_message_bytes: int = 65535,
+        worker_index: int = 0,
+        worker_count: int = 1,
+        relay_group: str = "",
     ) -> None:
         self.core = core
         self.store = store
@@ -103,12 +162,20 @@ class ProxyServer:
         self.loop = asyncio.get_running_loop()
         self._ticker: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self.worker_index = worker_index
+        self.worker_count = worker_count
+        self.relay_group = relay_group
+        self._relay_server: asyncio.base_events.Server | None = None
+        self._outboxes: dict[int, _RelayOutbox] = {}
+        self._relay_pending: dict[int, list[bytes]] = {}
 
     async def start(self) -> None:
         for transport, host, port in self.listen:
             if transport == "udp":
                 family = socket.AF_INET6 if ":" in host else socket.AF_INET
                 sock = socket.socket(family, socket.SOCK_DGRAM)
+                if self.worker_count > 1:  # every worker binds the port; the kernel spreads
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
                 with contextlib.suppress(OSError):
                     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.udp_rcvbuf)
                     sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.udp_sndbuf)
@@ -118,8 +185,12 @@ class ProxyServer:
                 self.udp.setdefault(family, udp)
             else:
                 server = await self.loop.create_server(
-                    lambda: _TcpConnection(self), host, port, reuse_address=True)
+                    lambda: _TcpConnection(self), host, port, reuse_address=True,
+                    reuse_port=self.worker_count > 1)
                 self.tcp_servers.append(server)
+        if self.worker_count > 1:
+            self._relay_server = await self.loop.create_unix_server(
+                lambda: _RelayInbox(self), relay_address(self.relay_group, self.worker_index))
         self._ticker = self.loop.create_task(self._tick())
 
     async def close(self) -> None:
@@ -127,6 +198,11 @@ class ProxyServer:
             self._ticker.cancel()
         for udp in self.udp.values():
             udp.close()
+        if self._relay_server is not None:
+            self._relay_server.close()
+        for box in self._outboxes.values():
+            if box.transport is not None:
+                box.transport.close()
         for server in self.tcp_servers:
             server.close()
         for conn in list(self.tcp_connections.values()):
@@ -140,9 +216,50 @@ class ProxyServer:
             return
         if not data.strip(b"\r\n"):
             return  # keep-alive
+        if self.worker_count > 1:
+            owner = call_id_owner(data, self.worker_count)
+            if owner != self.worker_index:
+                self._relay_to(owner, data, source)
+                return
         try:
             self.core.receive_datagram(data, source, "udp", self.loop.time())
         except Exception:  # a bug must cost one message, never the process
+            self._internal_error(source)
+        self.flush()
+
+    def _relay_to(self, owner: int, data: bytes, source: tuple[str, int]) -> None:
+        box = self._outboxes.get(owner)
+        if box is None or box.transport is None or box.transport.is_closing():
+            box = self._outboxes[owner] = _RelayOutbox()
+            task = self.loop.create_task(self._connect_relay(owner, box))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+            # the first message waits in `pending` until the connection is up
+        head = _RELAY_HEADER.pack(len(data), source[1], source[0].encode("ascii"))
+        if box.transport is not None:
+            box.transport.write(head + data)
+        else:
+            self._relay_pending.setdefault(owner, []).append(head + data)
+
+    async def _connect_relay(self, owner: int, box: _RelayOutbox) -> None:
+        try:
+            await self.loop.create_unix_connection(
+                lambda: box, relay_address(self.relay_group, owner))
+        except OSError:  # the owner is (re)starting: senders retransmit, later ones reconnect
+            self.core.stats["relay_errors"] = self.core.stats.get("relay_errors", 0) + 1
+            self._relay_pending.pop(owner, None)
+            if self._outboxes.get(owner) is box:
+                del self._outboxes[owner]
+            return
+        assert box.transport is not None
+        for chunk in self._relay_pending.pop(owner, []):
+            box.transport.write(chunk)
+
+    def on_relayed(self, data: bytes, source: tuple[str, int]) -> None:
+        """A datagram another worker received for a Call-ID this worker owns."""
+        try:
+            self.core.receive_datagram(data, source, "udp", self.loop.time())
+        except Exception:
             self._internal_error(source)
         self.flush()
 
