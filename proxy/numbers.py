@@ -11,7 +11,7 @@ import re
 
 # Visual separators allowed in tel: URIs (RFC 3966 visual-separator) and in dialled strings.
 _SEPARATORS = str.maketrans("", "", "-.() ")
-_DIGITS = re.compile(r"\d{3,20}")
+_DIGITS = re.compile(r"[0-9]{3,20}")
 
 
 def normalize_number(text: str) -> str | None:

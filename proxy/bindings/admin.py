@@ -1,0 +1,234 @@
+"""Admin operations on bindings, for the `sip700` CLI (and the HTTP API if it wants them).
+
+Numbers are normalised here; output for an admin shows them in full (it is not a log line).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from proxy.bindings.files import Problem, read_bindings
+from proxy.bindings.model import AXB, AXN, Binding, BindingConflict, make_binding
+from proxy.bindings.store import BindingStore
+
+IMPORT_BATCH = 1000
+
+
+async def bind_axb(store: BindingStore, x: str, a: str, b: str, ttl: float) -> Binding:
+    """Bind A and B to X for `ttl` seconds. InvalidBinding / BindingConflict / StoreUnavailable."""
+    binding = make_binding(AXB, x, a, b, ttl)
+    await store.bind(binding)
+    return binding
+
+
+async def bind_axn(store: BindingStore, x: str, a: str, b: str | None, ttl: float) -> Binding:
+    """Give X to A for `ttl` seconds; A calling X reaches `b` (or is refused without one)."""
+    binding = make_binding(AXN, x, a, b, ttl)
+    await store.bind(binding)
+    return binding
+
+
+async def unbind(store: BindingStore, x: str, number: str) -> bool:
+    """Remove the binding on X that `number` is party to; False when there was none."""
+    return await store.unbind(x, number)
+
+
+async def get(store: BindingStore, x: str) -> list[Binding]:
+    """Live bindings on X."""
+    return await store.get(x)
+
+
+async def list_bindings(
+    store: BindingStore, x_prefix: str = "", limit: int = 1000
+) -> list[Binding]:
+    """Live bindings whose X starts with `x_prefix`, at most `limit`."""
+    return await store.list(x_prefix=x_prefix, limit=limit)
+
+
+async def import_file(
+    store: BindingStore, path: Path | str, batch_size: int = IMPORT_BATCH
+) -> tuple[int, list[Problem]]:
+    """Bind every row of a YAML or CSV file; returns (bound, problems).
+
+    Bad rows and conflicts are reported with their line and skipped; each binding is written
+    atomically, so a refused row leaves nothing behind. A row renewing an existing binding of
+    the same parties counts as bound (re-importing a file is idempotent). Redis stores get
+    pipelined batches of `batch_size`.
+    """
+    name = str(path)
+    now = time.time()
+    problems: list[Problem] = []
+    bound = 0
+    bind_many = getattr(store, "bind_many", None)
+
+    async def write(batch: list[Binding], lines: list[int]) -> None:
+        nonlocal bound
+        if bind_many is not None:
+            errors = await bind_many(batch)
+        else:
+            errors = []
+            for binding in batch:
+                try:
+                    await store.bind(binding)
+                    errors.append(None)
+                except BindingConflict as exc:
+                    errors.append(exc)
+        for line, error in zip(lines, errors, strict=True):
+            if error is None:
+                bound += 1
+            elif isinstance(error, BindingConflict):
+                problems.append(Problem(name, line, str(error)))
+            else:
+                raise error
+
+    # Two batches in flight: Redis runs one while this process reads and packs the next.
+    in_flight: set[asyncio.Task[None]] = set()
+    batch: list[Binding] = []
+    lines: list[int] = []
+    try:
+        for item in read_bindings(path, now):
+            if isinstance(item, Problem):
+                problems.append(item)
+                continue
+            lines.append(item[0])
+            batch.append(item[1])
+            if len(batch) >= batch_size:
+                in_flight.add(asyncio.ensure_future(write(batch, lines)))
+                batch, lines = [], []
+                if len(in_flight) >= 2:
+                    done, in_flight = await asyncio.wait(
+                        in_flight, return_when=asyncio.FIRST_COMPLETED
+                    )
+                    for task in done:
+                        task.result()
+        if batch:
+            in_flight.add(asyncio.ensure_future(write(batch, lines)))
+        for task in in_flight:
+            await task
+    finally:
+        for task in in_flight:
+            task.cancel()
+    problems.sort(key=lambda p: p.line)
+    return bound, problems
+
+
+# -- command line helpers ------------------------------------------------------------------------
+
+
+def add_arguments(subparsers: Any) -> None:
+    """Add `bind-axb`, `bind-axn`, `unbind`, `get`, `list`, `import` to an argparse subparsers."""
+    p = subparsers.add_parser("bind-axb", help="bind A and B to X")
+    p.add_argument("x")
+    p.add_argument("a")
+    p.add_argument("b")
+    p.add_argument("--ttl", type=float, required=True, help="seconds")
+    p = subparsers.add_parser("bind-axn", help="give X to A (optionally A's default callee B)")
+    p.add_argument("x")
+    p.add_argument("a")
+    p.add_argument("b", nargs="?")
+    p.add_argument("--ttl", type=float, required=True, help="seconds")
+    p = subparsers.add_parser("unbind", help="remove the binding on X that NUMBER is party to")
+    p.add_argument("x")
+    p.add_argument("number")
+    p = subparsers.add_parser("get", help="show the live bindings on X")
+    p.add_argument("x")
+    p = subparsers.add_parser("list", help="list live bindings")
+    p.add_argument("--prefix", default="", help="only X numbers starting with this")
+    p.add_argument("--limit", type=int, default=100)
+    p = subparsers.add_parser("import", help="bind every row of a YAML or CSV file")
+    p.add_argument("path", type=Path)
+    p.add_argument("--batch", type=int, default=IMPORT_BATCH)
+
+
+COMMANDS = ("bind-axb", "bind-axn", "unbind", "get", "list", "import")
+
+
+def add_commands(subparsers: Any) -> None:
+    """Add `sip700 bindings --config FILE <command> ...` to the top-level CLI."""
+    parser = subparsers.add_parser(
+        "bindings",
+        help="create, remove, show and import bindings in the configured store",
+        description="Operate on the binding store named by the config's `store` section.",
+    )
+    parser.add_argument("--config", required=True, help="YAML config file")
+    add_arguments(parser.add_subparsers(dest="bindings_command", required=True))
+    parser.set_defaults(func=cmd_bindings)
+
+
+def cmd_bindings(args: argparse.Namespace) -> int:
+    """Entry point for `sip700 bindings`: open the store, run one command, close."""
+    from proxy.bindings.model import InvalidBinding, StoreUnavailable
+    from proxy.bindings.store import open_store
+    from proxy.config import ConfigError, load_config
+
+    try:
+        cfg = load_config(args.config)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        return 1
+    if cfg.store.backend == "memory" and args.bindings_command != "import":
+        print(
+            "note: the memory backend lives inside each proxy process; "
+            "changes made here last for this command only (edit store.bindings_file)",
+            file=sys.stderr,
+        )
+
+    async def run() -> int:
+        store = open_store(cfg)
+        try:
+            command = argparse.Namespace(**vars(args))
+            command.command = args.bindings_command
+            return await run_command(store, command)
+        except (InvalidBinding, BindingConflict, StoreUnavailable) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        finally:
+            await store.close()
+
+    return asyncio.run(run())
+
+
+async def run_command(store: BindingStore, args: argparse.Namespace) -> int:
+    """Run the command `args.command` (one of COMMANDS); print JSON lines; exit status."""
+    command = args.command
+    if command == "bind-axb":
+        print(binding_json(await bind_axb(store, args.x, args.a, args.b, args.ttl)))
+    elif command == "bind-axn":
+        print(binding_json(await bind_axn(store, args.x, args.a, args.b, args.ttl)))
+    elif command == "unbind":
+        removed = await unbind(store, args.x, args.number)
+        print(json.dumps({"removed": removed}))
+        return 0 if removed else 1
+    elif command == "get":
+        for binding in await get(store, args.x):
+            print(binding_json(binding))
+    elif command == "list":
+        for binding in await list_bindings(store, args.prefix, args.limit):
+            print(binding_json(binding))
+    elif command == "import":
+        started = time.perf_counter()
+        bound, problems = await import_file(store, args.path, args.batch)
+        for problem in problems:
+            print(f"skipped {problem}")
+        elapsed = time.perf_counter() - started
+        print(json.dumps({"bound": bound, "skipped": len(problems), "seconds": round(elapsed, 2)}))
+        return 0 if not problems else 2
+    else:
+        raise ValueError(f"unknown bindings command {command!r}")
+    return 0
+
+
+def binding_json(binding: Binding) -> str:
+    """One binding as a JSON object, with its remaining TTL."""
+    data = asdict(binding)
+    data["type"] = data.pop("kind")
+    data["ttl"] = max(0, round(binding.expires_at - time.time()))
+    return json.dumps(data)

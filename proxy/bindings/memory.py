@@ -1,0 +1,249 @@
+"""In-process binding store: dicts, for a single proxy process, tests and small deployments.
+
+Lookups are answered synchronously (`resolve_cached` never returns None) from a precomputed
+Resolution per (X, caller), so the hot path is two dict lookups and a float compare.
+"""
+
+from __future__ import annotations
+
+import gc
+import heapq
+import time
+from pathlib import Path
+
+from proxy.bindings.files import Problem, read_bindings
+from proxy.bindings.model import (
+    AXN,
+    Binding,
+    BindingConflict,
+    Outcome,
+    Resolution,
+    validate_binding,
+)
+from proxy.numbers import normalize_number
+
+
+class _XEntry:
+    """Everything bound on one X."""
+
+    __slots__ = ("bindings", "others", "routes")
+
+    def __init__(self) -> None:
+        self.routes: dict[str, Resolution] = {}  # caller -> answer
+        self.others: Resolution | None = None  # AXN: the answer for any caller but A
+        self.bindings: dict[str, Binding] = {}  # binding.a -> binding
+
+
+class MemoryStore:
+    """Bindings in dicts. Uniqueness is checked on bind; expiry on every read."""
+
+    def __init__(self) -> None:
+        self._by_x: dict[str, _XEntry] = {}
+        self._expiry_heap: list[tuple[float, str, str]] = []  # (expires_at, x, a)
+
+    # -- lookups -------------------------------------------------------------------------
+
+    def resolve_cached(self, x: str, caller: str, now: float) -> Resolution:
+        """Answer for a call from `caller` to `x` at `now`; always answers."""
+        entry = self._by_x.get(x)
+        if entry is not None:
+            answer = entry.routes.get(caller) or entry.others
+            if answer is not None and now < answer.expires_at:
+                return answer
+        return self._resolve_slow(x, caller, now)
+
+    def _resolve_slow(self, x: str, caller: str, now: float) -> Resolution:
+        """The caller is not routed as given: try normalised numbers, then tell 403 from 404."""
+        norm_x = normalize_number(x) or x
+        norm_caller = normalize_number(caller) or caller
+        entry = self._by_x.get(norm_x)
+        if entry is None:
+            return Resolution(Outcome.NO_BINDING, None, now)
+        if (norm_x, norm_caller) != (x, caller):
+            answer = entry.routes.get(norm_caller) or entry.others
+            if answer is not None and now < answer.expires_at:
+                return answer
+        self.purge_expired(now)  # what is left in the entry is live
+        if entry.bindings:
+            return Resolution(Outcome.NOT_PARTY, None, now)
+        return Resolution(Outcome.NO_BINDING, None, now)
+
+    async def resolve(self, x: str, caller: str) -> Resolution:
+        return self.resolve_cached(x, caller, time.time())
+
+    async def get(self, x: str) -> list[Binding]:
+        """Live bindings on X."""
+        return self.get_now(x, time.time())
+
+    def get_now(self, x: str, now: float) -> list[Binding]:
+        entry = self._by_x.get(normalize_number(x) or x)
+        if entry is None:
+            return []
+        return [b for b in entry.bindings.values() if b.is_live(now)]
+
+    async def list(self, x_prefix: str = "", limit: int = 1000) -> list[Binding]:
+        """Live bindings whose X starts with `x_prefix`, at most `limit`."""
+        now = time.time()
+        self.purge_expired(now)
+        out: list[Binding] = []
+        for x, entry in self._by_x.items():
+            if not x.startswith(x_prefix):
+                continue
+            for binding in entry.bindings.values():
+                if binding.is_live(now):
+                    out.append(binding)
+                    if len(out) >= limit:
+                        return out
+        return out
+
+    def __len__(self) -> int:
+        return sum(len(e.bindings) for e in self._by_x.values())
+
+    # -- changes ---------------------------------------------------------------------------
+
+    async def bind(self, binding: Binding) -> bool:
+        """Store a binding; True if new, False if it renewed the same parties."""
+        return self.bind_now(binding, time.time())
+
+    def bind_now(self, binding: Binding, now: float) -> bool:
+        """Synchronous bind (the file loader and tests use it)."""
+        return self._bind_valid(validate_binding(binding), now, allow_renewal=True)
+
+    def _bind_valid(self, binding: Binding, now: float, allow_renewal: bool) -> bool:
+        self.purge_expired(now)  # from here on every binding in the dicts is live
+        return self._bind_live(binding, now, allow_renewal)
+
+    def _bind_live(self, binding: Binding, now: float, allow_renewal: bool) -> bool:
+        """Bind, assuming purge_expired(now) ran (bulk loads purge once)."""
+        entry = self._by_x.get(binding.x)
+        if entry is None:
+            entry = self._by_x[binding.x] = _XEntry()
+        replaced = self._replaced_by(entry, binding)
+        for old in replaced:
+            if not allow_renewal:
+                raise BindingConflict(f"the same binding is listed twice on x {binding.x}")
+            self._remove(entry, old)
+        self._insert(entry, binding)
+        return not replaced
+
+    @staticmethod
+    def _replaced_by(entry: _XEntry, binding: Binding) -> list[Binding]:
+        """The binding `binding` renews, if any; BindingConflict if it clashes (O(1) for AXB)."""
+        if entry.others is not None:
+            old = entry.bindings[entry.others.callee]  # type: ignore[index]
+            if binding.kind == AXN and old.a == binding.a:
+                return [old]
+            raise BindingConflict(f"x {binding.x} already carries an axn binding")
+        if binding.kind == AXN:
+            if entry.bindings:
+                raise BindingConflict(f"x {binding.x} already carries axb bindings")
+            return []
+        replaced: list[Binding] = []
+        for party in binding.parties():
+            answer = entry.routes.get(party)
+            if answer is None:
+                continue
+            old = entry.bindings.get(party) or entry.bindings[answer.callee]  # type: ignore[index]
+            if not old.same_parties(binding):
+                raise BindingConflict(f"a party is already bound on x {binding.x}")
+            if old not in replaced:
+                replaced.append(old)
+        return replaced
+
+    async def unbind(self, x: str, number: str) -> bool:
+        """Remove the binding on X that `number` is party to; False if there was none."""
+        return self.unbind_now(x, number, time.time())
+
+    def unbind_now(self, x: str, number: str, now: float) -> bool:
+        norm_x = normalize_number(x) or x
+        norm_number = normalize_number(number) or number
+        entry = self._by_x.get(norm_x)
+        if entry is None:
+            return False
+        answer = entry.routes.get(norm_number)
+        if answer is None:
+            return False
+        binding = entry.bindings.get(norm_number) or entry.bindings[answer.callee]  # type: ignore[index]
+        self._remove(entry, binding)
+        if not entry.bindings:
+            del self._by_x[norm_x]
+        return binding.is_live(now)
+
+    async def close(self) -> None:
+        return None
+
+    # -- internals -------------------------------------------------------------------------
+
+    def _insert(self, entry: _XEntry, binding: Binding) -> None:
+        exp = binding.expires_at
+        entry.bindings[binding.a] = binding
+        if binding.kind == AXN:
+            own = (
+                Resolution(Outcome.ROUTE, binding.b, exp)
+                if binding.b is not None
+                else Resolution(Outcome.NOT_PARTY, None, exp)
+            )
+            entry.routes[binding.a] = own
+            entry.others = Resolution(Outcome.ROUTE, binding.a, exp)
+        else:
+            assert binding.b is not None
+            entry.routes[binding.a] = Resolution(Outcome.ROUTE, binding.b, exp)
+            entry.routes[binding.b] = Resolution(Outcome.ROUTE, binding.a, exp)
+        heapq.heappush(self._expiry_heap, (exp, binding.x, binding.a))
+
+    def _remove(self, entry: _XEntry, binding: Binding) -> None:
+        entry.bindings.pop(binding.a, None)
+        for party in binding.parties():
+            entry.routes.pop(party, None)
+        if binding.kind == AXN:
+            entry.others = None
+
+    def purge_expired(self, now: float) -> int:
+        """Forget bindings that expired by `now`; amortised O(log n) per binding."""
+        heap = self._expiry_heap
+        removed = 0
+        while heap and heap[0][0] <= now:
+            exp, x, a = heapq.heappop(heap)
+            entry = self._by_x.get(x)
+            if entry is None:
+                continue
+            binding = entry.bindings.get(a)
+            if binding is not None and binding.expires_at == exp:
+                self._remove(entry, binding)
+                removed += 1
+                if not entry.bindings:
+                    del self._by_x[x]
+        return removed
+
+    # -- loading ---------------------------------------------------------------------------
+
+    def load_file(self, path: Path | str, now: float | None = None) -> tuple[int, list[Problem]]:
+        """Add the bindings of a YAML/CSV file; bad rows are skipped and reported."""
+        now = time.time() if now is None else now
+        # The cyclic GC would rescan every new object many times while 100k+ bindings arrive;
+        # nothing built here is cyclic.
+        gc_was_enabled = gc.isenabled()
+        gc.disable()
+        try:
+            return self._load_rows(path, now)
+        finally:
+            if gc_was_enabled:
+                gc.enable()
+
+    def _load_rows(self, path: Path | str, now: float) -> tuple[int, list[Problem]]:
+        loaded = 0
+        problems: list[Problem] = []
+        name = str(path)
+        self.purge_expired(now)
+        for item in read_bindings(path, now):
+            if isinstance(item, Problem):
+                problems.append(item)
+                continue
+            line, binding = item
+            try:
+                self._bind_live(binding, now, allow_renewal=False)
+            except BindingConflict as exc:
+                problems.append(Problem(name, line, str(exc)))
+            else:
+                loaded += 1
+        return loaded, problems

@@ -1,0 +1,181 @@
+"""Lua scripts for the Redis store: each is one round trip and atomic on its X.
+
+Data model (docs/bindings.md has the full picture). For middle number X and prefix P:
+
+    P{X}     hash   AXB: field <A> = "<B>:<exp_ms>", field <B> = "<A>:<exp_ms>"
+                    AXN: field "*" = "<A>:<B or empty>:<exp_ms>"
+    P{X}:e   zset   one member per binding (its A, or "*" for AXN), score = exp_ms
+
+Both keys carry the hash tag {X}, so they share a Cluster slot and a script may touch both.
+Expiry lives in each value (checked on every read) and in the zset, which lets every write
+collect expired bindings of X in expiry order; both keys expire at the latest live expiry.
+Times are unix milliseconds supplied by the client.
+"""
+
+from __future__ import annotations
+
+# Shared helpers, prepended to the scripts that write.
+_HELPERS = r"""
+local h, z = KEYS[1], KEYS[2]
+local function exp_of(v) return tonumber(string.match(v, ':(%d+)$')) end
+local function other_of(v) return string.match(v, '^(%d*):') end
+
+-- Remove the AXB binding whose field `f` holds `v`, and its partner field if it points back.
+local function drop_axb(f, v)
+  local other = other_of(v)
+  redis.call('HDEL', h, f)
+  redis.call('ZREM', z, f)
+  local ov = redis.call('HGET', h, other)
+  if ov and other_of(ov) == f then
+    redis.call('HDEL', h, other)
+    redis.call('ZREM', z, other)
+  end
+end
+
+-- Collect up to `limit` expired bindings (oldest first) so X's hash does not grow forever.
+local function collect(now, limit)
+  local dead = redis.call('ZRANGEBYSCORE', z, '-inf', now, 'LIMIT', 0, limit)
+  for _, m in ipairs(dead) do
+    if m == '*' then
+      redis.call('HDEL', h, '*')
+      redis.call('ZREM', z, '*')
+    else
+      local v = redis.call('HGET', h, m)
+      if v then drop_axb(m, v) else redis.call('ZREM', z, m) end
+    end
+  end
+end
+
+-- Both keys live exactly as long as the longest-lived binding on X.
+local function set_expiry()
+  local last = redis.call('ZRANGE', z, -1, -1, 'WITHSCORES')
+  if last[2] then
+    redis.call('PEXPIREAT', h, last[2])
+    redis.call('PEXPIREAT', z, last[2])
+  else
+    redis.call('DEL', h, z)
+  end
+end
+"""
+
+# KEYS: hash, zset. ARGV: caller, now_ms.
+# Returns {code, callee, exp_ms}: code 1 ROUTE, 2 NOT_PARTY, 0 NO_BINDING.
+RESOLVE = r"""
+local now = tonumber(ARGV[2])
+local v = redis.call('HMGET', KEYS[1], ARGV[1], '*')
+if v[1] then
+  local other, exp = string.match(v[1], '^(%d+):(%d+)$')
+  if other and tonumber(exp) > now then return {1, other, exp} end
+end
+if v[2] then
+  local a, b, exp = string.match(v[2], '^(%d+):(%d*):(%d+)$')
+  if a and tonumber(exp) > now then
+    if ARGV[1] ~= a then return {1, a, exp} end
+    if b ~= '' then return {1, b, exp} end
+    return {2, '', exp}
+  end
+end
+if redis.call('ZCOUNT', KEYS[2], '(' .. ARGV[2], '+inf') > 0 then return {2, '', '0'} end
+return {0, '', '0'}
+"""
+
+# KEYS: hash, zset. ARGV: kind, a, b ('' for none), exp_ms, now_ms, channel ('' = no publish),
+# invalidation message ("<origin> <x>").
+# Returns 1 (new), 2 (renewal of the same parties) or an error reply starting with CONFLICT.
+# The common case (a new AXB on a quiet X) costs six redis.call()s.
+BIND = (
+    _HELPERS
+    + r"""
+local kind, a, b, exp, now, channel = ARGV[1], ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5]), ARGV[6]
+collect(now, 64)
+local result = 1
+local cur = redis.call('HMGET', h, '*', a, b)
+local star, va, vb = cur[1], cur[2], cur[3]
+if star and exp_of(star) <= now then
+  redis.call('HDEL', h, '*')
+  redis.call('ZREM', z, '*')
+  star = nil
+end
+if kind == 'axn' then
+  if star then
+    if string.match(star, '^(%d+):') ~= a then
+      return redis.error_reply('CONFLICT x carries another axn binding')
+    end
+    result = 2
+  elseif redis.call('ZCOUNT', z, '(' .. now, '+inf') > 0 then
+    return redis.error_reply('CONFLICT x carries axb bindings')
+  end
+  redis.call('HSET', h, '*', a .. ':' .. b .. ':' .. exp)
+  redis.call('ZADD', z, exp, '*')
+else
+  if star then return redis.error_reply('CONFLICT x carries an axn binding') end
+  if va and exp_of(va) <= now then drop_axb(a, va); va = nil; vb = redis.call('HGET', h, b) end
+  if vb and exp_of(vb) <= now then drop_axb(b, vb); vb = nil; va = redis.call('HGET', h, a) end
+  if va or vb then
+    if not (va and vb and other_of(va) == b and other_of(vb) == a) then
+      return redis.error_reply('CONFLICT a party is already bound on x')
+    end
+    result = 2
+    redis.call('ZREM', z, b)  -- a renewal may swap which party is A
+  end
+  redis.call('HSET', h, a, b .. ':' .. exp, b, a .. ':' .. exp)
+  redis.call('ZADD', z, exp, a)
+end
+-- Keys live until the latest expiry on X. A renewal to a shorter TTL leaves them a little
+-- longer; values carry their own expiry, so that only delays the cleanup.
+local current = redis.call('PEXPIRETIME', h)
+if current < tonumber(exp) then
+  redis.call('PEXPIREAT', h, exp)
+  redis.call('PEXPIREAT', z, exp)
+end
+if channel ~= '' then redis.call('PUBLISH', channel, ARGV[7]) end
+return result
+"""
+)
+
+# KEYS: hash, zset. ARGV: number, now_ms, channel ('' = no publish), invalidation message.
+# Returns 1 if a live binding was removed, 0 otherwise.
+UNBIND = (
+    _HELPERS
+    + r"""
+local number, now, channel = ARGV[1], tonumber(ARGV[2]), ARGV[3]
+local removed = 0
+local v = redis.call('HGET', h, number)
+if v then
+  if exp_of(v) > now then removed = 1 end
+  drop_axb(number, v)
+else
+  local star = redis.call('HGET', h, '*')
+  if star and string.match(star, '^(%d+):') == number then
+    if exp_of(star) > now then removed = 1 end
+    redis.call('HDEL', h, '*')
+    redis.call('ZREM', z, '*')
+  end
+end
+if removed == 1 then
+  set_expiry()
+  if channel ~= '' then redis.call('PUBLISH', channel, ARGV[4]) end
+end
+return removed
+"""
+)
+
+# KEYS: hash, zset. ARGV: now_ms, limit.
+# Returns a flat list: kind, a, b, exp_ms for each live binding on X (soonest expiry first).
+GET = r"""
+local out = {}
+local live = redis.call('ZRANGEBYSCORE', KEYS[2], '(' .. ARGV[1], '+inf', 'LIMIT', 0, ARGV[2])
+for _, m in ipairs(live) do
+  local v = redis.call('HGET', KEYS[1], m)
+  if v then
+    if m == '*' then
+      local a, b, exp = string.match(v, '^(%d+):(%d*):(%d+)$')
+      table.insert(out, 'axn'); table.insert(out, a); table.insert(out, b); table.insert(out, exp)
+    else
+      local b, exp = string.match(v, '^(%d+):(%d+)$')
+      table.insert(out, 'axb'); table.insert(out, m); table.insert(out, b); table.insert(out, exp)
+    end
+  end
+end
+return out
+"""
