@@ -122,44 +122,58 @@ async def import_file(
 # -- command line helpers ------------------------------------------------------------------------
 
 
-def add_arguments(subparsers: Any) -> None:
-    """Add `bind-axb`, `bind-axn`, `unbind`, `get`, `list`, `import` to an argparse subparsers."""
-    p = subparsers.add_parser("bind-axb", help="bind A and B to X")
-    p.add_argument("x")
-    p.add_argument("a")
-    p.add_argument("b")
-    p.add_argument("--ttl", type=float, required=True, help="seconds")
-    p = subparsers.add_parser("bind-axn", help="give X to A (optionally A's default callee B)")
-    p.add_argument("x")
-    p.add_argument("a")
-    p.add_argument("b", nargs="?")
-    p.add_argument("--ttl", type=float, required=True, help="seconds")
-    p = subparsers.add_parser("unbind", help="remove the binding on X that NUMBER is party to")
-    p.add_argument("x")
-    p.add_argument("number")
-    p = subparsers.add_parser("get", help="show the live bindings on X")
-    p.add_argument("x")
-    p = subparsers.add_parser("list", help="list live bindings")
-    p.add_argument("--prefix", default="", help="only X numbers starting with this")
-    p.add_argument("--limit", type=int, default=100)
-    p = subparsers.add_parser("import", help="bind every row of a YAML or CSV file")
-    p.add_argument("path", type=Path)
-    p.add_argument("--batch", type=int, default=IMPORT_BATCH)
-
-
-COMMANDS = ("bind-axb", "bind-axn", "unbind", "get", "list", "import")
+def _config_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, help="YAML config file naming the store")
 
 
 def add_commands(subparsers: Any) -> None:
-    """Add `sip700 bindings --config FILE <command> ...` to the top-level CLI."""
-    parser = subparsers.add_parser(
-        "bindings",
-        help="create, remove, show and import bindings in the configured store",
-        description="Operate on the binding store named by the config's `store` section.",
-    )
-    parser.add_argument("--config", required=True, help="YAML config file")
-    add_arguments(parser.add_subparsers(dest="bindings_command", required=True))
-    parser.set_defaults(func=cmd_bindings)
+    """The admin commands of the top-level CLI, as testers and admins script them:
+
+    sip700 bind axb --x X --a A --b B --ttl S      sip700 unbind --x X --number N
+    sip700 bind axn --x X --a A [--b B] --ttl S    sip700 bindings get --x X
+    sip700 bindings list [--prefix P] [--limit N]  sip700 bindings import FILE
+    Each takes --config FILE (anywhere after the command).
+    """
+    bind = subparsers.add_parser("bind", help="create or renew a binding")
+    kinds = bind.add_subparsers(dest="bind_kind", required=True)
+    p = kinds.add_parser("axb", help="bind A and B to X (A→X reaches B, B→X reaches A)")
+    p.add_argument("--x", required=True, help="middle number")
+    p.add_argument("--a", required=True)
+    p.add_argument("--b", required=True)
+    p.add_argument("--ttl", type=float, required=True, help="seconds")
+    _config_option(p)
+    p.set_defaults(func=cmd_bindings, bindings_command="bind-axb")
+    p = kinds.add_parser("axn", help="give X to A (anyone→X reaches A; A→X reaches B if given)")
+    p.add_argument("--x", required=True, help="middle number")
+    p.add_argument("--a", required=True)
+    p.add_argument("--b", default=None, help="where A reaches when A calls X (optional)")
+    p.add_argument("--ttl", type=float, required=True, help="seconds")
+    _config_option(p)
+    p.set_defaults(func=cmd_bindings, bindings_command="bind-axn")
+
+    p = subparsers.add_parser("unbind", help="remove the binding on X that NUMBER is party to")
+    p.add_argument("--x", required=True, help="middle number")
+    p.add_argument("--number", required=True, help="A or B of the binding")
+    _config_option(p)
+    p.set_defaults(func=cmd_bindings, bindings_command="unbind")
+
+    bindings = subparsers.add_parser("bindings", help="show and import bindings")
+    sub = bindings.add_subparsers(dest="bindings_command", required=True)
+    p = sub.add_parser("get", help="show the live bindings on X")
+    p.add_argument("--x", required=True, help="middle number")
+    _config_option(p)
+    p = sub.add_parser("list", help="list live bindings")
+    p.add_argument("--prefix", default="", help="only X numbers starting with this")
+    p.add_argument("--limit", type=int, default=100)
+    _config_option(p)
+    p = sub.add_parser("import", help="bind every row of a YAML or CSV file (pipelined)")
+    p.add_argument("path", type=Path)
+    p.add_argument("--batch", type=int, default=IMPORT_BATCH)
+    _config_option(p)
+    bindings.set_defaults(func=cmd_bindings)
+
+
+COMMANDS = ("bind-axb", "bind-axn", "unbind", "get", "list", "import")
 
 
 def cmd_bindings(args: argparse.Namespace) -> int:

@@ -9,6 +9,7 @@ import pytest
 from proxy.bindings import admin
 from proxy.bindings.memory import MemoryStore
 from proxy.bindings.model import AXB, AXN, BindingConflict, InvalidBinding, Outcome
+from proxy.cli import make_parser
 
 X = "700100000000001"
 X2 = "700100000000002"
@@ -50,27 +51,30 @@ async def test_import_reports_bad_rows_and_binds_the_rest(tmp_path: Path) -> Non
 
 
 def parse(*argv: str) -> argparse.Namespace:
-    parser = argparse.ArgumentParser()
-    admin.add_arguments(parser.add_subparsers(dest="command", required=True))
-    return parser.parse_args(argv)
+    """Parse with the real top-level CLI (the interface testers script against)."""
+    args = make_parser().parse_args([*argv, "--config", "unused.yaml"])
+    args.command = args.bindings_command
+    return args
 
 
 async def test_command_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     store = MemoryStore()
-    assert await admin.run_command(store, parse("bind-axb", X, A, B, "--ttl", "60")) == 0
+    command = parse("bind", "axb", "--x", X, "--a", A, "--b", B, "--ttl", "60")
+    assert await admin.run_command(store, command) == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed["type"] == "axb" and printed["b"] == B and 58 <= printed["ttl"] <= 60
-    assert await admin.run_command(store, parse("bind-axn", X2, C, "--ttl", "60")) == 0
+    command = parse("bind", "axn", "--x", X2, "--a", C, "--ttl", "60")
+    assert await admin.run_command(store, command) == 0
     capsys.readouterr()
-    assert await admin.run_command(store, parse("list", "--prefix", "7001")) == 0
+    assert await admin.run_command(store, parse("bindings", "list", "--prefix", "7001")) == 0
     assert len(capsys.readouterr().out.splitlines()) == 2
-    assert await admin.run_command(store, parse("get", X)) == 0
+    assert await admin.run_command(store, parse("bindings", "get", "--x", X)) == 0
     assert json.loads(capsys.readouterr().out)["a"] == A
-    assert await admin.run_command(store, parse("unbind", X, A)) == 0
-    assert await admin.run_command(store, parse("unbind", X, A)) == 1
+    assert await admin.run_command(store, parse("unbind", "--x", X, "--number", A)) == 0
+    assert await admin.run_command(store, parse("unbind", "--x", X, "--number", A)) == 1
     capsys.readouterr()
     path = tmp_path / "b.yaml"
     path.write_text(f'bindings:\n  - {{type: axb, x: "{X}", a: "{A}", ttl: 5}}\n')
-    assert await admin.run_command(store, parse("import", str(path))) == 2
+    assert await admin.run_command(store, parse("bindings", "import", str(path))) == 2
     out = capsys.readouterr().out
     assert f"{path}:2:" in out and json.loads(out.splitlines()[-1])["skipped"] == 1
