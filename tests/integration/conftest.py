@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import shutil
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.integration.procs import ProxyProcess, free_port, start_proxy, write_config
+from tests.integration.procs import (
+    ProxyProcess,
+    delete_redis_prefix,
+    free_port,
+    start_proxy,
+    write_config,
+)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -23,10 +30,16 @@ def _sipp_installed() -> None:
         pytest.fail("sipp is not installed: run scripts/test, which installs sip-tester")
 
 
-@pytest.fixture
-def start_sip700(tmp_path: Path) -> Iterator[Callable[..., ProxyProcess]]:
-    """Factory: start a proxy with a test config (memory store); stopped after the test."""
+@pytest.fixture(params=["memory", "redis"])
+def start_sip700(request: pytest.FixtureRequest, tmp_path: Path
+                 ) -> Iterator[Callable[..., ProxyProcess]]:
+    """Factory: start a proxy with a test config; stopped after the test.
+
+    Every test that uses it runs twice: on the memory store and on the Redis store (under a
+    key prefix of its own, deleted afterwards) — the same SIPp suite must pass on both.
+    """
     started: list[ProxyProcess] = []
+    prefix = f"sip700test:{uuid.uuid4().hex[:12]}:" if request.param == "redis" else None
 
     def start(*, bindings: list[dict] | None = None, overrides: dict | None = None,
               port: int | None = None, gateway_port: int | None = None,
@@ -37,14 +50,16 @@ def start_sip700(tmp_path: Path) -> Iterator[Callable[..., ProxyProcess]]:
         cfg_dir.mkdir(exist_ok=True)
         path, config = write_config(cfg_dir, port=port, gateway_port=gateway_port,
                                     bindings=bindings, overrides=overrides,
-                                    transports=transports)
+                                    transports=transports, redis_prefix=prefix)
         proc = start_proxy(path, port, gateway_port, cfg_dir / "proxy.log", config)
         started.append(proc)
         return proc
 
     yield start
-    for proc in started:
-        rc = proc.stop()
+    codes = [proc.stop() for proc in started]
+    if prefix is not None:
+        delete_redis_prefix(prefix)
+    for proc, rc in zip(started, codes, strict=True):
         crashed = [ln for ln in proc.log_lines() if "internal_error" in ln or "Traceback" in ln]
         assert not crashed, "proxy logged internal errors:\n" + "\n".join(crashed[:20])
         assert rc in (0, -15), f"proxy exited with {rc}"

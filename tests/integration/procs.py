@@ -21,6 +21,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 SCENARIOS = ROOT / "scripts" / "sipp"
+REDIS_URL = os.environ.get("SIP700_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 TEST_DIALOG_KEY = "c2lwNzAwLXRlc3QtZGlhbG9nLWtleS0zMi1ieXRlcyE="  # 32 bytes, tests only
 
 
@@ -80,8 +81,13 @@ class ProxyProcess:
 def write_config(
     tmp: Path, *, port: int, gateway_port: int, bindings: list[dict] | None = None,
     overrides: dict | None = None, transports: tuple[str, ...] = ("udp", "tcp"),
+    redis_prefix: str | None = None,
 ) -> tuple[Path, dict]:
-    """A proxy config for tests (memory store unless overridden), written under tmp."""
+    """A proxy config for tests, written under tmp.
+
+    Memory store by default; with `redis_prefix`, the Redis store on the machine's Redis under
+    that key prefix, loaded with the same bindings by `sip700 bindings import` (the real CLI).
+    """
     bindings_path = tmp / "bindings.yaml"
     if bindings is None:
         bindings = [
@@ -91,12 +97,16 @@ def write_config(
              "ttl": 3600},
         ]
     bindings_path.write_text(yaml.safe_dump({"bindings": bindings}))
+    if redis_prefix is None:
+        store: dict = {"backend": "memory", "bindings_file": str(bindings_path)}
+    else:
+        store = {"backend": "redis", "redis_url": REDIS_URL, "key_prefix": redis_prefix}
     config: dict = {
         "listen": [f"{t}:127.0.0.1:{port}" for t in transports],
         "advertise": f"127.0.0.1:{port}",
         "trusted_peers": ["127.0.0.1/32"],
         "carrier": {"gateways": [f"sip:127.0.0.1:{gateway_port}"]},
-        "store": {"backend": "memory", "bindings_file": str(bindings_path)},
+        "store": store,
         "middle_number_pattern": r"^700\d{12}$",
         "privacy": {"dialog_key": TEST_DIALOG_KEY},
         "logging": {"level": "debug"},
@@ -108,7 +118,27 @@ def write_config(
             config[key] = value
     path = tmp / "proxy.yaml"
     path.write_text(yaml.safe_dump(config))
+    if redis_prefix is not None:
+        done = subprocess.run(
+            [sys.executable, "-m", "proxy", "bindings", "import", str(bindings_path),
+             "--config", str(path)], cwd=ROOT, capture_output=True, timeout=60, check=False)
+        if done.returncode != 0:
+            raise RuntimeError(f"bindings import failed: {done.stdout!r} {done.stderr!r}")
     return path, config
+
+
+def delete_redis_prefix(prefix: str) -> int:
+    """Remove every key a test wrote under its prefix."""
+    import redis
+
+    client = redis.Redis.from_url(REDIS_URL)
+    try:
+        keys = list(client.scan_iter(match=prefix + "*", count=1000))
+        if keys:
+            client.delete(*keys)
+        return len(keys)
+    finally:
+        client.close()
 
 
 def start_proxy(config_path: Path, port: int, gateway_port: int, log_path: Path,
