@@ -289,7 +289,13 @@ class ProxyServer:
             if core.outbox:
                 out, core.outbox = core.outbox, []
                 for item in out:
-                    self._send(item)
+                    try:
+                        self._send(item)
+                    except (OSError, ValueError, RuntimeError) as exc:
+                        # one bad destination must not cost the rest of the batch
+                        core.stats["send_errors"] = core.stats.get("send_errors", 0) + 1
+                        log.warning("send_failed", dest=f"{item.dest[0]}:{item.dest[1]}",
+                                    transport=item.transport, error=str(exc))
             if core.lookups:
                 lookups, core.lookups = core.lookups, []
                 wall = time.time()
