@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import os
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -50,6 +51,7 @@ from proxy.timers import TimerWheel
 
 Address = tuple[str, int]
 BRANCH_PREFIX = "z9hG4bKs7"
+_NUMBER_LIKE = re.compile(r"\d{7,}")  # long enough to be a phone number: masked in free text
 SUPPORTED_EXTENSIONS = frozenset()  # option-tags this proxy understands in Proxy-Require
 
 
@@ -182,6 +184,12 @@ class ProxyCore:
     def _mask(self, number: str) -> str:
         return mask_number(number) if self.settings.mask_numbers else number
 
+    def _mask_text(self, text: str) -> str:
+        """Free text quoting a message (a parse error's reason): number-like digit runs masked."""
+        if not self.settings.mask_numbers:
+            return text
+        return _NUMBER_LIKE.sub(lambda m: mask_number(m.group()), text)
+
     def _new_branch(self) -> str:
         self._branch_seq += 1
         return f"{BRANCH_PREFIX}{self._branch_salt}{self._branch_seq:x}"
@@ -202,7 +210,8 @@ class ProxyCore:
     def reject_malformed(self, exc: ParseError, source: Address, transport: str) -> None:
         """Answer a malformed request when it can be answered (RFC 4475), else drop it."""
         self._count("malformed")
-        self.log("malformed", source=f"{source[0]}:{source[1]}", reason=exc.reason)
+        self.log("malformed", source=f"{source[0]}:{source[1]}",
+                 reason=self._mask_text(exc.reason))
         if exc.can_respond and exc.message is not None:
             reason = "Version Not Supported" if exc.status == 505 else (
                 "Not Implemented" if exc.status == 501 else "Bad Request")
@@ -388,7 +397,7 @@ class ProxyCore:
     def _upstream(self, msg: SipMessage, source: Address, transport: str) -> Outgoing:
         if transport == "tcp":
             return Outgoing(b"", source, "tcp")
-        return Outgoing(b"", msg.top_via.response_address(source), "udp")
+        return Outgoing(b"", _response_address(msg, source), "udp")
 
     # ---- the lookup step -------------------------------------------------------------------------
     def complete_lookup(self, relay: Relay, resolution: Resolution, now: float) -> None:
@@ -545,7 +554,9 @@ class ProxyCore:
         self.server_txs[key] = relay
         self._server_events(relay, server.receive_request(now), now)
         if relay.is_invite:
-            trying = build_response(msg, 100, "Trying").serialize()
+            # from the request as received: `msg` is rewritten for the other side already (its
+            # To would show the caller's real number to the callee)
+            trying = build_response(original, 100, "Trying").serialize()
             self._server_events(relay, server.send_response(100, trying, now), now)
         branch = self._new_branch()
         msg.push_via(f"SIP/2.0/{hop.transport.upper()} {self._via_sent_by};branch={branch};rport")
@@ -732,7 +743,7 @@ class ProxyCore:
             hdrs.append(("Reason", f'SIP;cause={code};text="{reason}"'))
         resp = build_response(msg, code, reason, to_tag=os.urandom(6).hex(), headers=hdrs)
         try:
-            dest = msg.top_via.response_address(source) if transport == "udp" else source
+            dest = _response_address(msg, source) if transport == "udp" else source
         except ParseError:
             dest = source
         self.outbox.append(Outgoing(resp.serialize(), dest, transport))
@@ -790,6 +801,17 @@ class ProxyCore:
 
     def _rearm(self, relay: Relay) -> None:
         self.wheel.schedule(relay, relay.next_deadline())
+
+
+def _response_address(msg: SipMessage, source: Address) -> Address:
+    """Where a UDP response goes: the packet's source IP (the `received` RFC 3261 §18.2.1 has
+    us stamp whenever sent-by differs from it) at the sent-by port, or the source port with
+    rport (RFC 3581). Never the sent-by host itself: it may be a name (no DNS on the hot path)
+    or a third party's address (reflection)."""
+    via = msg.top_via
+    if via.rport is not None:
+        return source
+    return source[0], via.port or (5061 if via.transport == "TLS" else 5060)
 
 
 def _host(host: str) -> str:
