@@ -42,6 +42,7 @@ from proxy.sip.transaction import (
     Terminated,
     TimedOut,
     TimerSettings,
+    TransactionError,
     TransportFailed,
     cancelled_invite_key,
     server_transaction_key,
@@ -689,6 +690,9 @@ class ProxyCore:
         if relay.final_sent and status >= 200 and not (200 <= status < 300):
             return
         msg.pop_via()
+        if not msg.has("via"):  # RFC 3261 §16.7 step 3: it was meant for us alone
+            self._count("responses_dropped")
+            return
         _restore_dialog_headers(msg, relay.request)
         if relay.hidden:
             scrubbed = hide_number(msg, relay.hidden, relay.x)
@@ -705,7 +709,17 @@ class ProxyCore:
                 relay.timer_c = None
         if status >= 200:
             relay.final_sent = True
-        self._server_events(relay, relay.server.send_response(status, msg.serialize(), now), now)
+        data = msg.serialize()
+        try:
+            events = relay.server.send_response(status, data, now)
+        except TransactionError:
+            # a 2xx after we already answered upstream (Timer C's 408, a CANCEL's 487): RFC 3261
+            # §16.7 step 5 still forwards every 2xx, the transaction just cannot carry it
+            up = relay.upstream
+            self.outbox.append(Outgoing(data, up.dest, up.transport))
+            self._count("late_2xx_forwarded")
+            return
+        self._server_events(relay, events, now)
 
     # ---- local responses ------------------------------------------------------------------------
     def _final(
