@@ -3,6 +3,12 @@
 Each parser takes one header *value* (already unfolded: folds turned into single spaces) and raises
 ParseError on bad syntax. Parsed objects keep the raw text they came from, and serialise back to
 it unless something was changed.
+
+Speed: the common shapes (`"disp" <sip:user@host:port;params>;tag=x`, `SIP/2.0/UDP h:p;branch=..`)
+are recognised by one compiled regex each, built from the same grammar pieces as the general
+parsers, so the fast path accepts a subset of what the general path accepts and yields the same
+objects. Anything else falls through to the general code. Parameter lists are split only when
+someone reads them.
 """
 
 from __future__ import annotations
@@ -10,34 +16,82 @@ from __future__ import annotations
 import re
 
 from proxy.sip.errors import ParseError
-from proxy.sip.uri import OtherUri, SipUri, parse_uri, split_hostport
+from proxy.sip.uri import (
+    FAST_HOST_PATTERN,
+    FAST_URI_PARAMS_PATTERN,
+    FAST_USER_PATTERN,
+    OtherUri,
+    SipUri,
+    parse_uri,
+    split_hostport,
+)
 
 _TOKEN = r"[A-Za-z0-9\-.!%*_+`'~]+"
 _TOKEN_RE = re.compile(_TOKEN)
-_QUOTED = r'"(?:[^"\\\r\n]|\\[\x00-\x09\x0b\x0c\x0e-\x7f])*"'
+# qdtext (RFC 3261 §25.1): no control octets except HTAB; quoted-pair escapes any of 0x00-0x7f
+# except CR and LF. Octets 0x80-0xff stand for UTF-8 (values are handled as latin-1).
+_QDTEXT = r'[^"\\\x00-\x08\x0a-\x1f\x7f]*'
+_QUOTED = rf'"{_QDTEXT}(?:\\[\x00-\x09\x0b\x0c\x0e-\x7f]{_QDTEXT})*"'
 _QUOTED_RE = re.compile(_QUOTED)
-_DISPLAY_TOKENS = re.compile(rf"{_TOKEN}(?:\s+{_TOKEN})*")
+_LWS = r"[ \t]"  # values are unfolded before parsing, so LWS is SP / HTAB only
+_DISPLAY_TOKENS_PATTERN = rf"{_TOKEN}(?:{_LWS}+{_TOKEN})*"
+_DISPLAY_TOKENS = re.compile(_DISPLAY_TOKENS_PATTERN)
+_PARAM_VALUE = rf"(?:{_TOKEN}|\[[0-9A-Fa-f:.]+\]|{_QUOTED})"
 # ;name[=value] with LWS allowed around ';' and '='; value: token, host (IPv6 too) or quoted-string
-_PARAM = re.compile(
-    rf"\s*;\s*({_TOKEN})(?:\s*=\s*({_TOKEN}|\[[0-9A-Fa-f:.]+\]|{_QUOTED}))?\s*"
-)
-_CSEQ = re.compile(rf"(\d{{1,10}})\s+({_TOKEN})")
+_PARAM = re.compile(rf"{_LWS}*;{_LWS}*({_TOKEN})(?:{_LWS}*={_LWS}*({_PARAM_VALUE}))?{_LWS}*")
+# the same list without any LWS: findall splits it directly
+_PARAMS_TIGHT = re.compile(rf"(?:;{_TOKEN}(?:={_PARAM_VALUE})?)*")
+_PARAM_TIGHT = re.compile(rf";({_TOKEN})(?:=({_PARAM_VALUE}))?")
+_CSEQ = re.compile(rf"([0-9]{{1,10}}){_LWS}+({_TOKEN})")
+# sent-protocol = protocol-name "/" protocol-version "/" transport, each a token (RFC 3261 §25.1)
 _VIA = re.compile(
-    rf"SIP\s*/\s*2\.0\s*/\s*({_TOKEN})\s+(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-.]+)(?:\s*:\s*(\d{{1,5}}))?"
+    rf"({_TOKEN}){_LWS}*/{_LWS}*({_TOKEN}){_LWS}*/{_LWS}*({_TOKEN}){_LWS}+"
+    rf"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-.]+)(?:{_LWS}*:{_LWS}*([0-9]{{1,5}}))?"
 )
-_URI_IN_ANGLES = re.compile(r"[^\s<>\"]+")
+_URI_IN_ANGLES = re.compile(r"[^\x00-\x20\x7f<>\"]+")
+# Fast paths. Every piece accepts a subset of its general counterpart (no %-escapes, no quoted-
+# pairs, no LWS inside the parameter list, parameter values are tokens), so a fast match is
+# always valid and is split exactly as the general parser would split it.
+_FAST_TOKEN = r"[A-Za-z0-9\-.!%*_+`'~]++"
+_FAST_PARAMS = rf"(?:;{_FAST_TOKEN}(?:={_FAST_TOKEN})?)*+"
+_FAST_SIP_URI = (
+    rf"(sips?):(?:({FAST_USER_PATTERN})@)?({FAST_HOST_PATTERN})(?::([0-9]{{1,5}}))?"
+)
+_VIA_FAST = re.compile(
+    rf"SIP/2\.0/({_FAST_TOKEN}) ({FAST_HOST_PATTERN})(?::([0-9]{{1,5}}))?({_FAST_PARAMS})"
+)
+# `"disp" <sip:user@host:port;uri-params>;params` or `disp <…>` or `<…>`
+_NAME_ADDR_FAST = re.compile(
+    rf'(?:("[^"\\\x00-\x08\x0a-\x1f\x7f]*+")|({_TOKEN}(?: {_TOKEN})*))?[ \t]*+'
+    rf"<{_FAST_SIP_URI}({FAST_URI_PARAMS_PATTERN})>({_FAST_PARAMS})"
+)
+# addr-spec `sip:user@host:port;params`: the first ';' starts the header parameters, and the URI
+# can hold no ',', '?' or ';' at all (RFC 3261 §20), so the user part is narrower here
+_ADDR_SPEC_FAST = re.compile(
+    rf"(sips?):(?:([A-Za-z0-9\-_.!~*'()&=+$/]++)@)?({FAST_HOST_PATTERN})(?::([0-9]{{1,5}}))?"
+    rf"({_FAST_PARAMS})"
+)
+_UNESCAPE = re.compile(r"\\(.)", re.DOTALL)
 
 MAGIC_COOKIE = "z9hG4bK"
+_new = object.__new__  # builds parsed objects without re-validating what a regex just checked
 
 
 def parse_params(text: str, where: str) -> list[tuple[str, str | None]]:
     """`;a=1;b` → [('a', '1'), ('b', None)]; names keep their case. Raises ParseError."""
+    if _PARAMS_TIGHT.fullmatch(text):
+        # a value is never empty, so '' from findall means "no value"
+        return [(k, v or None) for k, v in _PARAM_TIGHT.findall(text)]
+    return _parse_params_general(text, where)
+
+
+def _parse_params_general(text: str, where: str) -> list[tuple[str, str | None]]:
     out: list[tuple[str, str | None]] = []
     pos, end = 0, len(text)
     while pos < end:
         m = _PARAM.match(text, pos)
         if m is None:
-            if text[pos:].strip() == "":
+            if text[pos:].strip(" \t") == "":
                 break
             raise ParseError(f"bad parameter in {where}: {text[pos:pos + 40]!r}")
         out.append((m.group(1), m.group(2)))
@@ -47,6 +101,7 @@ def parse_params(text: str, where: str) -> list[tuple[str, str | None]]:
 
 def find_param(params: list[tuple[str, str | None]], name: str) -> str | None:
     """Value of a parameter ('' for a flag), None when absent. Names compare case-insensitively."""
+    name = name.lower()
     for key, value in params:
         if key.lower() == name:
             return "" if value is None else value
@@ -56,7 +111,7 @@ def find_param(params: list[tuple[str, str | None]], name: str) -> str | None:
 class NameAddr:
     """From / To / Contact / Route / Record-Route / P-Asserted-Identity value."""
 
-    __slots__ = ("_raw", "display", "params", "raw_params", "uri")
+    __slots__ = ("_params", "_raw", "display", "raw_params", "uri")
 
     def __init__(
         self,
@@ -69,8 +124,22 @@ class NameAddr:
         self.display = display  # as written: quoted (with quotes) or token words; None if absent
         self.uri = uri
         self.raw_params = raw_params
-        self.params = params if params is not None else parse_params(raw_params, "name-addr")
+        if params is None and raw_params:
+            params = parse_params(raw_params, "name-addr")  # validates what callers hand us
+        self._params = params if params is not None else []
         self._raw = raw
+
+    @property
+    def params(self) -> list[tuple[str, str | None]]:
+        """[(name, value or None)] in order; names keep their case."""
+        params = self._params
+        if params is None:
+            params = self._params = parse_params(self.raw_params, "name-addr")
+        return params
+
+    @params.setter
+    def params(self, value: list[tuple[str, str | None]]) -> None:
+        self._params = value
 
     @property
     def tag(self) -> str | None:
@@ -86,7 +155,7 @@ class NameAddr:
         if d is None:
             return None
         if d.startswith('"'):
-            return re.sub(r"\\(.)", r"\1", d[1:-1])
+            return _UNESCAPE.sub(r"\1", d[1:-1])
         return d
 
     def replace(
@@ -97,12 +166,19 @@ class NameAddr:
         raw_params: str | None = None,
     ) -> NameAddr:
         """A copy with some parts changed (display=None drops it; False keeps it)."""
-        return NameAddr(
-            self.display if display is False else display,  # type: ignore[arg-type]
-            self.uri if uri is None else uri,
-            self.raw_params if raw_params is None else raw_params,
-            None if raw_params is not None else self.params,
-        )
+        if raw_params is not None:
+            return NameAddr(
+                self.display if display is False else display,  # type: ignore[arg-type]
+                self.uri if uri is None else uri,
+                raw_params,
+            )
+        other = _new(NameAddr)
+        other.display = self.display if display is False else display
+        other.uri = self.uri if uri is None else uri
+        other.raw_params = self.raw_params
+        other._params = self._params
+        other._raw = None
+        return other
 
     def with_tag(self, tag: str) -> NameAddr:
         kept = "".join(
@@ -128,16 +204,43 @@ def quote_display(text: str) -> str:
 
 def parse_name_addr(value: str, where: str = "header") -> NameAddr:
     """Parse `"Display" <uri>;params`, `Display <uri>;params` or `uri;params` (addr-spec)."""
-    s = value.strip()
+    s = value.strip(" \t")
+    m = _NAME_ADDR_FAST.fullmatch(s)
+    if m is not None:
+        quoted, tokens, scheme, user, host, port, uri_params, params = m.groups()
+        if port is None or 0 < int(port) < 65536:
+            na = _new(NameAddr)
+            na.display = quoted or tokens
+            na.uri = SipUri(scheme, user, host, port and int(port), uri_params)
+            na.raw_params = params
+            na._params = None if params else []
+            na._raw = s
+            return na
+    elif s[:3] == "sip":
+        m = _ADDR_SPEC_FAST.fullmatch(s)
+        if m is not None:
+            scheme, user, host, port, params = m.groups()
+            if port is None or 0 < int(port) < 65536:
+                na = _new(NameAddr)
+                na.display = None
+                na.uri = SipUri(scheme, user, host, port and int(port), "")
+                na.raw_params = params
+                na._params = None if params else []
+                na._raw = s
+                return na
+    return _parse_name_addr_general(s, where)
+
+
+def _parse_name_addr_general(s: str, where: str) -> NameAddr:
     if not s:
         raise ParseError(f"empty {where}")
     display: str | None = None
     if s[0] == '"':
         m = _QUOTED_RE.match(s)
         if m is None:
-            raise ParseError(f"unterminated quoted display name in {where}")
+            raise ParseError(f"unterminated or bad quoted display name in {where}")
         display = m.group(0)
-        rest = s[m.end():].lstrip()
+        rest = s[m.end():].lstrip(" \t")
         if not rest.startswith("<"):
             raise ParseError(f"quoted display name without <uri> in {where}")
     else:
@@ -145,7 +248,7 @@ def parse_name_addr(value: str, where: str = "header") -> NameAddr:
         if lt < 0:
             return _parse_addr_spec(s, where)
         if lt > 0:
-            display = s[:lt].strip()
+            display = s[:lt].strip(" \t")
             if not _DISPLAY_TOKENS.fullmatch(display):
                 raise ParseError(f"display name in {where} must be quoted: {display[:40]!r}")
         rest = s[lt:]
@@ -163,7 +266,7 @@ def parse_name_addr(value: str, where: str = "header") -> NameAddr:
 
 def _parse_addr_spec(s: str, where: str) -> NameAddr:
     semi = s.find(";")
-    uri_text, raw_params = (s, "") if semi < 0 else (s[:semi].rstrip(), s[semi:])
+    uri_text, raw_params = (s, "") if semi < 0 else (s[:semi].rstrip(" \t"), s[semi:])
     # RFC 3261 §20: a URI with a comma, question mark or semicolon needs the name-addr form
     if not uri_text or any(c in uri_text for c in ' ,?"<>\t'):
         raise ParseError(f"bad addr-spec in {where}: {uri_text[:60]!r}")
@@ -174,7 +277,7 @@ def _parse_addr_spec(s: str, where: str) -> NameAddr:
 class Via:
     """One Via value: `SIP/2.0/UDP host:port;branch=…;rport`."""
 
-    __slots__ = ("_raw", "host", "params", "port", "transport")
+    __slots__ = ("_params", "_raw", "host", "port", "protocol", "raw_params", "transport")
 
     def __init__(
         self,
@@ -183,12 +286,27 @@ class Via:
         port: int | None,
         params: list[tuple[str, str | None]],
         raw: str | None = None,
+        protocol: str = "SIP/2.0",
     ) -> None:
         self.transport = transport.upper()
         self.host = host
         self.port = port
-        self.params = params
+        self._params: list[tuple[str, str | None]] | None = params
+        self.raw_params = ""
         self._raw = raw
+        # "SIP/2.0"; another version is legal Via syntax (RFC 4475 badvers)
+        self.protocol = protocol
+
+    @property
+    def params(self) -> list[tuple[str, str | None]]:
+        params = self._params
+        if params is None:
+            params = self._params = parse_params(self.raw_params, "Via")
+        return params
+
+    @params.setter
+    def params(self, value: list[tuple[str, str | None]]) -> None:
+        self._params = value
 
     @property
     def branch(self) -> str | None:
@@ -207,6 +325,9 @@ class Via:
     def maddr(self) -> str | None:
         return find_param(self.params, "maddr")
 
+    def param(self, name: str) -> str | None:
+        return find_param(self.params, name)
+
     @property
     def sent_by(self) -> str:
         return self.host if self.port is None else f"{self.host}:{self.port}"
@@ -222,34 +343,57 @@ class Via:
         if rport is not None:
             return source  # we stamp received/rport from the source anyway
         host = self.received or self.host
-        return host.strip("[]"), self.port or 5060
+        return host.strip("[]"), self.port or (5061 if self.transport == "TLS" else 5060)
 
     def __str__(self) -> str:
         if self._raw is not None:
             return self._raw
         params = "".join(f";{k}" if v is None else f";{k}={v}" for k, v in self.params)
-        return f"SIP/2.0/{self.transport} {self.sent_by}{params}"
+        return f"{self.protocol}/{self.transport} {self.sent_by}{params}"
+
+    def __repr__(self) -> str:
+        return f"Via({str(self)!r})"
 
 
 def parse_via(value: str) -> Via:
     """Parse one Via value (LWS around '/' and ':' allowed, RFC 3261 §25)."""
-    s = value.strip()
+    s = value.strip(" \t")
+    m = _VIA_FAST.fullmatch(s)
+    if m is not None:
+        transport, host, port, params = m.groups()
+        if port is None or 0 < int(port) < 65536:
+            via = _new(Via)
+            via.transport = transport.upper()
+            via.host = host
+            via.port = port and int(port)
+            via._params = None if params else []
+            via.raw_params = params
+            via._raw = s
+            via.protocol = "SIP/2.0"
+            return via
+    return _parse_via_general(s)
+
+
+def _parse_via_general(s: str) -> Via:
     m = _VIA.match(s)
     if m is None:
         raise ParseError(f"bad Via: {s[:60]!r}")
-    host, _ = split_hostport(m.group(2))
+    host, _ = split_hostport(m.group(4))
     if host is None:
-        raise ParseError(f"bad Via host: {m.group(2)[:60]!r}")
-    port = int(m.group(3)) if m.group(3) else None
-    if port is not None and not 0 < port < 65536:
-        raise ParseError(f"bad Via port: {port}")
-    params = parse_params(s[m.end():], "Via")
-    return Via(m.group(1), host, port, params, s)
+        raise ParseError(f"bad Via host: {m.group(4)[:60]!r}")
+    port_number = int(m.group(5)) if m.group(5) else None
+    if port_number is not None and not 0 < port_number < 65536:
+        raise ParseError(f"bad Via port: {port_number}")
+    raw_params = s[m.end():]
+    params = parse_params(raw_params, "Via")
+    via = Via(m.group(3), host, port_number, params, s, f"{m.group(1).upper()}/{m.group(2)}")
+    via.raw_params = raw_params
+    return via
 
 
 def parse_cseq(value: str) -> tuple[int, str]:
     """`CSeq: 4711 INVITE` → (4711, 'INVITE'); the number must fit 32 bits (RFC 3261 §8.1.1.5)."""
-    m = _CSEQ.fullmatch(value.strip())
+    m = _CSEQ.fullmatch(value.strip(" \t"))
     if m is None:
         raise ParseError(f"bad CSeq: {value.strip()[:60]!r}")
     num = int(m.group(1))
@@ -261,8 +405,13 @@ def parse_cseq(value: str) -> tuple[int, str]:
 def split_list(value: str) -> list[str]:
     """Split a comma-joined header row into values, ignoring commas in quotes and <>."""
     if "," not in value:
-        return [value.strip()]
-    out: list[str] = []
+        return [value.strip(" \t")]
+    return [value[a:b].strip(" \t") for a, b in _list_spans(value)]
+
+
+def _list_spans(value: str) -> list[tuple[int, int]]:
+    """(start, end) of each comma-separated element of a header row."""
+    out: list[tuple[int, int]] = []
     start = 0
     quoted = angle = False
     i, n = 0, len(value)
@@ -280,8 +429,8 @@ def split_list(value: str) -> list[str]:
         elif c == ">":
             angle = False
         elif c == "," and not angle:
-            out.append(value[start:i].strip())
+            out.append((start, i))
             start = i + 1
         i += 1
-    out.append(value[start:].strip())
+    out.append((start, n))
     return out

@@ -9,11 +9,13 @@ bytes 1:1 and so round-trips any octet (UTF-8 display names included).
 from __future__ import annotations
 
 import re
+from operator import itemgetter
 from typing import Any
 
 from proxy.sip.address import (
     NameAddr,
     Via,
+    _list_spans,
     parse_cseq,
     parse_name_addr,
     parse_via,
@@ -53,10 +55,20 @@ KNOWN_METHODS = frozenset({
     "REFER", "SUBSCRIBE", "NOTIFY", "MESSAGE", "PUBLISH",
 })
 
+_KNOWN_METHOD_BYTES = {m.encode("ascii"): m for m in KNOWN_METHODS}
 _TOKEN_BYTES = re.compile(rb"[A-Za-z0-9\-.!%*_+`'~]+")
-_FOLD = re.compile(r"\r?\n[ \t]+")
-_CL_IN_HEAD = re.compile(rb"(?im)^(?:content-length|l)[ \t]*:[ \t]*(\S*)")
+_FOLD = re.compile(r"\r\n[ \t]+")
+# every Content-Length row of a header block (a row starts after a CRLF; continuation lines
+# start with SP/HTAB, so they never match); the value runs to the end of its line, folds allowed
+# before it; a value continued on the next line is not matched (the framer then gives up)
+_CL_IN_HEAD = re.compile(
+    rb"(?i)\r\n(?:content-length|l)[ \t]*:((?:[ \t]|\r\n[ \t])*[^\r\n]*+)(?!\r\n[ \t])"
+)
+# the name of every row after the start line; a row without ':' gives no match
 _NAME_CACHE: dict[bytes, str] = {}
+_NAME_LOOKUP = _NAME_CACHE.__getitem__
+_NAME_CACHE_MAX_ENTRIES = 4096
+_NAME_CACHE_MAX_LENGTH = 64  # hostile peers must not fill memory with long distinct names
 
 
 def canonical_name(raw: bytes) -> str:
@@ -69,7 +81,7 @@ def canonical_name(raw: bytes) -> str:
         raise ParseError(f"bad header name {stripped[:40]!r}")
     lower = stripped.decode("ascii").lower()
     name = COMPACT_FORMS.get(lower, lower)
-    if len(_NAME_CACHE) < 4096:  # bounded: hostile peers must not grow it forever
+    if len(_NAME_CACHE) < _NAME_CACHE_MAX_ENTRIES and len(raw) <= _NAME_CACHE_MAX_LENGTH:
         _NAME_CACHE[raw] = name
     return name
 
@@ -79,15 +91,38 @@ def display_name(name: str) -> str:
     return CANONICAL_NAMES.get(name) or "-".join(p.capitalize() for p in name.split("-"))
 
 
+_KEYS: dict[str, str] = {}
+
+
+def header_key(name: str) -> str:
+    """The key rows are stored under: lower-case long form (`From`, `f`, `FROM` → `from`)."""
+    key = _KEYS.get(name)
+    if key is None:
+        lower = name.lower()
+        key = COMPACT_FORMS.get(lower, lower) if len(lower) == 1 else lower
+        if len(_KEYS) < 1024:
+            _KEYS[name] = key
+    return key
+
+
 def _row_value(row: bytes) -> str:
-    value = row[row.find(b":") + 1:].decode("latin-1")
+    value = row.partition(b":")[2].decode("latin-1")
     if "\n" in value:
         value = _FOLD.sub(" ", value)
-    return value.strip()
+    return value.strip(" \t")
+
+
+def _is_ascii_number(text: str | bytes, max_digits: int) -> bool:
+    # str.isdigit() alone accepts '²' (latin-1 0xB2), which int() refuses
+    return 0 < len(text) <= max_digits and text.isascii() and text.isdigit()
 
 
 class SipMessage:
-    """A request or a response. Build with `parse_message`; edit; `serialize()` to bytes."""
+    """A request or a response. Build with `parse_message`; edit; `serialize()` to bytes.
+
+    Header names in the methods below may be given in any case and in compact form (`f`, `From`,
+    `from`); `rows` stores them as lower-case long forms.
+    """
 
     __slots__ = ("_cache", "_start", "body", "method", "reason", "rows", "status", "uri_text")
 
@@ -114,10 +149,16 @@ class SipMessage:
             uri = self._cache["@uri"] = parse_uri(self.uri_text)
         return uri
 
-    def set_uri(self, uri: SipUri | str) -> None:
-        self.uri_text = str(uri)
+    def set_uri(self, uri: SipUri | OtherUri | str) -> None:
+        """Replace the Request-URI (RFC 3261 §16.6 step 6); requests only."""
+        if not self.is_request:
+            raise ValueError("a response has no Request-URI")
+        text = str(uri)
+        if not text or any(c in text for c in " \t\r\n"):
+            raise ValueError(f"not a Request-URI: {text[:60]!r}")
+        self.uri_text = text
         self._cache.pop("@uri", None)
-        self._start = f"{self.method} {self.uri_text} SIP/2.0".encode("latin-1")
+        self._start = f"{self.method} {text} SIP/2.0".encode("latin-1")
 
     @property
     def start_line(self) -> bytes:
@@ -125,24 +166,28 @@ class SipMessage:
 
     # ---- reading headers -----------------------------------------------------------
     def has(self, name: str) -> bool:
-        return any(n == name for n, _ in self.rows)
+        key = header_key(name)
+        return any(n == key for n, _ in self.rows)
 
     def count(self, name: str) -> int:
-        return sum(1 for n, _ in self.rows if n == name)
+        key = header_key(name)
+        return sum(1 for n, _ in self.rows if n == key)
 
     def header(self, name: str) -> str | None:
         """The first row's value of a header (unfolded, stripped), None when absent."""
+        key = header_key(name)
         for n, row in self.rows:
-            if n == name:
+            if n == key:
                 return _row_value(row)
         return None
 
     def header_values(self, name: str) -> list[str]:
         """Every value of a header, over all its rows; list headers split on their commas."""
+        key = header_key(name)
         out: list[str] = []
-        split = name in LIST_HEADERS
+        split = key in LIST_HEADERS
         for n, row in self.rows:
-            if n == name:
+            if n == key:
                 value = _row_value(row)
                 if split:
                     out.extend(v for v in split_list(value) if v)
@@ -154,19 +199,19 @@ class SipMessage:
         cache = self._cache
         if key in cache:
             return cache[key]
-        value = self.header(key)
-        if value is None:
-            raise ParseError(f"missing {display_name(key)} header", message=self)
-        result = cache[key] = parse(value)
-        return result
+        for n, row in self.rows:
+            if n == key:
+                result = cache[key] = parse(_row_value(row))
+                return result
+        raise ParseError(f"missing {display_name(key)} header", message=self)
 
     @property
     def from_(self) -> NameAddr:
-        return self._parsed("from", lambda v: parse_name_addr(v, "From"))
+        return self._parsed("from", _parse_from)
 
     @property
     def to(self) -> NameAddr:
-        return self._parsed("to", lambda v: parse_name_addr(v, "To"))
+        return self._parsed("to", _parse_to)
 
     @property
     def call_id(self) -> str:
@@ -180,24 +225,46 @@ class SipMessage:
     def top_via(self) -> Via:
         via = self._cache.get("@via")
         if via is None:
-            values = self.header_values("via")
-            if not values:
-                raise ParseError("missing Via header", message=self)
-            via = self._cache["@via"] = parse_via(values[0])
+            for n, row in self.rows:
+                if n == "via":
+                    value = _row_value(row)
+                    if "," in value:
+                        value = next((v for v in split_list(value) if v), "")
+                    if value:
+                        via = self._cache["@via"] = parse_via(value)
+                        return via
+            raise ParseError("missing Via header", message=self)
         return via
+
+    @property
+    def vias(self) -> list[Via]:
+        """Every Via value, top first, parsed."""
+        return [parse_via(v) for v in self.header_values("via")]
 
     @property
     def max_forwards(self) -> int | None:
         value = self.header("max-forwards")
         if value is None:
             return None
-        if not value.isdigit() or len(value) > 5 or int(value) > 255:
+        if not _is_ascii_number(value, 5) or int(value) > 255:
             raise ParseError(f"bad Max-Forwards {value[:20]!r}", message=self)
+        return int(value)
+
+    @property
+    def content_length(self) -> int | None:
+        """The Content-Length header's number, None when absent (RFC 2543 UDP messages)."""
+        value = self.header("content-length")
+        if value is None:
+            return None
+        if not _is_ascii_number(value, 9):
+            raise ParseError(f"bad Content-Length {value[:20]!r}", message=self)
         return int(value)
 
     def name_addrs(self, name: str) -> list[NameAddr]:
         """Every value of a name-addr header (Contact, Route, Record-Route, PAI …), parsed."""
-        return [parse_name_addr(v, display_name(name)) for v in self.header_values(name)]
+        key = header_key(name)
+        label = display_name(key)
+        return [parse_name_addr(v, label) for v in self.header_values(key)]
 
     def validate(self) -> None:
         """Check what a proxy relies on (RFC 3261 §8.1.1, §16.3). Raises ParseError.
@@ -212,12 +279,13 @@ class SipMessage:
             raise
 
     def _validate(self) -> None:
+        names = [n for n, _ in self.rows]
         for name in SINGLE_HEADERS:
-            if self.count(name) > 1:
+            if names.count(name) > 1:
                 raise ParseError(f"more than one {display_name(name)} header")
         if self.is_request:
             for name in ("via", "from", "to", "call-id", "cseq"):
-                if not self.has(name):
+                if name not in names:
                     raise ParseError(f"missing {display_name(name)} header")
             uri = self.uri
             if isinstance(uri, SipUri) and uri.headers:
@@ -229,12 +297,12 @@ class SipMessage:
                 raise ParseError("CSeq method does not match the request method",
                                  status=400 if known else 501)
             self.max_forwards  # noqa: B018
-            if self.has("contact"):
+            if "contact" in names:
                 values = self.header_values("contact")
                 if values != ["*"]:
                     self.name_addrs("contact")
         else:
-            if not self.has("via") or not self.has("cseq"):
+            if "via" not in names or "cseq" not in names:
                 raise ParseError("response without Via or CSeq")
             self.cseq  # noqa: B018
         self.from_  # noqa: B018
@@ -244,67 +312,83 @@ class SipMessage:
 
     # ---- editing -------------------------------------------------------------------
     def _forget(self, name: str) -> None:
-        self._cache.pop(name, None)
-        if name == "via":
-            self._cache.pop("@via", None)
+        cache = self._cache
+        if cache:
+            cache.pop(name, None)
+            if name == "via":
+                cache.pop("@via", None)
 
     def set_header(self, name: str, value: str) -> None:
         """Replace a header (first row keeps its place, other rows go); append if absent."""
-        row = f"{display_name(name)}: {value}".encode("latin-1")
+        name = header_key(name)
+        row = _new_row(name, value)
         rows = self.rows
         self._forget(name)
-        for i, (n, _) in enumerate(rows):
-            if n == name:
-                rows[i] = (name, row)
-                j = i + 1
-                while j < len(rows):
-                    if rows[j][0] == name:
-                        del rows[j]
-                    else:
-                        j += 1
-                return
-        rows.append((name, row))
+        names = list(map(_FIRST, rows))
+        try:
+            i = names.index(name)
+        except ValueError:
+            rows.append((name, row))
+            return
+        rows[i] = (name, row)
+        if names.count(name) > 1:
+            rows[i + 1:] = [r for r in rows[i + 1:] if r[0] != name]
 
     def set_header_values(self, name: str, values: list[str]) -> None:
         """Replace a header by one row per value (removing it when the list is empty)."""
+        name = header_key(name)
         if not values:
             self.remove_header(name)
             return
         rows = self.rows
         self._forget(name)
         first = next((i for i, (n, _) in enumerate(rows) if n == name), len(rows))
-        self.rows = rows = [r for r in rows if r[0] != name]
-        label = display_name(name)
-        rows[first:first] = [(name, f"{label}: {v}".encode("latin-1")) for v in values]
+        rows[:] = [r for r in rows if r[0] != name]
+        rows[first:first] = [(name, _new_row(name, v)) for v in values]
 
     def remove_header(self, name: str) -> int:
         """Drop every row of a header; returns how many rows went."""
-        before = len(self.rows)
-        self.rows = [r for r in self.rows if r[0] != name]
+        name = header_key(name)
+        rows = self.rows
+        before = len(rows)
+        rows[:] = [r for r in rows if r[0] != name]
         self._forget(name)
-        return before - len(self.rows)
+        return before - len(rows)
 
     def insert_header(self, name: str, value: str, index: int = 0) -> None:
+        """Add a row at `index` in the header list (0: before every other header)."""
+        name = header_key(name)
         self._forget(name)
-        self.rows.insert(index, (name, f"{display_name(name)}: {value}".encode("latin-1")))
+        self.rows.insert(index, (name, _new_row(name, value)))
 
     def push_via(self, value: str) -> None:
         """Add our Via on top (RFC 3261 §16.6 step 8)."""
-        self._forget("via")
-        self.rows.insert(0, ("via", b"Via: " + value.encode("latin-1")))
+        self._cache.pop("@via", None)
+        self.rows.insert(0, ("via", _new_row("via", value)))
 
     def pop_via(self) -> str:
-        """Remove the top Via value (RFC 3261 §16.7 step 3); returns it."""
+        """Remove the top Via value (RFC 3261 §16.7 step 3); returns it.
+
+        In a comma-joined row the other values keep their bytes.
+        """
         rows = self.rows
         for i, (n, row) in enumerate(rows):
-            if n == "via":
-                values = split_list(_row_value(row))
-                self._forget("via")
-                if len(values) == 1:
-                    del rows[i]
-                else:
-                    rows[i] = ("via", ("Via: " + ", ".join(values[1:])).encode("latin-1"))
-                return values[0]
+            if n != "via":
+                continue
+            colon = row.find(b":") + 1
+            text = row[colon:].decode("latin-1")
+            spans = [(a, b) for a, b in _list_spans(text) if text[a:b].strip(_LWS_CRLF)]
+            if not spans:
+                continue  # a row of empty values holds no Via
+            self._forget("via")
+            a, b = spans[0]
+            top = _FOLD.sub(" ", text[a:b]).strip(" \t")
+            if len(spans) == 1:
+                del rows[i]
+            else:
+                rest = text[spans[1][0]:].lstrip(_LWS_CRLF)
+                rows[i] = ("via", row[:colon] + b" " + rest.encode("latin-1"))
+            return top
         raise ParseError("no Via to remove")
 
     def prepend_record_route(self, value: str) -> None:
@@ -312,27 +396,24 @@ class SipMessage:
         rows = self.rows
         index = next((i for i, (n, _) in enumerate(rows) if n == "record-route"), None)
         if index is None:
-            index = next((i for i, (n, _) in enumerate(rows) if n not in ("via",)), len(rows))
-        rows.insert(index, ("record-route", b"Record-Route: " + value.encode("latin-1")))
+            index = next((i for i, (n, _) in enumerate(rows) if n != "via"), len(rows))
+        rows.insert(index, ("record-route", _new_row("record-route", value)))
 
     def set_body(self, body: bytes) -> None:
+        """Replace the body; Content-Length follows."""
         self.body = body
         self.set_header("content-length", str(len(body)))
 
     # ---- output ----------------------------------------------------------------------
     def serialize(self) -> bytes:
         """Wire bytes. A message that came without Content-Length (UDP, RFC 2543) gets one."""
-        parts = [self._start]
-        has_cl = False
-        for name, row in self.rows:
-            parts.append(row)
+        rows = self.rows
+        raw = [row for _, row in rows]
+        for name, _ in reversed(rows):  # Content-Length is usually the last row
             if name == "content-length":
-                has_cl = True
-        if not has_cl:
-            parts.append(b"Content-Length: %d" % len(self.body))
-        parts.append(b"")
-        parts.append(self.body)
-        return b"\r\n".join(parts)
+                return b"\r\n".join((self._start, *raw, b"", self.body))
+        cl = b"Content-Length: %d" % len(self.body)
+        return b"\r\n".join((self._start, *raw, cl, b"", self.body))
 
     def copy(self) -> SipMessage:
         """An independent copy for a second outgoing version (rows are shared immutable bytes)."""
@@ -346,25 +427,43 @@ class SipMessage:
         return f"SipMessage({self._start[:80]!r})"
 
 
+_LWS_CRLF = " \t\r\n"
+_FIRST = itemgetter(0)
+
+
+_ROW_PREFIXES: dict[str, bytes] = {}
+
+
+def _new_row(name: str, value: str) -> bytes:
+    """A header row we write. CR and LF in a value would smuggle in extra header rows."""
+    if "\r" in value or "\n" in value:
+        raise ValueError(f"CR or LF in a {display_name(name)} value")
+    prefix = _ROW_PREFIXES.get(name)
+    if prefix is None:
+        prefix = f"{display_name(name)}: ".encode("latin-1")
+        if len(_ROW_PREFIXES) < 1024:
+            _ROW_PREFIXES[name] = prefix
+    return prefix + value.encode("latin-1")
+
+
+def _parse_from(value: str) -> NameAddr:
+    return parse_name_addr(value, "From")
+
+
+def _parse_to(value: str) -> NameAddr:
+    return parse_name_addr(value, "To")
+
+
 def _check_call_id(value: str) -> str:
-    if not value or any(c in value for c in " \t\r\n"):
+    # RFC 3261 §25.1 word chars are stricter; real equipment sends '=' and more, so only
+    # whitespace and control octets (log and header injection) are refused
+    if not value or not value.isprintable() or " " in value:
         raise ParseError(f"bad Call-ID {value[:40]!r}")
     return value
 
 
-def _split_head(head: bytes) -> list[tuple[str, bytes]]:
-    if not head:
-        return []
-    lines = head.split(b"\r\n")
-    get = _NAME_CACHE.get
-    # fast path: every row starts with a header name seen before (no folds, no odd names)
-    names = [get(line.partition(b":")[0]) for line in lines]
-    if None not in names:
-        return list(zip(names, lines, strict=True))  # type: ignore[arg-type]
-    return _split_head_slow(lines)
-
-
-def _split_head_slow(lines: list[bytes]) -> list[tuple[str, bytes]]:
+def _split_rows(lines: list[bytes]) -> list[tuple[str, bytes]]:
+    """Header rows with their names; folded continuation lines join the row above."""
     rows: list[tuple[str, bytes]] = []
     for line in lines:
         if not line:
@@ -384,6 +483,13 @@ def _split_head_slow(lines: list[bytes]) -> list[tuple[str, bytes]]:
 
 
 def _parse_start(msg: SipMessage, start: bytes) -> None:
+    parts = start.split(b" ")
+    if len(parts) == 3 and parts[2] == b"SIP/2.0" and parts[1]:
+        method = _KNOWN_METHOD_BYTES.get(parts[0])
+        if method is not None:
+            msg.method = method
+            msg.uri_text = parts[1].decode("latin-1")
+            return
     if start.startswith(b"SIP/"):
         parts = start.split(b" ", 2)
         if len(parts) < 2 or parts[0] != b"SIP/2.0":
@@ -394,13 +500,12 @@ def _parse_start(msg: SipMessage, start: bytes) -> None:
         msg.status = int(code)
         msg.reason = parts[2].decode("latin-1") if len(parts) == 3 else ""
         return
-    parts = start.split(b" ")
     if len(parts) != 3 or not all(parts):
         raise ParseError("bad request line (exactly one SP between method, URI and version)")
-    method, uri, version = parts
-    if not _TOKEN_BYTES.fullmatch(method):
-        raise ParseError(f"bad method {method[:20]!r}")
-    msg.method = method.decode("ascii")
+    method_bytes, uri, version = parts
+    if not _TOKEN_BYTES.fullmatch(method_bytes):
+        raise ParseError(f"bad method {method_bytes[:20]!r}")
+    msg.method = method_bytes.decode("ascii")
     msg.uri_text = uri.decode("latin-1")
     if version != b"SIP/2.0":
         if version.startswith(b"SIP/"):
@@ -420,8 +525,13 @@ def parse_message(data: bytes, *, stream: bool = False) -> SipMessage:
         head, body_start = data.rstrip(b"\r\n"), len(data)
     else:
         head, body_start = data[:end], end + 4
-    nl = head.find(b"\r\n")
-    start, rest = (head, b"") if nl < 0 else (head[:nl], head[nl + 2:])
+    lines = head.split(b"\r\n")
+    start = lines[0]
+    # a CR or LF that is not part of a CRLF would reach the next hop inside a row we forward
+    # byte for byte, where a lenient parser may take it for a line end (header smuggling)
+    crlf = len(lines) - 1
+    clean = head.count(b"\r") == crlf and head.count(b"\n") == crlf
+    del lines[0]
     msg = SipMessage(start, [], b"")
     try:
         _parse_start(msg, start)
@@ -430,29 +540,54 @@ def parse_message(data: bytes, *, stream: bool = False) -> SipMessage:
         if not start.startswith(b"SIP/"):
             msg.method = start.split(b" ", 1)[0].decode("latin-1")
             try:
-                msg.rows = _split_head(rest)
+                rows = _split_rows(lines)
+                msg.rows = rows if clean else [r for r in rows if _no_stray_cr_lf(r[1])]
                 exc.message = msg
             except ParseError:
                 pass
         raise exc from None
-    msg.rows = _split_head(rest)
-    cl_values = [_row_value(row) for name, row in msg.rows if name == "content-length"]
-    available = len(data) - body_start
-    if not cl_values:
+    rows: list[tuple[str, bytes]] | None = None
+    if clean:
+        # fast path: every row starts with a header name seen before (no folds, no odd names);
+        # a row without ':' is left out of the list, which the length check then notices
+        try:
+            rows = [(_NAME_LOOKUP(p[0]), line) for line in lines if (p := line.partition(b":"))[1]]
+        except KeyError:
+            pass
+        else:
+            if len(rows) != crlf:
+                rows = None
+    if rows is None:
+        rows = _split_rows(lines)
+    if not clean:
+        # answerable only from the rows that are sound; a response must not echo a stray CR/LF
+        msg.rows = [r for r in rows if _no_stray_cr_lf(r[1])]
+        raise ParseError("CR or LF outside a line end in the header block", message=msg)
+    msg.rows = rows
+    cl_rows = [row for name, row in rows if name == "content-length"]
+    if not cl_rows:
         if stream:
             raise ParseError("missing Content-Length on a stream transport", message=msg)
         msg.body = data[body_start:]
         return msg
-    if len(cl_values) > 1:
+    if len(cl_rows) > 1:
         raise ParseError("more than one Content-Length", message=msg)
-    cl = cl_values[0]
-    if not cl.isdigit() or len(cl) > 9:
-        raise ParseError(f"bad Content-Length {cl[:20]!r}", message=msg)
+    row = cl_rows[0]
+    cl = row[row.find(b":") + 1:].strip(b" \t")
+    if not (0 < len(cl) <= 9 and cl.isdigit()):  # bytes.isdigit(): ASCII digits only
+        value = _row_value(row)  # folded or bad
+        if not _is_ascii_number(value, 9):
+            raise ParseError(f"bad Content-Length {value[:20]!r}", message=msg)
+        cl = value.encode("ascii")
     length = int(cl)
-    if length > available:
+    if length > len(data) - body_start:
         raise ParseError("Content-Length larger than the message", message=msg)
     msg.body = data[body_start: body_start + length]
     return msg
+
+
+def _no_stray_cr_lf(row: bytes) -> bool:
+    return row.count(b"\r") == row.count(b"\n") == row.count(b"\r\n")
 
 
 def parse_datagram(data: bytes) -> SipMessage | None:
@@ -468,12 +603,15 @@ class StreamFramer:
     `feed()` returns parsed messages and ParseErrors in arrival order. After a framing error
     (no or bad Content-Length, a message over the size limit) the stream cannot be resynchronised:
     `broken` turns True and the transport should answer what it can and close the connection.
+    CRLF keep-alives between messages (RFC 5626 §4.4.1) are skipped.
     """
 
-    __slots__ = ("_buf", "broken", "max_message_bytes")
+    __slots__ = ("_buf", "_need", "_scanned", "broken", "max_message_bytes")
 
     def __init__(self, max_message_bytes: int = 65535) -> None:
         self._buf = bytearray()
+        self._scanned = 0  # how far the search for the empty line has got in _buf
+        self._need = 0  # total size of the message at the front of _buf, once its head is known
         self.max_message_bytes = max_message_bytes
         self.broken = False
 
@@ -484,45 +622,62 @@ class StreamFramer:
         buf = self._buf
         buf += data
         while True:
+            need = self._need
+            if need:
+                if len(buf) < need:
+                    break
+                chunk = bytes(buf[:need])
+                del buf[:need]
+                self._need = 0
+                try:
+                    out.append(parse_message(chunk, stream=True))
+                except ParseError as exc:
+                    out.append(exc)
+                continue
             skip = 0
-            while buf[skip: skip + 2] == b"\r\n":  # keep-alive CRLFs between messages
+            while buf.startswith(b"\r\n", skip):
                 skip += 2
             if skip:
                 del buf[:skip]
+                self._scanned = 0
             if not buf:
                 break
-            end = buf.find(b"\r\n\r\n")
+            # resume where the last search stopped, so byte-by-byte input stays linear
+            end = buf.find(b"\r\n\r\n", max(0, self._scanned - 3))
             if end < 0:
+                self._scanned = len(buf)
                 if len(buf) > self.max_message_bytes:
                     out.append(self._fail("header block larger than the message size limit"))
                 break
-            m = _CL_IN_HEAD.search(buf, 0, end + 2)
-            if m is None or not m.group(1).isdigit() or len(m.group(1)) > 9:
-                err = self._fail("missing or bad Content-Length on a stream transport")
-                try:
-                    parse_message(bytes(buf[: end + 4]), stream=True)
-                except ParseError as exc:
-                    err.message = exc.message
-                out.append(err)
+            self._scanned = 0
+            if end + 4 > self.max_message_bytes:  # the same verdict as before the end arrived
+                out.append(self._fail("header block larger than the message size limit"))
                 break
-            total = end + 4 + int(m.group(1))
+            values = _CL_IN_HEAD.findall(buf, 0, end + 2)
+            value = values[0].strip(b" \t\r\n") if len(values) == 1 else b""
+            if not (value.isdigit() and len(value) <= 9):  # bytearray.isdigit: ASCII only
+                head = bytes(buf[: end + 4])
+                out.append(self._fail("missing, repeated or bad Content-Length on a stream", head))
+                break
+            total = end + 4 + int(value)
             if total > self.max_message_bytes:
-                out.append(self._fail("message larger than the size limit"))
+                out.append(self._fail("message larger than the size limit", bytes(buf[: end + 4])))
                 break
-            if len(buf) < total:
-                break
-            chunk = bytes(buf[:total])
-            del buf[:total]
-            try:
-                out.append(parse_message(chunk, stream=True))
-            except ParseError as exc:
-                out.append(exc)
+            self._need = total
         return out
 
-    def _fail(self, reason: str) -> ParseError:
+    def _fail(self, reason: str, head: bytes | None = None) -> ParseError:
+        """Give up on the stream; keep what the head says, so the request can be answered."""
+        error = ParseError(reason)
+        if head is not None:
+            try:
+                error.message = parse_message(head)
+            except ParseError as exc:
+                error.message = exc.message
         self.broken = True
         self._buf.clear()
-        return ParseError(reason)
+        self._need = self._scanned = 0
+        return error
 
 
 def build_response(
@@ -534,7 +689,14 @@ def build_response(
     headers: list[tuple[str, str]] | tuple[()] = (),
     body: bytes = b"",
 ) -> SipMessage:
-    """A response to `request` (RFC 3261 §8.2.6): Via, From, To (+tag), Call-ID, CSeq copied."""
+    """A response to `request` (RFC 3261 §8.2.6): Via, From, To (+tag), Call-ID, CSeq copied.
+
+    The copied rows keep their bytes. `headers` are (name, value) rows to add.
+    """
+    if not 100 <= status <= 699:
+        raise ValueError(f"status {status} out of range")
+    if any(c in reason for c in "\r\n") or (to_tag and any(c in to_tag for c in "\r\n;")):
+        raise ValueError("CR, LF or ';' in a reason phrase or tag")
     rows: list[tuple[str, bytes]] = []
     for name, row in request.rows:
         if name in ("via", "from", "call-id", "cseq"):
@@ -544,7 +706,8 @@ def build_response(
                 row = row.rstrip() + b";tag=" + to_tag.encode("latin-1")
             rows.append((name, row))
     for name, value in headers:
-        rows.append((name.lower(), f"{display_name(name.lower())}: {value}".encode("latin-1")))
+        key = header_key(name)
+        rows.append((key, _new_row(key, value)))
     rows.append(("content-length", b"Content-Length: %d" % len(body)))
     msg = SipMessage(b"SIP/2.0 %d %s" % (status, reason.encode("utf-8")), rows, body)
     msg.status = status

@@ -12,19 +12,49 @@ from urllib.parse import unquote_to_bytes
 from proxy.sip.errors import ParseError
 
 _SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*")
-_HOST = re.compile(
-    r"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9](?:[A-Za-z0-9\-.]*[A-Za-z0-9.])?|[A-Za-z0-9])"
-)
+# The grammar pieces are kept as pattern text too, so address.py can build its one-regex fast
+# paths from exactly the same pieces (a fast path must never accept what these reject).
+HOST_PATTERN = r"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9](?:[A-Za-z0-9\-.]*[A-Za-z0-9.])?)"
+_ESCAPE = "%[0-9A-Fa-f]{2}"
+
+
+def _escaped_run(chars: str, *, at_least_one: bool) -> str:
+    """`(?:[chars]|%HH)*` written so that sre runs it as tight single-class loops.
+
+    Each `%HH` starts a new group, so the pattern stays unambiguous (no nested-quantifier
+    backtracking on input that fails to match).
+    """
+    body = f"[{chars}]*(?:{_ESCAPE}[{chars}]*)*"
+    return f"(?:[{chars}]|{_ESCAPE}){body}" if at_least_one else body
+
+
 # user / password / param / header characters (RFC 3261 §25.1): unreserved, escaped and the
 # per-part extras. No whitespace, no angle brackets, no quotes.
-_USER = re.compile(r"(?:[A-Za-z0-9\-_.!~*'()&=+$,;?/]|%[0-9A-Fa-f]{2})+")
-_PASSWORD = re.compile(r"(?:[A-Za-z0-9\-_.!~*'()&=+$,]|%[0-9A-Fa-f]{2})*")
-_PARAM = re.compile(r"(?:;(?:[A-Za-z0-9\-_.!~*'()\[\]/:&+$]|%[0-9A-Fa-f]{2})+"
-                    r"(?:=(?:[A-Za-z0-9\-_.!~*'()\[\]/:&+$]|%[0-9A-Fa-f]{2})*)?)*")
-_HEADERS = re.compile(r"(?:[A-Za-z0-9\-_.!~*'()\[\]/?:+$=&]|%[0-9A-Fa-f]{2})*")
+_UNRESERVED = r"A-Za-z0-9\-_.!~*'()"
+USER_PATTERN = _escaped_run(_UNRESERVED + r"&=+$,;?/", at_least_one=True)
+_PARAM_CHARS = _UNRESERVED + r"\[\]/:&+$"
+URI_PARAMS_PATTERN = (rf"(?:;{_escaped_run(_PARAM_CHARS, at_least_one=True)}"
+                      rf"(?:={_escaped_run(_PARAM_CHARS, at_least_one=False)})?)*")
+_HOST = re.compile(HOST_PATTERN)
+_USER = re.compile(USER_PATTERN)
+_PASSWORD = re.compile(_escaped_run(_UNRESERVED + r"&=+$,", at_least_one=False))
+_PARAM = re.compile(URI_PARAMS_PATTERN)
+_HEADERS = re.compile(_escaped_run(_UNRESERVED + r"\[\]/?:+$=&", at_least_one=False))
 _TEL = re.compile(r"[0-9A-Fa-f*#+\-.()pPwW]+")
-# anything a URI may hold in a Request-URI or inside <>: no LWS, no <>, no quotes
-_ABSOLUTE = re.compile(r"[^\s<>\"]+")
+# anything a URI of another scheme may hold: no LWS or control octets, no <>, no quotes
+_ABSOLUTE = re.compile(r"[^\x00-\x20\x7f<>\"]+")
+# Fast-path pieces: each one accepts a subset of the matching general piece above (no
+# %-escapes), so a fast match is always a valid URI and splits it the same way. They use
+# possessive quantifiers (no backtracking state, faster in sre); that cannot change what they
+# match because the character after each run is never one the run could take.
+FAST_HOST_PATTERN = r"(?:\[[0-9A-Fa-f:.]++\]|[A-Za-z0-9][A-Za-z0-9\-.]*+(?<!-))"
+FAST_USER_PATTERN = r"[A-Za-z0-9\-_.!~*'()&=+$,;?/]++"
+FAST_URI_PARAMS_PATTERN = rf"(?:;[{_PARAM_CHARS}]++(?:=[{_PARAM_CHARS}]*+)?)*+"
+# the common `sip:user@host:port;params` shape in one step; no password, no ?headers
+_SIP_FAST = re.compile(
+    rf"(sips?):(?:({FAST_USER_PATTERN})@)?({FAST_HOST_PATTERN})(?::([0-9]{{1,5}}))?"
+    rf"({FAST_URI_PARAMS_PATTERN})"
+)
 
 KNOWN_SCHEMES = frozenset({"sip", "sips", "tel"})
 
@@ -84,21 +114,16 @@ class SipUri:
     def __str__(self) -> str:
         if self.scheme == "tel":
             return f"tel:{self.user}{self.params}"
-        out = [self.scheme, ":"]
-        if self.user is not None:
-            out.append(self.user)
-            if self.password is not None:
-                out.append(":")
-                out.append(self.password)
-            out.append("@")
-        out.append(self.host)
-        if self.port is not None:
-            out.append(f":{self.port}")
-        out.append(self.params)
-        if self.headers:
-            out.append("?")
-            out.append(self.headers)
-        return "".join(out)
+        user = self.user
+        if user is None:
+            userinfo = ""
+        elif self.password is None:
+            userinfo = f"{user}@"
+        else:
+            userinfo = f"{user}:{self.password}@"
+        port = "" if self.port is None else f":{self.port}"
+        headers = f"?{self.headers}" if self.headers else ""
+        return f"{self.scheme}:{userinfo}{self.host}{port}{self.params}{headers}"
 
     def __repr__(self) -> str:
         return f"SipUri({str(self)!r})"
@@ -133,6 +158,17 @@ class OtherUri:
 
 def parse_uri(text: str) -> SipUri | OtherUri:
     """Parse an absolute URI; SIP/SIPS/tel fully, others as opaque text. Raises ParseError."""
+    m = _SIP_FAST.fullmatch(text)
+    if m is not None:
+        scheme, user, host, port, params = m.groups()
+        if port is None:
+            return SipUri(scheme, user, host, None, params)
+        if 0 < int(port) < 65536:
+            return SipUri(scheme, user, host, int(port), params)
+    return _parse_uri_general(text)
+
+
+def _parse_uri_general(text: str) -> SipUri | OtherUri:
     colon = text.find(":")
     if colon <= 0 or not _SCHEME.fullmatch(text, 0, colon):
         raise ParseError(f"not a URI: {text[:60]!r}")
@@ -195,9 +231,11 @@ def split_hostport(hostport: str) -> tuple[str | None, int | None]:
         return None, None
     if not tail:
         return host, None
-    if tail[0] != ":" or not tail[1:].isdigit() or len(tail) > 6:
+    digits = tail[1:]
+    # isdigit() alone would let latin-1 superscripts ('²') through to int()
+    if tail[0] != ":" or not (digits.isascii() and digits.isdigit()) or len(tail) > 6:
         return None, None
-    port = int(tail[1:])
+    port = int(digits)
     if not 0 < port < 65536:
         return None, None
     return host, port
@@ -212,6 +250,8 @@ def _lookup_param(params: str, name: str) -> str | None:
             continue
         eq = part.find("=")
         key = part if eq < 0 else part[:eq]
+        if "%" in key:  # RFC 3261 §19.1.4: `;%6C%72` is the `lr` parameter
+            key = unquote_to_bytes(key).decode("latin-1")
         if key.strip().lower() == lname:
             return "" if eq < 0 else part[eq + 1:].strip()
     return None

@@ -1,0 +1,202 @@
+"""name-addr / addr-spec, Via, CSeq, header parameters and comma lists."""
+
+from __future__ import annotations
+
+import pytest
+
+from proxy.sip.address import (
+    NameAddr,
+    _parse_name_addr_general,
+    find_param,
+    parse_cseq,
+    parse_name_addr,
+    parse_params,
+    parse_via,
+    quote_display,
+    split_list,
+)
+from proxy.sip.errors import ParseError
+from proxy.sip.uri import SipUri, parse_uri
+
+
+# ---- name-addr ----------------------------------------------------------------------------------
+@pytest.mark.parametrize(("value", "display", "uri", "params"), [
+    ('"Alice" <sip:alice@atlanta.com>;tag=1928301774', '"Alice"', "sip:alice@atlanta.com",
+     [("tag", "1928301774")]),
+    ("<sip:700100000000001@10.0.0.1;user=phone>", None, "sip:700100000000001@10.0.0.1;user=phone",
+     []),
+    ("Bob <sips:bob@biloxi.com:5061>", "Bob", "sips:bob@biloxi.com:5061", []),
+    ("Anonymous Caller <sip:c@h> ; tag = abc ; expires=3600", "Anonymous Caller", "sip:c@h",
+     [("tag", "abc"), ("expires", "3600")]),
+    ("caller<sip:caller@example.com>;tag=323", "caller", "sip:caller@example.com",
+     [("tag", "323")]),
+    ('"A \\"quoted\\" name" <sip:a@h>', '"A \\"quoted\\" name"', "sip:a@h", []),
+    ('"" <sip:a@h>', '""', "sip:a@h", []),
+    ("<tel:+8613800000001>;tag=x", None, "tel:+8613800000001", [("tag", "x")]),
+    ("<sip:a@h>;q=0.5;lr;+sip.instance=\"<urn:uuid:1>\"", None, "sip:a@h",
+     [("q", "0.5"), ("lr", None), ("+sip.instance", '"<urn:uuid:1>"')]),
+    ("<sip:a@h>;received=[2001:db8::1]", None, "sip:a@h", [("received", "[2001:db8::1]")]),
+    ("sip:alice@atlanta.com;tag=88", None, "sip:alice@atlanta.com", [("tag", "88")]),
+    ("sip:+19725552222@gw1.example.net;unknownparam", None, "sip:+19725552222@gw1.example.net",
+     [("unknownparam", None)]),
+    ("tel:+8613800000001;tag=7", None, "tel:+8613800000001", [("tag", "7")]),
+    ("<http://www.example.com>;tag=3", None, "http://www.example.com", [("tag", "3")]),
+    ('"\xe5\xbc\xa0\xe4\xb8\x89" <sip:a@h>', '"\xe5\xbc\xa0\xe4\xb8\x89"', "sip:a@h", []),
+    ("<sip:a%20b@h;p=%41>", None, "sip:a%20b@h;p=%41", []),
+])
+def test_name_addr_forms(value: str, display: str | None, uri: str,
+                         params: list[tuple[str, str | None]]) -> None:
+    na = parse_name_addr(value)
+    assert na.display == display
+    assert str(na.uri) == uri
+    assert na.params == params
+    assert str(na) == value  # untouched: the raw text
+
+
+def test_name_addr_accessors() -> None:
+    na = parse_name_addr('"J \\"R\\"" <sip:j@h>;TAG=abc;x')
+    assert na.tag == "abc"
+    assert na.param("x") == ""
+    assert na.param("X") == ""
+    assert na.param("y") is None
+    assert na.display_text == 'J "R"'
+    assert parse_name_addr("Bob <sip:b@h>").display_text == "Bob"
+    assert parse_name_addr("<sip:b@h>").display_text is None
+
+
+def test_name_addr_edits() -> None:
+    na = parse_name_addr('"13800000001" <sip:13800000001@10.1.2.3;user=phone>;tag=19')
+    assert isinstance(na.uri, SipUri)
+    hidden = na.replace(uri=na.uri.with_user("700100000000001"), display=None)
+    assert str(hidden) == "<sip:700100000000001@10.1.2.3;user=phone>;tag=19"
+    assert hidden.tag == "19"
+    assert str(na.replace(display='"X"')) == '"X" <sip:13800000001@10.1.2.3;user=phone>;tag=19'
+    assert str(na.replace(raw_params=";tag=2")) == (
+        '"13800000001" <sip:13800000001@10.1.2.3;user=phone>;tag=2')
+    retagged = parse_name_addr("<sip:a@h>;x=1;tag=old;y").with_tag("new")
+    assert str(retagged) == "<sip:a@h>;x=1;y;tag=new"
+    assert retagged.tag == "new"
+    # an addr-spec comes back as name-addr, so URI parameters cannot turn into header ones
+    spec = parse_name_addr("sip:a@h;tag=1")
+    assert str(spec.replace(uri=parse_uri("sip:b@h;lr"))) == "<sip:b@h;lr>;tag=1"
+    with pytest.raises(ParseError):
+        na.replace(raw_params=";bad param")
+    direct = NameAddr('"D"', parse_uri("sip:d@h"), ";tag=1")
+    assert direct.params == [("tag", "1")] and str(direct) == '"D" <sip:d@h>;tag=1'
+    assert quote_display('say "hi" \\o/') == '"say \\"hi\\" \\\\o/"'
+
+
+@pytest.mark.parametrize("value", [
+    "", "   ", '"unterminated <sip:a@h>', '"Bell" sip:a@h', "Bell, Alexander <sip:a@h>",
+    "<sip:a@h", "< sip:a@h >", "<sip:a @h>", "sip:a@h?Route=x", "sip:a@h, sip:b@h",
+    "<sip:a@h>;;", "<sip:a@h>;tag=", "<sip:a@h> garbage", "<sip:a@h>;tag=a b",
+    "<sip:a@h:0>", "<sip:a@h:99999>", "<>", "<sip:>", '"a\x00b" <sip:a@h>', '"a\nb" <sip:a@h>',
+    "Bo\x01b <sip:a@h>", "<sip:a@h>;t\xe9=1", "<sip:a@h>;tag=\"x", "<:a@h>",
+])
+def test_bad_name_addrs(value: str) -> None:
+    with pytest.raises(ParseError):
+        parse_name_addr(value)
+
+
+@pytest.mark.parametrize("value", [
+    '"Alice" <sip:alice@atlanta.com>;tag=1928301774', "<sip:a@h>", "Bob <sip:b@h:5060;lr>;x",
+    "Two Words <sips:a@[::1]:5061;transport=tls>;tag=z", "sip:a@h;tag=1", "sip:h",
+    "sip:a@h:5060;x;y=z", '"q\\"d" <sip:a@h>', "<sip:a%41@h>", "<sip:a@h>;tag=\"q\"",
+])
+def test_fast_path_matches_general_parser(value: str) -> None:
+    fast, general = parse_name_addr(value), _parse_name_addr_general(value, "x")
+    assert (fast.display, str(fast.uri), fast.raw_params, fast.params, str(fast)) == (
+        general.display, str(general.uri), general.raw_params, general.params, str(general))
+
+
+# ---- Via ----------------------------------------------------------------------------------------
+def test_via_common_form() -> None:
+    via = parse_via("SIP/2.0/UDP 10.1.2.3:5060;branch=z9hG4bK776asdhds;rport;received=10.9.9.9")
+    assert (via.protocol, via.transport, via.host, via.port) == ("SIP/2.0", "UDP", "10.1.2.3",
+                                                                  5060)
+    assert via.sent_by == "10.1.2.3:5060"
+    assert via.branch == "z9hG4bK776asdhds"
+    assert via.has_magic_cookie
+    assert via.rport == ""
+    assert via.received == "10.9.9.9"
+    assert via.maddr is None
+    assert via.param("BRANCH") == "z9hG4bK776asdhds"
+    assert str(via) == "SIP/2.0/UDP 10.1.2.3:5060;branch=z9hG4bK776asdhds;rport;received=10.9.9.9"
+
+
+def test_via_with_lws_ipv6_and_maddr() -> None:
+    via = parse_via("SIP / 2.0 / tcp  [2001:db8::9] : 5070 ; branch = z9hG4bKx ; maddr=239.0.0.1"
+                    " ;ttl=1;rport=5080;received=[2001:db8::8]")
+    assert (via.transport, via.host, via.port) == ("TCP", "[2001:db8::9]", 5070)
+    assert via.branch == "z9hG4bKx"
+    assert via.maddr == "239.0.0.1"
+    assert via.rport == "5080"
+    assert via.received == "[2001:db8::8]"
+    assert via.response_address(("192.0.2.1", 1234)) == ("192.0.2.1", 1234)  # rport: source
+
+
+def test_via_response_address_without_rport() -> None:
+    assert parse_via("SIP/2.0/UDP h;branch=z9hG4bKa").response_address(("1.1.1.1", 9)) == (
+        "h", 5060)
+    assert parse_via("SIP/2.0/TLS h;branch=z9hG4bKa").response_address(("1.1.1.1", 9)) == (
+        "h", 5061)
+    assert parse_via("SIP/2.0/UDP h:5070;received=10.0.0.9").response_address(("1.1.1.1", 9)) == (
+        "10.0.0.9", 5070)
+    assert parse_via("SIP/2.0/UDP [::1]").response_address(("1.1.1.1", 9)) == ("::1", 5060)
+
+
+def test_via_magic_cookie() -> None:
+    assert not parse_via("SIP/2.0/UDP h;branch=z9hG4bK").has_magic_cookie
+    assert not parse_via("SIP/2.0/UDP h;branch=390skdjuw").has_magic_cookie
+    assert not parse_via("SIP/2.0/UDP h").has_magic_cookie
+    assert parse_via("SIP/2.0/UDP h;branch=z9hG4bK1").has_magic_cookie
+
+
+def test_via_other_protocol_version_is_readable() -> None:
+    via = parse_via("SIP/7.0/UDP c.example.com;branch=z9hG4bKkdjuw")
+    assert via.protocol == "SIP/7.0"
+    assert via.host == "c.example.com"
+
+
+@pytest.mark.parametrize("value", [
+    "", "SIP/2.0/UDP", "SIP/2.0/UDP ", "SIP/2.0 UDP h", "SIP/2.0/UDPh", "SIP/2.0/UDP h:0",
+    "SIP/2.0/UDP h:65536", "SIP/2.0/UDP h:123456", "SIP/2.0/UDP h;;", "SIP/2.0/UDP h;branch=",
+    "SIP/2.0/UDP -h", "SIP/2.0/UDP [::1", "SIP/2.0/UDP h x", "SIP/2.0/UDP h;branch=a b",
+    "SIP/2.0/UDP 192.0.2.15;;,;,,", "SIP/2.0/UDP h:\u00b2", "SIP/2.0/UDP h\x00",
+])
+def test_bad_vias(value: str) -> None:
+    with pytest.raises(ParseError):
+        parse_via(value)
+
+
+# ---- CSeq, params, lists -----------------------------------------------------------------------
+def test_cseq() -> None:
+    assert parse_cseq("314159 INVITE") == (314159, "INVITE")
+    assert parse_cseq("  0009 \t INVITE ") == (9, "INVITE")
+    assert parse_cseq("4294967295 BYE") == (4294967295, "BYE")
+    for bad in ("4294967296 BYE", "36893488147419103232 REGISTER", "INVITE", "1", "-1 BYE",
+                "1 IN VITE", "1\u00b2 BYE", "", "1 INVITE;x"):
+        with pytest.raises(ParseError):
+            parse_cseq(bad)
+
+
+def test_params() -> None:
+    assert parse_params("", "x") == []
+    assert parse_params(";a=1;b;C=\"x;y\"", "x") == [("a", "1"), ("b", None), ("C", '"x;y"')]
+    assert parse_params(" ; a = 1 ;b ", "x") == [("a", "1"), ("b", None)]
+    assert find_param([("Tag", "1")], "tag") == "1"
+    assert find_param([("lr", None)], "LR") == ""
+    assert find_param([], "tag") is None
+    for bad in (";", ";=1", ";a=", "a=1", ";a b", ";a=\"x", ";a=1,", ";a=<x>"):
+        with pytest.raises(ParseError):
+            parse_params(bad, "x")
+
+
+def test_split_list_respects_quotes_and_angles() -> None:
+    assert split_list("a, b ,c") == ["a", "b", "c"]
+    assert split_list("single") == ["single"]
+    assert split_list('"Bell, Alexander" <sip:a@h>, <sip:b@h;x=1,2>') == [
+        '"Bell, Alexander" <sip:a@h>', "<sip:b@h;x=1,2>"]
+    assert split_list('"a \\" , b" <sip:a@h>, <sip:c@h>') == [
+        '"a \\" , b" <sip:a@h>', "<sip:c@h>"]
+    assert split_list("a,,b") == ["a", "", "b"]
