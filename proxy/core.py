@@ -836,6 +836,9 @@ def _quote_safe(text: str) -> str:
     return text.replace("\\", "").replace('"', "'")[:120]
 
 
+_TO_TAG = re.compile(rb";[ \t]*tag[ \t]*=[ \t]*([^;, \t\r\n>]+)", re.IGNORECASE)
+
+
 def _restore_dialog_headers(resp: SipMessage, request: SipMessage) -> None:
     """The upstream side gets its own From and To back exactly as it sent them (+ the To tag)."""
     from_row = to_row = None
@@ -844,15 +847,18 @@ def _restore_dialog_headers(resp: SipMessage, request: SipMessage) -> None:
             from_row = row
         elif name == "to" and to_row is None:
             to_row = row
+    rows = resp.rows
     if to_row is not None and resp.status > 100:
         try:
-            tag = resp.to.tag
             had_tag = request.to.tag is not None
         except ParseError:
-            tag, had_tag = None, True
-        if tag is not None and not had_tag:
-            to_row = to_row.rstrip() + b";tag=" + tag.encode("latin-1")
-    rows = resp.rows
+            had_tag = True
+        if not had_tag:
+            # the tag the far end gave its To (header parameter: after the URI's closing '>')
+            theirs = next((row for name, row in rows if name == "to"), b"")
+            m = _TO_TAG.search(theirs, theirs.rfind(b">") + 1)
+            if m is not None:
+                to_row = to_row.rstrip() + b";tag=" + m.group(1)
     for i, (name, _) in enumerate(rows):
         if name == "from" and from_row is not None:
             rows[i] = (name, from_row)
@@ -860,4 +866,3 @@ def _restore_dialog_headers(resp: SipMessage, request: SipMessage) -> None:
             rows[i] = (name, to_row)
     resp._forget("from")
     resp._forget("to")
-

@@ -74,7 +74,7 @@ def main() -> None:
     calls = int(sys.argv[1]) if len(sys.argv) > 1 and sys.argv[1].isdigit() else 5000
     store = MemoryStore()
     now = time.time()
-    for i in range(calls + 200):
+    for i in range(200):
         store.bind_now(make_binding("axb", str(700100000000001 + i % 1000), str(13800000000 + i),
                                     str(13900000000 + i), 3600, now), now)
     core = ProxyCore(CoreSettings("127.0.0.1", 15060, "udp", lambda ip: True,
@@ -121,16 +121,30 @@ def main() -> None:
     for i in range(200):
         one_call(i)
     if "--profile" in sys.argv:
+        for i in range(200, 200 + calls):
+            store.bind_now(make_binding("axb", str(700100000000001 + i % 1000),
+                                        str(13800000000 + i), str(13900000000 + i), 3600, now),
+                           now)
         prof = cProfile.Profile()
         prof.enable()
-        for i in range(200, calls + 200):
+        for i in range(200, 200 + calls):
             one_call(i)
         prof.disable()
         pstats.Stats(prof).sort_stats("tottime").print_stats(30)
         return
-    total = sum(one_call(i) for i in range(200, calls + 200))
-    print(f"{calls} calls: core CPU {total / calls * 1e6:.1f} µs per call "
-          f"(7 messages in, 8 out, parse + rewrite + transactions + serialise)")
+    # five rounds; the best one is the figure (others show the noise of a shared machine)
+    per_call = []
+    for r in range(5):
+        first = 200 + r * calls
+        for i in range(first, first + calls):
+            store.bind_now(make_binding("axb", str(700100000000001 + i % 1000),
+                                        str(13800000000 + i), str(13900000000 + i), 3600, now),
+                           now)
+        per_call.append(sum(one_call(i) for i in range(first, first + calls)) / calls * 1e6)
+    per_call.sort()
+    print(f"{calls} calls x 5 rounds: core CPU per call best {per_call[0]:.1f} µs, "
+          f"median {per_call[2]:.1f} µs (7 messages in, 8 out: parse, rewrite, transactions, "
+          f"serialise)")
 
 
 if __name__ == "__main__":
