@@ -12,6 +12,7 @@ import base64
 import binascii
 import difflib
 import ipaddress
+import os
 import re
 import typing
 from functools import cached_property
@@ -23,6 +24,7 @@ import yaml
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     SecretStr,
@@ -299,6 +301,13 @@ def _base_dir(info: ValidationInfo) -> Path:
     """Relative paths resolve against the config file's directory (passed as context)."""
     context = info.context or {}
     return Path(context.get("base_dir") or Path.cwd())
+
+
+def _auto_workers(value: Any) -> Any:
+    """`workers: auto` means one worker per CPU core of this machine."""
+    if value == "auto":
+        return max(1, min(os.cpu_count() or 1, 1024))
+    return value
 
 
 def _decode_dialog_key(text: str) -> bytes:
@@ -603,7 +612,7 @@ class Config(_Section):
     privacy: PrivacyConfig = PrivacyConfig()
     timers: TimersConfig = TimersConfig()
     transport: TransportConfig = TransportConfig()
-    workers: Annotated[int, Strict(), Field(ge=1, le=1024)] = 1
+    workers: Annotated[int, BeforeValidator(_auto_workers), Strict(), Field(ge=1, le=1024)] = 1
     logging: LoggingConfig = LoggingConfig()
     metrics: MetricsConfig = MetricsConfig()
 

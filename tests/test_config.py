@@ -550,3 +550,10 @@ def test_several_problems_reported_at_once(config_dir: Path) -> None:
     ]
     assert str(caught.value) == "\n".join(problems)
     assert check_config(path) == problems
+
+
+def test_workers_auto_means_one_per_core(config_dir: Path) -> None:
+    import os
+
+    path = write(config_dir, {**MINIMAL, "workers": "auto"})
+    assert load_config(path).workers == (os.cpu_count() or 1)
