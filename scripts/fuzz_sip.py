@@ -7,10 +7,12 @@ few typical carrier messages to parse_datagram + validate + every accessor + the
 serialize, and the same bytes as TCP streams cut into random chunks to the StreamFramer.
 
 A *finding* is any exception other than ParseError, a case slower than --slow seconds, a
-serialised message that no longer parses the same way, or a StreamFramer whose output depends on
-how the stream was chunked. Findings are printed and saved (input + traceback) under --out.
+serialised message that no longer parses the same way, a one-regex fast path that disagrees with
+its general parser, or a StreamFramer whose output depends on how the stream was chunked.
+Findings are printed and saved (input + traceback) under --out.
 
 Usage: python3 scripts/fuzz_sip.py --cases 1000000 [--seed N] [--out DIR] [--slow 1.0]
+(--out defaults to $TMPDIR/sip-fuzz-findings)
 Exit status: 0 when nothing was found, 1 otherwise.
 """
 
@@ -21,6 +23,7 @@ import hashlib
 import random
 import signal
 import sys
+import tempfile
 import time
 import traceback
 from collections.abc import Callable
@@ -29,6 +32,13 @@ from types import FrameType
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+# the general parsers behind the one-regex fast paths, to check that both agree
+from proxy.sip.address import (
+    _parse_name_addr_general,
+    _parse_via_general,
+    parse_name_addr,
+    parse_via,
+)
 from proxy.sip.errors import ParseError
 from proxy.sip.message import (
     SipMessage,
@@ -37,6 +47,7 @@ from proxy.sip.message import (
     parse_datagram,
     parse_message,
 )
+from proxy.sip.uri import _parse_uri_general, parse_uri
 
 CORPUS_DIR = Path(__file__).resolve().parent.parent / "tests" / "data" / "rfc4475"
 
@@ -275,6 +286,29 @@ def _read_everything(msg: SipMessage) -> None:
         via.response_address(("192.0.2.1", 5060))
 
 
+def _outcome(parse: Callable[[str], object], text: str) -> object:
+    try:
+        return str(parse(text)), repr(getattr(parse(text), "params", None))
+    except ParseError:
+        return ParseError
+
+
+def _check_fast_paths(msg: SipMessage) -> None:
+    """The one-regex fast paths must accept and split exactly as the general parsers do."""
+    pairs: list[tuple[Callable[[str], object], Callable[[str], object], str]] = []
+    for name in ("from", "to", "contact", "route", "record-route", "p-asserted-identity"):
+        for value in msg.header_values(name):
+            pairs.append((parse_name_addr,
+                          lambda v: _parse_name_addr_general(v.strip(" \t"), "x"), value))
+    for value in msg.header_values("via"):
+        pairs.append((parse_via, lambda v: _parse_via_general(v.strip(" \t")), value))
+    if msg.is_request:
+        pairs.append((parse_uri, _parse_uri_general, msg.uri_text))
+    for fast, general, value in pairs:
+        if _outcome(fast, value) != _outcome(general, value):
+            raise Mismatch(f"fast and general parsers disagree on {value[:80]!r}")
+
+
 def _check_round_trip(msg: SipMessage) -> None:
     """serialize ∘ parse is stable: the output parses to the same rows, start line and body."""
     wire = msg.serialize()
@@ -329,6 +363,7 @@ def exercise_datagram(data: bytes) -> str:
     if msg is None:
         return "keepalive"
     _read_everything(msg)
+    _check_fast_paths(msg)
     _check_round_trip(msg)
     _edit(msg)
     return "ok"
@@ -386,7 +421,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cases", type=int, default=100_000)
     ap.add_argument("--seed", type=int, default=None)
-    ap.add_argument("--out", type=Path, default=Path("fuzz-findings"))
+    ap.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "sip-fuzz-findings",
+                    help="where findings are saved (input .bin + traceback .txt)")
     ap.add_argument("--slow", type=float, default=1.0, help="report cases slower than this (s)")
     ap.add_argument("--hang", type=int, default=20, help="abort a case after this many seconds")
     ap.add_argument("--stream-every", type=int, default=10,

@@ -49,7 +49,8 @@ def test_sealed_rule_round_trips_and_reveals_no_number() -> None:
 
 
 @pytest.mark.parametrize("mangle", [
-    lambda t: t[:-1] + ("A" if t[-1] != "A" else "B"),  # flipped tag bits
+    lambda t: t[:20] + ("A" if t[20] != "A" else "B") + t[21:],  # flipped ciphertext bits
+    lambda t: t[:-3] + ("A" if t[-3] != "A" else "B") + t[-2:],  # flipped tag bits
     lambda t: t[:10],  # truncated
     lambda t: "!!" + t,  # not base64
     lambda t: "",

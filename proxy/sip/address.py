@@ -5,10 +5,10 @@ ParseError on bad syntax. Parsed objects keep the raw text they came from, and s
 it unless something was changed.
 
 Speed: the common shapes (`"disp" <sip:user@host:port;params>;tag=x`, `SIP/2.0/UDP h:p;branch=..`)
-are recognised by one compiled regex each, built from the same grammar pieces as the general
-parsers, so the fast path accepts a subset of what the general path accepts and yields the same
-objects. Anything else falls through to the general code. Parameter lists are split only when
-someone reads them.
+are recognised by one compiled regex each. Each piece of such a regex accepts a subset of the
+matching piece of the general grammar, so a fast match is always valid and yields the same object
+the general parser would; anything else falls through to the general code (tests and the fuzzer
+check that both agree). Parameter lists are split only when someone reads them.
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ from proxy.sip.uri import (
 )
 
 _TOKEN = r"[A-Za-z0-9\-.!%*_+`'~]+"
-_TOKEN_RE = re.compile(_TOKEN)
 # qdtext (RFC 3261 §25.1): no control octets except HTAB; quoted-pair escapes any of 0x00-0x7f
 # except CR and LF. Octets 0x80-0xff stand for UTF-8 (values are handled as latin-1).
 _QDTEXT = r'[^"\\\x00-\x08\x0a-\x1f\x7f]*'

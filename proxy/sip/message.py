@@ -64,7 +64,8 @@ _FOLD = re.compile(r"\r\n[ \t]+")
 _CL_IN_HEAD = re.compile(
     rb"(?i)\r\n(?:content-length|l)[ \t]*:((?:[ \t]|\r\n[ \t])*[^\r\n]*+)(?!\r\n[ \t])"
 )
-# the name of every row after the start line; a row without ':' gives no match
+# header names as written on the wire (b"Via", b"v", b"Content-Length  ") → canonical names;
+# parse_message's fast path needs every row's name in here, the slow path fills it
 _NAME_CACHE: dict[bytes, str] = {}
 _NAME_LOOKUP = _NAME_CACHE.__getitem__
 _NAME_CACHE_MAX_ENTRIES = 4096
@@ -246,9 +247,10 @@ class SipMessage:
         value = self.header("max-forwards")
         if value is None:
             return None
-        if not _is_ascii_number(value, 5) or int(value) > 255:
+        number = int(value) if _is_ascii_number(value, 5) else 256
+        if number > 255:
             raise ParseError(f"bad Max-Forwards {value[:20]!r}", message=self)
-        return int(value)
+        return number
 
     @property
     def content_length(self) -> int | None:
@@ -279,13 +281,16 @@ class SipMessage:
             raise
 
     def _validate(self) -> None:
-        names = [n for n, _ in self.rows]
-        for name in SINGLE_HEADERS:
-            if names.count(name) > 1:
-                raise ParseError(f"more than one {display_name(name)} header")
+        names = list(map(_FIRST, self.rows))
+        singles = [n for n in names if n in _SINGLE_SET]
+        if len(singles) != len(set(singles)):
+            for name in SINGLE_HEADERS:
+                if singles.count(name) > 1:
+                    raise ParseError(f"more than one {display_name(name)} header")
+        present = set(names)
         if self.is_request:
             for name in ("via", "from", "to", "call-id", "cseq"):
-                if name not in names:
+                if name not in present:
                     raise ParseError(f"missing {display_name(name)} header")
             uri = self.uri
             if isinstance(uri, SipUri) and uri.headers:
@@ -297,12 +302,13 @@ class SipMessage:
                 raise ParseError("CSeq method does not match the request method",
                                  status=400 if known else 501)
             self.max_forwards  # noqa: B018
-            if "contact" in names:
+            if "contact" in present:
                 values = self.header_values("contact")
                 if values != ["*"]:
-                    self.name_addrs("contact")
+                    for value in values:
+                        parse_name_addr(value, "Contact")
         else:
-            if "via" not in names or "cseq" not in names:
+            if "via" not in present or "cseq" not in present:
                 raise ParseError("response without Via or CSeq")
             self.cseq  # noqa: B018
         self.from_  # noqa: B018
@@ -340,20 +346,20 @@ class SipMessage:
         if not values:
             self.remove_header(name)
             return
+        new_rows = [(name, _new_row(name, v)) for v in values]
         rows = self.rows
         self._forget(name)
         first = next((i for i, (n, _) in enumerate(rows) if n == name), len(rows))
-        rows[:] = [r for r in rows if r[0] != name]
-        rows[first:first] = [(name, _new_row(name, v)) for v in values]
+        self.rows = rows = [r for r in rows if r[0] != name]
+        rows[first:first] = new_rows
 
     def remove_header(self, name: str) -> int:
         """Drop every row of a header; returns how many rows went."""
         name = header_key(name)
-        rows = self.rows
-        before = len(rows)
-        rows[:] = [r for r in rows if r[0] != name]
+        before = len(self.rows)
+        self.rows = [r for r in self.rows if r[0] != name]
         self._forget(name)
-        return before - len(rows)
+        return before - len(self.rows)
 
     def insert_header(self, name: str, value: str, index: int = 0) -> None:
         """Add a row at `index` in the header list (0: before every other header)."""
@@ -429,6 +435,7 @@ class SipMessage:
 
 _LWS_CRLF = " \t\r\n"
 _FIRST = itemgetter(0)
+_SINGLE_SET = frozenset(SINGLE_HEADERS)
 
 
 _ROW_PREFIXES: dict[str, bytes] = {}
@@ -528,9 +535,11 @@ def parse_message(data: bytes, *, stream: bool = False) -> SipMessage:
     lines = head.split(b"\r\n")
     start = lines[0]
     # a CR or LF that is not part of a CRLF would reach the next hop inside a row we forward
-    # byte for byte, where a lenient parser may take it for a line end (header smuggling)
+    # byte for byte, where a lenient parser may take it for a line end (header smuggling).
+    # Joined without the CRLFs, any CR (13) or LF (10) left is one; `int in bytes` is a memchr.
+    joined = b"".join(lines)
+    clean = 13 not in joined and 10 not in joined
     crlf = len(lines) - 1
-    clean = head.count(b"\r") == crlf and head.count(b"\n") == crlf
     del lines[0]
     msg = SipMessage(start, [], b"")
     try:
