@@ -114,7 +114,8 @@ async def serve(
                      "client_transactions": len(core.client_txs),
                      "tcp_connections": len(server.tcp_connections)}))
         ep = cfg.metrics.endpoint
-        metrics_server = await serve_metrics(ep.host, ep.port, registry,
+        # one endpoint per worker (port + worker index): each reports its own counters
+        metrics_server = await serve_metrics(ep.host, ep.port + index, registry,
                                              lambda: getattr(store, "healthy", True))
     await server.start()  # last: an open SIP port means everything else is ready
     log.info("listening", listen=[str(e) for e in cfg.listen_endpoints],

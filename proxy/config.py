@@ -612,7 +612,9 @@ class Config(_Section):
     privacy: PrivacyConfig = PrivacyConfig()
     timers: TimersConfig = TimersConfig()
     transport: TransportConfig = TransportConfig()
-    workers: Annotated[int, BeforeValidator(_auto_workers), Strict(), Field(ge=1, le=1024)] = 1
+    workers: Annotated[int, BeforeValidator(_auto_workers), Strict(), Field(ge=1, le=1024)] = (
+        Field(default="auto", validate_default=True)
+    )
     logging: LoggingConfig = LoggingConfig()
     metrics: MetricsConfig = MetricsConfig()
 

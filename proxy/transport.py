@@ -242,11 +242,19 @@ class ProxyServer:
             self._relay_pending.setdefault(owner, []).append(head + data)
 
     async def _connect_relay(self, owner: int, box: _RelayOutbox) -> None:
-        try:
-            await self.loop.create_unix_connection(
-                lambda: box, relay_address(self.relay_group, owner))
-        except OSError:  # the owner is (re)starting: senders retransmit, later ones reconnect
+        # the owner may still be starting (workers come up in any order) or restarting: keep
+        # its messages for a few seconds rather than dropping them
+        for attempt in range(50):
+            try:
+                await self.loop.create_unix_connection(
+                    lambda: box, relay_address(self.relay_group, owner))
+                break
+            except OSError:
+                await asyncio.sleep(min(0.01 * 2 ** attempt, 0.2))
+        else:
             self.core.stats["relay_errors"] = self.core.stats.get("relay_errors", 0) + 1
+            log.warning("relay_unreachable", worker=owner,
+                        dropped=len(self._relay_pending.get(owner, [])))
             self._relay_pending.pop(owner, None)
             if self._outboxes.get(owner) is box:
                 del self._outboxes[owner]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import copy
 import ipaddress
+import os
 from pathlib import Path
 from typing import Any
 
@@ -101,7 +102,7 @@ def test_example_proxy_yaml_sets_every_key_of_the_schema() -> None:
 
 def test_minimal_config_takes_defaults(config_dir: Path) -> None:
     config = load_config(write(config_dir, MINIMAL))
-    assert config.workers == 1
+    assert config.workers == (os.cpu_count() or 1)  # "auto"
     assert config.timers.t1_ms == 500
     assert config.store.key_prefix == "sip700:"
     assert config.trusted_peers == ("127.0.0.1/32",)
@@ -553,7 +554,5 @@ def test_several_problems_reported_at_once(config_dir: Path) -> None:
 
 
 def test_workers_auto_means_one_per_core(config_dir: Path) -> None:
-    import os
-
     path = write(config_dir, {**MINIMAL, "workers": "auto"})
     assert load_config(path).workers == (os.cpu_count() or 1)

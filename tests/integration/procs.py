@@ -7,6 +7,7 @@ code), so a test asserts on what real SIP peers did.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -66,6 +67,18 @@ class ProxyProcess:
 
     def log_lines(self) -> list[str]:
         return self.log_path.read_text(errors="replace").splitlines()
+
+    def stop_and_read_stats(self) -> dict[str, int]:
+        """Stop the proxy; the counters its workers log on the way out, summed."""
+        self.stop()
+        lines = [json.loads(ln) for ln in self.log_lines() if '"stopping"' in ln]
+        if not lines:
+            raise AssertionError("the proxy logged no stats when stopping")
+        total: dict[str, int] = {}
+        for line in lines:
+            for name, value in line.get("stats", {}).items():
+                total[name] = total.get(name, 0) + value
+        return total
 
     def stop(self) -> int:
         if self.proc.poll() is None:

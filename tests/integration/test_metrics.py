@@ -20,7 +20,7 @@ def _invite(via_port: int, x: str, caller: str, branch: str) -> bytes:
 
 def test_metrics_count_decisions_and_health_answers(start_sip700) -> None:
     mport = free_port(socket.SOCK_STREAM)
-    proxy = start_sip700(overrides={"metrics": {"listen": f"127.0.0.1:{mport}"}})
+    proxy = start_sip700(overrides={"metrics": {"listen": f"127.0.0.1:{mport}"}, "workers": 1})
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         s.bind(("127.0.0.1", 0))
         s.settimeout(3)

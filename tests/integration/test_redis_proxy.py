@@ -137,7 +137,9 @@ def test_redis_killed_mid_traffic_and_restarted(
 ) -> None:
     caller, callee = endpoints
     url = f"redis://127.0.0.1:{own_redis['port']}/0"
-    overrides = {"store": {"redis_url": url, "timeout_ms": 200, "retry_after_s": 7}}
+    # one worker: what is cached is this process's cache (each worker has its own)
+    overrides = {"store": {"redis_url": url, "timeout_ms": 200, "retry_after_s": 7},
+                 "workers": 1}
     proxy = _proxy(tmp_path, "p", callee.port, "sip700test:kill:", BINDINGS, overrides)
     try:
         assert place_call(proxy.port, caller, callee, X1, A1).status == 200  # now cached
