@@ -382,6 +382,14 @@ class SipMessage:
             if n != "via":
                 continue
             colon = row.find(b":") + 1
+            if b"," not in row:  # the usual case: one value per Via row
+                value = row[colon:]
+                if not value.strip(b" \t\r\n"):
+                    continue  # an empty row holds no Via
+                self._forget("via")
+                del rows[i]
+                text = value.decode("latin-1")
+                return (_FOLD.sub(" ", text) if "\n" in text else text).strip(" \t")
             text = row[colon:].decode("latin-1")
             spans = [(a, b) for a, b in _list_spans(text) if text[a:b].strip(_LWS_CRLF)]
             if not spans:
