@@ -120,16 +120,30 @@ class _RelayInbox(asyncio.Protocol):
 
 
 class _RelayOutbox(asyncio.Protocol):
-    """The connection to another worker's inbox; asyncio buffers while that worker is busy."""
+    """The connection to another worker's inbox.
+
+    Messages queue while it connects and are written in one batch per event-loop pass: under
+    load one write carries many messages (a syscall each would cost more than the relay).
+    """
 
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
+        self.queue: list[bytes] = []
+        self.scheduled = False
+        self.closed = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
+        self.closed = True
+
+    def drain(self) -> None:
+        self.scheduled = False
+        if self.transport is not None and self.queue:
+            self.transport.write(b"".join(self.queue))
+            self.queue.clear()
 
 
 class ProxyServer:
@@ -167,7 +181,6 @@ class ProxyServer:
         self.relay_group = relay_group
         self._relay_server: asyncio.base_events.Server | None = None
         self._outboxes: dict[int, _RelayOutbox] = {}
-        self._relay_pending: dict[int, list[bytes]] = {}
 
     async def start(self) -> None:
         for transport, host, port in self.listen:
@@ -229,17 +242,16 @@ class ProxyServer:
 
     def _relay_to(self, owner: int, data: bytes, source: tuple[str, int]) -> None:
         box = self._outboxes.get(owner)
-        if box is None or box.transport is None or box.transport.is_closing():
+        if box is None or box.closed:
             box = self._outboxes[owner] = _RelayOutbox()
             task = self.loop.create_task(self._connect_relay(owner, box))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
-            # the first message waits in `pending` until the connection is up
-        head = _RELAY_HEADER.pack(len(data), source[1], source[0].encode("ascii"))
-        if box.transport is not None:
-            box.transport.write(head + data)
-        else:
-            self._relay_pending.setdefault(owner, []).append(head + data)
+        box.queue.append(_RELAY_HEADER.pack(len(data), source[1], source[0].encode("ascii")))
+        box.queue.append(data)
+        if box.transport is not None and not box.scheduled:
+            box.scheduled = True
+            self.loop.call_soon(box.drain)
 
     async def _connect_relay(self, owner: int, box: _RelayOutbox) -> None:
         # the owner may still be starting (workers come up in any order) or restarting: keep
@@ -253,15 +265,11 @@ class ProxyServer:
                 await asyncio.sleep(min(0.01 * 2 ** attempt, 0.2))
         else:
             self.core.stats["relay_errors"] = self.core.stats.get("relay_errors", 0) + 1
-            log.warning("relay_unreachable", worker=owner,
-                        dropped=len(self._relay_pending.get(owner, [])))
-            self._relay_pending.pop(owner, None)
-            if self._outboxes.get(owner) is box:
-                del self._outboxes[owner]
+            log.warning("relay_unreachable", worker=owner, dropped=len(box.queue) // 2)
+            box.queue.clear()
+            box.closed = True
             return
-        assert box.transport is not None
-        for chunk in self._relay_pending.pop(owner, []):
-            box.transport.write(chunk)
+        box.drain()
 
     def on_relayed(self, data: bytes, source: tuple[str, int]) -> None:
         """A datagram another worker received for a Call-ID this worker owns."""
