@@ -88,6 +88,10 @@ async def serve(
 
     if store is None:
         store = open_store_frozen(cfg)
+    # Call state is freed by reference counting (the core breaks its one cycle when a
+    # transaction pair ends), so the cyclic collector can run rarely: its full passes over tens
+    # of thousands of live transactions were p99 latency spikes of hundreds of milliseconds.
+    gc.set_threshold(100_000, 1000, 1000)
     start = getattr(store, "start", None)
     if start is not None:
         await start()
@@ -166,6 +170,9 @@ def supervise(cfg: Config, key: bytes) -> int:
     store = open_store_frozen(cfg) if cfg.store.backend == "memory" else None
     group = tempfile.mkdtemp(prefix="sip700-")  # the workers' relay sockets live here
     children: dict[int, int] = {}  # pid → worker index
+    started: dict[int, float] = {}  # worker index → when it was (re)started
+    quick_deaths: dict[int, int] = {}
+    exit_code = 0
     stopping = False
 
     def fork(index: int) -> None:
@@ -181,6 +188,7 @@ def supervise(cfg: Config, key: bytes) -> int:
                 code = 1
             os._exit(code)
         children[pid] = index
+        started[index] = time.monotonic()
 
     def stop(signum: int, _frame: Any) -> None:
         nonlocal stopping
@@ -204,11 +212,18 @@ def supervise(cfg: Config, key: bytes) -> int:
         index = children.pop(pid, None)
         if index is None or stopping:
             continue
-        log.error("worker_died", worker=index, status=status)
+        lived = time.monotonic() - started.get(index, 0.0)
+        quick_deaths[index] = quick_deaths.get(index, 0) + 1 if lived < 5.0 else 0
+        log.error("worker_died", worker=index, status=status, lived_s=round(lived, 1))
+        if quick_deaths[index] >= 5:  # it cannot start (port taken, bad store …): give up
+            log.error("worker_cannot_start", worker=index)
+            stop(signal.SIGTERM, None)
+            exit_code = 1
+            continue
         time.sleep(0.2)  # no restart storm if a worker dies at start-up
         fork(index)
     shutil.rmtree(group, ignore_errors=True)
-    return 0
+    return exit_code
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:

@@ -814,7 +814,14 @@ class ProxyCore:
         self._final(relay, FinalResponse(408, "Request Timeout"), now, outcome="timer c")
 
     def _rearm(self, relay: Relay) -> None:
-        self.wheel.schedule(relay, relay.next_deadline())
+        deadline = relay.next_deadline()
+        self.wheel.schedule(relay, deadline)
+        if (deadline is None and self.server_txs.get(relay.server_key) is not relay
+                and (relay.client_key is None or self.client_txs.get(relay.client_key)
+                     is not relay)):
+            # both transactions are over: break the ACK builder's closure cycle so reference
+            # counting frees the relay at once (the cyclic GC is tuned to run rarely)
+            relay.client = relay.cancel_client = None
 
 
 def _response_address(msg: SipMessage, source: Address) -> Address:
