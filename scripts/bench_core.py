@@ -130,7 +130,8 @@ def main() -> None:
         for i in range(200, 200 + calls):
             one_call(i)
         prof.disable()
-        pstats.Stats(prof).sort_stats("tottime").print_stats(30)
+        order = "cumulative" if "--cumulative" in sys.argv else "tottime"
+        pstats.Stats(prof).sort_stats(order).print_stats(40)
         return
     # five rounds; the best one is the figure (others show the noise of a shared machine)
     per_call = []
