@@ -35,6 +35,7 @@ from proxy.bindings.model import (
     validate_binding,
 )
 from proxy.bindings.redis_connect import PubSubClientFactory, connect
+from proxy.bindings.redis_lookup import LeanConnection, LookupReplyError, lean_target
 from proxy.numbers import normalize_number
 
 log = structlog.get_logger("sip700.bindings")
@@ -70,6 +71,8 @@ class RedisStore:
         self.cache = cache or ResolutionCache(100_000, 60.0, 1.0)
         self.cache.trusted = False  # until the invalidation channel is up
         self.breaker = breaker or CircuitBreaker(5, 1.0)
+        # the lean pipelined connection for lookups (standalone Redis only; see redis_lookup)
+        self.lean: LeanConnection | None = None
         self._instance_base = uuid.uuid4().hex[:12]
         self._client = client
         self._pubsub_client = pubsub_client
@@ -97,7 +100,7 @@ class RedisStore:
         client, pubsub_client = connect(store_cfg)
         cache_cfg = getattr(store_cfg, "cache", None)
         breaker_cfg = getattr(store_cfg, "circuit_breaker", None)
-        return cls(
+        store = cls(
             client,
             pubsub_client,
             key_prefix=getattr(store_cfg, "key_prefix", "sip700:"),
@@ -112,6 +115,12 @@ class RedisStore:
                 getattr(breaker_cfg, "open_s", 1.0),
             ),
         )
+        target = lean_target(getattr(store_cfg, "redis_url", None) or "redis://127.0.0.1:6379/0",
+                             getattr(store_cfg, "sentinel", None),
+                             getattr(store_cfg, "cluster", None))
+        if target is not None:
+            store.lean = LeanConnection(target)
+        return store
 
     def keys(self, x: str) -> list[str]:
         """X's hash and expiry zset; {X} is the Cluster hash tag."""
@@ -157,6 +166,8 @@ class RedisStore:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._listener
             self._listener = None
+        if self.lean is not None:
+            self.lean.close()
         await self._client.aclose()
 
     # -- lookups ------------------------------------------------------------------------------
@@ -190,10 +201,23 @@ class RedisStore:
 
     async def _fetch(self, x: str, caller: str) -> Resolution:
         now = time.time()
-        reply = await self._call(
-            self._resolve_script(keys=self.keys(x), args=[caller, _ms(now)]), now
-        )
+        keys = self.keys(x)
+        sha = self._resolve_script.sha
+        reply = None
+        if self.lean is not None and sha:
+            try:
+                reply = await self._call(
+                    self.lean.call("EVALSHA", sha, 2, keys[0], keys[1], caller, _ms(now)), now)
+            except LookupReplyError as exc:
+                if not str(exc).startswith("NOSCRIPT"):
+                    self.breaker.record_failure(now, "ReplyError")
+                    raise StoreUnavailable(f"redis error: {exc}") from exc
+                # a restarted Redis forgot the script: redis-py's call below loads it again
+        if reply is None:
+            reply = await self._call(self._resolve_script(keys=keys, args=[caller, _ms(now)]), now)
         code, callee, exp_ms = reply
+        if isinstance(callee, bytes):
+            callee = callee.decode()
         outcome = _OUTCOME_BY_CODE[int(code)]
         if outcome is Outcome.ROUTE:
             return Resolution(outcome, callee, int(exp_ms) / 1000.0)

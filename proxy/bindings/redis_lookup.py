@@ -1,0 +1,134 @@
+"""A lean, pipelined connection for the one command on the call path: `EVALSHA resolve`.
+
+redis-py costs ~250 µs of Python per command on this class of machine (connection pool,
+command packing, response callbacks). Lookups need none of that: one connection per process,
+RESP written directly, replies parsed by hiredis and matched to waiters in order (Redis answers
+a connection's commands in order), so concurrent lookups pipeline on their own. Everything else
+(writes, admin, Sentinel, Cluster, TLS) stays on redis-py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+import hiredis
+
+
+def lean_target(url: str, sentinel: Any, cluster: Any) -> dict[str, Any] | None:
+    """Where the lean connection goes, or None when only redis-py can get there."""
+    if sentinel is not None or cluster is not None:
+        return None
+    parts = urlsplit(url)
+    if parts.scheme == "unix":
+        target: dict[str, Any] = {"path": parts.path}
+    elif parts.scheme == "redis":
+        target = {"host": parts.hostname or "127.0.0.1", "port": parts.port or 6379}
+    else:
+        return None  # rediss:// (TLS): redis-py handles it
+    db = parts.path.strip("/") if parts.scheme == "redis" else ""
+    query = dict(p.split("=", 1) for p in parts.query.split("&") if "=" in p)
+    target["db"] = int(query.get("db", db or 0) or 0)
+    target["username"] = unquote(parts.username) if parts.username else None
+    target["password"] = unquote(parts.password) if parts.password else None
+    return target
+
+
+def _pack(*args: str | bytes | int) -> bytes:
+    out = [b"*%d\r\n" % len(args)]
+    for arg in args:
+        data = arg if isinstance(arg, bytes) else str(arg).encode()
+        out.append(b"$%d\r\n%s\r\n" % (len(data), data))
+    return b"".join(out)
+
+
+class _Protocol(asyncio.Protocol):
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.reader = hiredis.Reader()
+        self.waiters: deque[asyncio.Future[Any]] = deque()
+        self.lost = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        self.reader.feed(data)
+        while True:
+            reply = self.reader.gets()
+            if reply is False:
+                return
+            if not self.waiters:
+                continue  # nothing asked for it (cannot happen with an ordered server)
+            waiter = self.waiters.popleft()
+            if waiter.done():
+                continue  # its caller timed out; the order is kept all the same
+            if isinstance(reply, hiredis.ReplyError):
+                waiter.set_exception(LookupReplyError(str(reply)))
+            else:
+                waiter.set_result(reply)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        self.transport = None
+        while self.waiters:
+            waiter = self.waiters.popleft()
+            if not waiter.done():
+                waiter.set_exception(ConnectionError("redis connection lost"))
+
+
+class LookupReplyError(Exception):
+    """Redis answered with an error (NOSCRIPT, BUSY, …)."""
+
+
+class LeanConnection:
+    """One pipelined connection; `call(*args)` awaits that command's reply."""
+
+    def __init__(self, target: dict[str, Any]) -> None:
+        self.target = target
+        self._protocol: _Protocol | None = None
+        self._connecting: asyncio.Future[_Protocol] | None = None
+
+    async def _connect(self) -> _Protocol:
+        loop = asyncio.get_running_loop()
+        t = self.target
+        if "path" in t:
+            _, protocol = await loop.create_unix_connection(_Protocol, t["path"])
+        else:
+            _, protocol = await loop.create_connection(_Protocol, t["host"], t["port"])
+        setup: list[bytes] = []
+        if t.get("password"):
+            setup.append(_pack("AUTH", *([t["username"]] if t.get("username") else []),
+                               t["password"]))
+        if t.get("db"):
+            setup.append(_pack("SELECT", t["db"]))
+        for command in setup:
+            waiter = loop.create_future()
+            protocol.waiters.append(waiter)
+            assert protocol.transport is not None
+            protocol.transport.write(command)
+            await waiter
+        return protocol
+
+    async def call(self, *args: str | bytes | int) -> Any:
+        protocol = self._protocol
+        if protocol is None or protocol.lost:
+            if self._connecting is None:
+                self._connecting = asyncio.ensure_future(self._connect())
+            try:
+                protocol = await asyncio.shield(self._connecting)
+            finally:
+                if self._connecting is not None and self._connecting.done():
+                    self._connecting = None
+            self._protocol = protocol
+        waiter = asyncio.get_running_loop().create_future()
+        protocol.waiters.append(waiter)
+        assert protocol.transport is not None
+        protocol.transport.write(_pack(*args))
+        return await waiter
+
+    def close(self) -> None:
+        if self._protocol is not None and self._protocol.transport is not None:
+            self._protocol.transport.close()
