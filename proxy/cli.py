@@ -47,7 +47,6 @@ def build_core(cfg: Config, key: bytes) -> Any:
     settings = CoreSettings(
         advertise_host=adv.host,
         advertise_port=adv.port,
-        transport=cfg.listen_endpoints[0].transport,
         is_trusted=functools.lru_cache(maxsize=4096)(cfg.is_trusted),
         middle_number=lambda n: pattern.search(n) is not None,
         gateways=[Hop(g.host, g.port, g.transport) for g in cfg.carrier.targets],

@@ -80,7 +80,6 @@ class CoreSettings:
 
     advertise_host: str
     advertise_port: int
-    transport: str  # transport we put in our Via/Record-Route by default
     is_trusted: Callable[[str], bool]
     middle_number: Callable[[str], bool]
     gateways: list[Hop]
@@ -871,5 +870,5 @@ def _restore_dialog_headers(resp: SipMessage, request: SipMessage) -> None:
             rows[i] = (name, from_row)
         elif name == "to" and to_row is not None:
             rows[i] = (name, to_row)
-    resp._forget("from")
-    resp._forget("to")
+    resp.forget_parsed("from")
+    resp.forget_parsed("to")

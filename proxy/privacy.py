@@ -150,7 +150,7 @@ def hide_number(msg: SipMessage, hidden: str, x: str) -> int:
     if not names.isdisjoint(_REMOVED):
         msg.rows = rows = [r for r in rows if r[0] not in _REMOVED]
         for name in names.intersection(_REMOVED):
-            msg._forget(name)
+            msg.forget_parsed(name)
     xb = x.encode()
     if "p-asserted-identity" in names:
         pai = [row for name, row in rows if name == "p-asserted-identity"]
@@ -169,7 +169,7 @@ def hide_number(msg: SipMessage, hidden: str, x: str) -> int:
                 new, n = scanner.replace(row, xb)
                 if n:
                     rows[i] = (name, new)
-                    msg._forget(name)
+                    msg.forget_parsed(name)
                     found += n
     if msg.body and scanner.present(msg.body):
         body, n = scanner.replace(msg.body, xb)

@@ -77,7 +77,7 @@ def main() -> None:
     for i in range(200):
         store.bind_now(make_binding("axb", str(700100000000001 + i % 1000), str(13800000000 + i),
                                     str(13900000000 + i), 3600, now), now)
-    core = ProxyCore(CoreSettings("127.0.0.1", 15060, "udp", lambda ip: True,
+    core = ProxyCore(CoreSettings("127.0.0.1", 15060, lambda ip: True,
                                   lambda n: n.startswith("700") and len(n) == 15,
                                   [Hop("127.0.0.1", 15070, "udp")]),
                      DialogSealer(b"k" * 32))

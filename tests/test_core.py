@@ -19,7 +19,7 @@ GATEWAY = ("127.0.0.1", 5090)
 
 def make_core() -> ProxyCore:
     settings = CoreSettings(
-        advertise_host="127.0.0.1", advertise_port=5060, transport="udp",
+        advertise_host="127.0.0.1", advertise_port=5060,
         is_trusted=lambda ip: True, middle_number=lambda n: n.startswith("700"),
         gateways=[Hop(GATEWAY[0], GATEWAY[1], "udp")],
     )

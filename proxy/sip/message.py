@@ -317,7 +317,8 @@ class SipMessage:
         self.top_via  # noqa: B018
 
     # ---- editing -------------------------------------------------------------------
-    def _forget(self, name: str) -> None:
+    def forget_parsed(self, name: str) -> None:
+        """Drop the cached parse of a header whose rows were edited directly in `rows`."""
         cache = self._cache
         if cache:
             cache.pop(name, None)
@@ -329,7 +330,7 @@ class SipMessage:
         name = header_key(name)
         row = _new_row(name, value)
         rows = self.rows
-        self._forget(name)
+        self.forget_parsed(name)
         names = list(map(_FIRST, rows))
         try:
             i = names.index(name)
@@ -348,7 +349,7 @@ class SipMessage:
             return
         new_rows = [(name, _new_row(name, v)) for v in values]
         rows = self.rows
-        self._forget(name)
+        self.forget_parsed(name)
         first = next((i for i, (n, _) in enumerate(rows) if n == name), len(rows))
         self.rows = rows = [r for r in rows if r[0] != name]
         rows[first:first] = new_rows
@@ -358,13 +359,13 @@ class SipMessage:
         name = header_key(name)
         before = len(self.rows)
         self.rows = [r for r in self.rows if r[0] != name]
-        self._forget(name)
+        self.forget_parsed(name)
         return before - len(self.rows)
 
     def insert_header(self, name: str, value: str, index: int = 0) -> None:
         """Add a row at `index` in the header list (0: before every other header)."""
         name = header_key(name)
-        self._forget(name)
+        self.forget_parsed(name)
         self.rows.insert(index, (name, _new_row(name, value)))
 
     def push_via(self, value: str) -> None:
@@ -386,7 +387,7 @@ class SipMessage:
                 value = row[colon:]
                 if not value.strip(b" \t\r\n"):
                     continue  # an empty row holds no Via
-                self._forget("via")
+                self.forget_parsed("via")
                 del rows[i]
                 text = value.decode("latin-1")
                 return (_FOLD.sub(" ", text) if "\n" in text else text).strip(" \t")
@@ -394,7 +395,7 @@ class SipMessage:
             spans = [(a, b) for a, b in _list_spans(text) if text[a:b].strip(_LWS_CRLF)]
             if not spans:
                 continue  # a row of empty values holds no Via
-            self._forget("via")
+            self.forget_parsed("via")
             a, b = spans[0]
             top = _FOLD.sub(" ", text[a:b]).strip(" \t")
             if len(spans) == 1:
