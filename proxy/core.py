@@ -109,6 +109,7 @@ class Relay:
         "final_sent",
         "hidden",
         "is_invite",
+        "lookup_at",
         "out",
         "provisional",
         "request",
@@ -141,6 +142,7 @@ class Relay:
         self.x = ""
         self.caller = ""
         self.started = 0.0
+        self.lookup_at = 0.0  # when the binding lookup was handed to the shell
 
     def next_deadline(self) -> float | None:
         deadlines = [d for d in (
@@ -369,6 +371,7 @@ class ProxyCore:
         if caller is None:
             self._final(relay, s.not_party, now, outcome="no caller number")
             return
+        relay.lookup_at = now
         self.lookups.append((relay, x, caller))
         self._rearm(relay)
 
@@ -454,6 +457,7 @@ class ProxyCore:
         self._count("calls_routed")
         self.log("call", call_id=msg.call_id, x=relay.x, caller=self._mask(relay.caller),
                  callee=self._mask(callee), outcome="routed",
+                 lookup_ms=round((now - relay.lookup_at) * 1000, 3),
                  decision_ms=round((now - relay.started) * 1000, 3))
         self._client_events(relay, client.start(now), now)
         self._rearm(relay)
@@ -736,6 +740,7 @@ class ProxyCore:
         if relay.is_invite and relay.rule is None:
             self.log("call", call_id=relay.request.call_id, x=relay.x,
                      caller=self._mask(relay.caller), outcome=outcome, code=response.code,
+                     lookup_ms=round((now - relay.lookup_at) * 1000, 3),
                      decision_ms=round((now - relay.started) * 1000, 3))
         self._server_events(relay, relay.server.send_response(response.code, resp.serialize(),
                                                                now), now)

@@ -25,6 +25,8 @@ from proxy.sip.message import StreamFramer
 log = structlog.get_logger("sip700.transport")
 
 TICK_S = 0.01
+# The core's clock is time.monotonic(): the loop's own clock is cached per iteration at
+# millisecond resolution, too coarse for the latencies the call log reports.
 # Call-ID row at the start of a line, long or compact form, any case (RFC 3261 §7.3.3)
 _CALL_ID = re.compile(rb"\n(?:call-id|i)[ \t]*:[ \t]*([^\r\n]+)", re.IGNORECASE)
 _RELAY_HEADER = struct.Struct("!IH46s")  # length, source port, source host (NUL-padded)
@@ -235,7 +237,7 @@ class ProxyServer:
                 self._relay_to(owner, data, source)
                 return
         try:
-            self.core.receive_datagram(data, source, "udp", self.loop.time())
+            self.core.receive_datagram(data, source, "udp", time.monotonic())
         except Exception:  # a bug must cost one message, never the process
             self._internal_error(source)
         self.flush()
@@ -274,7 +276,7 @@ class ProxyServer:
     def on_relayed(self, data: bytes, source: tuple[str, int]) -> None:
         """A datagram another worker received for a Call-ID this worker owns."""
         try:
-            self.core.receive_datagram(data, source, "udp", self.loop.time())
+            self.core.receive_datagram(data, source, "udp", time.monotonic())
         except Exception:
             self._internal_error(source)
         self.flush()
@@ -285,7 +287,7 @@ class ProxyServer:
 
     def on_stream_data(self, conn: _TcpConnection, data: bytes) -> None:
         assert conn.peer is not None
-        now = self.loop.time()
+        now = time.monotonic()
         for item in conn.framer.feed(data):
             try:
                 if isinstance(item, Exception):
@@ -318,7 +320,7 @@ class ProxyServer:
                 for relay, x, caller in lookups:
                     answer = self.store.resolve_cached(x, caller, wall)
                     if answer is not None:
-                        core.complete_lookup(relay, answer, self.loop.time())
+                        core.complete_lookup(relay, answer, time.monotonic())
                     else:
                         task = self.loop.create_task(self._lookup(relay, x, caller))
                         self._tasks.add(task)
@@ -328,9 +330,9 @@ class ProxyServer:
         try:
             answer = await self.store.resolve(x, caller)
         except StoreUnavailable:
-            self.core.fail_lookup(relay, self.loop.time())
+            self.core.fail_lookup(relay, time.monotonic())
         else:
-            self.core.complete_lookup(relay, answer, self.loop.time())
+            self.core.complete_lookup(relay, answer, time.monotonic())
         self.flush()
 
     def _send(self, item: Outgoing) -> None:
@@ -361,10 +363,10 @@ class ProxyServer:
                 del self.tcp_connections[conn.peer]
 
     async def _tick(self) -> None:
-        sweep_at = self.loop.time() + 5.0
+        sweep_at = time.monotonic() + 5.0
         while True:
             await asyncio.sleep(TICK_S)
-            now = self.loop.time()
+            now = time.monotonic()
             deadline = self.core.next_deadline()
             if deadline is not None and deadline <= now:
                 try:
