@@ -10,14 +10,13 @@ import gc
 import os
 import shutil
 import signal
-import sys
 import tempfile
 import time
 from typing import Any
 
 import structlog
 
-from proxy.config import Config, ConfigError, check_config, load_config
+from proxy.config import Config, check_config, load_config_or_report
 from proxy.logs import configure_logging
 
 log = structlog.get_logger("sip700")
@@ -137,11 +136,8 @@ async def serve(
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    try:
-        cfg = load_config(args.config)
-    except ConfigError as exc:
-        for problem in exc.problems:
-            print(problem, file=sys.stderr)
+    cfg = load_config_or_report(args.config)
+    if cfg is None:
         return 1
     configure_logging(cfg.logging.level, cfg.logging.format)
     key = dialog_key(cfg)

@@ -14,6 +14,7 @@ import difflib
 import ipaddress
 import os
 import re
+import sys
 import typing
 from functools import cached_property
 from pathlib import Path
@@ -845,6 +846,16 @@ def load_config(path: str | Path) -> Config:
     if problems or config is None:
         raise ConfigError(problems)
     return config
+
+
+def load_config_or_report(path: str | Path) -> Config | None:
+    """For commands: the config, or None after printing every problem to stderr."""
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        return None
 
 
 def check_config(path: str | Path) -> list[str]:

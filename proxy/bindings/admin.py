@@ -173,20 +173,14 @@ def add_commands(subparsers: Any) -> None:
     bindings.set_defaults(func=cmd_bindings)
 
 
-COMMANDS = ("bind-axb", "bind-axn", "unbind", "get", "list", "import")
-
-
 def cmd_bindings(args: argparse.Namespace) -> int:
     """Entry point for `sip700 bindings`: open the store, run one command, close."""
     from proxy.bindings.model import InvalidBinding, StoreUnavailable
     from proxy.bindings.store import open_store
-    from proxy.config import ConfigError, load_config
+    from proxy.config import load_config_or_report
 
-    try:
-        cfg = load_config(args.config)
-    except ConfigError as exc:
-        for problem in exc.problems:
-            print(problem, file=sys.stderr)
+    cfg = load_config_or_report(args.config)
+    if cfg is None:
         return 1
     if cfg.store.backend == "memory" and args.bindings_command != "import":
         print(
@@ -211,7 +205,9 @@ def cmd_bindings(args: argparse.Namespace) -> int:
 
 
 async def run_command(store: BindingStore, args: argparse.Namespace) -> int:
-    """Run the command `args.command` (one of COMMANDS); print JSON lines; exit status."""
+    """Run `args.command` (bind-axb, bind-axn, unbind, get, list, import); print JSON lines.
+
+    Returns the exit status."""
     command = args.command
     if command == "bind-axb":
         print(binding_json(await bind_axb(store, args.x, args.a, args.b, args.ttl)))
