@@ -17,7 +17,8 @@ from typing import Any
 import structlog
 
 from proxy.config import Config, check_config, load_config_or_report
-from proxy.logs import configure_logging
+from proxy.logs import configure_logging, records_dropped
+from proxy.logs import flush as flush_logs
 
 log = structlog.get_logger("sip700")
 
@@ -33,10 +34,10 @@ def dialog_key(cfg: Config) -> bytes:
     return key
 
 
-def build_core(cfg: Config, key: bytes) -> Any:
+def build_core(cfg: Config, key: bytes, index: int = 0) -> Any:
     """The sans-IO proxy core, configured from `cfg`."""
     from proxy.core import CoreSettings, FinalResponse, Hop, ProxyCore
-    from proxy.privacy import DialogSealer
+    from proxy.privacy import DialogSealer, PrivacyPolicy
     from proxy.sip.transaction import TimerSettings
 
     adv = cfg.advertised
@@ -50,10 +51,22 @@ def build_core(cfg: Config, key: bytes) -> Any:
         middle_number=lambda n: pattern.search(n) is not None,
         gateways=[Hop(g.host, g.port, g.transport) for g in cfg.carrier.targets],
         gateway_strategy=cfg.carrier.strategy,
-        to_header=cfg.privacy.to_header,
         mask_numbers=cfg.privacy.mask_numbers_in_logs,
         timer_settings=TimerSettings(t1=t.t1_ms / 1000, t2=t.t2_ms / 1000, t4=t.t4_ms / 1000),
         timer_c=t.timer_c_s,
+        worker_index=index,
+        is_gateway_address=functools.lru_cache(maxsize=4096)(cfg.is_gateway_address),
+        is_allowed_next_hop=functools.lru_cache(maxsize=4096)(cfg.is_allowed_next_hop),
+        privacy=PrivacyPolicy(
+            to_header=cfg.privacy.to_header,
+            add_asserted_identity=cfg.privacy.add_asserted_identity,
+            unreadable_body=cfg.privacy.unreadable_body,
+            isup=cfg.privacy.isup,
+            refer=cfg.privacy.refer,
+        ),
+        max_dialog_s=cfg.privacy.max_dialog_s,
+        max_invite_lifetime=t.max_invite_lifetime_s,
+        lookup_deadline=cfg.store.lookup_deadline_ms / 1000,
         retry_after_s=cfg.store.retry_after_s,
         no_binding=FinalResponse(r.no_binding.code, r.no_binding.reason),
         not_party=FinalResponse(r.not_party.code, r.not_party.reason),
@@ -79,9 +92,13 @@ def open_store_frozen(cfg: Config) -> Any:
 
 
 async def serve(
-    cfg: Config, key: bytes, store: Any = None, index: int = 0, count: int = 1, group: str = ""
+    cfg: Config, key: bytes, store: Any = None, index: int = 0, count: int = 1, group: str = "",
+    relay_key: bytes = b"",
 ) -> None:
-    """Run one worker until SIGTERM/SIGINT."""
+    """Run one worker until SIGTERM/SIGINT.
+
+    `relay_key` keys the hash that picks a Call-ID's worker: the same in every worker.
+    """
     from proxy.transport import ProxyServer
 
     if store is None:
@@ -93,15 +110,18 @@ async def serve(
     start = getattr(store, "start", None)
     if start is not None:
         await start()
-    core = build_core(cfg, key)
+    core = build_core(cfg, key, index)
     server = ProxyServer(
         core, store,
         listen=[(e.transport, e.host, e.port) for e in cfg.listen_endpoints],
         udp_rcvbuf=cfg.transport.udp_rcvbuf_bytes,
         udp_sndbuf=cfg.transport.udp_sndbuf_bytes,
         tcp_idle_timeout=cfg.transport.tcp_idle_timeout_s,
+        tcp_max_connections=cfg.transport.tcp_max_connections,
+        tcp_max_connections_per_source=cfg.transport.tcp_max_connections_per_source,
+        tcp_max_output_bytes=cfg.transport.tcp_max_output_bytes,
         max_message_bytes=cfg.transport.max_message_bytes,
-        worker_index=index, worker_count=count, relay_group=group,
+        worker_index=index, worker_count=count, relay_group=group, relay_key=relay_key,
     )
     metrics_server = None
     if cfg.metrics.endpoint is not None:
@@ -111,7 +131,7 @@ async def serve(
 
         registry = CollectorRegistry()
         registry.register(CoreCollector(
-            lambda: core.stats,
+            lambda: {**core.stats, "log_records_dropped": records_dropped()},
             lambda: {"server_transactions": len(core.server_txs),
                      "client_transactions": len(core.client_txs),
                      "tcp_connections": len(server.tcp_connections)}))
@@ -128,11 +148,23 @@ async def serve(
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
-    log.info("stopping", stats=core.stats)
+    await _drain_logs(1.0)  # room for the stopping line, if stdout is being read at all
+    stats = dict(core.stats)
+    if records_dropped():
+        stats["log_records_dropped"] = records_dropped()
+    log.info("stopping", stats=stats)
     await server.close()
     if metrics_server is not None:
         metrics_server.close()
     await store.close()
+    await _drain_logs(1.0)
+
+
+async def _drain_logs(timeout: float) -> None:
+    """Give a slow stdout reader a moment for the log lines still waiting (never blocks)."""
+    deadline = time.monotonic() + timeout
+    while not flush_logs() and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -164,6 +196,9 @@ def supervise(cfg: Config, key: bytes) -> int:
     """
     store = open_store_frozen(cfg) if cfg.store.backend == "memory" else None
     group = tempfile.mkdtemp(prefix="sip700-")  # the workers' relay sockets live here
+    # keys the hash that picks a Call-ID's worker: made once, so every worker (and every
+    # restarted one) agrees, and secret, so callers cannot aim their calls at one worker
+    relay_key = os.urandom(32)
     children: dict[int, int] = {}  # pid → worker index
     started: dict[int, float] = {}  # worker index → when it was (re)started
     quick_deaths: dict[int, int] = {}
@@ -177,7 +212,7 @@ def supervise(cfg: Config, key: bytes) -> int:
             signal.signal(signal.SIGINT, signal.SIG_DFL)
             code = 0
             try:
-                _run_loop(serve(cfg, key, store, index, cfg.workers, group))
+                _run_loop(serve(cfg, key, store, index, cfg.workers, group, relay_key))
             except BaseException:
                 log.exception("worker_failed", worker=index)
                 code = 1
@@ -218,6 +253,9 @@ def supervise(cfg: Config, key: bytes) -> int:
         time.sleep(0.2)  # no restart storm if a worker dies at start-up
         fork(index)
     shutil.rmtree(group, ignore_errors=True)
+    deadline = time.monotonic() + 1.0  # a slow stdout reader: a moment for what waits
+    while not flush_logs() and time.monotonic() < deadline:
+        time.sleep(0.01)
     return exit_code
 
 

@@ -441,6 +441,8 @@ class StoreConfig(_Section):
     sentinel: SentinelConfig | None = None
     cluster: ClusterConfig | None = None
     timeout_ms: PositiveInt = 200
+    # a lookup the store has not answered by then ends in store_unavailable (never a hang)
+    lookup_deadline_ms: PositiveInt = 1000
     retry_after_s: NonNegativeInt = 5
     cache: CacheConfig = CacheConfig()
     circuit_breaker: CircuitBreakerConfig = CircuitBreakerConfig()
@@ -517,6 +519,11 @@ class PrivacyConfig(_Section):
 
     to_header: Literal["middle_number", "callee"] = "middle_number"
     mask_numbers_in_logs: Bool = True
+    max_dialog_s: PositiveInt = 43200
+    unreadable_body: Literal["strip", "reject"] = "strip"
+    isup: Literal["strip", "rewrite"] = "strip"
+    refer: Literal["reject", "pass"] = "reject"
+    add_asserted_identity: Bool = True
     dialog_key: SecretStr | None = None
     dialog_key_file: Path | None = None
 
@@ -563,6 +570,7 @@ class TimersConfig(_Section):
     t2_ms: PositiveInt = Field(default=4000, validate_default=True)
     t4_ms: PositiveInt = 5000
     timer_c_s: PositiveFloat = 180
+    max_invite_lifetime_s: PositiveFloat = 300
 
     @field_validator("t2_ms")
     @classmethod
@@ -580,6 +588,12 @@ class TransportConfig(_Section):
     udp_sndbuf_bytes: PositiveInt = 4 * 1024 * 1024
     tcp_idle_timeout_s: PositiveFloat = 300
     max_message_bytes: Annotated[int, Strict(), Field(ge=1024, le=65535)] = 65535
+    # per worker: accepted connections in all, and from one source IP; more are closed at once
+    tcp_max_connections: PositiveInt = 4096
+    tcp_max_connections_per_source: PositiveInt = 256
+    # output waiting for one peer that does not read; past it the connection is closed. At
+    # least one largest message (65535) plus headroom.
+    tcp_max_output_bytes: Annotated[int, Strict(), Field(ge=65536)] = 1048576
 
 
 class LoggingConfig(_Section):
@@ -604,6 +618,7 @@ class Config(_Section):
     )
     advertise: Str | None = Field(default=None, validate_default=True)
     trusted_peers: tuple[CidrStr, ...] = Field(default=("127.0.0.1/32",), min_length=1)
+    allowed_next_hops: tuple[CidrStr, ...] = ()
     carrier: CarrierConfig
     middle_number_pattern: Str = r"^700\d{12}$"
     # A missing `store:` section is validated like an empty one, so the admin is told which
@@ -673,18 +688,35 @@ class Config(_Section):
 
     def is_trusted(self, address: str) -> bool:
         """Whether a peer IP may send initial requests (IPv4-mapped IPv6 counts as IPv4)."""
-        try:
-            ip = ipaddress.ip_address(address)
-        except ValueError:
-            return False
-        candidates: list[ipaddress.IPv4Address | ipaddress.IPv6Address] = [ip]
-        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-            candidates.append(ip.ipv4_mapped)
-        return any(c in net for c in candidates for net in self.trusted_networks)
+        return _in_networks(address, self.trusted_networks)
+
+    @cached_property
+    def next_hop_networks(self) -> tuple[IPNetwork, ...]:
+        return tuple(ipaddress.ip_network(c.strip(), strict=False)
+                     for c in self.allowed_next_hops)
+
+    def is_allowed_next_hop(self, address: str) -> bool:
+        """Whether an IP is in allowed_next_hops (beyond trusted peers and gateways)."""
+        return _in_networks(address, self.next_hop_networks)
+
+    def is_gateway_address(self, address: str) -> bool:
+        """Whether an IP is one of the carrier gateways' (the far end of the trunk)."""
+        return address in {t.host for t in self.carrier.targets}
 
     @cached_property
     def middle_number_regex(self) -> re.Pattern[str]:
         return re.compile(self.middle_number_pattern)
+
+
+def _in_networks(address: str, networks: tuple[IPNetwork, ...]) -> bool:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    candidates: list[ipaddress.IPv4Address | ipaddress.IPv6Address] = [ip]
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        candidates.append(ip.ipv4_mapped)
+    return any(c in net for c in candidates for net in networks)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -19,14 +19,18 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from proxy.bindings.model import Outcome, Resolution
+from proxy.bodies import BodyRefused
 from proxy.numbers import mask_number
 from proxy.privacy import (
+    CALLEE,
+    CALLER,
     TOKEN_PARAM,
     DialogRule,
     DialogSealer,
     InvalidDialogToken,
-    hide_number,
-    set_address_user,
+    Privacy,
+    PrivacyPolicy,
+    call_id_digest,
     uri_number,
 )
 from proxy.sip.address import parse_name_addr
@@ -84,16 +88,36 @@ class CoreSettings:
     middle_number: Callable[[str], bool]
     gateways: list[Hop]
     gateway_strategy: str = "round_robin"
-    to_header: str = "middle_number"
     mask_numbers: bool = True
     timer_settings: TimerSettings = field(default_factory=TimerSettings)
     timer_c: float = 180.0
+    worker_index: int = 0  # written into our branches: a response finds its worker by it
+    # the far end of the trunk: in-dialog requests are taken from gateways too
+    is_gateway_address: Callable[[str], bool] = lambda ip: False
+    # extra networks a request may be sent to (YAML allowed_next_hops)
+    is_allowed_next_hop: Callable[[str], bool] = lambda ip: False
+    privacy: PrivacyPolicy = field(default_factory=PrivacyPolicy)
+    max_dialog_s: float = 43200.0
+    max_invite_lifetime: float = 300.0  # no stream of 1xx keeps an INVITE alive longer
+    lookup_deadline: float = 1.0  # a binding lookup the shell has not answered by then: 503
+    wall_clock: Callable[[], float] = time.time  # token deadlines are wall-clock (any host)
     retry_after_s: int = 5
     no_binding: FinalResponse = FinalResponse(404, "No Binding")
     not_party: FinalResponse = FinalResponse(403, "Not A Party Of This Binding")
     not_middle_number: FinalResponse = FinalResponse(404, "Not A Middle Number")
     untrusted_peer: FinalResponse = FinalResponse(403, "Untrusted Peer")
     store_unavailable: FinalResponse = FinalResponse(503, "Binding Store Unavailable")
+
+
+INVALID_TOKEN = FinalResponse(403, "Invalid Dialog Token")
+TOKEN_NOT_FOR_CALL = FinalResponse(403, "Dialog Token Not For This Call")
+DIALOG_EXPIRED = FinalResponse(403, "Dialog Expired")
+NEXT_HOP_REFUSED = FinalResponse(403, "Next Hop Not Allowed")
+REFER_REFUSED = FinalResponse(403, "REFER Not Allowed")
+BODY_REFUSED = FinalResponse(415, "Unsupported Media Type")
+INTERNAL_ERROR = FinalResponse(500, "Internal Server Error")
+# methods that end or acknowledge a dialog: they pass after its token's deadline
+_TEARDOWN = frozenset(("ACK", "BYE", "CANCEL"))
 
 
 class Relay:
@@ -107,23 +131,26 @@ class Relay:
         "client_key",
         "downstream",
         "final_sent",
-        "hidden",
         "is_invite",
+        "life_deadline",
         "lookup_at",
+        "lookup_deadline",
         "out",
         "provisional",
+        "receiver",
         "request",
         "rule",
         "server",
         "server_key",
         "started",
         "timer_c",
+        "token_swap",
         "upstream",
         "x",
     )
 
     def __init__(self, request: SipMessage, upstream: Outgoing, server: Any, key: tuple) -> None:
-        self.request = request
+        self.request = request  # as received (top Via stamped): our own responses copy it
         self.upstream = upstream  # data unused: dest + transport of the previous hop
         self.server = server
         self.server_key = key
@@ -134,11 +161,14 @@ class Relay:
         self.out: SipMessage | None = None
         self.downstream: Hop | None = None
         self.rule: DialogRule | None = None
-        self.hidden = ""  # the number the upstream side must not see
+        self.receiver = CALLER  # the side the upstream is: it gets the responses
+        self.token_swap: tuple[bytes, bytes] | None = None  # our RR token: theirs → its own
         self.is_invite = request.method == "INVITE"
         self.provisional = False
         self.final_sent = False
         self.timer_c: float | None = None
+        self.life_deadline: float | None = None
+        self.lookup_deadline: float | None = None
         self.x = ""
         self.caller = ""
         self.started = 0.0
@@ -150,6 +180,8 @@ class Relay:
             self.client.next_deadline() if self.client is not None else None,
             self.cancel_client.next_deadline() if self.cancel_client is not None else None,
             self.timer_c,
+            self.life_deadline if not self.final_sent else None,
+            self.lookup_deadline,
         ) if d is not None]
         return min(deadlines) if deadlines else None
 
@@ -165,6 +197,7 @@ class ProxyCore:
     ) -> None:
         self.settings = settings
         self.sealer = sealer
+        self.privacy = Privacy(sealer, settings.privacy, settings.advertise_host)
         self.log = log or (lambda event, **kw: None)
         self.outbox: list[Outgoing] = []
         self.lookups: list[tuple[Relay, str, str]] = []
@@ -175,7 +208,9 @@ class ProxyCore:
         self._via_sent_by = f"{settings.advertise_host}:{settings.advertise_port}"
         self._rr_prefix = f"<sip:{self._via_sent_by};lr;{TOKEN_PARAM}="
         self._branch_seq = 0
-        self._branch_salt = os.urandom(4).hex()
+        # z9hG4bKs7 + 3 hex digits of the worker index + salt + sequence: any worker that
+        # receives a response passes it to the worker named in its branch (transport.py)
+        self._branch_salt = f"{settings.worker_index:03x}{os.urandom(4).hex()}"
         self._gw_next = 0
         self._gw_down: dict[int, float] = {}
 
@@ -235,21 +270,70 @@ class ProxyCore:
                 self._count("malformed")
                 return
             self.reject_malformed(exc, source, transport)
+        except Exception as exc:  # a bug costs this transaction (500), never a stuck call
+            self._internal_error(exc, msg, source, transport, now)
+
+    def _internal_error(
+        self, exc: Exception, msg: SipMessage, source: Address, transport: str, now: float
+    ) -> None:
+        self._count("internal_errors")
+        self.log("internal_error", error=f"{type(exc).__name__}: {self._mask_text(str(exc))}",
+                 method=msg.method or f"{msg.status} response",
+                 source=f"{source[0]}:{source[1]}")
+        if not msg.is_request or msg.method == "ACK":
+            return
+        try:
+            relay = self.server_txs.get(self._server_key(msg))
+        except ParseError:
+            relay = None
+        if relay is not None:
+            self._abort(relay, now)
+        else:
+            self._reply(msg, 500, "Internal Server Error", source, transport)
+
+    def _abort(self, relay: Relay, now: float) -> None:
+        """End a transaction that hit a bug: 500 upstream, the downstream branch CANCELled."""
+        relay.lookup_deadline = relay.life_deadline = relay.timer_c = None
+        try:
+            if relay.is_invite and relay.provisional and not relay.final_sent:
+                self._send_cancel(relay, now)
+            if not relay.final_sent:
+                self._final(relay, INTERNAL_ERROR, now, outcome="internal error")
+        except Exception:
+            relay.final_sent = True
+        self._rearm(relay)
 
     def handle_timers(self, now: float) -> None:
         for relay in self.wheel.due(now):
-            if relay.timer_c is not None and relay.timer_c <= now:
-                relay.timer_c = None
-                self._timer_c_fired(relay, now)
-            self._server_events(relay, relay.server.handle_timer(now), now)
-            if relay.client is not None:
-                self._client_events(relay, relay.client.handle_timer(now), now)
-            if relay.cancel_client is not None and relay.downstream is not None:
-                hop = relay.downstream
-                for ev in relay.cancel_client.handle_timer(now):
-                    if isinstance(ev, Send):  # CANCEL retransmission
-                        self.outbox.append(Outgoing(ev.data, (hop.host, hop.port), hop.transport))
-            self._rearm(relay)
+            try:
+                self._relay_timers(relay, now)
+            except Exception as exc:
+                self._count("internal_errors")
+                self.log("internal_error", error=f"{type(exc).__name__}: {exc}", where="timer")
+                self._abort(relay, now)
+
+    def _relay_timers(self, relay: Relay, now: float) -> None:
+        if relay.lookup_deadline is not None and relay.lookup_deadline <= now:
+            relay.lookup_deadline = None  # the shell never answered: the lookup is abandoned
+            self._count("lookup_deadline_expired")
+            self.fail_lookup(relay, now)
+        if relay.timer_c is not None and relay.timer_c <= now:
+            relay.timer_c = None
+            self._timer_c_fired(relay, now)
+        if (relay.life_deadline is not None and relay.life_deadline <= now
+                and not relay.final_sent):
+            relay.life_deadline = None
+            self._count("invite_lifetime_exceeded")
+            self._timer_c_fired(relay, now)  # the same end: CANCEL the branch, 408 upstream
+        self._server_events(relay, relay.server.handle_timer(now), now)
+        if relay.client is not None:
+            self._client_events(relay, relay.client.handle_timer(now), now)
+        if relay.cancel_client is not None and relay.downstream is not None:
+            hop = relay.downstream
+            for ev in relay.cancel_client.handle_timer(now):
+                if isinstance(ev, Send):  # CANCEL retransmission
+                    self.outbox.append(Outgoing(ev.data, (hop.host, hop.port), hop.transport))
+        self._rearm(relay)
 
     # ---- requests ----------------------------------------------------------------------------
     def _server_key(self, msg: SipMessage) -> tuple:
@@ -267,6 +351,7 @@ class ProxyCore:
 
     def _on_request(self, msg: SipMessage, source: Address, transport: str, now: float) -> None:
         method = msg.method
+        _stamp_via(msg, source)
         key = self._server_key(msg)
         relay = self.server_txs.get(key)
         if method == "ACK":
@@ -301,11 +386,12 @@ class ProxyCore:
             return
         routes = msg.header_values("route")
         token = self._our_token(routes[0]) if routes else None
-        if token is not None:
+        if token is not None and msg.to.tag is not None:
             self._forward_in_dialog(msg, source, transport, now, stateless=False,
                                     routes=routes, token=token)
             return
-        self._on_initial(msg, key, source, transport, now, mf, routes)
+        # no To tag: an initial request, whatever Route it brings (a token is not a credential)
+        self._on_initial(msg, key, source, transport, now, routes)
 
     def _our_token(self, route: str) -> str | None:
         if TOKEN_PARAM not in route:
@@ -314,18 +400,30 @@ class ProxyCore:
             addr = parse_name_addr(route, "Route")
         except ParseError:
             return None
-        return addr.uri.param(TOKEN_PARAM)
+        uri = addr.uri
+        if not self._is_us(uri):
+            return None  # someone else's parameter of the same name
+        return uri.param(TOKEN_PARAM)
+
+    def _is_us(self, uri: Any) -> bool:
+        s = self.settings
+        return uri.host == s.advertise_host and (uri.port or 5060) == s.advertise_port
+
+    def _refuse_untrusted(self, msg: SipMessage, source: Address, transport: str,
+                          what: str) -> None:
+        self._count("rejected_untrusted")
+        self.log("rejected", reason=f"untrusted peer ({what})",
+                 source=f"{source[0]}:{source[1]}", method=msg.method)
+        r = self.settings.untrusted_peer
+        self._reply(msg, r.code, r.reason, source, transport)
 
     def _on_initial(
         self, msg: SipMessage, key: tuple, source: Address, transport: str, now: float,
-        mf: int | None, routes: list[str],
+        routes: list[str],
     ) -> None:
         s = self.settings
         if not s.is_trusted(source[0]):
-            self._count("rejected_untrusted")
-            self.log("rejected", reason="untrusted peer", source=f"{source[0]}:{source[1]}",
-                     method=msg.method, call_id=msg.call_id)
-            self._reply(msg, s.untrusted_peer.code, s.untrusted_peer.reason, source, transport)
+            self._refuse_untrusted(msg, source, transport, "initial request")
             return
         if msg.to.tag is not None:  # in-dialog, but not through us: we hold no such dialog
             self._reply(msg, 481, "Call/Transaction Does Not Exist", source, transport)
@@ -342,7 +440,7 @@ class ProxyCore:
                 return
             self._count("rejected_not_middle_number")
             self.log("rejected", reason="not a middle number", method=msg.method,
-                     call_id=msg.call_id, ruri_user=self._mask(x or str(msg.uri.user or "")))
+                     ruri_user=self._mask(x or str(msg.uri.user or "")))
             r = s.not_middle_number
             self._reply(msg, r.code, r.reason, source, transport, reason_header=True)
             return
@@ -358,20 +456,16 @@ class ProxyCore:
         relay.x = x
         relay.caller = caller or ""
         relay.started = now
+        relay.life_deadline = now + s.max_invite_lifetime
         self.server_txs[key] = relay
         self._server_events(relay, server.receive_request(now), now)
         trying = build_response(msg, 100, "Trying").serialize()
         self._server_events(relay, server.send_response(100, trying, now), now)
-        if routes and self._is_our_route(routes[0]):
-            msg.set_header_values("route", routes[1:])  # pre-loaded route to us (§16.4)
-        if mf is not None:
-            msg.set_header("max-forwards", str(mf - 1))
-        else:
-            msg.set_header("max-forwards", "70")
         if caller is None:
             self._final(relay, s.not_party, now, outcome="no caller number")
             return
         relay.lookup_at = now
+        relay.lookup_deadline = now + s.lookup_deadline
         self.lookups.append((relay, x, caller))
         self._rearm(relay)
 
@@ -394,8 +488,7 @@ class ProxyCore:
             uri = parse_name_addr(route, "Route").uri
         except ParseError:
             return False
-        return uri.host == self.settings.advertise_host and (
-            uri.port or 5060) == self.settings.advertise_port
+        return self._is_us(uri)
 
     def _upstream(self, msg: SipMessage, source: Address, transport: str) -> Outgoing:
         if transport == "tcp":
@@ -405,19 +498,27 @@ class ProxyCore:
     # ---- the lookup step -------------------------------------------------------------------------
     def complete_lookup(self, relay: Relay, resolution: Resolution, now: float) -> None:
         """Resume an INVITE once the shell has resolved (X, caller)."""
-        if relay.final_sent:  # cancelled while we were looking up
+        relay.lookup_deadline = None
+        if relay.final_sent:  # cancelled (or timed out) while we were looking up
             return
         s = self.settings
-        if resolution.outcome is Outcome.NO_BINDING:
-            self._final(relay, s.no_binding, now, outcome="no binding")
-            return
-        if resolution.outcome is Outcome.NOT_PARTY or resolution.callee is None:
-            self._final(relay, s.not_party, now, outcome="not a party")
-            return
-        self._forward_initial(relay, resolution.callee, now)
+        try:
+            if resolution.outcome is Outcome.NO_BINDING:
+                self._final(relay, s.no_binding, now, outcome="no binding")
+                return
+            if resolution.outcome is Outcome.NOT_PARTY or resolution.callee is None:
+                self._final(relay, s.not_party, now, outcome="not a party")
+                return
+            self._forward_initial(relay, resolution.callee, now)
+        except Exception as exc:
+            self._count("internal_errors")
+            self.log("internal_error", error=f"{type(exc).__name__}: {exc}",
+                     where="forward initial INVITE")
+            self._abort(relay, now)
 
     def fail_lookup(self, relay: Relay, now: float) -> None:
         """The store could not answer: 503 with Retry-After, never a hang."""
+        relay.lookup_deadline = None
         if relay.final_sent:
             return
         self._final(relay, self.settings.store_unavailable, now, outcome="store unavailable",
@@ -427,22 +528,37 @@ class ProxyCore:
         s = self.settings
         msg = relay.request
         out = msg.copy()
-        from_ = msg.from_
-        rule = DialogRule(relay.x, relay.caller, callee, from_.uri.user or "", from_.tag or "")
+        routes = out.header_values("route")
+        if routes and self._is_our_route(routes[0]):
+            out.set_header_values("route", routes[1:])  # pre-loaded route to us (§16.4)
+        mf = out.max_forwards
+        out.set_header("max-forwards", str(mf - 1) if mf is not None else "70")
+        caller_call_id = msg.call_id
+        deadline = int(s.wall_clock() + s.max_dialog_s)
         hop = self._pick_gateway()
         params = ";transport=tcp" if hop.transport == "tcp" else ""
         out.set_uri(f"sip:{callee}@{_host(hop.host)}:{hop.port}{params}")
-        set_address_user(out, "from", relay.x)
-        if s.to_header == "callee":
-            set_address_user(out, "to", callee)
-        scrubbed = hide_number(out, relay.caller, relay.x)
+        rule = DialogRule(relay.x, relay.caller, callee, msg.from_.uri.user or "", CALLER,
+                          call_id_digest(caller_call_id), deadline)
+        try:
+            scrubbed = self.privacy.initial_invite(out, rule)
+        except BodyRefused as exc:
+            self._count("rejected_body")
+            self.log("rejected", reason=f"unreadable body: {exc}", call_id=caller_call_id)
+            self._final(relay, BODY_REFUSED, now, outcome="unreadable body")
+            return
         if scrubbed:
             self._count("leaks_scrubbed", scrubbed)
-        out.prepend_record_route(self._rr_prefix + self.sealer.seal(rule) + ">")
+        # one token per side (RFC 3261 §16.7 step 4): B's in the INVITE, A's in the responses
+        callee_rule = DialogRule(rule.x, rule.caller, rule.callee, rule.caller_user, CALLEE,
+                                 call_id_digest(out.call_id), deadline)
+        callee_token = self.sealer.seal(callee_rule)
+        relay.token_swap = (callee_token.encode(), self.sealer.seal(rule).encode())
+        out.prepend_record_route(self._rr_prefix + callee_token + ">")
         branch = self._new_branch()
         out.push_via(f"SIP/2.0/{hop.transport.upper()} {self._via_sent_by};branch={branch};rport")
         relay.rule = rule
-        relay.hidden = callee
+        relay.receiver = CALLER
         relay.out = out
         relay.downstream = hop
         data = out.serialize()
@@ -455,7 +571,7 @@ class ProxyCore:
         self.client_txs[relay.client_key] = relay
         relay.timer_c = now + s.timer_c
         self._count("calls_routed")
-        self.log("call", call_id=msg.call_id, x=relay.x, caller=self._mask(relay.caller),
+        self.log("call", call_id=caller_call_id, x=relay.x, caller=self._mask(relay.caller),
                  callee=self._mask(callee), outcome="routed",
                  lookup_ms=round((now - relay.lookup_at) * 1000, 3),
                  decision_ms=round((now - relay.started) * 1000, 3))
@@ -485,88 +601,123 @@ class ProxyCore:
                 self._gw_down[i] = time.monotonic() + 30.0
 
     # ---- in-dialog requests -------------------------------------------------------------------
+    def _refuse_in_dialog(
+        self, msg: SipMessage, source: Address, transport: str, response: FinalResponse,
+        counter: str, reason: str, *, stateless: bool,
+    ) -> None:
+        self._count(counter)
+        self.log("rejected", reason=reason, method=msg.method,
+                 source=f"{source[0]}:{source[1]}")
+        if not stateless:
+            self._reply(msg, response.code, response.reason, source, transport)
+
     def _forward_in_dialog(
         self, msg: SipMessage, source: Address, transport: str, now: float, *,
         stateless: bool, routes: list[str] | None = None, token: str | None = None,
     ) -> None:
+        """Route an in-dialog request by the token it brings (RFC 3261 §16.12 loose routing).
+
+        `msg` stays as received: our own responses are built from it. The token says which
+        side sent the request, so which side receives it; the rewrite is the privacy module's.
+        """
+        s = self.settings
         if routes is None:
             routes = msg.header_values("route")
             token = self._our_token(routes[0]) if routes else None
-        if token is None:
+        if token is None or msg.to.tag is None:
             self._count("dropped_unroutable_ack" if stateless else "rejected_no_dialog")
             if not stateless:
                 self._reply(msg, 481, "Call/Transaction Does Not Exist", source, transport)
             return
+        if not (s.is_trusted(source[0]) or s.is_gateway_address(source[0])):
+            if not stateless:
+                self._refuse_untrusted(msg, source, transport, "in-dialog request")
+            else:
+                self._count("rejected_untrusted")
+            return
         try:
             rule = self.sealer.open(token)
         except InvalidDialogToken:
-            self._count("rejected_bad_token")
-            self.log("rejected", reason="dialog token failed authentication",
-                     method=msg.method, source=f"{source[0]}:{source[1]}")
-            if not stateless:
-                self._reply(msg, 403, "Invalid Dialog Token", source, transport)
+            self._refuse_in_dialog(msg, source, transport, INVALID_TOKEN, "rejected_bad_token",
+                                   "dialog token failed authentication", stateless=stateless)
             return
-        original = None if stateless else msg.copy()
-        msg.set_header_values("route", routes[1:])
-        from_caller = msg.from_.tag == rule.caller_tag
-        s = self.settings
-        if from_caller:  # A → B
-            set_address_user(msg, "from", rule.x)
-            if s.to_header == "callee":
-                set_address_user(msg, "to", rule.callee)
-            if uri_number(msg.uri) == rule.x:
-                msg.set_uri(msg.uri.with_user(rule.callee))  # type: ignore[union-attr]
-            hidden_downstream, hidden_upstream = rule.caller, rule.callee
-        else:  # B → A
-            set_address_user(msg, "from", rule.x)
-            set_address_user(msg, "to", rule.caller_user)
-            if uri_number(msg.uri) == rule.x:
-                msg.set_uri(msg.uri.with_user(rule.caller_user))  # type: ignore[union-attr]
-            hidden_downstream, hidden_upstream = rule.callee, rule.caller
-        scrubbed = hide_number(msg, hidden_downstream, rule.x)
+        if call_id_digest(msg.call_id) != rule.call_id_digest:
+            self._refuse_in_dialog(msg, source, transport, TOKEN_NOT_FOR_CALL,
+                                   "rejected_token_call_id",
+                                   "dialog token bound to another Call-ID", stateless=stateless)
+            return
+        method = msg.method
+        if method not in _TEARDOWN and s.wall_clock() > rule.deadline:
+            self._refuse_in_dialog(msg, source, transport, DIALOG_EXPIRED,
+                                   "rejected_dialog_expired",
+                                   "dialog past privacy.max_dialog_s: only ACK/BYE/CANCEL pass",
+                                   stateless=stateless)
+            return
+        if method == "REFER" and s.privacy.refer != "pass":
+            # the referee would call a third party with its real number, outside the binding
+            self._refuse_in_dialog(msg, source, transport, REFER_REFUSED, "rejected_refer",
+                                   "REFER refused (privacy.refer: reject)", stateless=stateless)
+            return
+        receiver = CALLEE if rule.side == CALLER else CALLER
+        out = msg.copy()
+        out.set_header_values("route", routes[1:])
+        mf = out.max_forwards
+        out.set_header("max-forwards", str((mf if mf is not None else 70) - 1))
+        try:
+            scrubbed = self.privacy.request(out, rule, receiver)
+        except InvalidDialogToken as exc:
+            self._refuse_in_dialog(msg, source, transport, INVALID_TOKEN, "rejected_bad_token",
+                                   str(exc), stateless=stateless)
+            return
+        except BodyRefused as exc:
+            self._refuse_in_dialog(msg, source, transport, BODY_REFUSED, "rejected_body",
+                                   f"unreadable body: {exc}", stateless=stateless)
+            return
         if scrubbed:
             self._count("leaks_scrubbed", scrubbed)
-        mf = msg.max_forwards
-        msg.set_header("max-forwards", str((mf if mf is not None else 70) - 1))
-        hop = self._next_hop(msg)
+        hop = self._next_hop(out)
         if hop is None:
             if not stateless:
                 self._reply(msg, 502, "Bad Gateway", source, transport,
                             warning="next hop is not an IP address")
             return
+        if not self._may_send_to(hop, receiver):
+            self._refuse_in_dialog(msg, source, transport, NEXT_HOP_REFUSED,
+                                   "rejected_next_hop",
+                                   f"next hop {hop.host}:{hop.port} is neither a trusted peer, "
+                                   "a gateway nor in allowed_next_hops", stateless=stateless)
+            return
         if stateless:  # 2xx ACK: its own transaction end to end (RFC 3261 §13.2.2.4)
             branch = BRANCH_PREFIX + hashlib.blake2b(
                 (msg.top_via.branch or msg.call_id).encode(), digest_size=8).hexdigest()
-            msg.push_via(f"SIP/2.0/{hop.transport.upper()} {self._via_sent_by};branch={branch}")
-            self.outbox.append(Outgoing(msg.serialize(), (hop.host, hop.port), hop.transport))
+            out.push_via(f"SIP/2.0/{hop.transport.upper()} {self._via_sent_by};branch={branch}")
+            self.outbox.append(Outgoing(out.serialize(), (hop.host, hop.port), hop.transport))
             self._count("acks_forwarded")
             return
         key = self._server_key(msg)
         upstream = self._upstream(msg, source, transport)
         reliable_up = transport == "tcp"
-        if msg.method == "INVITE":
+        if method == "INVITE":
             server: Any = ServerInviteTransaction(reliable=reliable_up,
                                                   settings=s.timer_settings)
         else:
             server = ServerNonInviteTransaction(reliable=reliable_up, settings=s.timer_settings)
-        assert original is not None
-        relay = Relay(original, upstream, server, key)
+        relay = Relay(msg, upstream, server, key)
         relay.rule = rule
-        relay.hidden = hidden_upstream
+        relay.receiver = rule.side  # the responses go back to the side that sent it
         relay.x = rule.x
         relay.started = now
         self.server_txs[key] = relay
         self._server_events(relay, server.receive_request(now), now)
         if relay.is_invite:
-            # from the request as received: `msg` is rewritten for the other side already (its
-            # To would show the caller's real number to the callee)
-            trying = build_response(original, 100, "Trying").serialize()
+            trying = build_response(msg, 100, "Trying").serialize()
             self._server_events(relay, server.send_response(100, trying, now), now)
+            relay.life_deadline = now + s.max_invite_lifetime
         branch = self._new_branch()
-        msg.push_via(f"SIP/2.0/{hop.transport.upper()} {self._via_sent_by};branch={branch};rport")
-        relay.out = msg
+        out.push_via(f"SIP/2.0/{hop.transport.upper()} {self._via_sent_by};branch={branch};rport")
+        relay.out = out
         relay.downstream = hop
-        data = msg.serialize()
+        data = out.serialize()
         reliable = hop.transport == "tcp"
         if relay.is_invite:
             relay.client = ClientInviteTransaction(
@@ -576,10 +727,20 @@ class ProxyCore:
         else:
             relay.client = ClientNonInviteTransaction(data, reliable=reliable,
                                                       settings=s.timer_settings)
-        relay.client_key = (branch, msg.method)
+        relay.client_key = (branch, method)
         self.client_txs[relay.client_key] = relay
         self._client_events(relay, relay.client.start(now), now)
         self._rearm(relay)
+
+    def _may_send_to(self, hop: Hop, receiver: str) -> bool:
+        """The proxy sends only to trusted peers, gateways and allowed_next_hops. A request
+        for the caller carries the caller's own From restored in its To, so it never goes to a
+        gateway that is not also a trusted peer: the callee cannot steer it back to itself."""
+        s = self.settings
+        ip = hop.host
+        if s.is_trusted(ip) or s.is_allowed_next_hop(ip):
+            return True
+        return receiver == CALLEE and s.is_gateway_address(ip)
 
     def _next_hop(self, msg: SipMessage) -> Hop | None:
         """Loose routing (RFC 3261 §16.12): first remaining Route, else the Request-URI."""
@@ -696,9 +857,9 @@ class ProxyCore:
         if not msg.has("via"):  # RFC 3261 §16.7 step 3: it was meant for us alone
             self._count("responses_dropped")
             return
-        _restore_dialog_headers(msg, relay.request)
-        if relay.hidden:
-            scrubbed = hide_number(msg, relay.hidden, relay.x)
+        if relay.rule is not None:
+            scrubbed = self.privacy.response(msg, relay.request, relay.rule, relay.receiver,
+                                             relay.token_swap)
             if scrubbed:
                 self._count("leaks_scrubbed", scrubbed)
         if relay.is_invite:
@@ -847,33 +1008,18 @@ def _quote_safe(text: str) -> str:
     return text.replace("\\", "").replace('"', "'")[:120]
 
 
-_TO_TAG = re.compile(rb";[ \t]*tag[ \t]*=[ \t]*([^;, \t\r\n>]+)", re.IGNORECASE)
-
-
-def _restore_dialog_headers(resp: SipMessage, request: SipMessage) -> None:
-    """The upstream side gets its own From and To back exactly as it sent them (+ the To tag)."""
-    from_row = to_row = None
-    for name, row in request.rows:
-        if name == "from" and from_row is None:
-            from_row = row
-        elif name == "to" and to_row is None:
-            to_row = row
-    rows = resp.rows
-    if to_row is not None and resp.status > 100:
-        try:
-            had_tag = request.to.tag is not None
-        except ParseError:
-            had_tag = True
-        if not had_tag:
-            # the tag the far end gave its To (header parameter: after the URI's closing '>')
-            theirs = next((row for name, row in rows if name == "to"), b"")
-            m = _TO_TAG.search(theirs, theirs.rfind(b">") + 1)
-            if m is not None:
-                to_row = to_row.rstrip() + b";tag=" + m.group(1)
-    for i, (name, _) in enumerate(rows):
-        if name == "from" and from_row is not None:
-            rows[i] = (name, from_row)
-        elif name == "to" and to_row is not None:
-            rows[i] = (name, to_row)
-    resp.forget_parsed("from")
-    resp.forget_parsed("to")
+def _stamp_via(msg: SipMessage, source: Address) -> None:
+    """RFC 3261 §18.2.1 `received` and RFC 3581 `rport` on the top Via of a request as it
+    arrives: our replies and the responses we relay carry them, and the next hop sees them."""
+    via = msg.top_via
+    rport = via.rport
+    if rport is None and via.host == source[0]:
+        return  # the common case: nothing to add
+    params = [(k, v) for k, v in via.params if k.lower() not in ("received", "rport")]
+    params.append(("received", source[0]))
+    if rport is not None:
+        params.append(("rport", str(source[1])))
+    text = f"{via.protocol}/{via.transport} {via.sent_by}" + "".join(
+        f";{k}" if v is None else f";{k}={v}" for k, v in params)
+    msg.pop_via()
+    msg.push_via(text)

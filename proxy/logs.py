@@ -1,26 +1,150 @@
-"""structlog set-up: one JSON object per line on stdout (or console rendering for humans)."""
+"""structlog set-up: one JSON object per line on stdout (or console rendering for humans).
+
+Logging never blocks the event loop: records go to stdout through a non-blocking writer. When
+nobody reads stdout fast enough, what the pipe cannot take waits in a bounded buffer; when that
+is full, new records are dropped whole and counted (`log_records_dropped`), never cut.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import socket
+import stat
 import sys
 
 import structlog
 
+MAX_PENDING_BYTES = 1 << 20  # log output held while stdout cannot take it
+
+
+class NonBlockingLineWriter:
+    """Writes whole lines to a file descriptor without ever blocking.
+
+    A line the descriptor takes in part has its rest kept and written first, before any other
+    line: no record is ever cut by another. Pipes and terminals are reopened through
+    /proc/self/fd with O_NONBLOCK (a flag of their own, so stderr and the processes sharing
+    the descriptor keep blocking I/O); sockets are written with MSG_DONTWAIT; regular files are
+    written as they are (they never block for long).
+    """
+
+    def __init__(self, fd: int, max_pending: int = MAX_PENDING_BYTES) -> None:
+        self.max_pending = max_pending
+        self.pending = bytearray()
+        self.dropped = 0
+        self._fd = fd
+        self._sock: socket.socket | None = None
+        self._write = self._plain_write
+        try:
+            mode = os.fstat(fd).st_mode
+        except OSError:
+            return
+        if stat.S_ISSOCK(mode):
+            self._sock = socket.socket(fileno=os.dup(fd))
+            self._write = self._socket_write
+        elif stat.S_ISFIFO(mode) or stat.S_ISCHR(mode):
+            try:
+                self._fd = os.open(f"/proc/self/fd/{fd}", os.O_WRONLY | os.O_NONBLOCK)
+            except OSError:  # no /proc: make the descriptor itself non-blocking
+                os.set_blocking(fd, False)
+
+    def _plain_write(self, data: bytes | bytearray) -> int:
+        return os.write(self._fd, data)
+
+    def _socket_write(self, data: bytes | bytearray) -> int:
+        assert self._sock is not None
+        return self._sock.send(data, socket.MSG_DONTWAIT)
+
+    def write_line(self, line: str) -> None:
+        """Write one record (a line without its newline), or drop it whole."""
+        data = (line + "\n").encode("utf-8", "replace")
+        if self.pending and not self.flush():
+            if len(self.pending) + len(data) > self.max_pending:
+                self.dropped += 1
+            else:
+                self.pending += data
+            return
+        try:
+            n = self._write(data)
+        except (BlockingIOError, InterruptedError):
+            n = 0
+        except OSError:  # EPIPE (nobody will ever read) and the like
+            self.dropped += 1
+            return
+        if n < len(data):
+            if n == 0 and len(data) > self.max_pending:
+                self.dropped += 1
+                return
+            self.pending += data[n:]  # a cut record is always finished before the next
+
+    def flush(self) -> bool:
+        """Write what is waiting, as far as the descriptor takes it; True when nothing waits."""
+        pending = self.pending
+        while pending:
+            try:
+                n = self._write(pending)
+            except (BlockingIOError, InterruptedError):
+                return False
+            except OSError:
+                pending.clear()  # the reader is gone: what waits can never be written
+                return True
+            if n <= 0:
+                return False
+            del pending[:n]
+        return True
+
+    def forget_pending(self) -> None:
+        """In a forked child: what waits belongs to the parent, which still writes it."""
+        self.pending = bytearray()
+        self.dropped = 0
+
+
+class _LineLogger:
+    """What structlog's logger factory hands out: every level writes one line."""
+
+    def __init__(self, writer: NonBlockingLineWriter) -> None:
+        self.msg = self.log = self.debug = self.info = self.warn = self.warning = \
+            self.error = self.err = self.critical = self.fatal = self.failure = \
+            self.exception = writer.write_line
+
+
+_writer: NonBlockingLineWriter | None = None
+
+
+def flush() -> bool:
+    """Retry log output that stdout could not take yet; True when nothing waits."""
+    return True if _writer is None else _writer.flush()
+
+
+def records_dropped() -> int:
+    """Log records dropped in this process because stdout was not read fast enough."""
+    return 0 if _writer is None else _writer.dropped
+
 
 def configure_logging(level: str = "info", fmt: str = "json") -> None:
     """Configure structlog once for the process; cheap loggers, filtered by level up front."""
+    global _writer
     renderer: structlog.typing.Processor = (
         structlog.processors.JSONRenderer() if fmt == "json" else structlog.dev.ConsoleRenderer()
     )
+    processors: list[structlog.typing.Processor] = [
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+    ]
+    if fmt == "json":  # the console renderer formats tracebacks itself
+        processors.append(structlog.processors.format_exc_info)
+    processors.append(renderer)
+    if _writer is None:
+        with contextlib.suppress(AttributeError, ValueError, OSError):
+            sys.stdout.flush()  # anything printed before goes out first
+        _writer = NonBlockingLineWriter(sys.stdout.fileno())
+        os.register_at_fork(after_in_child=_writer.forget_pending)
+    logger = _LineLogger(_writer)
     structlog.configure(
-        processors=[
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            renderer,
-        ],
+        processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(
             getattr(logging, level.upper(), logging.INFO)),
-        logger_factory=structlog.WriteLoggerFactory(file=sys.stdout),
+        logger_factory=lambda *args: logger,
         cache_logger_on_first_use=True,
     )

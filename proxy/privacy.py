@@ -1,84 +1,166 @@
 """The privacy rewrite: neither side of a call ever sees the other's real number.
 
-A dialog's rule (who is the caller A, who the callee B, what the middle number X is) is decided
-once, at the INVITE, and sealed into our Record-Route parameter with AES-256-GCM: every later
-request of the dialog brings it back, so any worker, instance or restarted process can apply the
-same rewrite, a tampered token fails authentication, and the token reveals no number.
+The core decides where a message goes and which dialog rule applies; the functions here make the
+message safe for the side that receives it. This module is the one place to read, test and audit
+what is hidden:
 
-`hide_number` is the single mechanism every direction uses: identity headers are rewritten to X
-or removed, then a last-line-of-defence scan catches the number wherever else it appears.
+- `Privacy.initial_invite`: the INVITE that goes to the callee B.
+- `Privacy.request`: an in-dialog request (or the ACK of a 2xx) going to either side.
+- `Privacy.response`: a response going back to the side that sent the request.
+
+What decides the direction is the sealed token the request brings: each side holds its own token
+(B gets one in the INVITE's Record-Route, A a different one in the responses, RFC 3261 §16.7
+step 4 allows rewriting our Record-Route there), so a party cannot pose as the other by forging
+tags or headers. Whatever the direction, every row, the start line and the body are scanned for
+the number the receiver must not learn (`NumberScanner`: separators, %-escapes, full-width
+digits, prefixes), and the only rows that carry a real number to a side are the From/To rows that
+side itself sent, restored.
+
+Keys, from the configured 32-byte dialog key (HKDF, one sub-key per use):
+- AES-256-GCM seals the dialog rule into our Record-Route parameter (`s7`);
+- AES-SIV (deterministic) maps A's Call-ID to the Call-ID B sees and back, with no state;
+- AES-SIV seals a Contact's real user into the rewritten Contact (`s7u`), so the Request-URI of
+  an in-dialog request is restored exactly (Kamailio's topoh does the same).
 """
 
 from __future__ import annotations
 
 import base64
+import hashlib
 import os
 import re
+import struct
 from dataclasses import dataclass
 
 from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM, AESSIV
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from proxy.bodies import make_body_safe
 from proxy.numbers import normalize_number
+from proxy.scanner import NumberScanner
 from proxy.sip.address import NameAddr, parse_name_addr
 from proxy.sip.errors import ParseError
 from proxy.sip.message import SipMessage
 from proxy.sip.uri import SipUri
 
-TOKEN_PARAM = "s7"
-_TOKEN_VERSION = b"sip700-dialog-v1"
+TOKEN_PARAM = "s7"  # our Record-Route / Route URI parameter: the sealed dialog rule
+CONTACT_PARAM = "s7u"  # a rewritten Contact's sealed real user
+CALL_ID_PREFIX = "s7"  # the Call-ID the callee side sees: s7 + base64url(AES-SIV(A's Call-ID))
+CALLER, CALLEE = "a", "b"  # the two sides of a dialog
+_TOKEN_AAD = b"sip700-dialog-v2"
 
 # Headers that can only carry an identity of the sender and have no translated equivalent:
-# they go (RFC 3325 §5: PAI/PPI; RPID is the pre-3325 form; Identity is a signature over the
+# they go (RFC 3325 §5: PPI; RPID is the pre-3325 form; Identity is a signature over the
 # original caller ID, void once rewritten, RFC 8224).
 REMOVED_IDENTITY_HEADERS = (
     "p-preferred-identity", "remote-party-id", "diversion", "history-info", "identity",
     "identity-info", "reply-to", "p-called-party-id", "p-charging-vector",
     "p-associated-uri", "in-reply-to",
 )
-# Headers whose name-addr user we rewrite to X when it carries the hidden number.
-REWRITTEN_ADDRESS_HEADERS = ("contact", "referred-by")
+_REMOVED = frozenset(REMOVED_IDENTITY_HEADERS)
+_RESTORED_ROWS = frozenset(("from", "to", "call-id", "via"))
 
 
 class InvalidDialogToken(Exception):
-    """A Record-Route/Route token that fails authentication or does not decode."""
+    """A token, sealed Call-ID or sealed Contact user that fails authentication."""
 
 
 @dataclass(frozen=True, slots=True)
 class DialogRule:
-    """Who is who in one dialog. Numbers are national format."""
+    """Who is who in one dialog, as sealed into one side's token. Numbers are national."""
 
     x: str
     caller: str
     callee: str
     caller_user: str  # A's From user exactly as A sent it: restored in what A receives
-    caller_tag: str  # A's From tag: tells which side sent an in-dialog request
+    side: str = CALLER  # the side holding this token: requests bearing it come from there
+    call_id_digest: str = ""  # the token is valid only on this Call-ID (as its side sees it)
+    deadline: int = 0  # unix time after which only ACK, BYE and CANCEL pass
+
+    def hidden_from(self, receiver: str) -> str:
+        """The number the receiving side must not learn."""
+        return self.callee if receiver == CALLER else self.caller
+
+
+def call_id_digest(call_id: str) -> str:
+    return hashlib.blake2b(call_id.encode("latin-1"), digest_size=8).hexdigest()
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def _unb64(text: str) -> bytes:
+    # validate: a non-alphabet octet is an error, not silently skipped
+    return base64.b64decode(text + "=" * (-len(text) % 4), altchars=b"-_", validate=True)
+
+
+def _derive(key: bytes, label: bytes, length: int) -> bytes:
+    return HKDF(algorithm=hashes.SHA256(), length=length, salt=None, info=label).derive(key)
 
 
 class DialogSealer:
-    """Seals and opens dialog rules (AES-256-GCM, random 96-bit nonce per dialog)."""
+    """The proxy's keyed transforms: dialog tokens, Call-IDs, Contact users."""
 
-    __slots__ = ("_aead",)
+    __slots__ = ("_aead", "_call_ids", "_users")
 
     def __init__(self, key: bytes) -> None:
-        self._aead = AESGCM(key)
+        self._aead = AESGCM(_derive(key, b"sip700 dialog token", 32))
+        self._call_ids = AESSIV(_derive(key, b"sip700 call-id", 64))
+        self._users = AESSIV(_derive(key, b"sip700 contact user", 64))
 
+    # ---- dialog tokens (AES-256-GCM, random 96-bit nonce) ------------------------------------
     def seal(self, rule: DialogRule) -> str:
-        plain = "|".join(
-            (rule.x, rule.caller, rule.callee, rule.caller_user, rule.caller_tag)
-        ).encode("latin-1")
+        fields = (rule.x, rule.caller, rule.callee, rule.caller_user, rule.side,
+                  rule.call_id_digest)
+        plain = b"".join(struct.pack("!H", len(f)) + f.encode("latin-1") for f in fields)
+        plain += struct.pack("!Q", max(0, rule.deadline))
         nonce = os.urandom(12)
-        sealed = nonce + self._aead.encrypt(nonce, plain, _TOKEN_VERSION)
-        return base64.urlsafe_b64encode(sealed).rstrip(b"=").decode("ascii")
+        return _b64(nonce + self._aead.encrypt(nonce, plain, _TOKEN_AAD))
 
     def open(self, token: str) -> DialogRule:
         try:
-            raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
-            plain = self._aead.decrypt(raw[:12], raw[12:], _TOKEN_VERSION)
-            x, caller, callee, caller_user, caller_tag = plain.decode("latin-1").split("|")
-        except (InvalidTag, ValueError, TypeError) as exc:
+            raw = _unb64(token)
+            plain = self._aead.decrypt(raw[:12], raw[12:], _TOKEN_AAD)
+            fields: list[str] = []
+            pos = 0
+            for _ in range(6):
+                (n,) = struct.unpack_from("!H", plain, pos)
+                fields.append(plain[pos + 2: pos + 2 + n].decode("latin-1"))
+                pos += 2 + n
+            (deadline,) = struct.unpack_from("!Q", plain, pos)
+        except (InvalidTag, ValueError, TypeError, struct.error) as exc:
             raise InvalidDialogToken("dialog token failed authentication") from exc
-        return DialogRule(x, caller, callee, caller_user, caller_tag)
+        x, caller, callee, caller_user, side, digest = fields
+        return DialogRule(x, caller, callee, caller_user, side, digest, deadline)
+
+    # ---- Call-IDs (AES-SIV: deterministic, so no state maps them back) ------------------------
+    def callee_call_id(self, caller_call_id: str) -> str:
+        """The Call-ID the callee side sees for A's Call-ID: reveals nothing, maps back."""
+        return CALL_ID_PREFIX + _b64(self._call_ids.encrypt(caller_call_id.encode("latin-1"),
+                                                             None))
+
+    def caller_call_id(self, callee_call_id: str) -> str:
+        """A's Call-ID back from the one the callee side uses. Raises InvalidDialogToken."""
+        if not callee_call_id.startswith(CALL_ID_PREFIX):
+            raise InvalidDialogToken("Call-ID was not made by this proxy")
+        try:
+            return self._call_ids.decrypt(_unb64(callee_call_id[len(CALL_ID_PREFIX):]),
+                                          None).decode("latin-1")
+        except (InvalidTag, ValueError, TypeError) as exc:
+            raise InvalidDialogToken("Call-ID failed authentication") from exc
+
+    # ---- Contact users -----------------------------------------------------------------------
+    def seal_user(self, user: str) -> str:
+        return _b64(self._users.encrypt(user.encode("latin-1"), None))
+
+    def open_user(self, sealed: str) -> str:
+        try:
+            return self._users.decrypt(_unb64(sealed), None).decode("latin-1")
+        except (InvalidTag, ValueError, TypeError) as exc:
+            raise InvalidDialogToken("sealed Contact user failed authentication") from exc
 
 
 # ---- numbers inside URIs ----------------------------------------------------------------------
@@ -109,78 +191,182 @@ def set_address_user(msg: SipMessage, name: str, user: str, *, drop_display: boo
     msg.set_header(name, str(_with_user(addr, user, drop_display)))
 
 
-# ---- the one mechanism: hide a number from the side that receives `msg` ------------------------
+@dataclass(frozen=True)
+class PrivacyPolicy:
+    """The admin's choices (YAML `privacy:`)."""
 
-class LeakScanner:
-    """Finds and replaces every wire form of one number (national, +86, 0086, 86)."""
-
-    __slots__ = ("_intl", "_national", "_pattern")
-
-    def __init__(self, national: str) -> None:
-        self._national = national.encode()
-        self._intl = (national[1:] if national.startswith("0") else national).encode()
-        self._pattern: re.Pattern[bytes] | None = None  # compiled only when something is found
-
-    def present(self, data: bytes) -> bool:
-        # every wire form contains the national or the international digits: two C-level finds
-        return self._intl in data or self._national in data
-
-    def replace(self, data: bytes, x: bytes) -> tuple[bytes, int]:
-        if self._pattern is None:
-            self._pattern = re.compile(
-                rb"(?<![0-9])(?:\+86|0086|86)?(?:" + re.escape(self._national)
-                + rb"|" + re.escape(self._intl) + rb")(?![0-9])"
-            )
-        return self._pattern.subn(x, data)
+    to_header: str = "middle_number"  # middle_number | callee
+    add_asserted_identity: bool = True
+    unreadable_body: str = "strip"  # strip | reject (requests; a response's is always stripped)
+    isup: str = "strip"  # strip | rewrite
+    refer: str = "reject"  # reject | pass
 
 
-def hide_number(msg: SipMessage, hidden: str, x: str) -> int:
-    """Make `msg` safe for the side that must not learn `hidden`; returns leaks scrubbed.
+class Privacy:
+    """Makes each message safe for the side that receives it."""
 
-    Identity headers: P-Asserted-Identity becomes X, sender-identity headers without a
-    translation are removed, Contact/Referred-By users carrying the number become X. Then every
-    other row and the body (SDP `o=` included) are scanned for any form of the number (the last
-    line of defence); what is found is replaced by X and counted. From/To are the caller's job
-    (they depend on the direction). The common case (the number appears nowhere) costs one
-    join and two substring searches over the header block.
-    """
-    scanner = LeakScanner(hidden)
-    rows = msg.rows
-    names = {name for name, _ in rows}
-    if not names.isdisjoint(_REMOVED):
-        msg.rows = rows = [r for r in rows if r[0] not in _REMOVED]
-        for name in names.intersection(_REMOVED):
-            msg.forget_parsed(name)
-    xb = x.encode()
-    if "p-asserted-identity" in names:
-        pai = [row for name, row in rows if name == "p-asserted-identity"]
-        if len(pai) != 1 or scanner.present(pai[0]) or xb not in pai[0]:
-            msg.set_header_values("p-asserted-identity", _pai_values(msg, x))
-            rows = msg.rows
-    found = 0
-    if scanner.present(b"\n".join([row for _, row in rows])):
-        carrying = {name for name, row in rows if scanner.present(row)}
-        for name in REWRITTEN_ADDRESS_HEADERS:
-            if name in carrying:
-                _rewrite_users(msg, name, hidden, x)
+    __slots__ = ("asserted_host", "policy", "sealer")
+
+    def __init__(self, sealer: DialogSealer, policy: PrivacyPolicy, asserted_host: str) -> None:
+        self.sealer = sealer
+        self.policy = policy
+        self.asserted_host = asserted_host
+
+    # ---- requests ------------------------------------------------------------------------------
+    def initial_invite(self, out: SipMessage, rule: DialogRule) -> int:
+        """The INVITE to the callee (its Request-URI, chosen by the core, is set already)."""
+        self._from_to(out, rule, CALLEE)
+        out.set_header("call-id", self.sealer.callee_call_id(out.call_id))
+        if self.policy.add_asserted_identity and not out.has("p-asserted-identity"):
+            # the carrier network expects an asserted identity (RFC 3325); the caller's is X
+            out.set_header("p-asserted-identity", f"<sip:{rule.x}@{self.asserted_host}>")
+        return self.hide(out, rule.caller, rule.x, request=True)
+
+    def request(self, out: SipMessage, rule: DialogRule, receiver: str) -> int:
+        """An in-dialog request (or a 2xx ACK) going to `receiver`. Raises InvalidDialogToken
+        when a sealed Call-ID or Contact user in it does not authenticate."""
+        self._from_to(out, rule, receiver)
+        call_id = out.call_id
+        out.set_header("call-id", self.sealer.callee_call_id(call_id) if receiver == CALLEE
+                       else self.sealer.caller_call_id(call_id))
+        uri = out.uri
+        if isinstance(uri, SipUri):
+            sealed = uri.param(CONTACT_PARAM)
+            if sealed is not None:  # the target is a Contact we rewrote: its real user back
+                out.set_uri(uri.with_user(self.sealer.open_user(sealed))
+                            .without_param(CONTACT_PARAM))
+        return self.hide(out, rule.hidden_from(receiver), rule.x, request=True)
+
+    def _from_to(self, out: SipMessage, rule: DialogRule, receiver: str) -> None:
+        set_address_user(out, "from", rule.x)
+        if receiver == CALLER:  # A's own From, as the remote party's To in B's requests
+            set_address_user(out, "to", rule.caller_user)
+        elif self.policy.to_header == "callee":
+            set_address_user(out, "to", rule.callee)
+
+    # ---- responses -----------------------------------------------------------------------------
+    def response(
+        self, resp: SipMessage, request: SipMessage, rule: DialogRule, receiver: str,
+        token_swap: tuple[bytes, bytes] | None = None,
+    ) -> int:
+        """A response going back to `receiver`, who sent `request` (as received).
+
+        Its From, To (with the far end's tag), Call-ID and Via rows are the ones `receiver`
+        sent; our Record-Route token becomes the one that belongs to `receiver`.
+        """
+        restore_rows(resp, request)
+        if token_swap is not None:
+            theirs, ours = token_swap
+            rows = resp.rows
+            for i, (name, row) in enumerate(rows):
+                if name == "record-route" and theirs in row:
+                    rows[i] = (name, row.replace(theirs, ours))
+            resp.forget_parsed("record-route")
+        return self.hide(resp, rule.hidden_from(receiver), rule.x, request=False)
+
+    # ---- the scrub every direction shares -----------------------------------------------------
+    def hide(self, msg: SipMessage, hidden: str, x: str, *, request: bool) -> int:
+        """Remove `hidden` from everything in `msg`; returns how much was scrubbed.
+
+        Identity headers: P-Asserted-Identity becomes X, sender-identity headers without a
+        translation are removed, a Contact whose user is the number becomes X with the real user
+        sealed in `s7u`. Then the start line, every row but the restored From/To/Call-ID/Via
+        and the body are scanned for any wire form of the number. Raises BodyRefused for a
+        request whose body cannot be read when the policy is reject.
+        """
+        scanner = NumberScanner(hidden)
         rows = msg.rows
-        for i, (name, row) in enumerate(rows):
-            if name != "call-id" and scanner.present(row):
-                new, n = scanner.replace(row, xb)
-                if n:
-                    rows[i] = (name, new)
-                    msg.forget_parsed(name)
-                    found += n
-    if msg.body and scanner.present(msg.body):
-        body, n = scanner.replace(msg.body, xb)
-        if n:
-            msg.set_body(body)
-            found += n
-    return found
+        names = {name for name, _ in rows}
+        found = 0
+        if not names.isdisjoint(_REMOVED):
+            msg.rows = rows = [r for r in rows if r[0] not in _REMOVED]
+            for name in names.intersection(_REMOVED):
+                msg.forget_parsed(name)
+                found += 1
+        xb = x.encode()
+        if "p-asserted-identity" in names:
+            pai = [row for name, row in rows if name == "p-asserted-identity"]
+            if len(pai) != 1 or xb not in pai[0] or scanner.present(pai[0]):
+                msg.set_header_values("p-asserted-identity", _pai_values(msg, x))
+                rows = msg.rows
+        start = msg.start_line
+        if scanner.present(start):
+            new, n = scanner.replace(start, xb)
+            if n:
+                found += n
+                _set_start_line(msg, new)
+        if scanner.present(b"\n".join([row for _, row in rows])):
+            if "contact" in names:
+                found += self._rewrite_contacts(msg, scanner, hidden, x)
+            if "referred-by" in names:
+                found += _rewrite_users(msg, "referred-by", scanner, hidden, x, None)
+            rows = msg.rows
+            for i, (name, row) in enumerate(rows):
+                if name not in _RESTORED_ROWS and scanner.present(row):
+                    new, n = scanner.replace(row, xb)
+                    if n:
+                        rows[i] = (name, new)
+                        msg.forget_parsed(name)
+                        found += n
+        if msg.body:
+            found += make_body_safe(
+                msg, lambda data: scanner.replace(data, xb) if scanner.present(data)
+                else (data, 0), x=x,
+                unreadable=self.policy.unreadable_body if request else "strip",
+                isup=self.policy.isup)
+        return found
+
+    def _rewrite_contacts(self, msg: SipMessage, scanner: NumberScanner, hidden: str,
+                          x: str) -> int:
+        return _rewrite_users(msg, "contact", scanner, hidden, x, self.sealer)
 
 
-_REMOVED = frozenset(REMOVED_IDENTITY_HEADERS)
+def restore_rows(resp: SipMessage, request: SipMessage) -> None:
+    """Give a response the From, To (+ the far end's To tag), Call-ID and Via rows of the
+    request it answers, exactly as they were received (RFC 3261 §8.2.6: a UAS copies them)."""
+    mine = {"from": [], "to": [], "call-id": [], "via": []}  # type: dict[str, list[bytes]]
+    for name, row in request.rows:
+        if name in mine:
+            mine[name].append(row)
+    theirs_to = next((row for name, row in resp.rows if name == "to"), b"")
+    if mine["to"] and resp.status > 100:
+        try:
+            had_tag = request.to.tag is not None
+        except ParseError:
+            had_tag = True
+        if not had_tag:
+            tag = _to_tag(theirs_to)
+            if tag is not None:
+                mine["to"] = [mine["to"][0].rstrip() + b";tag=" + tag]
+    rows: list[tuple[str, bytes]] = []
+    placed: set[str] = set()
+    for name, row in resp.rows:
+        if mine.get(name):
+            if name not in placed:
+                placed.add(name)
+                rows.extend((name, r) for r in mine[name])
+            continue
+        rows.append((name, row))
+    resp.rows = rows
+    for name in mine:
+        resp.forget_parsed(name)
 
+
+_TO_TAG = re.compile(rb";[ \t]*tag[ \t]*=[ \t]*([^;, \t\r\n>]+)", re.IGNORECASE)
+
+
+def _to_tag(row: bytes) -> bytes | None:
+    """The tag parameter of a To row (a header parameter: after the URI's closing '>')."""
+    m = _TO_TAG.search(row, row.rfind(b">") + 1)
+    return m.group(1) if m is not None else None
+
+
+def _set_start_line(msg: SipMessage, start: bytes) -> None:
+    if msg.is_request:
+        msg.set_uri(start.split(b" ")[1].decode("latin-1"))
+    else:
+        reason = start.split(b" ", 2)[2] if start.count(b" ") >= 2 else b""
+        msg.set_reason(reason.decode("utf-8", "replace"))
 
 
 def _pai_values(msg: SipMessage, x: str) -> list[str]:
@@ -196,21 +382,31 @@ def _pai_values(msg: SipMessage, x: str) -> list[str]:
     return out
 
 
-def _rewrite_users(msg: SipMessage, name: str, hidden: str, x: str) -> None:
+def _rewrite_users(msg: SipMessage, name: str, scanner: NumberScanner, hidden: str, x: str,
+                   sealer: DialogSealer | None) -> int:
+    """Name-addr values whose user is `hidden` get X (with the real user sealed, for Contact)."""
     try:
         addrs = msg.name_addrs(name)
     except ParseError:
         msg.remove_header(name)  # unreadable identity-bearing header: never pass it on
-        return
-    changed = False
+        return 1
+    changed = 0
     values: list[str] = []
     for addr in addrs:
-        if uri_number(addr.uri) == hidden:
-            addr = _with_user(addr, x, drop_display=True)
-            changed = True
-        elif addr.display is not None and hidden in addr.display:
+        uri = addr.uri
+        if uri_number(uri) == hidden:
+            if sealer is not None and isinstance(uri, SipUri) and uri.scheme != "tel":
+                sealed = f";{CONTACT_PARAM}={sealer.seal_user(uri.user or '')}"
+                uri = SipUri(uri.scheme, x, uri.host, uri.port, uri.params + sealed,
+                             uri.headers)
+                addr = addr.replace(uri=uri, display=None)
+            else:
+                addr = _with_user(addr, x, drop_display=True)
+            changed += 1
+        elif addr.display is not None and scanner.present(addr.display.encode("latin-1")):
             addr = addr.replace(display=None)
-            changed = True
+            changed += 1
         values.append(str(addr))
     if changed:
         msg.set_header_values(name, values)
+    return changed

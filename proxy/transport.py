@@ -1,23 +1,28 @@
-"""The asyncio shell: UDP and TCP endpoints, the timer tick and the binding-lookup step.
+"""The asyncio shell: UDP and TCP endpoints, the relay between workers, the timer tick and the
+binding-lookup step.
 
 Everything protocol-shaped happens in `ProxyCore`; this module moves bytes, reads the clock and
 awaits the store. The per-datagram path is synchronous: parse, decide, send, with the binding
-answered from memory; only a cache miss on the Redis store creates a task.
+answered from memory; only a cache miss on the Redis store creates a task. What untrusted peers
+can make it hold is capped: TCP connections (in all and per source), output waiting for a peer,
+messages waiting for another worker.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import os
 import re
 import socket
 import struct
 import time
-import zlib
 from typing import Any
 
 import structlog
 
+from proxy import logs
 from proxy.bindings.model import StoreUnavailable
 from proxy.core import Outgoing, ProxyCore, Relay
 from proxy.sip.message import StreamFramer
@@ -29,19 +34,64 @@ TICK_S = 0.01
 # millisecond resolution, too coarse for the latencies the call log reports.
 # Call-ID row at the start of a line, long or compact form, any case (RFC 3261 §7.3.3)
 _CALL_ID = re.compile(rb"\n(?:call-id|i)[ \t]*:[ \t]*([^\r\n]+)", re.IGNORECASE)
+# the top Via row of a message, long or compact form, any case
+_VIA = re.compile(rb"\n(?:via|v)[ \t]*:", re.IGNORECASE)
+# the core's branches: z9hG4bKs7 + 3 lowercase hex digits of the worker index + salt + sequence
+_OUR_BRANCH = b"branch=z9hG4bKs7"
+_HEX = b"0123456789abcdef"
 _RELAY_HEADER = struct.Struct("!IH46s")  # length, source port, source host (NUL-padded)
+RELAY_MAX_PAYLOAD = 65535  # a longer length field means the relay stream is broken
+RELAY_MAX_QUEUED_BYTES = 4 << 20  # per outbox: queued while connecting + the write buffer
+LOG_EVERY_S = 1.0  # at most one line per second for each rate-limited warning
 
 
-def call_id_owner(data: bytes, workers: int) -> int:
-    """Which worker owns the transaction state of this message: a hash of its Call-ID.
+def call_id_hasher(key: bytes) -> Any:
+    """The keyed hash state call_id_owner copies: blake2b keyed with the workers' shared key.
 
-    Every message of a call (requests, retransmissions, CANCEL, responses) carries the same
-    Call-ID, so it meets its transactions whichever worker the kernel handed it to.
+    A keyed hash, so that a caller cannot choose Call-IDs that all land on one worker.
+    """
+    return hashlib.blake2b(key=key, digest_size=8)
+
+
+def call_id_owner(data: bytes, workers: int, hasher: Any) -> int:
+    """Which worker owns the transaction state of this request: a keyed hash of its Call-ID.
+
+    Every request of a call (retransmissions, CANCEL, ACK) carries the same Call-ID, so it
+    meets its transactions whichever worker the kernel handed it to. `hasher` comes from
+    call_id_hasher(key), with one key for all workers.
     """
     m = _CALL_ID.search(data)
     if m is None:
         return 0
-    return zlib.crc32(m.group(1).strip()) % workers
+    h = hasher.copy()
+    h.update(m.group(1).strip())
+    return int.from_bytes(h.digest(), "little") % workers
+
+
+def branch_worker(data: bytes) -> int | None:
+    """The worker index written into the branch of a response's top Via, if the branch is ours.
+
+    The core names its worker in every branch it creates (`z9hG4bKs7` + 3 hex digits), so a
+    response finds the worker holding its client transaction wherever it arrives. None when
+    the top Via carries no branch of ours.
+    """
+    start = data.find(b"\n") + 1
+    if data.startswith(b"Via:", start):  # the usual layout: the top Via is the first row
+        start += 4
+    else:
+        m = _VIA.search(data)
+        if m is None:
+            return None
+        start = m.end()
+    end = data.find(b"\n", start)
+    i = data.find(_OUR_BRANCH, start, end if end >= 0 else len(data))
+    if i < 0 or data.find(b",", start, i) >= 0:  # after a comma: a second Via in the row
+        return None
+    i += len(_OUR_BRANCH)
+    digits = data[i: i + 3]
+    if len(digits) != 3 or digits.strip(_HEX):
+        return None
+    return int(digits, 16)
 
 
 def relay_address(group: str, index: int) -> str:
@@ -66,39 +116,83 @@ class _UdpEndpoint(asyncio.DatagramProtocol):
 
 
 class _TcpConnection(asyncio.Protocol):
+    """One TCP connection, accepted (`peer` None until connection_made) or opened by us.
+
+    Output is bounded: when the peer does not read, asyncio's write buffer passes the high-water
+    mark, and the proxy stops reading from that peer until it drains (its requests are what
+    make the output); if the buffer still grows past tcp_max_output_bytes, the connection is
+    closed. Data queued while the connection is still being opened is bounded the same way.
+    """
+
     def __init__(self, server: ProxyServer, peer: tuple[str, int] | None = None) -> None:
         self.server = server
         self.framer = StreamFramer(server.max_message_bytes)
         self.transport: asyncio.Transport | None = None
         self.peer = peer
+        self.counted = False  # holds a place under the accepted-connection caps
         self.last_active = time.monotonic()
         self.pending: list[bytes] = []
+        self.pending_bytes = 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        server = self.server
         if self.peer is None:
             addr = transport.get_extra_info("peername")
             self.peer = (addr[0], addr[1])
-        self.server.tcp_connections[self.peer] = self
+            if not server.admit(self):
+                transport.abort()  # over a connection cap: closed at once
+                return
+        high = server.tcp_write_high
+        self.transport.set_write_buffer_limits(high=high, low=high // 4)  # type: ignore[union-attr]
+        server.tcp_connections[self.peer] = self
         for data in self.pending:
-            self.transport.write(data)  # type: ignore[union-attr]
+            self.send(data)
         self.pending.clear()
+        self.pending_bytes = 0
 
     def data_received(self, data: bytes) -> None:
         self.last_active = time.monotonic()
         assert self.peer is not None
         self.server.on_stream_data(self, data)
 
+    def pause_writing(self) -> None:
+        # the peer is not reading what we write: stop reading what it sends
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.pause_reading()
+            self.server.count("tcp_paused")
+
+    def resume_writing(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.resume_reading()
+
     def connection_lost(self, exc: Exception | None) -> None:
         if self.peer is not None and self.server.tcp_connections.get(self.peer) is self:
             del self.server.tcp_connections[self.peer]
+        if self.counted:
+            self.server.release(self)
 
     def send(self, data: bytes) -> None:
+        server = self.server
         self.last_active = time.monotonic()
-        if self.transport is None:
+        transport = self.transport
+        if transport is None:  # still connecting
+            if self.pending_bytes + len(data) > server.tcp_max_output_bytes:
+                server.count("tcp_pending_dropped")
+                return
             self.pending.append(data)
-        else:
-            self.transport.write(data)
+            self.pending_bytes += len(data)
+            return
+        if transport.is_closing():
+            return
+        if transport.get_write_buffer_size() + len(data) > server.tcp_max_output_bytes:
+            server.count("tcp_output_overflow")
+            assert self.peer is not None
+            server.log_limited("tcp_output_overflow", peer=f"{self.peer[0]}:{self.peer[1]}",
+                               limit=server.tcp_max_output_bytes)
+            transport.abort()
+            return
+        transport.write(data)
 
 
 class _RelayInbox(asyncio.Protocol):
@@ -107,18 +201,32 @@ class _RelayInbox(asyncio.Protocol):
     def __init__(self, server: ProxyServer) -> None:
         self.server = server
         self.buf = bytearray()
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
         buf = self.buf
         buf += data
         size = _RELAY_HEADER.size
-        while len(buf) >= size:
-            length, port, host = _RELAY_HEADER.unpack_from(buf)
-            if len(buf) < size + length:
+        at = 0
+        while len(buf) - at >= size:
+            length, port, host = _RELAY_HEADER.unpack_from(buf, at)
+            if length > RELAY_MAX_PAYLOAD:  # not a message: the stream is out of step
+                self.server.count("relay_errors")
+                log.error("relay_stream_broken", length=length)
+                buf.clear()
+                if self.transport is not None:
+                    self.transport.abort()
+                return
+            end = at + size + length
+            if len(buf) < end:
                 break
-            payload = bytes(buf[size: size + length])
-            del buf[: size + length]
+            payload = bytes(buf[at + size: end])
+            at = end
             self.server.on_relayed(payload, (host.rstrip(b"\0").decode("ascii"), port))
+        del buf[:at]
 
 
 class _RelayOutbox(asyncio.Protocol):
@@ -126,11 +234,13 @@ class _RelayOutbox(asyncio.Protocol):
 
     Messages queue while it connects and are written in one batch per event-loop pass: under
     load one write carries many messages (a syscall each would cost more than the relay).
+    What waits (the queue and the transport's write buffer) is bounded by the caller.
     """
 
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
         self.queue: list[bytes] = []
+        self.queued = 0  # bytes in queue
         self.scheduled = False
         self.closed = False
 
@@ -141,11 +251,18 @@ class _RelayOutbox(asyncio.Protocol):
         self.transport = None
         self.closed = True
 
+    def backlog(self) -> int:
+        """Bytes waiting to reach the other worker."""
+        if self.transport is None:
+            return self.queued
+        return self.queued + self.transport.get_write_buffer_size()
+
     def drain(self) -> None:
         self.scheduled = False
         if self.transport is not None and self.queue:
             self.transport.write(b"".join(self.queue))
             self.queue.clear()
+            self.queued = 0
 
 
 class ProxyServer:
@@ -160,10 +277,14 @@ class ProxyServer:
         udp_rcvbuf: int = 4 << 20,
         udp_sndbuf: int = 4 << 20,
         tcp_idle_timeout: float = 300.0,
+        tcp_max_connections: int = 4096,
+        tcp_max_connections_per_source: int = 256,
+        tcp_max_output_bytes: int = 1 << 20,
         max_message_bytes: int = 65535,
         worker_index: int = 0,
         worker_count: int = 1,
         relay_group: str = "",
+        relay_key: bytes = b"",
     ) -> None:
         self.core = core
         self.store = store
@@ -171,18 +292,76 @@ class ProxyServer:
         self.udp_rcvbuf = udp_rcvbuf
         self.udp_sndbuf = udp_sndbuf
         self.tcp_idle_timeout = tcp_idle_timeout
+        self.tcp_max_connections = tcp_max_connections
+        self.tcp_max_connections_per_source = tcp_max_connections_per_source
+        self.tcp_max_output_bytes = tcp_max_output_bytes
+        # past this much unsent output to a peer, stop reading from it (back-pressure)
+        self.tcp_write_high = max(tcp_max_output_bytes // 4, 4096)
         self.max_message_bytes = max_message_bytes
         self.udp: dict[int, asyncio.DatagramTransport] = {}  # by address family
         self.tcp_servers: list[asyncio.base_events.Server] = []
         self.tcp_connections: dict[tuple[str, int], _TcpConnection] = {}
+        self.tcp_accepted = 0  # accepted connections holding a place under the caps
+        self.tcp_per_source: dict[str, int] = {}
         self.loop = asyncio.get_running_loop()
         self._ticker: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._last_logged: dict[str, tuple[float, int]] = {}  # event → (when, suppressed)
         self.worker_index = worker_index
         self.worker_count = worker_count
         self.relay_group = relay_group
+        # a random key unless the supervisor gives one (all workers must share it)
+        self._call_id_hasher = call_id_hasher(relay_key or os.urandom(32))
+        gateways = {g.host for g in core.settings.gateways}
+        is_trusted = core.settings.is_trusted
+        # whose requests go to their Call-ID's owner; anyone else's are refused where they land
+        self._relays_from = lambda host: host in gateways or is_trusted(host)
         self._relay_server: asyncio.base_events.Server | None = None
         self._outboxes: dict[int, _RelayOutbox] = {}
+
+    # ---- bookkeeping ---------------------------------------------------------------------------
+    def count(self, name: str, n: int = 1) -> None:
+        self.core.stats[name] = self.core.stats.get(name, 0) + n
+
+    def log_limited(self, event: str, **fields: Any) -> None:
+        """A warning at most once per LOG_EVERY_S per event, with how many were left out."""
+        now = time.monotonic()
+        last, suppressed = self._last_logged.get(event, (0.0, 0))
+        if now - last < LOG_EVERY_S:
+            self._last_logged[event] = (last, suppressed + 1)
+            return
+        self._last_logged[event] = (now, 0)
+        log.warning(event, suppressed=suppressed, **fields)
+
+    def admit(self, conn: _TcpConnection) -> bool:
+        """Whether an accepted connection fits under the connection caps (and take its place)."""
+        assert conn.peer is not None
+        host = conn.peer[0]
+        here = self.tcp_per_source.get(host, 0)
+        if self.tcp_accepted >= self.tcp_max_connections:
+            cap = "tcp_max_connections"
+        elif here >= self.tcp_max_connections_per_source:
+            cap = "tcp_max_connections_per_source"
+        else:
+            self.tcp_accepted += 1
+            self.tcp_per_source[host] = here + 1
+            conn.counted = True
+            return True
+        self.count("tcp_refused")
+        self.log_limited("tcp_refused", source=host, cap=cap, connections=self.tcp_accepted)
+        return False
+
+    def release(self, conn: _TcpConnection) -> None:
+        """An accepted connection closed: give its place back."""
+        conn.counted = False
+        assert conn.peer is not None
+        host = conn.peer[0]
+        self.tcp_accepted -= 1
+        left = self.tcp_per_source.get(host, 1) - 1
+        if left > 0:
+            self.tcp_per_source[host] = left
+        else:
+            self.tcp_per_source.pop(host, None)
 
     async def start(self) -> None:
         for transport, host, port in self.listen:
@@ -232,10 +411,21 @@ class ProxyServer:
         if not data.strip(b"\r\n"):
             return  # keep-alive
         if self.worker_count > 1:
-            owner = call_id_owner(data, self.worker_count)
-            if owner != self.worker_index:
-                self._relay_to(owner, data, source)
-                return
+            if data.startswith(b"SIP/2.0 "):
+                # a response goes to the worker named in its branch: the one holding its client
+                # transaction (unknown or foreign branch: here, where the core drops it)
+                owner = branch_worker(data)
+                if owner is not None and owner != self.worker_index \
+                        and owner < self.worker_count:
+                    self._relay_to(owner, data, source)
+                    return
+            elif self._relays_from(source[0]):
+                # a request from a peer that may send us requests goes to its Call-ID's owner;
+                # from anyone else it is refused here, at no relay cost
+                owner = call_id_owner(data, self.worker_count, self._call_id_hasher)
+                if owner != self.worker_index:
+                    self._relay_to(owner, data, source)
+                    return
         try:
             self.core.receive_datagram(data, source, "udp", time.monotonic())
         except Exception:  # a bug must cost one message, never the process
@@ -249,8 +439,15 @@ class ProxyServer:
             task = self.loop.create_task(self._connect_relay(owner, box))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
+        size = _RELAY_HEADER.size + len(data)
+        if box.backlog() + size > RELAY_MAX_QUEUED_BYTES:
+            # the owner is not keeping up (or not there): drop rather than grow without bound
+            self.count("relay_dropped")
+            self.log_limited("relay_dropped", worker=owner, backlog=box.backlog())
+            return
         box.queue.append(_RELAY_HEADER.pack(len(data), source[1], source[0].encode("ascii")))
         box.queue.append(data)
+        box.queued += size
         if box.transport is not None and not box.scheduled:
             box.scheduled = True
             self.loop.call_soon(box.drain)
@@ -266,15 +463,17 @@ class ProxyServer:
             except OSError:
                 await asyncio.sleep(min(0.01 * 2 ** attempt, 0.2))
         else:
-            self.core.stats["relay_errors"] = self.core.stats.get("relay_errors", 0) + 1
+            self.count("relay_errors")
+            self.count("relay_dropped", len(box.queue) // 2)
             log.warning("relay_unreachable", worker=owner, dropped=len(box.queue) // 2)
             box.queue.clear()
+            box.queued = 0
             box.closed = True
             return
         box.drain()
 
     def on_relayed(self, data: bytes, source: tuple[str, int]) -> None:
-        """A datagram another worker received for a Call-ID this worker owns."""
+        """A message another worker received for this one (its Call-ID or its branch)."""
         try:
             self.core.receive_datagram(data, source, "udp", time.monotonic())
         except Exception:
@@ -286,14 +485,24 @@ class ProxyServer:
         log.exception("internal_error", source=f"{source[0]}:{source[1]}")
 
     def on_stream_data(self, conn: _TcpConnection, data: bytes) -> None:
+        """Messages over TCP are handled here, where their connection lives; only a response
+        whose branch names another worker goes there (its client transaction is there)."""
         assert conn.peer is not None
         now = time.monotonic()
+        relay = self.worker_count > 1
         for item in conn.framer.feed(data):
             try:
                 if isinstance(item, Exception):
                     self.core.reject_malformed(item, conn.peer, "tcp")  # type: ignore[arg-type]
-                else:
-                    self.core.receive_message(item, item.serialize(), conn.peer, "tcp", now)
+                    continue
+                raw = item.serialize()
+                if relay and not item.is_request:
+                    owner = branch_worker(raw)
+                    if owner is not None and owner != self.worker_index \
+                            and owner < self.worker_count:
+                        self._relay_to(owner, raw, conn.peer)
+                        continue
+                self.core.receive_message(item, raw, conn.peer, "tcp", now)
             except Exception:  # a bug must cost one message, never the process
                 self._internal_error(conn.peer)
         self.flush()
@@ -377,9 +586,14 @@ class ProxyServer:
             if now >= sweep_at:
                 sweep_at = now + 5.0
                 self._close_idle()
+            logs.flush()  # what a slow log reader left waiting
 
     def _close_idle(self) -> None:
         limit = time.monotonic() - self.tcp_idle_timeout
         for conn in list(self.tcp_connections.values()):
-            if conn.last_active < limit and conn.transport is not None:
-                conn.transport.close()
+            transport = conn.transport
+            if conn.last_active < limit and transport is not None:
+                if transport.get_write_buffer_size():
+                    transport.abort()  # a peer that stopped reading: close() would wait forever
+                else:
+                    transport.close()

@@ -9,69 +9,322 @@ from __future__ import annotations
 
 from proxy.bindings.model import Outcome, Resolution
 from proxy.core import CoreSettings, Hop, ProxyCore
-from proxy.privacy import DialogSealer
-from proxy.sip.message import parse_message
+from proxy.privacy import DialogSealer, Privacy, PrivacyPolicy
+from proxy.sip.message import build_response, parse_message
 
 X, A, B = "700100000000001", "13800000001", "13900000001"
 CALLER = ("127.0.0.1", 5070)
 GATEWAY = ("127.0.0.1", 5090)
 
 
-def make_core() -> ProxyCore:
+WALL = [1_800_000_000.0]  # the wall clock the cores below see (token deadlines)
+
+
+def make_core(**overrides) -> ProxyCore:
     settings = CoreSettings(
         advertise_host="127.0.0.1", advertise_port=5060,
-        is_trusted=lambda ip: True, middle_number=lambda n: n.startswith("700"),
+        is_trusted=lambda ip: ip == "127.0.0.1", middle_number=lambda n: n.startswith("700"),
         gateways=[Hop(GATEWAY[0], GATEWAY[1], "udp")],
+        is_gateway_address=lambda ip: ip == GATEWAY[0],
+        wall_clock=lambda: WALL[0],
     )
+    for name, value in overrides.items():
+        setattr(settings, name, value)
     return ProxyCore(settings, DialogSealer(bytes(32)))
 
 
-def request(lines: list[str]) -> bytes:
-    return ("\r\n".join(lines) + "\r\nContent-Length: 0\r\n\r\n").encode()
+def request(lines: list[str], body: str = "") -> bytes:
+    return ("\r\n".join(lines) + f"\r\nContent-Length: {len(body)}\r\n\r\n{body}").encode()
 
 
-def established_route(core: ProxyCore) -> str:
-    """Route A→X→B through the core; returns the Record-Route the callee saw."""
-    core.receive_datagram(request([
-        f"INVITE sip:{X}@127.0.0.1:5060 SIP/2.0",
-        "Via: SIP/2.0/UDP 127.0.0.1:5070;branch=z9hG4bK-a-1",
-        f"From: <sip:{A}@127.0.0.1>;tag=atag",
-        f"To: <sip:{X}@127.0.0.1>",
-        "Call-ID: call-1",
-        "CSeq: 1 INVITE",
-        f"Contact: <sip:{A}@127.0.0.1:5070>",
-        "Max-Forwards: 70",
-    ]), CALLER, "udp", 0.0)
-    relay, _x, _caller = core.lookups.pop()
-    core.complete_lookup(relay, Resolution(Outcome.ROUTE, B, 1e12), 0.0)
-    forwarded = [parse_message(o.data) for o in core.outbox if o.dest == GATEWAY]
-    core.outbox.clear()
-    assert len(forwarded) == 1
-    return forwarded[0].header_values("record-route")[0]
+class Dialog:
+    """An A→X→B call established through a core, with what each side saw."""
+
+    def __init__(self, core: ProxyCore, call_id: str = "call-1") -> None:
+        self.core = core
+        self.caller_call_id = call_id
+        core.receive_datagram(request([
+            f"INVITE sip:{X}@127.0.0.1:5060 SIP/2.0",
+            "Via: SIP/2.0/UDP 127.0.0.1:5070;branch=z9hG4bK-a-1;rport",
+            f"From: <sip:{A}@127.0.0.1>;tag=atag",
+            f"To: <sip:{X}@127.0.0.1>",
+            f"Call-ID: {call_id}",
+            "CSeq: 1 INVITE",
+            f"Contact: <sip:{A}@127.0.0.1:5070>",
+            "Max-Forwards: 70",
+        ]), CALLER, "udp", 0.0)
+        relay, _x, _caller = core.lookups.pop()
+        core.complete_lookup(relay, Resolution(Outcome.ROUTE, B, 1e12), 0.0)
+        forwarded = [parse_message(o.data) for o in core.outbox if o.dest == GATEWAY]
+        core.outbox.clear()
+        assert len(forwarded) == 1
+        self.invite = forwarded[0]  # what B received
+        self.callee_call_id = self.invite.call_id
+        self.callee_route = self.invite.header_values("record-route")[0]
+        self.caller_contact = self.invite.header_values("contact")[0]  # A's, as B sees it
+        ok = build_response(self.invite, 200, "OK", to_tag="btag",
+                            headers=[("Record-Route", self.callee_route),
+                                     ("Contact", f"<sip:{B}@127.0.0.1:5090>")])
+        core.receive_datagram(ok.serialize(), GATEWAY, "udp", 0.1)
+        answers_ = [parse_message(o.data) for o in core.outbox if o.dest == CALLER]
+        core.outbox.clear()
+        assert [m.status for m in answers_] == [200]
+        self.ok = answers_[0]  # what A received
+        self.caller_route = self.ok.header_values("record-route")[0]
+        self.callee_contact = self.ok.header_values("contact")[0]  # B's, as A sees it
+
+    def from_callee(self, method: str, *, uri: str | None = None, from_tag: str = "btag",
+                    call_id: str | None = None, route: str | None = None,
+                    source: tuple[str, int] = GATEWAY, extra: tuple[str, ...] = (),
+                    body: str = "", branch: str = "b-2", now: float = 1.0) -> None:
+        target = uri or self.caller_contact.strip("<>")
+        self.core.receive_datagram(request([
+            f"{method} {target} SIP/2.0",
+            f"Via: SIP/2.0/UDP 127.0.0.1:5090;branch=z9hG4bK-{branch}",
+            f"Route: {route or self.callee_route}",
+            f"From: <sip:{X}@127.0.0.1>;tag={from_tag}",
+            f"To: <sip:{X}@127.0.0.1>;tag=atag",
+            f"Call-ID: {call_id or self.callee_call_id}",
+            f"CSeq: 2 {method}",
+            f"Contact: <sip:{B}@127.0.0.1:5090>",
+            "Max-Forwards: 70",
+            *extra,
+        ], body), source, "udp", now)
+
+    def from_caller(self, method: str, *, uri: str | None = None, call_id: str | None = None,
+                    route: str | None = None, source: tuple[str, int] = CALLER,
+                    extra: tuple[str, ...] = (), branch: str = "a-2", now: float = 1.0) -> None:
+        target = uri or self.callee_contact.strip("<>")
+        self.core.receive_datagram(request([
+            f"{method} {target} SIP/2.0",
+            f"Via: SIP/2.0/UDP 127.0.0.1:5070;branch=z9hG4bK-{branch}",
+            f"Route: {route or self.caller_route}",
+            f"From: <sip:{A}@127.0.0.1>;tag=atag",
+            f"To: <sip:{X}@127.0.0.1>;tag=btag",
+            f"Call-ID: {call_id or self.caller_call_id}",
+            f"CSeq: 2 {method}",
+            "Max-Forwards: 70",
+            *extra,
+        ]), source, "udp", now)
+
+    def sent(self, dest: tuple[str, int]) -> list:
+        out = [parse_message(o.data) for o in self.core.outbox if o.dest == dest]
+        return out
+
+
+def test_each_side_gets_its_own_token_call_id_and_a_reversible_contact() -> None:
+    d = Dialog(make_core())
+    assert d.caller_route != d.callee_route  # B's token cannot pose as A (and vice versa)
+    assert d.callee_call_id != d.caller_call_id and d.ok.call_id == d.caller_call_id
+    assert A not in d.callee_call_id
+    assert A.encode() not in d.invite.serialize()
+    assert B.encode() not in d.ok.serialize()
+    assert d.ok.from_.uri.user == A and d.ok.to.tag == "btag"
+    # B's BYE reaches A on A's Call-ID, with A's own Contact as the Request-URI
+    d.from_callee("BYE")
+    (bye,) = d.sent(CALLER)
+    assert bye.uri_text == f"sip:{A}@127.0.0.1:5070" and bye.call_id == d.caller_call_id
+    assert bye.to.uri.user == A and bye.from_.uri.user == X
+    assert B.encode() not in bye.serialize()
 
 
 def test_trying_to_a_callee_reinvite_shows_the_callee_its_own_headers() -> None:
-    core = make_core()
-    route = established_route(core)
-    to_as_sent = f"To: <sip:{X}@127.0.0.1>;tag=atag"
-    core.receive_datagram(request([
-        f"INVITE sip:{X}@127.0.0.1:5070 SIP/2.0",
-        "Via: SIP/2.0/UDP 127.0.0.1:5090;branch=z9hG4bK-b-1",
-        f"Route: {route}",
-        f"From: <sip:{X}@127.0.0.1>;tag=btag",
-        to_as_sent,
-        "Call-ID: call-1",
-        "CSeq: 1 INVITE",
-        f"Contact: <sip:{B}@127.0.0.1:5090>",
-        "Max-Forwards: 70",
-    ]), GATEWAY, "udp", 1.0)
-    to_callee = [o.data for o in core.outbox if o.dest == GATEWAY]
-    to_caller = [parse_message(o.data) for o in core.outbox if o.dest == CALLER]
+    d = Dialog(make_core())
+    d.from_callee("INVITE")
+    to_callee = [o.data for o in d.core.outbox if o.dest == GATEWAY]
     assert len(to_callee) == 1 and to_callee[0].startswith(b"SIP/2.0 100 ")
     assert A.encode() not in to_callee[0]
-    assert to_as_sent.encode() in to_callee[0]
+    assert f"To: <sip:{X}@127.0.0.1>;tag=atag".encode() in to_callee[0]
     # the re-INVITE itself does reach A with A's own number restored
-    assert len(to_caller) == 1 and to_caller[0].to.uri.user == A
+    (reinvite,) = d.sent(CALLER)
+    assert reinvite.to.uri.user == A
+
+
+def test_spoofed_from_tag_does_not_turn_the_direction() -> None:
+    """B poses as A with A's tag: the request still counts as B's, A's answer hides A."""
+    d = Dialog(make_core())
+    d.from_callee("INVITE", from_tag="atag")
+    (reinvite,) = d.sent(CALLER)
+    assert reinvite.call_id == d.caller_call_id
+    d.core.outbox.clear()
+    answer = build_response(reinvite, 200, "OK",
+                            headers=[("Contact", f"<sip:{A}@127.0.0.1:5070>")],
+                            body=f"v=0\r\no={A} 2 2 IN IP4 127.0.0.1\r\n".encode())
+    answer.insert_header("Content-Type", "application/sdp", len(answer.rows) - 1)
+    d.core.receive_datagram(answer.serialize(), CALLER, "udp", 1.1)
+    (to_b,) = d.sent(GATEWAY)
+    assert to_b.status == 200 and A.encode() not in to_b.serialize()
+    assert to_b.call_id == d.callee_call_id
+
+
+def test_token_without_to_tag_is_an_initial_request() -> None:
+    d = Dialog(make_core())
+    d.core.receive_datagram(request([
+        "INVITE sip:+8613312345678@127.0.0.1:5090 SIP/2.0",
+        "Via: SIP/2.0/UDP 127.0.0.1:5070;branch=z9hG4bK-fraud",
+        f"Route: {d.caller_route}",
+        f"From: <sip:{A}@127.0.0.1>;tag=fraud",
+        "To: <sip:+8613312345678@127.0.0.1>",
+        "Call-ID: fresh", "CSeq: 1 INVITE", "Max-Forwards: 70",
+    ]), CALLER, "udp", 2.0)
+    assert answers(d.core) == [404] and answers(d.core, GATEWAY) == []
+    d.core.outbox.clear()
+    stranger = ("127.0.0.7", 5070)
+    d.core.receive_datagram(request([
+        "INVITE sip:+8613312345678@127.0.0.7:5999 SIP/2.0",
+        "Via: SIP/2.0/UDP 127.0.0.7:5070;branch=z9hG4bK-fraud2",
+        f"Route: {d.caller_route}",
+        "From: <sip:x@127.0.0.7>;tag=fraud", "To: <sip:+8613312345678@127.0.0.7>",
+        "Call-ID: fresh2", "CSeq: 1 INVITE", "Max-Forwards: 70",
+    ]), stranger, "udp", 2.0)
+    assert [o.dest for o in d.core.outbox] == [stranger]
+    assert answers(d.core, stranger) == [403]
+
+
+def test_token_is_bound_to_its_call_id_and_side() -> None:
+    d = Dialog(make_core())
+    d.from_caller("BYE", call_id="another-call")
+    assert answers(d.core) == [403] and answers(d.core, GATEWAY) == []
+    assert d.core.stats["rejected_token_call_id"] == 1
+    d.core.outbox.clear()
+    d.from_caller("BYE", route=d.callee_route)  # B's token on A's Call-ID
+    assert answers(d.core) == [403] and answers(d.core, GATEWAY) == []
+
+
+def test_in_dialog_requests_only_from_trusted_peers_and_gateways() -> None:
+    d = Dialog(make_core())
+    stranger = ("127.0.0.7", 5070)
+    d.from_caller("BYE", source=stranger)
+    assert answers(d.core, stranger) == [403] and answers(d.core, GATEWAY) == []
+    assert d.core.stats["rejected_untrusted"] == 1
+
+
+def test_after_the_deadline_only_ack_bye_cancel_pass() -> None:
+    core = make_core(max_dialog_s=60)
+    d = Dialog(core)
+    WALL[0] += 61
+    try:
+        d.from_caller("INVITE", branch="late-reinvite")
+        assert answers(core) == [403] and answers(core, GATEWAY) == []
+        core.outbox.clear()
+        d.from_caller("BYE", branch="late-bye")
+        assert [m.method for m in d.sent(GATEWAY)] == ["BYE"]
+    finally:
+        WALL[0] -= 61
+
+
+def test_proxy_errors_are_built_from_the_request_as_received() -> None:
+    d = Dialog(make_core())
+    d.from_callee("BYE", uri=f"tel:{X}")
+    (reply,) = d.sent(GATEWAY)
+    assert reply.status == 502 and A.encode() not in reply.serialize()
+    assert reply.header("to") == f"<sip:{X}@127.0.0.1>;tag=atag"
+    assert reply.call_id == d.callee_call_id
+
+
+def test_next_hop_must_be_a_peer_a_gateway_or_allowed() -> None:
+    core = make_core()
+    d = Dialog(core)
+    d.from_caller("BYE", uri="sip:13900000001@127.0.0.9:5099")
+    assert answers(core) == [403] and not [o for o in core.outbox if o.dest[0] == "127.0.0.9"]
+    core.outbox.clear()
+    core.settings.is_allowed_next_hop = lambda ip: ip == "127.0.0.9"
+    d.from_caller("BYE", uri="sip:13900000001@127.0.0.9:5099", branch="a-3")
+    assert [parse_message(o.data).method for o in core.outbox if o.dest[0] == "127.0.0.9"] == [
+        "BYE"]
+
+
+def test_a_request_for_the_caller_never_goes_to_a_gateway_only_address() -> None:
+    """A's From is restored in what A gets, so B must not steer it back to its own side."""
+    core = make_core(is_trusted=lambda ip: ip == "127.0.0.1",
+                     is_gateway_address=lambda ip: ip in ("127.0.0.1", "127.0.0.8"))
+    d = Dialog(core)
+    d.from_callee("BYE", uri="sip:anyone@127.0.0.8:5090", source=GATEWAY)
+    assert answers(core, GATEWAY) == [403]
+    assert not [o for o in core.outbox if o.dest[0] == "127.0.0.8"]
+
+
+def test_refer_is_refused_unless_passed() -> None:
+    d = Dialog(make_core())
+    refer = ("Refer-To: <sip:13312345678@127.0.0.1>", f"Referred-By: <sip:{A}@127.0.0.1>")
+    d.from_caller("REFER", extra=refer)
+    assert answers(d.core) == [403] and answers(d.core, GATEWAY) == []
+    core = make_core()
+    core.settings.privacy = PrivacyPolicy(refer="pass")
+    core.privacy.policy = core.settings.privacy
+    d = Dialog(core)
+    d.from_caller("REFER", extra=refer)
+    (refer_out,) = d.sent(GATEWAY)
+    assert refer_out.method == "REFER" and A.encode() not in refer_out.serialize()
+
+
+def test_via_gets_received_and_rport_filled() -> None:
+    d = Dialog(make_core())
+    vias = d.invite.header_values("via")
+    assert vias[1].endswith(";received=127.0.0.1;rport=5070")
+    assert d.ok.header_values("via") == [vias[1]]
+    core = make_core()
+    core.receive_datagram(invite(x="13912345678", extra=()).replace(
+        b"branch=z9hG4bK-b1", b"branch=z9hG4bK-b1;rport"), CALLER, "udp", 0.0)
+    (reply,) = [parse_message(o.data) for o in core.outbox]
+    assert reply.top_via.rport == "5070" and reply.top_via.received == "127.0.0.1"
+
+
+def test_pai_is_added_when_the_caller_sent_none() -> None:
+    d = Dialog(make_core())
+    assert d.invite.header_values("p-asserted-identity") == [f"<sip:{X}@127.0.0.1>"]
+    core = make_core()
+    core.settings.privacy = PrivacyPolicy(add_asserted_identity=False)
+    core.privacy.policy = core.settings.privacy
+    assert not Dialog(core).invite.has("p-asserted-identity")
+
+
+def test_unanswered_lookup_ends_in_503() -> None:
+    core = make_core(lookup_deadline=0.5)
+    core.receive_datagram(invite(), CALLER, "udp", 0.0)
+    assert core.lookups  # handed to the shell, which never answers
+    core.outbox.clear()
+    core.handle_timers(0.6)
+    assert answers(core) == [503] and core.stats["lookup_deadline_expired"] == 1
+    relay = core.lookups[0][0]
+    core.complete_lookup(relay, Resolution(Outcome.ROUTE, B, 1e12), 0.7)  # too late
+    assert answers(core, GATEWAY) == []
+
+
+def test_a_stream_of_1xx_cannot_keep_an_invite_alive() -> None:
+    core = make_core(max_invite_lifetime=10.0, timer_c=3.0)
+    forwarded = route_call(core)
+    t = 0.0
+    while t < 9.0:
+        t += 1.0
+        core.receive_datagram(_callee_reply(forwarded, 180), GATEWAY, "udp", t)
+        core.handle_timers(t)
+    assert 408 not in answers(core)  # timer C keeps being reset by the 180s
+    core.outbox.clear()
+    core.handle_timers(10.1)
+    assert answers(core) == [408] and core.stats["invite_lifetime_exceeded"] == 1
+    assert [parse_message(o.data).method for o in core.outbox if o.dest == GATEWAY] == [
+        "CANCEL"]
+
+
+def test_a_bug_ends_the_transaction_with_500(monkeypatch) -> None:
+    core = make_core()
+    core.receive_datagram(invite(), CALLER, "udp", 0.0)
+    relay, _x, _caller = core.lookups.pop()
+    core.outbox.clear()
+
+    def broken(*_args, **_kw):
+        raise RuntimeError("bug")
+
+    monkeypatch.setattr(Privacy, "initial_invite", broken)
+    core.complete_lookup(relay, Resolution(Outcome.ROUTE, B, 1e12), 0.1)
+    assert answers(core) == [500] and core.stats["internal_errors"] == 1
+    assert relay.final_sent and answers(core, GATEWAY) == []
+    # and a bug on a request's own path: stateless 500 from the received request
+    monkeypatch.setattr(core, "_on_initial", broken)
+    core.outbox.clear()
+    core.receive_datagram(invite(branch="b9"), CALLER, "udp", 0.2)
+    assert answers(core) == [500]
 
 
 # ---- request validation and refusals (RFC 3261 §16.3) ---------------------------------------
@@ -130,19 +383,12 @@ def test_untrusted_peer_gets_403_and_nothing_is_looked_up() -> None:
 
 
 def test_tampered_token_is_refused() -> None:
-    core = make_core()
-    route = established_route(core)
+    d = Dialog(make_core())
+    route = d.caller_route
     start = route.index("s7=") + 3
     bad = route[:start] + ("A" if route[start] != "A" else "B") + route[start + 1:]
-    core.receive_datagram(request([
-        "BYE sip:uas@127.0.0.1:5090 SIP/2.0",
-        "Via: SIP/2.0/UDP 127.0.0.1:5070;branch=z9hG4bK-bye",
-        f"Route: {bad}",
-        f"From: <sip:{A}@127.0.0.1>;tag=atag",
-        f"To: <sip:{X}@127.0.0.1>;tag=btag",
-        "Call-ID: call-1", "CSeq: 2 BYE", "Max-Forwards: 70",
-    ]), CALLER, "udp", 1.0)
-    assert answers(core) == [403] and answers(core, GATEWAY) == []
+    d.from_caller("BYE", route=bad)
+    assert answers(d.core) == [403] and answers(d.core, GATEWAY) == []
 
 
 def _callee_reply(forwarded_invite: bytes, status: int, *, vias: int = 2) -> bytes:

@@ -7,17 +7,27 @@ import base64
 import pytest
 
 from proxy.privacy import (
+    CALLEE,
+    CALLER,
+    CONTACT_PARAM,
     DialogRule,
     DialogSealer,
     InvalidDialogToken,
-    LeakScanner,
-    hide_number,
+    Privacy,
+    PrivacyPolicy,
+    call_id_digest,
     set_address_user,
 )
 from proxy.sip.message import parse_message
 
 A, B, X = "13800000001", "13900000001", "700100000000001"
-RULE = DialogRule(X, A, B, "+86" + A, "tag-a")
+RULE = DialogRule(X, A, B, "+86" + A, CALLER, call_id_digest("c1"), 2_000_000_000)
+SEALER = DialogSealer(bytes(range(32)))
+
+
+def hide_number(m, hidden: str, x: str, policy: PrivacyPolicy | None = None) -> int:
+    return Privacy(SEALER, policy or PrivacyPolicy(), "10.0.0.1").hide(m, hidden, x,
+                                                                       request=True)
 
 
 def msg(*rows: str, body: str = "") -> bytes:
@@ -66,16 +76,6 @@ def test_token_from_another_key_is_refused() -> None:
         DialogSealer(bytes(32)).open(DialogSealer(b"k" * 32).seal(RULE))
 
 
-def test_scanner_finds_every_wire_form_but_not_longer_digit_runs() -> None:
-    scanner = LeakScanner(A)
-    for form in (A, "+86" + A, "0086" + A, "86" + A):
-        data = f"x <sip:{form}@h> y".encode()
-        assert scanner.present(data)
-        assert scanner.replace(data, X.encode()) == (f"x <sip:{X}@h> y".encode(), 1)
-    longer = f"id={A}9".encode()
-    assert scanner.replace(longer, X.encode()) == (longer, 0)
-
-
 def test_hide_number_rewrites_identities_and_scrubs_everything_else() -> None:
     m = parse_message(invite(
         f"P-Asserted-Identity: <sip:{A}@10.0.0.2>, <tel:+86{A}>",
@@ -86,6 +86,7 @@ def test_hide_number_rewrites_identities_and_scrubs_everything_else() -> None:
         "Identity: abc;info=<https://cert.example/x>",
         f'Contact: "{A}" <sip:+86{A}@10.0.0.2:5060>',
         f"X-Custom: caller={A}",
+        "Content-Type: application/sdp",
         body=f"v=0\r\no={A} 1 1 IN IP4 10.0.0.2\r\ns=-\r\n",
     ))
     set_address_user(m, "from", X)
@@ -98,10 +99,13 @@ def test_hide_number_rewrites_identities_and_scrubs_everything_else() -> None:
     assert m.header_values("p-asserted-identity") == [f"<sip:{X}@10.0.0.2>", f"<tel:{X}>"]
     contact = m.name_addrs("contact")[0]
     assert contact.uri.user == X and contact.display is None
+    # the real user travels sealed, so the Contact can be restored as a Request-URI
+    assert SEALER.open_user(contact.uri.param(CONTACT_PARAM)) == "+86" + A
     assert m.header("x-custom") == f"caller={X}"
     assert m.body.startswith(f"v=0\r\no={X} ".encode())
     assert m.header("content-length") == str(len(m.body))
-    assert scrubbed == 2  # X-Custom and the SDP: the rest had dedicated rewrites
+    # 5 removed headers, the Contact, X-Custom and the SDP
+    assert scrubbed == 8
     assert m.from_.display is None and m.from_.uri.user == X and m.from_.tag == "tag-a"
 
 
@@ -114,8 +118,81 @@ def test_hide_number_leaves_a_clean_message_byte_for_byte() -> None:
     assert m.serialize() == before
 
 
-def test_call_id_is_never_rewritten() -> None:
-    m = parse_message(invite().replace(b"Call-ID: c1", f"Call-ID: {A}-c1@h".encode()))
-    set_address_user(m, "from", X)
+def test_call_id_is_transformed_for_the_callee_and_maps_back() -> None:
+    caller_call_id = f"{A}-4711@10.0.0.2"
+    m = parse_message(invite().replace(b"Call-ID: c1", f"Call-ID: {caller_call_id}".encode()))
+    Privacy(SEALER, PrivacyPolicy(), "10.0.0.1").initial_invite(m, RULE)
+    seen_by_callee = m.call_id
+    assert seen_by_callee != caller_call_id and A not in seen_by_callee
+    assert A.encode() not in m.serialize()
+    # deterministic: every later request of the dialog gets the same Call-ID, no state needed
+    assert SEALER.callee_call_id(caller_call_id) == seen_by_callee
+    assert SEALER.caller_call_id(seen_by_callee) == caller_call_id
+    with pytest.raises(InvalidDialogToken):
+        SEALER.caller_call_id(seen_by_callee[:-2] + "AA")
+    with pytest.raises(InvalidDialogToken):
+        SEALER.caller_call_id("some-other-call-id@host")
+
+
+def test_request_for_the_caller_restores_its_contact_and_hides_the_callee() -> None:
+    privacy = Privacy(SEALER, PrivacyPolicy(), "10.0.0.1")
+    sealed = SEALER.seal_user(A)
+    callee_call_id = SEALER.callee_call_id("c1")
+    m = parse_message(msg(
+        f"BYE sip:{X}@10.0.0.2:5070;{CONTACT_PARAM}={sealed} SIP/2.0",
+        "Via: SIP/2.0/UDP 10.0.0.9;branch=z9hG4bK9",
+        f'From: "139 0000 0001" <sip:{B}@10.0.0.9>;tag=tag-b',
+        f"To: <sip:{X}@10.0.0.1>;tag=tag-a",
+        f"Call-ID: {callee_call_id}",
+        "CSeq: 2 BYE",
+        "X-Leak: tel:+86-139-0000-0001",
+    ))
+    privacy.request(m, RULE, CALLER)
+    out = m.serialize()
+    assert m.uri_text == f"sip:{A}@10.0.0.2:5070"  # exactly A's Contact again
+    assert m.call_id == "c1"
+    assert m.to.uri.user == "+86" + A and m.to.tag == "tag-a"
+    assert m.from_.uri.user == X and m.from_.display is None
+    assert b"139" not in out.replace(X.encode(), b"")
+
+
+def test_response_gets_the_receivers_rows_and_token() -> None:
+    privacy = Privacy(SEALER, PrivacyPolicy(), "10.0.0.1")
+    request = parse_message(invite("Via: SIP/2.0/UDP 10.0.0.3;branch=z9hG4bK0"))
+    resp = parse_message(msg(
+        f"SIP/2.0 180 Ringing {B}",
+        "Via: SIP/2.0/UDP 10.0.0.2;branch=z9hG4bK1",
+        "Via: SIP/2.0/UDP 10.0.0.3;branch=z9hG4bK0",
+        "Record-Route: <sip:10.0.0.1;lr;s7=THEIRS>",
+        f"From: <sip:{X}@10.0.0.2>;tag=tag-a",
+        f"To: <sip:{B}@10.0.0.1>;tag=tag-b",
+        f"Call-ID: {SEALER.callee_call_id('c1')}",
+        "CSeq: 1 INVITE",
+        "Contact: <sip:%31%33%39%30%30%30%30%30%30%30%31@10.0.0.9>",
+    ))
+    privacy.response(resp, request, RULE, CALLER, (b"THEIRS", b"OURS"))
+    out = resp.serialize()
+    assert resp.reason == f"Ringing {X}"
+    assert resp.header("record-route") == "<sip:10.0.0.1;lr;s7=OURS>"
+    assert resp.call_id == "c1"
+    assert resp.from_.display is not None and resp.from_.uri.user == A  # A's own From row
+    assert resp.to.tag == "tag-b" and resp.to.uri.user == X
+    assert b"%31%33%39" not in out and B.encode() not in out
+
+
+def test_unreadable_body_is_stripped_or_refused() -> None:
+    from proxy.bodies import BodyRefused
+
+    body = "\x1f\x8b binary"
+    m = parse_message(invite("Content-Type: application/sdp", "Content-Encoding: gzip",
+                             body=body))
     hide_number(m, A, X)
-    assert m.call_id == f"{A}-c1@h"
+    assert m.body == b"" and not m.has("content-encoding") and m.header("content-length") == "0"
+    m = parse_message(invite("Content-Type: application/sdp", "Content-Encoding: gzip",
+                             body=body))
+    with pytest.raises(BodyRefused):
+        hide_number(m, A, X, PrivacyPolicy(unreadable_body="reject"))
+
+
+def test_sides_hide_the_other_party() -> None:
+    assert RULE.hidden_from(CALLER) == B and RULE.hidden_from(CALLEE) == A

@@ -161,6 +161,15 @@ class SipMessage:
         self._cache.pop("@uri", None)
         self._start = f"{self.method} {text} SIP/2.0".encode("latin-1")
 
+    def set_reason(self, reason: str) -> None:
+        """Replace a response's reason phrase; responses only."""
+        if self.is_request:
+            raise ValueError("a request has no reason phrase")
+        if any(c in reason for c in "\r\n"):
+            raise ValueError("CR or LF in a reason phrase")
+        self.reason = reason
+        self._start = b"SIP/2.0 %d %s" % (self.status, reason.encode("utf-8"))
+
     @property
     def start_line(self) -> bytes:
         return self._start

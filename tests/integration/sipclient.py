@@ -46,6 +46,7 @@ def invite(caller_port: int, proxy_port: int, x: str, a: str) -> tuple[bytes, st
         f"Call-ID: {call_id}\r\nCSeq: 1 INVITE\r\n"
         f"Contact: <sip:caller@127.0.0.1:{caller_port}>\r\n"
         f"P-Asserted-Identity: <sip:{a}@127.0.0.1>\r\n"
+        f"X-Test-Id: {call_id}\r\n"
         f"Max-Forwards: 70\r\nContent-Length: 0\r\n\r\n"
     ).encode()
     return data, call_id
@@ -68,7 +69,10 @@ def place_call(
         for sock in ready:
             packet, addr = sock.recvfrom(65535)
             msg = parse_message(packet)
-            if msg.call_id != call_id:
+            # the callee sees its own Call-ID (the proxy transforms it): match by our header
+            mine = msg.header("x-test-id") == call_id if sock is callee.sock else (
+                msg.call_id == call_id)
+            if not mine:
                 continue  # a late answer to an earlier call
             if sock is callee.sock:
                 if msg.is_request and msg.method == "INVITE":

@@ -1,0 +1,145 @@
+"""The transport's pure pieces: which worker a message goes to, and the non-blocking log writer.
+
+No proxy process: the worker choice is driven with bytes (and one ProxyCore, sans-IO); the log
+writer with a real pipe that nobody reads.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import random
+import socket
+
+import pytest
+
+from proxy.bindings.model import Outcome, Resolution
+from proxy.core import CoreSettings, Hop, ProxyCore
+from proxy.logs import NonBlockingLineWriter
+from proxy.privacy import DialogSealer
+from proxy.transport import branch_worker, call_id_hasher, call_id_owner
+
+
+def response(via_rows: list[str], status: str = "200 OK") -> bytes:
+    return ("\r\n".join([f"SIP/2.0 {status}", *via_rows, "From: <sip:a@h>;tag=1",
+                         "To: <sip:b@h>;tag=2", "Call-ID: c1", "CSeq: 1 INVITE",
+                         "Content-Length: 0"]) + "\r\n\r\n").encode()
+
+
+# ---- responses: by the worker named in the top Via's branch -----------------------------------
+
+@pytest.mark.parametrize(("via", "worker"), [
+    ("Via: SIP/2.0/UDP 10.0.0.1:5060;branch=z9hG4bKs7000a1b2c3d41", 0),
+    ("Via: SIP/2.0/UDP 10.0.0.1:5060;branch=z9hG4bKs7001a1b2c3d41", 1),
+    ("Via: SIP/2.0/UDP 10.0.0.1:5060;rport=5060;branch=z9hG4bKs70ffdeadbeef7", 255),
+    ("v: SIP/2.0/TCP 10.0.0.1;branch=z9hG4bKs73e8deadbeef7;received=10.0.0.9", 1000),
+    ("VIA:SIP/2.0/UDP [2001:db8::1]:5060;branch=z9hG4bKs7002x", 2),
+])
+def test_branch_names_the_worker(via: str, worker: int) -> None:
+    data = response([via, "Via: SIP/2.0/UDP 10.0.0.7;branch=z9hG4bKs7009other"])
+    assert branch_worker(data) == worker
+
+
+@pytest.mark.parametrize("vias", [
+    ["Via: SIP/2.0/UDP 10.0.0.1;branch=z9hG4bK-sipp-1"],  # not ours
+    ["Via: SIP/2.0/UDP 10.0.0.1;branch=z9hG4bK-x",  # ours only below the top Via
+     "Via: SIP/2.0/UDP 10.0.0.2;branch=z9hG4bKs7001abc"],
+    ["Via: SIP/2.0/UDP 10.0.0.1;branch=z9hG4bK-x, SIP/2.0/UDP 10.0.0.2;branch=z9hG4bKs7001abc"],
+    ["Via: SIP/2.0/UDP 10.0.0.1;branch=z9hG4bKs7"],  # too short
+    ["Via: SIP/2.0/UDP 10.0.0.1;branch=z9hG4bKs70G1abc"],  # not hex
+    ["Via: SIP/2.0/UDP 10.0.0.1;branch=z9hG4bKs7 01abc"],
+    ["Via: SIP/2.0/UDP 10.0.0.1;branch=z9hG4bKs7+01abc"],
+    [],  # no Via at all
+])
+def test_branch_not_ours_names_no_worker(vias: list[str]) -> None:
+    assert branch_worker(response(vias)) is None
+
+
+def test_branch_the_core_writes_names_its_worker() -> None:
+    """The core's own branches (CoreSettings.worker_index) lead a response back to it."""
+    for index in (0, 1, 7, 300):
+        settings = CoreSettings(
+            advertise_host="127.0.0.1", advertise_port=5060, is_trusted=lambda ip: True,
+            middle_number=lambda n: n.startswith("700"),
+            gateways=[Hop("127.0.0.1", 5090, "udp")], worker_index=index)
+        core = ProxyCore(settings, DialogSealer(bytes(32)))
+        core.receive_datagram((
+            b"INVITE sip:700100000000001@127.0.0.1 SIP/2.0\r\n"
+            b"Via: SIP/2.0/UDP 127.0.0.1:5070;branch=z9hG4bK-a-1\r\n"
+            b"From: <sip:13800000001@127.0.0.1>;tag=a\r\nTo: <sip:700100000000001@127.0.0.1>\r\n"
+            b"Call-ID: c1\r\nCSeq: 1 INVITE\r\nContact: <sip:13800000001@127.0.0.1:5070>\r\n"
+            b"Max-Forwards: 70\r\nContent-Length: 0\r\n\r\n"),
+            ("127.0.0.1", 5070), "udp", 0.0)
+        relay, _x, _caller = core.lookups.pop()
+        core.complete_lookup(relay, Resolution(Outcome.ROUTE, "13900000001", 1e12), 0.0)
+        forwarded = [o.data for o in core.outbox if o.dest == ("127.0.0.1", 5090)]
+        assert len(forwarded) == 1
+        top_via = next(row for row in forwarded[0].split(b"\r\n") if row.startswith(b"Via:"))
+        assert branch_worker(response([top_via.decode()])) == index
+
+
+# ---- requests: by a keyed hash of the Call-ID ---------------------------------------------------
+
+def request(call_id: str, header: str = "Call-ID") -> bytes:
+    return (f"INVITE sip:700100000000001@h SIP/2.0\r\nVia: SIP/2.0/UDP h;branch=z9hG4bK1\r\n"
+            f"{header}: {call_id}\r\nCSeq: 1 INVITE\r\nContent-Length: 0\r\n\r\n").encode()
+
+
+def test_call_id_owner_is_stable_and_ignores_the_header_form() -> None:
+    hasher = call_id_hasher(b"k" * 32)
+    owner = call_id_owner(request("abc@host"), 8, hasher)
+    assert call_id_owner(request("abc@host"), 8, hasher) == owner  # the state is copied
+    assert call_id_owner(request("abc@host", "i"), 8, hasher) == owner
+    assert call_id_owner(request("abc@host  ", "call-id"), 8, hasher) == owner
+    assert call_id_owner(b"INVITE sip:x@h SIP/2.0\r\n\r\n", 8, hasher) == 0  # no Call-ID
+
+
+def test_call_id_owner_depends_on_the_key_and_spreads_calls() -> None:
+    """Without the key nobody can aim Call-IDs at one worker; with it, calls spread evenly."""
+    rng = random.Random(7)
+    ids = [f"{rng.getrandbits(64):x}@sbc.example" for _ in range(4000)]
+    one, other = call_id_hasher(os.urandom(32)), call_id_hasher(os.urandom(32))
+    owners = [call_id_owner(request(c), 4, one) for c in ids]
+    assert owners != [call_id_owner(request(c), 4, other) for c in ids]
+    counts = collections.Counter(owners)
+    assert set(counts) == {0, 1, 2, 3}
+    assert all(800 < n < 1200 for n in counts.values()), counts
+    # the Call-IDs that crc32 (the old, unkeyed choice) sends to worker 0 spread out too
+    import zlib
+    aimed = [c for c in ids if zlib.crc32(c.encode()) % 4 == 0]
+    assert len(collections.Counter(call_id_owner(request(c), 4, one) for c in aimed)) == 4
+
+
+# ---- the log writer never blocks and never cuts a record -------------------------------------
+
+@pytest.mark.parametrize("kind", ["pipe", "socket"])
+def test_log_writer_on_a_full_pipe_keeps_then_drops_whole_records(kind: str) -> None:
+    """stdout a pipe or a stream socket (journald) that nobody reads: nothing blocks."""
+    if kind == "pipe":
+        read_fd, write_fd = os.pipe()
+    else:
+        a, b = socket.socketpair()
+        read_fd, write_fd = a.detach(), b.detach()
+    try:
+        writer = NonBlockingLineWriter(write_fd, max_pending=64 * 1024)
+        records = [json.dumps({"event": "e", "n": i, "pad": "x" * (100 + i % 300)})
+                   for i in range(3000)]
+        for r in records:
+            writer.write_line(r)  # would block on the first full pipe if it could
+        assert writer.dropped > 0 and 0 < len(writer.pending) <= 64 * 1024 + 500
+        got = bytearray()
+        while not writer.flush():
+            got += os.read(read_fd, 1 << 16)
+        os.set_blocking(read_fd, False)
+        with pytest.raises(BlockingIOError):
+            while True:
+                got += os.read(read_fd, 1 << 16)
+        written = [json.loads(ln) for ln in got.decode().splitlines()]  # each one whole
+        assert written == [json.loads(records[w["n"]]) for w in written]
+        assert [w["n"] for w in written] == sorted({w["n"] for w in written})  # in order, once
+        assert len(written) + writer.dropped == len(records)
+        assert not writer.pending
+    finally:
+        os.close(read_fd)
+        os.close(write_fd)
