@@ -544,7 +544,8 @@ class ProxyCore:
             scrubbed = self.privacy.initial_invite(out, rule)
         except BodyRefused as exc:
             self._count("rejected_body")
-            self.log("rejected", reason=f"unreadable body: {exc}", call_id=caller_call_id)
+            self.log("rejected", reason=f"unreadable body: {exc}",
+                     call_id=self._mask_text(caller_call_id))
             self._final(relay, BODY_REFUSED, now, outcome="unreadable body")
             return
         if scrubbed:
@@ -571,7 +572,8 @@ class ProxyCore:
         self.client_txs[relay.client_key] = relay
         relay.timer_c = now + s.timer_c
         self._count("calls_routed")
-        self.log("call", call_id=caller_call_id, x=relay.x, caller=self._mask(relay.caller),
+        self.log("call", call_id=self._mask_text(caller_call_id), x=relay.x,
+                 caller=self._mask(relay.caller),
                  callee=self._mask(callee), outcome="routed",
                  lookup_ms=round((now - relay.lookup_at) * 1000, 3),
                  decision_ms=round((now - relay.started) * 1000, 3))
@@ -899,7 +901,7 @@ class ProxyCore:
                               to_tag=os.urandom(6).hex(), headers=headers)
         self._count(f"calls_{outcome.replace(' ', '_')}")
         if relay.is_invite and relay.rule is None:
-            self.log("call", call_id=relay.request.call_id, x=relay.x,
+            self.log("call", call_id=self._mask_text(relay.request.call_id), x=relay.x,
                      caller=self._mask(relay.caller), outcome=outcome, code=response.code,
                      lookup_ms=round((now - relay.lookup_at) * 1000, 3),
                      decision_ms=round((now - relay.started) * 1000, 3))

@@ -437,3 +437,12 @@ def test_2xx_after_timer_c_is_still_forwarded() -> None:
     assert [m.status for m in ok] == [200]
     assert ok[0].from_.uri.user == A and B.encode() not in ok[0].serialize()
     assert core.stats["late_2xx_forwarded"] == 1
+
+
+def test_call_log_masks_a_number_in_the_call_id() -> None:
+    lines: list[dict] = []
+    core = make_core()
+    core.log = lambda event, **kw: lines.append({"event": event, **kw})
+    Dialog(core, call_id=f"{A}-4711@127.0.0.1")
+    (call,) = [line for line in lines if line["event"] == "call"]
+    assert A not in str(call) and call["call_id"] == "138****0001-4711@127.0.0.1"
