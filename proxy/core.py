@@ -83,7 +83,7 @@ class CoreSettings:
     """What the core needs from the config, flattened for the hot path."""
 
     advertise_host: str
-    advertise_port: int
+    advertise_port: int  # this worker's: in our Via and Record-Route
     is_trusted: Callable[[str], bool]
     middle_number: Callable[[str], bool]
     gateways: list[Hop]
@@ -92,6 +92,9 @@ class CoreSettings:
     timer_settings: TimerSettings = field(default_factory=TimerSettings)
     timer_c: float = 180.0
     worker_index: int = 0  # written into our branches: a response finds its worker by it
+    # every port a Route to us may name (the shared SIP port and each worker's own); empty
+    # means advertise_port alone
+    our_ports: frozenset[int] = frozenset()
     # the far end of the trunk: in-dialog requests are taken from gateways too
     is_gateway_address: Callable[[str], bool] = lambda ip: False
     # extra networks a request may be sent to (YAML allowed_next_hops)
@@ -206,6 +209,7 @@ class ProxyCore:
         self.wheel: TimerWheel[Relay] = TimerWheel()
         self.stats: dict[str, int] = {}
         self._via_sent_by = f"{settings.advertise_host}:{settings.advertise_port}"
+        self._via_host = f" {settings.advertise_host}:"
         self._rr_prefix = f"<sip:{self._via_sent_by};lr;{TOKEN_PARAM}="
         self._branch_seq = 0
         # z9hG4bKs7 + 3 hex digits of the worker index + salt + sequence: any worker that
@@ -407,7 +411,9 @@ class ProxyCore:
 
     def _is_us(self, uri: Any) -> bool:
         s = self.settings
-        return uri.host == s.advertise_host and (uri.port or 5060) == s.advertise_port
+        port = uri.port or 5060
+        return uri.host == s.advertise_host and (
+            port == s.advertise_port or port in s.our_ports)
 
     def _refuse_untrusted(self, msg: SipMessage, source: Address, transport: str,
                           what: str) -> None:
@@ -481,7 +487,8 @@ class ProxyCore:
         return uri_number(msg.from_.uri)
 
     def _is_our_via(self, via: str) -> bool:
-        return BRANCH_PREFIX in via and self._via_sent_by in via
+        # any worker's sent-by: the host is shared, the port is the worker's own
+        return BRANCH_PREFIX in via and self._via_host in via
 
     def _is_our_route(self, route: str) -> bool:
         try:
