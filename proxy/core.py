@@ -189,6 +189,19 @@ class Relay:
         return min(deadlines) if deadlines else None
 
 
+STATELESS_LIFE = 32.0  # RFC 3261 Timer F (64·T1): a non-INVITE request's longest life
+
+
+class Forwarded(NamedTuple):
+    """A non-INVITE in-dialog request forwarded statelessly: what its responses need."""
+
+    request: SipMessage  # as received: the responses get its From/To/Call-ID/Via rows back
+    rule: DialogRule
+    receiver: str  # the side the responses go back to
+    upstream: Outgoing
+    expires: float
+
+
 class ProxyCore:
     """Request/response handling for one worker. Not thread-safe; one event loop feeds it."""
 
@@ -217,6 +230,9 @@ class ProxyCore:
         self._branch_salt = f"{settings.worker_index:03x}{os.urandom(4).hex()}"
         self._gw_next = 0
         self._gw_down: dict[int, float] = {}
+        # non-INVITE in-dialog requests forwarded statelessly (RFC 3261 §16.11), by our branch:
+        # just what their responses need, oldest first (a dict keeps insertion order)
+        self._stateless: dict[str, Forwarded] = {}
 
     # ---- bookkeeping -------------------------------------------------------------------------
     def _count(self, name: str, n: int = 1) -> None:
@@ -236,7 +252,12 @@ class ProxyCore:
         return f"{BRANCH_PREFIX}{self._branch_salt}{self._branch_seq:x}"
 
     def next_deadline(self) -> float | None:
-        return self.wheel.next_deadline()
+        deadline = self.wheel.next_deadline()
+        if self._stateless:
+            first = next(iter(self._stateless.values())).expires
+            if deadline is None or first < deadline:
+                return first
+        return deadline
 
     # ---- entry points --------------------------------------------------------------------------
     def receive_datagram(self, data: bytes, source: Address, transport: str, now: float) -> None:
@@ -308,6 +329,8 @@ class ProxyCore:
         self._rearm(relay)
 
     def handle_timers(self, now: float) -> None:
+        if self._stateless:
+            self._expire_stateless(now)
         for relay in self.wheel.due(now):
             try:
                 self._relay_timers(relay, now)
@@ -703,8 +726,13 @@ class ProxyCore:
             self.outbox.append(Outgoing(out.serialize(), (hop.host, hop.port), hop.transport))
             self._count("acks_forwarded")
             return
-        key = self._server_key(msg)
         upstream = self._upstream(msg, source, transport)
+        if method != "INVITE" and transport == "udp" and hop.transport == "udp":
+            # RFC 3261 §16.11: no transaction pair; the upstream's retransmissions drive
+            # ours (same branch), and the response finds what it needs by that branch
+            self._forward_stateless(msg, out, rule, hop, upstream, now)
+            return
+        key = self._server_key(msg)
         reliable_up = transport == "tcp"
         if method == "INVITE":
             server: Any = ServerInviteTransaction(reliable=reliable_up,
@@ -740,6 +768,42 @@ class ProxyCore:
         self.client_txs[relay.client_key] = relay
         self._client_events(relay, relay.client.start(now), now)
         self._rearm(relay)
+
+    def _forward_stateless(self, msg: SipMessage, out: SipMessage, rule: DialogRule, hop: Hop,
+                           upstream: Outgoing, now: float) -> None:
+        via = msg.top_via
+        branch = self._branch_salt + hashlib.blake2b(
+            f"{via.branch}|{via.sent_by}|{msg.call_id}|{msg.cseq[0]}|{msg.method}".encode(
+                "latin-1"), digest_size=8).hexdigest()
+        branch = BRANCH_PREFIX + branch
+        out.push_via(f"SIP/2.0/UDP {self._via_sent_by};branch={branch};rport")
+        self._stateless.pop(branch, None)  # a retransmission: refreshed, to the end
+        self._stateless[branch] = Forwarded(msg, rule, rule.side, upstream,
+                                            now + STATELESS_LIFE)
+        self.outbox.append(Outgoing(out.serialize(), (hop.host, hop.port), "udp"))
+        self._count("forwarded_stateless")
+
+    def _stateless_response(self, entry: Forwarded, branch: str, msg: SipMessage) -> None:
+        status = msg.status
+        if status >= 200:
+            del self._stateless[branch]  # a lost final: the upstream retransmits, we re-forward
+        msg.pop_via()
+        if not msg.has("via"):  # RFC 3261 §16.7 step 3: it was meant for us alone
+            self._count("responses_dropped")
+            return
+        scrubbed = self.privacy.response(msg, entry.request, entry.rule, entry.receiver)
+        if scrubbed:
+            self._count("leaks_scrubbed", scrubbed)
+        up = entry.upstream
+        self.outbox.append(Outgoing(msg.serialize(), up.dest, up.transport))
+
+    def _expire_stateless(self, now: float) -> None:
+        table = self._stateless
+        while table:
+            branch, entry = next(iter(table.items()))
+            if entry.expires > now:
+                return
+            del table[branch]  # no final response within Timer F: nothing to tell anyone
 
     def _may_send_to(self, hop: Hop, receiver: str) -> bool:
         """The proxy sends only to trusted peers, gateways and allowed_next_hops. A request
@@ -846,6 +910,10 @@ class ProxyCore:
         _num, method = msg.cseq
         relay = self.client_txs.get((branch, method))
         if relay is None:
+            entry = self._stateless.get(branch)
+            if entry is not None and method != "INVITE":
+                self._stateless_response(entry, branch, msg)
+                return
             self._count("responses_dropped")
             return
         if method == "CANCEL" and relay.cancel_client is not None and relay.is_invite:

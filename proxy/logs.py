@@ -7,6 +7,7 @@ is full, new records are dropped whole and counted (`log_records_dropped`), neve
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
@@ -33,6 +34,7 @@ class NonBlockingLineWriter:
         self.max_pending = max_pending
         self.pending = bytearray()
         self.dropped = 0
+        self._scheduled = False
         self._fd = fd
         self._sock: socket.socket | None = None
         self._write = self._plain_write
@@ -59,6 +61,18 @@ class NonBlockingLineWriter:
     def write_line(self, line: str) -> None:
         """Write one record (a line without its newline), or drop it whole."""
         data = (line + "\n").encode("utf-8", "replace")
+        loop = asyncio._get_running_loop()
+        if loop is not None:
+            # inside an event loop: every record of this loop pass goes out in one write, at
+            # the end of the pass (one syscall instead of one per record)
+            if len(self.pending) + len(data) > self.max_pending:
+                self.dropped += 1
+                return
+            self.pending += data
+            if not self._scheduled:
+                self._scheduled = True
+                loop.call_soon(self._flush_soon)
+            return
         if self.pending and not self.flush():
             if len(self.pending) + len(data) > self.max_pending:
                 self.dropped += 1
@@ -94,10 +108,15 @@ class NonBlockingLineWriter:
             del pending[:n]
         return True
 
+    def _flush_soon(self) -> None:
+        self._scheduled = False
+        self.flush()  # what the descriptor cannot take now waits for the next record or tick
+
     def forget_pending(self) -> None:
         """In a forked child: what waits belongs to the parent, which still writes it."""
         self.pending = bytearray()
         self.dropped = 0
+        self._scheduled = False
 
 
 class _LineLogger:

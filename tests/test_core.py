@@ -446,3 +446,54 @@ def test_call_log_masks_a_number_in_the_call_id() -> None:
     Dialog(core, call_id=f"{A}-4711@127.0.0.1")
     (call,) = [line for line in lines if line["event"] == "call"]
     assert A not in str(call) and call["call_id"] == "138****0001-4711@127.0.0.1"
+
+
+def test_in_dialog_bye_over_udp_is_forwarded_without_a_transaction_pair() -> None:
+    core = make_core()
+    d = Dialog(core)
+    servers, clients = len(core.server_txs), len(core.client_txs)
+    d.from_caller("BYE", branch="bye-1")
+    (bye,) = d.sent(GATEWAY)
+    assert (len(core.server_txs), len(core.client_txs)) == (servers, clients)
+    assert core.stats["forwarded_stateless"] == 1
+    core.outbox.clear()
+    d.from_caller("BYE", branch="bye-1", now=1.5)  # the caller's retransmission
+    (again,) = d.sent(GATEWAY)
+    assert again.top_via.branch == bye.top_via.branch  # §16.11: the same branch downstream
+    core.outbox.clear()
+    ok = build_response(bye, 200, "OK")
+    core.receive_datagram(ok.serialize(), GATEWAY, "udp", 1.6)
+    (to_a,) = d.sent(CALLER)
+    assert to_a.status == 200 and to_a.call_id == d.caller_call_id
+    assert to_a.from_.uri.user == A and to_a.to.tag == "btag"
+    assert B.encode() not in to_a.serialize()
+    assert to_a.header_values("via") == [
+        "SIP/2.0/UDP 127.0.0.1:5070;branch=z9hG4bK-bye-1"]
+    assert not core._stateless  # a final response ends it
+
+
+def test_unanswered_stateless_request_is_forgotten_after_timer_f() -> None:
+    core = make_core()
+    d = Dialog(core)
+    d.from_caller("INFO", branch="info-1")
+    assert len(core._stateless) == 1 and core.next_deadline() is not None
+    core.outbox.clear()
+    core.handle_timers(40.0)
+    assert not core._stateless and core.outbox == []  # no 408 for a non-INVITE (RFC 4320)
+
+
+def test_tcp_upstream_keeps_the_stateful_path() -> None:
+    """A TCP caller never retransmits: only a transaction retransmits over the UDP leg."""
+    core = make_core()
+    d = Dialog(core)
+    target = d.callee_contact.strip("<>")
+    core.receive_datagram(request([
+        f"BYE {target} SIP/2.0",
+        "Via: SIP/2.0/TCP 127.0.0.1:5070;branch=z9hG4bK-tcp-bye",
+        f"Route: {d.caller_route}",
+        f"From: <sip:{A}@127.0.0.1>;tag=atag", f"To: <sip:{X}@127.0.0.1>;tag=btag",
+        f"Call-ID: {d.caller_call_id}", "CSeq: 3 BYE", "Max-Forwards: 70",
+    ]), CALLER, "tcp", 2.0)
+    assert [m.method for m in d.sent(GATEWAY)] == ["BYE"]
+    assert "forwarded_stateless" not in core.stats
+    assert any(r.request.method == "BYE" for r in core.server_txs.values())
