@@ -142,6 +142,7 @@ class Relay:
         "provisional",
         "receiver",
         "request",
+        "retired",
         "rule",
         "server",
         "server_key",
@@ -169,6 +170,7 @@ class Relay:
         self.is_invite = request.method == "INVITE"
         self.provisional = False
         self.final_sent = False
+        self.retired = False  # answered 2xx: its state moved to the light tables
         self.timer_c: float | None = None
         self.life_deadline: float | None = None
         self.lookup_deadline: float | None = None
@@ -200,6 +202,8 @@ class Forwarded(NamedTuple):
     receiver: str  # the side the responses go back to
     upstream: Outgoing
     expires: float
+    token_swap: tuple[bytes, bytes] | None = None
+    invite: bool = False  # an INVITE answered 2xx: only 2xx retransmissions are forwarded
 
 
 class ProxyCore:
@@ -233,6 +237,8 @@ class ProxyCore:
         # non-INVITE in-dialog requests forwarded statelessly (RFC 3261 §16.11), by our branch:
         # just what their responses need, oldest first (a dict keeps insertion order)
         self._stateless: dict[str, Forwarded] = {}
+        # INVITEs answered 2xx, by server key → expiry: their retransmissions are absorbed
+        self._accepted: dict[tuple, float] = {}
 
     # ---- bookkeeping -------------------------------------------------------------------------
     def _count(self, name: str, n: int = 1) -> None:
@@ -256,7 +262,11 @@ class ProxyCore:
         if self._stateless:
             first = next(iter(self._stateless.values())).expires
             if deadline is None or first < deadline:
-                return first
+                deadline = first
+        if self._accepted:
+            first = next(iter(self._accepted.values()))
+            if deadline is None or first < deadline:
+                deadline = first
         return deadline
 
     # ---- entry points --------------------------------------------------------------------------
@@ -329,7 +339,7 @@ class ProxyCore:
         self._rearm(relay)
 
     def handle_timers(self, now: float) -> None:
-        if self._stateless:
+        if self._stateless or self._accepted:
             self._expire_stateless(now)
         for relay in self.wheel.due(now):
             try:
@@ -391,6 +401,9 @@ class ProxyCore:
         if relay is not None:  # retransmission: the server transaction replays its response
             self._server_events(relay, relay.server.receive_request(now), now)
             self._rearm(relay)
+            self._count("retransmissions_absorbed")
+            return
+        if key in self._accepted:  # an INVITE we answered 2xx: RFC 6026 absorbs it
             self._count("retransmissions_absorbed")
             return
         if method == "CANCEL":
@@ -785,13 +798,19 @@ class ProxyCore:
 
     def _stateless_response(self, entry: Forwarded, branch: str, msg: SipMessage) -> None:
         status = msg.status
-        if status >= 200:
+        if entry.invite:
+            if not 200 <= status < 300:
+                self._count("responses_dropped")  # after a 2xx only 2xx are forwarded
+                return
+            self._count("late_2xx_forwarded")
+        elif status >= 200:
             del self._stateless[branch]  # a lost final: the upstream retransmits, we re-forward
         msg.pop_via()
         if not msg.has("via"):  # RFC 3261 §16.7 step 3: it was meant for us alone
             self._count("responses_dropped")
             return
-        scrubbed = self.privacy.response(msg, entry.request, entry.rule, entry.receiver)
+        scrubbed = self.privacy.response(msg, entry.request, entry.rule, entry.receiver,
+                                         entry.token_swap)
         if scrubbed:
             self._count("leaks_scrubbed", scrubbed)
         up = entry.upstream
@@ -802,8 +821,14 @@ class ProxyCore:
         while table:
             branch, entry = next(iter(table.items()))
             if entry.expires > now:
-                return
+                break
             del table[branch]  # no final response within Timer F: nothing to tell anyone
+        accepted = self._accepted
+        while accepted:
+            key, expires = next(iter(accepted.items()))
+            if expires > now:
+                break
+            del accepted[key]
 
     def _may_send_to(self, hop: Hop, receiver: str) -> bool:
         """The proxy sends only to trusted peers, gateways and allowed_next_hops. A request
@@ -911,7 +936,7 @@ class ProxyCore:
         relay = self.client_txs.get((branch, method))
         if relay is None:
             entry = self._stateless.get(branch)
-            if entry is not None and method != "INVITE":
+            if entry is not None and entry.invite == (method == "INVITE"):
                 self._stateless_response(entry, branch, msg)
                 return
             self._count("responses_dropped")
@@ -961,6 +986,30 @@ class ProxyCore:
             self._count("late_2xx_forwarded")
             return
         self._server_events(relay, events, now)
+        if relay.is_invite and status < 300 and status >= 200:
+            self._retire_invite(relay, now)
+
+    def _retire_invite(self, relay: Relay, now: float) -> None:
+        """An INVITE answered 2xx: its transaction pair goes at once (RFC 6026 keeps it for
+        Timer L/M only to absorb the caller's INVITE retransmissions and to forward the
+        callee's 2xx retransmissions); two small table entries do that job instead."""
+        key = relay.server_key
+        if self.server_txs.get(key) is relay:
+            del self.server_txs[key]
+        client_key = relay.client_key
+        if client_key is not None and self.client_txs.get(client_key) is relay:
+            del self.client_txs[client_key]
+            self.client_txs.pop((client_key[0], "CANCEL"), None)
+        self.wheel.cancel(relay)
+        relay.retired = True
+        relay.client = relay.cancel_client = None  # the ACK builder's closure cycle
+        expires = now + STATELESS_LIFE
+        self._accepted[key] = expires
+        if client_key is not None and relay.rule is not None:
+            self._stateless[client_key[0]] = Forwarded(
+                relay.request, relay.rule, relay.receiver, relay.upstream, expires,
+                relay.token_swap, True)
+        self._count("invites_retired")
 
     # ---- local responses ------------------------------------------------------------------------
     def _final(
@@ -1056,6 +1105,9 @@ class ProxyCore:
         self._final(relay, FinalResponse(408, "Request Timeout"), now, outcome="timer c")
 
     def _rearm(self, relay: Relay) -> None:
+        if relay.retired:
+            self.wheel.cancel(relay)
+            return
         deadline = relay.next_deadline()
         self.wheel.schedule(relay, deadline)
         if (deadline is None and self.server_txs.get(relay.server_key) is not relay

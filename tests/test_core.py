@@ -469,14 +469,14 @@ def test_in_dialog_bye_over_udp_is_forwarded_without_a_transaction_pair() -> Non
     assert B.encode() not in to_a.serialize()
     assert to_a.header_values("via") == [
         "SIP/2.0/UDP 127.0.0.1:5070;branch=z9hG4bK-bye-1"]
-    assert not core._stateless  # a final response ends it
+    assert not [e for e in core._stateless.values() if not e.invite]  # a final ends it
 
 
 def test_unanswered_stateless_request_is_forgotten_after_timer_f() -> None:
     core = make_core()
     d = Dialog(core)
     d.from_caller("INFO", branch="info-1")
-    assert len(core._stateless) == 1 and core.next_deadline() is not None
+    assert [e.request.method for e in core._stateless.values()] == ["INVITE", "INFO"]
     core.outbox.clear()
     core.handle_timers(40.0)
     assert not core._stateless and core.outbox == []  # no 408 for a non-INVITE (RFC 4320)
@@ -497,3 +497,29 @@ def test_tcp_upstream_keeps_the_stateful_path() -> None:
     assert [m.method for m in d.sent(GATEWAY)] == ["BYE"]
     assert "forwarded_stateless" not in core.stats
     assert any(r.request.method == "BYE" for r in core.server_txs.values())
+
+
+def test_an_invite_answered_2xx_keeps_no_transaction_pair() -> None:
+    core = make_core()
+    d = Dialog(core)
+    assert not core.server_txs and not core.client_txs and len(core.wheel) == 0
+    assert core.stats["invites_retired"] == 1
+    # the caller's INVITE retransmission is absorbed, not looked up and sent again
+    core.receive_datagram(request([
+        f"INVITE sip:{X}@127.0.0.1:5060 SIP/2.0",
+        "Via: SIP/2.0/UDP 127.0.0.1:5070;branch=z9hG4bK-a-1;rport",
+        f"From: <sip:{A}@127.0.0.1>;tag=atag", f"To: <sip:{X}@127.0.0.1>",
+        f"Call-ID: {d.caller_call_id}", "CSeq: 1 INVITE", "Max-Forwards: 70",
+    ]), CALLER, "udp", 0.5)
+    assert not core.lookups and core.outbox == []
+    # the callee's 2xx retransmission still reaches the caller, rewritten the same way
+    ok = build_response(d.invite, 200, "OK", to_tag="btag",
+                        headers=[("Record-Route", d.callee_route),
+                                 ("Contact", f"<sip:{B}@127.0.0.1:5090>")])
+    core.receive_datagram(ok.serialize(), GATEWAY, "udp", 0.6)
+    (again,) = d.sent(CALLER)
+    assert again.header_values("record-route") == [d.caller_route]
+    assert again.call_id == d.caller_call_id and B.encode() not in again.serialize()
+    core.outbox.clear()
+    core.handle_timers(40.0)
+    assert not core._stateless and not core._accepted and core.next_deadline() is None
