@@ -1144,6 +1144,18 @@ def _stamp_via(msg: SipMessage, source: Address) -> None:
     rport = via.rport
     if rport is None and via.host == source[0]:
         return  # the common case: nothing to add
+    rows = msg.rows
+    first = next((i for i, (name, _row) in enumerate(rows) if name == "via"), None)
+    if (first is not None and rport == "" and via.received is None
+            and b"," not in rows[first][1]):
+        # the usual shape, one Via per row with a bare `;rport`: an in-place byte edit
+        row = rows[first][1]
+        at = _BARE_RPORT.search(row)
+        if at is not None:
+            filled = b";rport=%d;received=%s" % (source[1], source[0].encode("ascii"))
+            rows[first] = ("via", row[:at.start()] + filled + row[at.end():])
+            msg.forget_parsed("via")
+            return
     params = [(k, v) for k, v in via.params if k.lower() not in ("received", "rport")]
     params.append(("received", source[0]))
     if rport is not None:
@@ -1152,3 +1164,6 @@ def _stamp_via(msg: SipMessage, source: Address) -> None:
         f";{k}" if v is None else f";{k}={v}" for k, v in params)
     msg.pop_via()
     msg.push_via(text)
+
+
+_BARE_RPORT = re.compile(rb"(?i);[ \t]*rport(?=[ \t]*(?:;|$))")

@@ -324,34 +324,45 @@ class Privacy:
 def restore_rows(resp: SipMessage, request: SipMessage) -> None:
     """Give a response the From, To (+ the far end's To tag), Call-ID and Via rows of the
     request it answers, exactly as they were received (RFC 3261 §8.2.6: a UAS copies them)."""
-    mine = {"from": [], "to": [], "call-id": [], "via": []}  # type: dict[str, list[bytes]]
-    for name, row in request.rows:
-        if name in mine:
-            mine[name].append(row)
-    theirs_to = next((row for name, row in resp.rows if name == "to"), b"")
-    if mine["to"] and resp.status > 100:
+    vias: list[tuple[str, bytes]] = []
+    single: dict[str, tuple[str, bytes]] = {}
+    for item in request.rows:
+        name = item[0]
+        if name == "via":
+            vias.append(item)
+        elif name in _SINGLE_RESTORED and name not in single:
+            single[name] = item
+    to_item = single.get("to")
+    if to_item is not None and resp.status > 100:
         try:
             had_tag = request.to.tag is not None
         except ParseError:
             had_tag = True
         if not had_tag:
-            tag = _to_tag(theirs_to)
+            theirs = next((row for name, row in resp.rows if name == "to"), b"")
+            tag = _to_tag(theirs)
             if tag is not None:
-                mine["to"] = [mine["to"][0].rstrip() + b";tag=" + tag]
+                single["to"] = ("to", to_item[1].rstrip() + b";tag=" + tag)
     rows: list[tuple[str, bytes]] = []
-    placed: set[str] = set()
-    for name, row in resp.rows:
-        if mine.get(name):
-            if name not in placed:
-                placed.add(name)
-                rows.extend((name, r) for r in mine[name])
-            continue
-        rows.append((name, row))
+    via_done = False
+    for item in resp.rows:
+        name = item[0]
+        if name == "via":
+            if not via_done:
+                via_done = True
+                rows.extend(vias)
+        elif name in _SINGLE_RESTORED:
+            mine = single.pop(name, None)  # one row each; a second one of theirs goes
+            if mine is not None:
+                rows.append(mine)
+        else:
+            rows.append(item)
     resp.rows = rows
-    for name in mine:
+    for name in _RESTORED_ROWS:
         resp.forget_parsed(name)
 
 
+_SINGLE_RESTORED = frozenset(("from", "to", "call-id"))
 _TO_TAG = re.compile(rb";[ \t]*tag[ \t]*=[ \t]*([^;, \t\r\n>]+)", re.IGNORECASE)
 
 

@@ -261,7 +261,9 @@ def test_refer_is_refused_unless_passed() -> None:
 def test_via_gets_received_and_rport_filled() -> None:
     d = Dialog(make_core())
     vias = d.invite.header_values("via")
-    assert vias[1].endswith(";received=127.0.0.1;rport=5070")
+    caller_via = d.invite.vias[1]
+    assert caller_via.rport == "5070" and caller_via.received == "127.0.0.1"
+    assert caller_via.branch == "z9hG4bK-a-1"
     assert d.ok.header_values("via") == [vias[1]]
     core = make_core()
     core.receive_datagram(invite(x="13912345678", extra=()).replace(
