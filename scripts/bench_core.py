@@ -1,44 +1,224 @@
 #!/usr/bin/env python3
-"""Per-call CPU cost of the proxy core, without sockets (messages shuttled in memory).
+"""Per-call CPU cost of the proxy core, without sockets (messages shuttled in memory), set up
+the way `sip700 run` sets it up and driven the way the shared bench harness drives it.
 
-One call = INVITE → 100 → (UAS) 180, 200 → ACK → BYE → 200, as the bench harness's SIPp pair
-does it, through ProxyCore with a memory store. Prints µs of core CPU per call.
-Usage: python3 scripts/bench_core.py [CALLS] [--profile]
+- Config: config/proxy.yaml with the harness's addresses (the proxy on 127.0.0.1:15060, its
+  gateway the SIPp UAS on 127.0.0.1:15070, callers from 127.0.0.1:15080) and a temporary
+  bindings file of N AXB bindings, A = 13800000000 + i, X = 700100000000001 + i % 1000,
+  B = 13900000000 + (i * 7919 + 12345) mod 10^8 (the harness's gen_csv.py), loaded by the memory
+  backend; `load_config`, then `proxy.cli.build_core`, so every setting and the call log are
+  those of `sip700 run`. The GC is tuned as `serve` tunes it.
+- Logging on: `configure_logging` with the config's level and format (info, json), its writer
+  pointed at /dev/null: each call's log line is rendered and written as in production, without
+  flooding the terminal (outside an event loop the writer writes each record at once: one
+  write(2) per call, where the shell batches an event-loop pass's records into one).
+- Calls: call k comes from binding k mod N, so from a different A each (CALLS x ROUNDS <= N),
+  as the SIPp pair makes them: INVITE (Contact, P-Asserted-Identity and SDP o= carry A) -> 100
+  -> 180, 200 (Contact and SDP o= carry B) -> ACK -> hold -> BYE -> 200. The binding lookup is
+  resolved as the shell's flush resolves it (`store.resolve_cached`, then `complete_lookup`).
+- Time: a simulated clock. Call k starts at k / CPS; the UAS answers and the caller ACKs 1 ms
+  apart, the BYE comes after the hold time. The shell's 10 ms tick runs on the same clock
+  (`handle_timers(now)` whenever `next_deadline()` is due), so whatever the core arms (the
+  transactions' timers, Timer C, the wait after a 2xx, a stateless forward's life) is re-armed,
+  cancelled and fired as in production; after the last call of a round the clock runs 40 s on
+  so every transaction's end-of-life timers fire too (counted; the idle ticks of that drain are
+  skipped, those during the round are counted), and what is left of the core's
+  per-transaction state is reported (0, or the bench fails).
+- Privacy: every CHECK_EVERY-th call is checked like the harness's SIPp scenarios check it: no
+  message the callee side receives carries A, none the caller side receives carries B, B gets
+  R-URI user B and From / To / P-Asserted-Identity user X, the 200 gives A its own From back.
+  A failed check stops the bench: a benchmark that silently stops rewriting is worthless.
+
+Figures: process CPU time (time.process_time) inside the core's entry points only, per call:
+the calls phase (receive_datagram and the lookup step) and the timers phase (the ticks); best
+and median of ROUNDS rounds, after a warm-up round.
+
+Usage:
+    python3 scripts/bench_core.py [CALLS] [--bindings N] [--rounds R] [--cps RATE]
+                                  [--hold-ms MS] [--check-every K] [--warmup W]
+                                  [--profile [--sort KEY]]
+    CALLS          calls per round (default 5000)
+    --bindings N   bindings loaded, one caller each (default 100000, as the harness)
+    --rounds R     measured rounds (default 5)
+    --cps RATE     calls started per simulated second (default 500: one worker's share of
+                   the ~1,000 CPS two workers sustain end to end)
+    --hold-ms MS   pause between ACK and BYE (default 100, the harness's HOLD_MS)
+    --check-every K  privacy-check every K-th call (default 50; 1 = every call, 0 = the
+                   first of each round only)
+    --warmup W     calls of the unmeasured warm-up round (default 200)
+    --profile      one round under cProfile (the core's entry points only), sorted by
+                   cumulative time (--sort tottime for own time)
 """
 
 from __future__ import annotations
 
+import argparse
+import base64
 import cProfile
+import gc
+import heapq
+import math
+import os
 import pstats
+import re
+import statistics
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
+import structlog
+import yaml
+
+from proxy import logs
 from proxy.bindings.memory import MemoryStore
-from proxy.bindings.model import make_binding
-from proxy.core import CoreSettings, Hop, ProxyCore
-from proxy.privacy import DialogSealer
-from proxy.sip.message import build_response, parse_message
+from proxy.cli import build_core, dialog_key
+from proxy.config import load_config
 
-UAC = ("127.0.0.1", 15080)
-PROXY = ("127.0.0.1", 15060)
-UAS = ("127.0.0.1", 15070)
+ROOT = Path(__file__).resolve().parent.parent
+BASE_CONFIG = ROOT / "config" / "proxy.yaml"
+
+IP = "127.0.0.1"
+PROXY = (IP, 15060)
+UAS = (IP, 15070)  # the carrier gateway: the SIPp callee
+UAC = (IP, 15080)  # the SIPp caller
+SIPP_PID = 4242  # SIPp writes its pid into tags, branches and Call-IDs
+
+TICK_S = 0.01  # proxy/transport.py TICK_S: how often the shell looks at the core's timers
+UAS_DELAY_S = 0.001  # between the INVITE and the 180, the 180 and the 200, the 200 and the ACK
+DRAIN_S = 40.0  # after a round: longer than any end-of-life timer (64 * T1 = 32 s)
+NX = 1000  # the harness's middle-number pool
 
 
-def invite(i: int) -> bytes:
-    a, x = 13800000000 + i, 700100000000001 + i % 1000
-    body = (b"v=0\r\no=uac 53655765 2353687637 IN IP4 127.0.0.1\r\ns=-\r\n"
-            b"c=IN IP4 127.0.0.1\r\nt=0 0\r\nm=audio 6000 RTP/AVP 8 0\r\n"
-            b"a=rtpmap:8 PCMA/8000\r\na=rtpmap:0 PCMU/8000\r\n")
+class BenchError(Exception):
+    """The flow broke or a privacy check failed: the figures would mean nothing."""
+
+
+def numbers(i: int) -> tuple[str, str, str]:
+    """(A, X, B) of binding i, as the harness's gen_csv.py makes them."""
+    return (str(13800000000 + i), str(700100000000001 + i % NX),
+            str(13900000000 + (i * 7919 + 12345) % 100000000))
+
+
+# ---- setup: config, store, logging, as `sip700 run` --------------------------------------------
+
+def write_config(directory: Path, n: int) -> Path:
+    """config/proxy.yaml with the harness's addresses, a bindings file of n AXB bindings and a
+    dialog key; returns the config's path."""
+    bindings = directory / "bindings.yaml"
+    with bindings.open("w", encoding="utf-8") as f:
+        f.write("bindings:\n")
+        for i in range(n):
+            a, x, b = numbers(i)
+            f.write(f'  - {{type: axb, x: "{x}", a: "{a}", b: "{b}", ttl: 86400}}\n')
+    data = yaml.safe_load(BASE_CONFIG.read_text(encoding="utf-8"))
+    data["listen"] = [f"udp:{PROXY[0]}:{PROXY[1]}"]
+    data["advertise"] = f"{PROXY[0]}:{PROXY[1]}"
+    data.setdefault("carrier", {})["gateways"] = [f"sip:{UAS[0]}:{UAS[1]}"]
+    store = data.setdefault("store", {})
+    store["backend"] = "memory"
+    store["bindings_file"] = bindings.name  # relative to the config's directory
+    privacy = data.setdefault("privacy", {})
+    privacy.pop("dialog_key_file", None)
+    privacy["dialog_key"] = base64.b64encode(os.urandom(32)).decode()
+    path = directory / "proxy.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+    return path
+
+
+class DevNullLogging:
+    """`configure_logging` with its writer on /dev/null; the previous set-up back on exit.
+
+    proxy/logs.py makes its writer once per process, on sys.stdout's descriptor: stdout is
+    /dev/null while it does, and the module's writer is reset so it is made again.
+    """
+
+    def __init__(self, level: str, fmt: str) -> None:
+        self.level, self.fmt = level, fmt
+
+    def __enter__(self) -> logs.NonBlockingLineWriter:
+        self.saved_config = structlog.get_config()
+        self.saved_writer = logs._writer
+        self.devnull = open(os.devnull, "w")  # closed in __exit__
+        saved_stdout = sys.stdout
+        sys.stdout = self.devnull
+        try:
+            logs._writer = None
+            logs.configure_logging(self.level, self.fmt)
+        finally:
+            sys.stdout = saved_stdout
+        writer = logs._writer
+        fd = getattr(writer, "_fd", None)
+        null = os.stat(os.devnull)
+        if writer is None or fd is None or (os.fstat(fd).st_ino, os.fstat(fd).st_rdev) != (
+                null.st_ino, null.st_rdev):
+            self.__exit__()
+            raise BenchError("proxy/logs.py no longer takes its writer from sys.stdout: "
+                             "update DevNullLogging")
+        return writer
+
+    def __exit__(self, *exc: object) -> None:
+        # the writer keeps its own descriptor (it reopens /dev/null non-blocking): left open, a
+        # logger cached on it can never write into a file that reuses the number
+        logs._writer = self.saved_writer
+        structlog.configure(**self.saved_config)
+        self.devnull.close()
+
+
+def open_memory_store(cfg: Any) -> MemoryStore:
+    """What `open_store_frozen` does for the memory backend (without its start-up log line)."""
+    store = MemoryStore()
+    _loaded, problems = store.load_file(cfg.store.bindings_file)
+    if problems:
+        raise BenchError(f"bindings file: {problems[0]}")
+    gc.collect()
+    gc.freeze()
+    return store
+
+
+# ---- the SIPp pair's messages -----------------------------------------------------------------
+
+_COMPACT = {b"v": b"via", b"f": b"from", b"t": b"to", b"i": b"call-id", b"m": b"contact"}
+_URI_USER = re.compile(rb"sips?:([^@;> ]+)@")
+_ANGLE = re.compile(rb"<([^>]*)>")
+
+
+def header_rows(data: bytes) -> list[tuple[bytes, bytes]]:
+    """(lower-case long name, whole row) of each header row."""
+    head = data.split(b"\r\n\r\n", 1)[0]
+    rows = []
+    for row in head.split(b"\r\n")[1:]:
+        name = row.split(b":", 1)[0].strip().lower()
+        rows.append((_COMPACT.get(name, name), row))
+    return rows
+
+
+def header_value(row: bytes) -> bytes:
+    return row.split(b":", 1)[1].strip()
+
+
+def sdp(user: str) -> bytes:
+    return (f"v=0\r\no={user} 53655765 2353687637 IN IP4 {IP}\r\ns=-\r\nc=IN IP4 {IP}\r\n"
+            f"t=0 0\r\nm=audio 6000 RTP/AVP 8 0\r\na=rtpmap:8 PCMA/8000\r\n"
+            f"a=rtpmap:0 PCMU/8000\r\n").encode()
+
+
+def invite(k: int, a: str, x: str) -> bytes:
+    """The caller's INVITE (shared harness uac.xml, with A in Contact and SDP as a real UA)."""
+    body = sdp(a)
     return (
-        f"INVITE sip:{x}@127.0.0.1:15060 SIP/2.0\r\n"
-        f"Via: SIP/2.0/UDP 127.0.0.1:15080;branch=z9hG4bK-{i}-1-0\r\n"
-        f"From: <sip:{a}@127.0.0.1>;tag=1SIPpTag00{i}\r\n"
-        f"To: <sip:{x}@127.0.0.1:15060>\r\n"
-        f"Call-ID: {i}-bench@127.0.0.1\r\n"
+        f"INVITE sip:{x}@{PROXY[0]}:{PROXY[1]} SIP/2.0\r\n"
+        f"Via: SIP/2.0/UDP {UAC[0]}:{UAC[1]};branch=z9hG4bK-{SIPP_PID}-{k}-0\r\n"
+        f"From: <sip:{a}@{UAC[0]}>;tag={SIPP_PID}SIPpTag00{k}\r\n"
+        f"To: <sip:{x}@{PROXY[0]}:{PROXY[1]}>\r\n"
+        f"Call-ID: {k}-{SIPP_PID}@{UAC[0]}\r\n"
         f"CSeq: 1 INVITE\r\n"
-        f"Contact: <sip:uac@127.0.0.1:15080>\r\n"
-        f"P-Asserted-Identity: <sip:{a}@127.0.0.1>\r\n"
-        f"X-Bench-Id: {i}\r\n"
+        f"Contact: <sip:{a}@{UAC[0]}:{UAC[1]}>\r\n"
+        f"P-Asserted-Identity: <sip:{a}@{UAC[0]}>\r\n"
+        f"X-Bench-Id: {k}\r\n"
         f"Max-Forwards: 70\r\n"
         f"Subject: AXB bench\r\n"
         f"Content-Type: application/sdp\r\n"
@@ -46,107 +226,368 @@ def invite(i: int) -> bytes:
     ).encode() + body
 
 
-def uas_reply(req: bytes, status: int, reason: str, contact: bool) -> bytes:
-    msg = parse_message(req)
-    hdrs = [("Contact", "<sip:uas@127.0.0.1:15070>")] if contact else []
-    resp = build_response(msg, status, reason, to_tag="uastag", headers=hdrs)
-    rr = [row for name, row in msg.rows if name == "record-route"]
-    resp.rows[1:1] = [("record-route", r) for r in rr]
-    return resp.serialize()
+def uas_reply(request: bytes, status: int, reason: str, k: int, b: str, body: bool) -> bytes:
+    """The callee's answer: [last_Via:] [last_From:] [last_To:](;tag) [last_Call-ID:]
+    [last_CSeq:] [last_Record-Route:], Contact with B, SDP o= B on the 200 to the INVITE."""
+    rows = header_rows(request)
+    out = [f"SIP/2.0 {status} {reason}".encode()]
+    for want in (b"via", b"from", b"to", b"call-id", b"cseq", b"record-route"):
+        for name, row in rows:
+            if name != want:
+                continue
+            if name == b"to" and b";tag=" not in row:
+                row += f";tag={SIPP_PID}SIPpTag01{k}".encode()
+            out.append(row)
+    out.append(f"Contact: <sip:{b}@{UAS[0]}:{UAS[1]}>".encode())
+    payload = sdp(b) if body else b""
+    if payload:
+        out.append(b"Content-Type: application/sdp")
+    out.append(b"Content-Length: %d" % len(payload))
+    return b"\r\n".join(out) + b"\r\n\r\n" + payload
 
 
-def in_dialog(method: str, i: int, route: str, cseq: int) -> bytes:
-    a, x = 13800000000 + i, 700100000000001 + i % 1000
+def in_dialog(method: str, k: int, a: str, ok: bytes, cseq: int) -> bytes:
+    """ACK / BYE of the caller: [next_url] (the 200's Contact), [routes] (its Record-Route,
+    reversed), [last_To:]."""
+    rows = header_rows(ok)
+    contact = next(header_value(r) for n, r in rows if n == b"contact")
+    target = _ANGLE.search(contact)
+    uri = (target.group(1) if target else contact).decode()
+    routes = [u for n, r in rows if n == b"record-route" for u in _ANGLE.findall(header_value(r))]
+    routes.reverse()
+    to = next(r for n, r in rows if n == b"to").decode()
+    route = "".join(f"Route: <{u.decode()}>\r\n" for u in routes)
     return (
-        f"{method} sip:uas@127.0.0.1:15070 SIP/2.0\r\n"
-        f"Via: SIP/2.0/UDP 127.0.0.1:15080;branch=z9hG4bK-{i}-{cseq}-{method}\r\n"
-        f"Route: {route}\r\n"
-        f"From: <sip:{a}@127.0.0.1>;tag=1SIPpTag00{i}\r\n"
-        f"To: <sip:{x}@127.0.0.1:15060>;tag=uastag\r\n"
-        f"Call-ID: {i}-bench@127.0.0.1\r\n"
+        f"{method} {uri} SIP/2.0\r\n"
+        f"Via: SIP/2.0/UDP {UAC[0]}:{UAC[1]};branch=z9hG4bK-{SIPP_PID}-{k}-{cseq}{method}\r\n"
+        f"{route}"
+        f"From: <sip:{a}@{UAC[0]}>;tag={SIPP_PID}SIPpTag00{k}\r\n"
+        f"{to}\r\n"
+        f"Call-ID: {k}-{SIPP_PID}@{UAC[0]}\r\n"
         f"CSeq: {cseq} {method}\r\n"
-        f"Contact: <sip:uac@127.0.0.1:15080>\r\n"
+        f"Contact: <sip:{a}@{UAC[0]}:{UAC[1]}>\r\n"
         f"Max-Forwards: 70\r\nContent-Length: 0\r\n\r\n"
     ).encode()
 
 
-def main() -> None:
-    calls = int(sys.argv[1]) if len(sys.argv) > 1 and sys.argv[1].isdigit() else 5000
-    store = MemoryStore()
-    now = time.time()
-    for i in range(200):
-        store.bind_now(make_binding("axb", str(700100000000001 + i % 1000), str(13800000000 + i),
-                                    str(13900000000 + i), 3600, now), now)
-    core = ProxyCore(CoreSettings("127.0.0.1", 15060, lambda ip: True,
-                                  lambda n: n.startswith("700") and len(n) == 15,
-                                  [Hop("127.0.0.1", 15070, "udp")]),
-                     DialogSealer(b"k" * 32))
-    # prepare: UAS replies need the forwarded INVITE, so run the call flow live
-    clock = time.process_time
+def _first_line(data: bytes) -> str:
+    return data.split(b"\r\n", 1)[0].decode("latin-1")
 
-    def one_call(i: int) -> float:
-        spent = 0.0
-        t0 = clock()
-        core.receive_datagram(invite(i), UAC, "udp", 0.0)
-        for relay, x, caller in core.lookups:
-            core.complete_lookup(relay, store.resolve_cached(x, caller, now), 0.0)
-        core.lookups.clear()
-        spent += clock() - t0
-        fwd = next(o.data for o in core.outbox if o.dest == UAS)
-        core.outbox.clear()
-        r180 = uas_reply(fwd, 180, "Ringing", False)
-        r200 = uas_reply(fwd, 200, "OK", True)
-        t0 = clock()
-        core.receive_datagram(r180, UAS, "udp", 0.0)
-        core.receive_datagram(r200, UAS, "udp", 0.0)
-        spent += clock() - t0
-        ok = [o.data for o in core.outbox if o.dest == UAC][-1]
-        core.outbox.clear()
-        route = parse_message(ok).header_values("record-route")[0]
-        ack = in_dialog("ACK", i, route, 1)
-        bye = in_dialog("BYE", i, route, 2)
-        t0 = clock()
-        core.receive_datagram(ack, UAC, "udp", 0.0)
-        core.receive_datagram(bye, UAC, "udp", 0.0)
-        spent += clock() - t0
-        fwd_bye = [o.data for o in core.outbox if o.dest == UAS][-1]
-        core.outbox.clear()
-        bye200 = uas_reply(fwd_bye, 200, "OK", False)
-        t0 = clock()
-        core.receive_datagram(bye200, UAS, "udp", 0.0)
-        spent += clock() - t0
-        core.outbox.clear()
-        return spent
 
-    for i in range(200):
-        one_call(i)
-    if "--profile" in sys.argv:
-        for i in range(200, 200 + calls):
-            store.bind_now(make_binding("axb", str(700100000000001 + i % 1000),
-                                        str(13800000000 + i), str(13900000000 + i), 3600, now),
-                           now)
-        prof = cProfile.Profile()
-        prof.enable()
-        for i in range(200, 200 + calls):
-            one_call(i)
-        prof.disable()
-        order = "cumulative" if "--cumulative" in sys.argv else "tottime"
-        pstats.Stats(prof).sort_stats(order).print_stats(40)
-        return
-    # five rounds; the best one is the figure (others show the noise of a shared machine)
-    per_call = []
-    for r in range(5):
-        first = 200 + r * calls
-        for i in range(first, first + calls):
-            store.bind_now(make_binding("axb", str(700100000000001 + i % 1000),
-                                        str(13800000000 + i), str(13900000000 + i), 3600, now),
-                           now)
-        per_call.append(sum(one_call(i) for i in range(first, first + calls)) / calls * 1e6)
-    per_call.sort()
-    print(f"{calls} calls x 5 rounds: core CPU per call best {per_call[0]:.1f} µs, "
-          f"median {per_call[2]:.1f} µs (7 messages in, 8 out: parse, rewrite, transactions, "
-          f"serialise)")
+def _user_of(data: bytes, name: bytes) -> bytes | None:
+    for n, row in header_rows(data):
+        if n == name:
+            m = _URI_USER.search(header_value(row))
+            return m.group(1) if m else None
+    return None
+
+
+# ---- the run ----------------------------------------------------------------------------------
+
+@dataclass
+class Round:
+    calls: int
+    calls_cpu: float = 0.0  # seconds in receive_datagram + the lookup step
+    timers_cpu: float = 0.0  # seconds in the ticks (next_deadline, handle_timers)
+    messages_in: int = 0
+    messages_out: int = 0
+    timer_runs: int = 0  # ticks at which a deadline was due: handle_timers calls
+    timer_sends: int = 0  # datagrams the timers sent (retransmissions, 408s): 0 when healthy
+    transactions_left: int = 0
+
+    @property
+    def calls_us(self) -> float:
+        return self.calls_cpu / self.calls * 1e6
+
+    @property
+    def timers_us(self) -> float:
+        return self.timers_cpu / self.calls * 1e6
+
+    @property
+    def total_us(self) -> float:
+        return self.calls_us + self.timers_us
+
+
+@dataclass
+class Result:
+    rounds: list[Round] = field(default_factory=list)  # measured rounds (not the warm-up)
+    transactions_left: int = 0  # after every round's 40 s drain, warm-up included
+    privacy_checked_calls: int = 0
+    privacy_checked_messages: int = 0
+    calls_made: int = 0  # warm-up included
+    stats: dict[str, int] = field(default_factory=dict)  # the core's counters at the end
+
+
+# what the core keeps per transaction: the transaction tables, the timer wheel and the light
+# tables of stateless forwards and 2xx-answered INVITEs (where the core has them)
+CORE_STATE = ("server_txs", "client_txs", "wheel", "_stateless", "_accepted")
+
+
+def transactions_left(core: Any) -> int:
+    """Entries of the core's per-transaction state; and one more if a timer is still armed."""
+    left = sum(len(getattr(core, name, ())) for name in CORE_STATE)
+    return left or int(core.next_deadline() is not None)
+
+
+class Bench:
+    """The shell's part, on a simulated clock: deliver, resolve lookups, tick."""
+
+    def __init__(self, core: Any, store: MemoryStore, n: int, args: argparse.Namespace,
+                 result: Result) -> None:
+        self.core, self.store, self.n, self.result = core, store, n, result
+        self.cps, self.hold = args.cps, args.hold_ms / 1000
+        self.check_every = args.check_every
+        self.base = 1000.0  # the core's clock is time.monotonic(): any origin
+        self.now = self.base
+        self.ticks = 1
+        self.next_call = 0
+        self.prof: cProfile.Profile | None = None
+        self.r = Round(0)
+
+    # -- the core's entry points, timed ---------------------------------------------------------
+    def deliver(self, data: bytes, source: tuple[str, int]) -> list[Any]:
+        core, prof, now = self.core, self.prof, self.now
+        clock = time.process_time
+        if prof is not None:
+            prof.enable()
+        t0 = clock()
+        core.receive_datagram(data, source, "udp", now)
+        if core.lookups:  # proxy/transport.py flush
+            lookups, core.lookups = core.lookups, []
+            wall = time.time()
+            resolve = self.store.resolve_cached
+            for relay, x, caller in lookups:
+                core.complete_lookup(relay, resolve(x, caller, wall), now)
+        self.r.calls_cpu += clock() - t0
+        if prof is not None:
+            prof.disable()
+        out, core.outbox = core.outbox, []
+        self.r.messages_in += 1
+        self.r.messages_out += len(out)
+        return out
+
+    def advance(self, t: float, idle_ticks: bool = True) -> None:
+        """The shell's 10 ms ticks up to simulated time t, then the clock at t.
+
+        Without `idle_ticks` (the drain after a round) only the ticks at which a deadline is
+        due run: the idle ones in between are the bench's artefact, not the calls' cost.
+        """
+        core, prof = self.core, self.prof
+        clock = time.process_time
+        while True:
+            if not idle_ticks:
+                deadline = core.next_deadline()
+                if deadline is None:
+                    break
+                self.ticks = max(self.ticks, math.ceil((deadline - self.base) / TICK_S))
+            tick = self.base + self.ticks * TICK_S
+            if tick > t:
+                break
+            self.ticks += 1
+            self.now = tick
+            if prof is not None:
+                prof.enable()
+            t0 = clock()
+            deadline = core.next_deadline()
+            due = deadline is not None and deadline <= tick
+            if due:
+                core.handle_timers(tick)
+            self.r.timers_cpu += clock() - t0
+            self.r.timer_runs += due
+            if prof is not None:
+                prof.disable()
+            if core.outbox:
+                self.r.timer_sends += len(core.outbox)
+                core.outbox = []
+        self.now = t
+
+    # -- one round ------------------------------------------------------------------------------
+    def run_round(self, calls: int) -> Round:
+        self.r = r = Round(calls)
+        first = self.next_call
+        self.next_call += calls
+        start = self.now
+        heap: list[tuple[float, int, Iterator[float]]] = []
+        seq = 0
+        k = first
+        while True:
+            if k < first + calls and (not heap or start + (k - first) / self.cps <= heap[0][0]):
+                t, flow = start + (k - first) / self.cps, self.call(k, (k - first) == 0)
+                k += 1
+            elif heap:
+                t, _, flow = heapq.heappop(heap)
+            else:
+                break
+            self.advance(t)
+            delay = next(flow, None)
+            if delay is not None:
+                heapq.heappush(heap, (t + delay, seq, flow))
+                seq += 1
+        self.advance(self.now + DRAIN_S, idle_ticks=False)  # every end-of-life timer
+        r.transactions_left = transactions_left(self.core)
+        self.result.transactions_left += r.transactions_left
+        self.result.calls_made += calls
+        return r
+
+    def call(self, k: int, first: bool) -> Iterator[float]:
+        """One call of the SIPp pair; yields the delay to its next message."""
+        a, x, b = numbers(k % self.n)
+        check = first or (self.check_every > 0 and k % self.check_every == 0)
+        if check:
+            self.result.privacy_checked_calls += 1
+        fwd = self.step(k, "INVITE", invite(k, a, x), UAC, [(UAC, "SIP/2.0 100 "),
+                                                             (UAS, "INVITE ")], check, a, b)[1]
+        if check:
+            self.check_invite(k, fwd, a, x, b)
+        yield UAS_DELAY_S
+        self.step(k, "180", uas_reply(fwd, 180, "Ringing", k, b, False), UAS,
+                  [(UAC, "SIP/2.0 180 ")], check, a, b)
+        yield UAS_DELAY_S
+        ok = self.step(k, "200", uas_reply(fwd, 200, "OK", k, b, True), UAS,
+                       [(UAC, "SIP/2.0 200 ")], check, a, b)[0]
+        if check:
+            self.check_ok(k, ok, a, x)
+        yield UAS_DELAY_S
+        self.step(k, "ACK", in_dialog("ACK", k, a, ok, 1), UAC, [(UAS, "ACK ")], check, a, b)
+        yield self.hold
+        fwd_bye = self.step(k, "BYE", in_dialog("BYE", k, a, ok, 2), UAC, [(UAS, "BYE ")],
+                            check, a, b)[0]
+        yield UAS_DELAY_S
+        self.step(k, "200 to BYE", uas_reply(fwd_bye, 200, "OK", k, b, False), UAS,
+                  [(UAC, "SIP/2.0 200 ")], check, a, b)
+
+    def step(self, k: int, what: str, data: bytes, source: tuple[str, int],
+             expected: list[tuple[tuple[str, int], str]], check: bool, a: str,
+             b: str) -> list[bytes]:
+        """Deliver one message; the datagrams out must be `expected` (destination, start)."""
+        out = self.deliver(data, source)
+        got = sorted((o.dest, _first_line(o.data)) for o in out)
+        if len(out) != len(expected) or any(
+                dest != want_dest or not line.startswith(want)
+                for (dest, line), (want_dest, want) in zip(got, sorted(expected), strict=True)):
+            raise BenchError(f"call {k}, {what}: expected {expected}, the core sent {got}")
+        matched = []
+        for want_dest, want in expected:
+            matched.append(next(o.data for o in out
+                                if o.dest == want_dest and _first_line(o.data).startswith(want)))
+        if check:
+            for o in out:
+                self.result.privacy_checked_messages += 1
+                hidden = a if o.dest == UAS else b
+                if hidden.encode() in o.data:
+                    side = "callee" if o.dest == UAS else "caller"
+                    raise BenchError(f"call {k}, {what}: the {side} side received {hidden}:\n"
+                                     + o.data.decode("latin-1"))
+        return matched
+
+    @staticmethod
+    def check_invite(k: int, fwd: bytes, a: str, x: str, b: str) -> None:
+        """What the harness's uas.xml checks on the INVITE B receives."""
+        m = re.match(rb"INVITE sips?:([^@;> ]+)@", fwd)
+        got = {"Request-URI": m.group(1) if m else None,
+               "From": _user_of(fwd, b"from"), "To": _user_of(fwd, b"to"),
+               "P-Asserted-Identity": _user_of(fwd, b"p-asserted-identity")}
+        want = {"Request-URI": b.encode(), "From": x.encode(), "To": x.encode(),
+                "P-Asserted-Identity": x.encode()}
+        if got != want:
+            raise BenchError(f"call {k}: INVITE to the callee has users {got}, expected {want}")
+
+    @staticmethod
+    def check_ok(k: int, ok: bytes, a: str, x: str) -> None:
+        """What the harness's uac.xml checks on the 200: From is A's own again, To still X."""
+        got = (_user_of(ok, b"from"), _user_of(ok, b"to"))
+        if got != (a.encode(), x.encode()):
+            raise BenchError(f"call {k}: 200 to the caller has From/To users {got}, "
+                             f"expected {(a, x)}")
+
+
+# ---- main -------------------------------------------------------------------------------------
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    p.add_argument("calls", nargs="?", type=int, default=5000, help="calls per round")
+    p.add_argument("--bindings", type=int, default=100_000)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--cps", type=float, default=500.0)
+    p.add_argument("--hold-ms", type=float, default=100.0)
+    p.add_argument("--check-every", type=int, default=50)
+    p.add_argument("--warmup", type=int, default=200)
+    p.add_argument("--profile", action="store_true")
+    p.add_argument("--sort", default="cumulative", help="pstats order with --profile")
+    p.add_argument("--cumulative", action="store_const", const="cumulative", dest="sort",
+                   help=argparse.SUPPRESS)  # the old spelling
+    args = p.parse_args(argv)
+    if args.calls < 1 or args.rounds < 1 or args.bindings < 1 or args.cps <= 0:
+        p.error("CALLS, --rounds, --bindings and --cps must be positive")
+    if args.check_every < 0 or args.warmup < 0 or args.hold_ms < 0:
+        p.error("--check-every, --warmup and --hold-ms cannot be negative")
+    return args
+
+
+def report(args: argparse.Namespace, result: Result) -> None:
+    rounds = sorted(result.rounds, key=lambda r: r.total_us)
+    best = rounds[0]
+    median = statistics.median(r.total_us for r in rounds)
+    calls = sum(r.calls for r in rounds)
+    msg_in = sum(r.messages_in for r in rounds) / calls
+    msg_out = sum(r.messages_out for r in rounds) / calls
+    timer_sends = sum(r.timer_sends for r in rounds)
+    timer_runs = sum(r.timer_runs for r in rounds) / calls
+    under = " (under cProfile)" if args.profile else ""
+    print(f"{args.calls} calls x {len(rounds)} rounds{under}: core CPU per call best "
+          f"{best.total_us:.1f} µs, median {median:.1f} µs ({msg_in:g} messages in, "
+          f"{msg_out:g} out per call: parse, rewrite, transactions, serialise, call log, timers)")
+    print(f"  per call, best round / median: calls phase {best.calls_us:.1f} / "
+          f"{statistics.median(r.calls_us for r in rounds):.1f} µs, timers phase "
+          f"{best.timers_us:.1f} / {statistics.median(r.timers_us for r in rounds):.1f} µs "
+          f"({timer_runs:.2f} handle_timers runs per call, {timer_sends} datagrams sent by "
+          f"timers)")
+    print(f"  {args.bindings} bindings, a different caller per call"
+          f"{'' if result.calls_made <= args.bindings else ' (callers repeat: calls > bindings)'}"
+          f", {args.cps:g} calls/s, hold {args.hold_ms:g} ms, clock +{DRAIN_S:g} s after each "
+          f"round: {result.transactions_left} transactions left; privacy checked on "
+          f"{result.privacy_checked_calls} calls ({result.privacy_checked_messages} messages)")
+
+
+def main(argv: list[str] | None = None) -> Result:
+    """Run the bench and print its figures; BenchError if the flow or a privacy check broke,
+    or a transaction outlived the drain."""
+    args = parse_args(argv)
+    result = Result()
+    prof = cProfile.Profile() if args.profile else None
+    gc_threshold = gc.get_threshold()
+    with tempfile.TemporaryDirectory(prefix="bench-core-") as tmp:
+        cfg = load_config(write_config(Path(tmp), args.bindings))
+        with DevNullLogging(cfg.logging.level, cfg.logging.format):
+            try:
+                key = dialog_key(cfg)  # the configured one: no warning
+                store = open_memory_store(cfg)
+                gc.set_threshold(100_000, 1000, 1000)  # as proxy.cli.serve
+                core = build_core(cfg, key, 0)
+                bench = Bench(core, store, args.bindings, args, result)
+                if args.warmup:
+                    bench.run_round(args.warmup)
+                bench.prof = prof
+                for _ in range(1 if prof is not None else args.rounds):
+                    result.rounds.append(bench.run_round(args.calls))
+                bench.prof = None
+                result.stats = dict(core.stats)
+            finally:
+                gc.set_threshold(*gc_threshold)
+                gc.unfreeze()
+    report(args, result)
+    if prof is not None:
+        pstats.Stats(prof).sort_stats(args.sort).print_stats(40)
+    if result.transactions_left:
+        raise BenchError(f"{result.transactions_left} transactions outlived the drain")
+    if result.stats.get("internal_errors"):
+        raise BenchError(f"the core counted internal errors: {result.stats}")
+    return result
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except BenchError as exc:
+        print(f"bench_core: FAILED: {exc}", file=sys.stderr)
+        sys.exit(1)

@@ -1,0 +1,58 @@
+"""Smoke test of scripts/bench_core.py: a few calls through the production set-up."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+from proxy.privacy import Privacy
+
+SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "bench_core.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_core", SCRIPT)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench_core"] = module  # dataclasses look their module up
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.modules.pop("bench_core", None)
+
+
+def test_bench_core_runs_calls_with_timers_logging_and_privacy_checks(bench, capsys) -> None:
+    result = bench.main(["20", "--bindings", "100", "--rounds", "2", "--warmup", "5",
+                         "--check-every", "1"])
+    assert [r.calls for r in result.rounds] == [20, 20]
+    assert result.calls_made == 45
+    assert result.transactions_left == 0
+    assert all(r.transactions_left == 0 for r in result.rounds)
+    assert result.privacy_checked_calls == 45  # every call, the warm-up's too
+    assert result.privacy_checked_messages >= 45 * 7
+    assert result.stats.get("calls_routed") == 45
+    assert result.stats.get("leaks_scrubbed", 0) > 0
+    assert not result.stats.get("internal_errors")
+    for r in result.rounds:
+        assert r.messages_in == 6 * r.calls  # INVITE, 180, 200, ACK, BYE, 200
+        assert r.messages_out >= 7 * r.calls
+        assert r.calls_cpu > 0 and r.timers_cpu > 0
+        assert r.timer_runs > 0  # the core's timers fired on the simulated clock
+        assert r.timer_sends == 0
+    out = capsys.readouterr().out
+    assert "20 calls x 2 rounds: core CPU per call best" in out
+    assert "calls phase" in out and "timers phase" in out
+    assert "0 transactions left" in out
+    assert '"event": "call"' not in out  # the call log went to /dev/null
+
+
+def test_bench_core_fails_when_the_rewrite_stops(bench, monkeypatch) -> None:
+    monkeypatch.setattr(Privacy, "initial_invite", lambda self, out, rule: 0)
+    with pytest.raises(bench.BenchError, match="callee"):
+        bench.main(["3", "--bindings", "10", "--rounds", "1", "--warmup", "0",
+                    "--check-every", "1"])
