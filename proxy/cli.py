@@ -34,8 +34,12 @@ def dialog_key(cfg: Config) -> bytes:
     return key
 
 
-def build_core(cfg: Config, key: bytes, index: int = 0) -> Any:
-    """The sans-IO proxy core, configured from `cfg`."""
+def build_core(cfg: Config, key: bytes, index: int = 0, count: int = 1) -> Any:
+    """The sans-IO proxy core of worker `index` of `count`, configured from `cfg`.
+
+    With several workers, each advertises its own port (cfg.worker_ports) in Via and
+    Record-Route, and takes a Route to any of the proxy's ports as one to itself.
+    """
     from proxy.core import CoreSettings, FinalResponse, Hop, ProxyCore
     from proxy.privacy import DialogSealer, PrivacyPolicy
     from proxy.sip.transaction import TimerSettings
@@ -44,9 +48,11 @@ def build_core(cfg: Config, key: bytes, index: int = 0) -> Any:
     pattern = cfg.middle_number_regex
     r = cfg.responses
     t = cfg.timers
+    several = count > 1 and bool(cfg.worker_ports)
     settings = CoreSettings(
         advertise_host=adv.host,
-        advertise_port=adv.port,
+        advertise_port=cfg.worker_ports[index] if several else adv.port,
+        our_ports=cfg.our_ports if several else frozenset(),
         is_trusted=functools.lru_cache(maxsize=4096)(cfg.is_trusted),
         middle_number=lambda n: pattern.search(n) is not None,
         gateways=[Hop(g.host, g.port, g.transport) for g in cfg.carrier.targets],
@@ -110,7 +116,8 @@ async def serve(
     start = getattr(store, "start", None)
     if start is not None:
         await start()
-    core = build_core(cfg, key, index)
+    core = build_core(cfg, key, index, count)
+    worker_port = cfg.worker_ports[index] if count > 1 and cfg.worker_ports else None
     server = ProxyServer(
         core, store,
         listen=[(e.transport, e.host, e.port) for e in cfg.listen_endpoints],
@@ -122,6 +129,7 @@ async def serve(
         tcp_max_output_bytes=cfg.transport.tcp_max_output_bytes,
         max_message_bytes=cfg.transport.max_message_bytes,
         worker_index=index, worker_count=count, relay_group=group, relay_key=relay_key,
+        worker_port=worker_port,
     )
     metrics_server = None
     if cfg.metrics.endpoint is not None:
@@ -142,7 +150,7 @@ async def serve(
     await server.start()  # last: an open SIP port means everything else is ready
     log.info("listening", listen=[str(e) for e in cfg.listen_endpoints],
              advertise=str(cfg.advertised), backend=cfg.store.backend,
-             worker=index, workers=count)
+             worker=index, workers=count, worker_port=worker_port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -189,7 +197,8 @@ def _run_loop(main: Any) -> None:
 
 
 def supervise(cfg: Config, key: bytes) -> int:
-    """Fork `workers` processes sharing the SIP port and restart any that dies.
+    """Fork `workers` processes sharing the SIP port (each with a port of its own too) and
+    restart any that dies.
 
     The memory store is loaded once, before the fork, so workers share its pages. The Redis
     store is opened in each worker (connections do not survive a fork).

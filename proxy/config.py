@@ -594,6 +594,10 @@ class TransportConfig(_Section):
     # output waiting for one peer that does not read; past it the connection is closed. At
     # least one largest message (65535) plus headroom.
     tcp_max_output_bytes: Annotated[int, Strict(), Field(ge=65536)] = 1048576
+    # with several workers, worker i also listens on worker_port_base + i (on the listen hosts)
+    # and names that port in its Via and Record-Route, so what answers or follows a call comes
+    # straight back to the worker holding it. null: the first listen port + 1.
+    worker_port_base: Annotated[int, Strict(), Field(ge=1024, le=65535)] | None = None
 
 
 class LoggingConfig(_Section):
@@ -681,6 +685,53 @@ class Config(_Section):
         if self.advertise is None:
             return HostPort(first.host, first.port)
         return parse_host_port(self.advertise, default_port=first.port)
+
+    @cached_property
+    def worker_ports(self) -> tuple[int, ...]:
+        """Each worker's own SIP port (worker i: worker_port_base + i); none with one worker."""
+        if self.workers == 1:
+            return ()
+        base = self.transport.worker_port_base
+        if base is None:
+            base = self.listen_endpoints[0].port + 1
+        return tuple(range(base, base + self.workers))
+
+    @cached_property
+    def our_ports(self) -> frozenset[int]:
+        """Every port a Route to this proxy may name: the listen ports, the advertised port and
+        each worker's own port."""
+        return frozenset({e.port for e in self.listen_endpoints} | {self.advertised.port}
+                         | set(self.worker_ports))
+
+    def port_problems(self) -> list[tuple[str, str]]:
+        """(key path, problem) for worker ports the workers could not bind."""
+        ports = self.worker_ports
+        if not ports:
+            return []
+        key = "transport.worker_port_base"
+        first, last = ports[0], ports[-1]
+        what = (f"the workers' own ports {first}..{last} (worker_port_base + 0..workers-1, "
+                f"workers: {self.workers}")
+        unset = self.transport.worker_port_base is None
+        what += "; unset, so listen[0]'s port + 1)" if unset else ")"
+        if last > 65535:
+            return [(key, f"{what} pass 65535: set a lower worker_port_base")]
+        taken = sorted({e.port for e in self.listen_endpoints if first <= e.port <= last})
+        if taken:
+            listed = ", ".join(map(str, taken))
+            return [(key, f"{what} overlap listen port {listed}: set worker_port_base to a "
+                          "range of free ports")]
+        metrics = self.metrics.endpoint
+        tcp_hosts = {e.host for e in self.listen_endpoints if e.transport == "tcp"}
+        if metrics is not None and any(
+                h == metrics.host or _wildcard(h) or _wildcard(metrics.host) for h in tcp_hosts):
+            # the metrics endpoint of worker i listens on metrics.listen's port + i
+            m_first, m_last = metrics.port, metrics.port + self.workers - 1
+            if m_first <= last and first <= m_last:
+                return [(key, f"{what} overlap the metrics ports {m_first}..{m_last} "
+                              "(metrics.listen's port + worker index): set worker_port_base "
+                              "to a range of free ports")]
+        return []
 
     @cached_property
     def trusted_networks(self) -> tuple[IPNetwork, ...]:
@@ -841,9 +892,13 @@ def _describe(error: Any) -> str:
 
 def _validate(data: dict[str, Any], base_dir: Path, shown: str) -> tuple[Config | None, list[str]]:
     try:
-        return Config.model_validate(data, context={"base_dir": base_dir}), []
+        config = Config.model_validate(data, context={"base_dir": base_dir})
     except ValidationError as exc:
         errors = exc.errors(include_url=False)
+    else:
+        # what one section cannot see: keys of several sections that must fit together
+        clashes = [f"{shown}: {path}: {problem}" for path, problem in config.port_problems()]
+        return (None, clashes) if clashes else (config, [])
     # A list whose only items are bad is also "too short after validation": say it once.
     bad_items = {e["loc"][:-1] for e in errors if e["loc"] and isinstance(e["loc"][-1], int)}
     problems = []

@@ -1,6 +1,12 @@
 """The asyncio shell: UDP and TCP endpoints, the relay between workers, the timer tick and the
 binding-lookup step.
 
+With several workers, each binds the shared SIP port (SO_REUSEPORT) and a port of its own. Its
+Via and Record-Route name its own port, so responses to what it forwards and the in-dialog
+requests of its calls come straight to it; what lands on the shared port is passed to the worker
+that owns it (initial requests by a keyed hash of the Call-ID, responses by the worker index in
+the branch) over a unix socket.
+
 Everything protocol-shaped happens in `ProxyCore`; this module moves bytes, reads the clock and
 awaits the store. The per-datagram path is synchronous: parse, decide, send, with the binding
 answered from memory; only a cache miss on the Redis store creates a task. What untrusted peers
@@ -100,6 +106,8 @@ def relay_address(group: str, index: int) -> str:
 
 
 class _UdpEndpoint(asyncio.DatagramProtocol):
+    """The shared SIP port: what lands here may belong to another worker."""
+
     def __init__(self, server: ProxyServer) -> None:
         self.server = server
         self.transport: asyncio.DatagramTransport | None = None
@@ -113,6 +121,13 @@ class _UdpEndpoint(asyncio.DatagramProtocol):
     def error_received(self, exc: Exception) -> None:
         # ICMP port unreachable and the like: the transaction layer times out on its own
         self.server.core.stats["udp_errors"] = self.server.core.stats.get("udp_errors", 0) + 1
+
+
+class _OwnUdpEndpoint(_UdpEndpoint):
+    """This worker's own port: what lands here is this worker's (see on_own_datagram)."""
+
+    def datagram_received(self, data: bytes, addr: tuple[Any, ...]) -> None:
+        self.server.on_own_datagram(data, (addr[0], addr[1]))
 
 
 class _TcpConnection(asyncio.Protocol):
@@ -285,6 +300,7 @@ class ProxyServer:
         worker_count: int = 1,
         relay_group: str = "",
         relay_key: bytes = b"",
+        worker_port: int | None = None,
     ) -> None:
         self.core = core
         self.store = store
@@ -298,7 +314,10 @@ class ProxyServer:
         # past this much unsent output to a peer, stop reading from it (back-pressure)
         self.tcp_write_high = max(tcp_max_output_bytes // 4, 4096)
         self.max_message_bytes = max_message_bytes
-        self.udp: dict[int, asyncio.DatagramTransport] = {}  # by address family
+        self.udp: dict[int, asyncio.DatagramTransport] = {}  # the shared port, by family
+        # this worker's own port (None: one worker, no port of its own): by family
+        self.worker_port = worker_port
+        self.own_udp: dict[int, asyncio.DatagramTransport] = {}
         self.tcp_servers: list[asyncio.base_events.Server] = []
         self.tcp_connections: dict[tuple[str, int], _TcpConnection] = {}
         self.tcp_accepted = 0  # accepted connections holding a place under the caps
@@ -364,18 +383,21 @@ class ProxyServer:
             self.tcp_per_source.pop(host, None)
 
     async def start(self) -> None:
+        if self.worker_port is not None:
+            # this worker's own port first, on every listen host (the shared port, opened
+            # last, tells the world the worker is ready)
+            for transport, host in dict.fromkeys((t, h) for t, h, _ in self.listen):
+                if transport == "udp":
+                    family, udp = await self._open_udp(host, self.worker_port, own=True)
+                    self.own_udp.setdefault(family, udp)
+                else:
+                    server = await self.loop.create_server(
+                        lambda: _TcpConnection(self), host, self.worker_port,
+                        reuse_address=True)
+                    self.tcp_servers.append(server)
         for transport, host, port in self.listen:
             if transport == "udp":
-                family = socket.AF_INET6 if ":" in host else socket.AF_INET
-                sock = socket.socket(family, socket.SOCK_DGRAM)
-                if self.worker_count > 1:  # every worker binds the port; the kernel spreads
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-                with contextlib.suppress(OSError):
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.udp_rcvbuf)
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.udp_sndbuf)
-                sock.bind((host, port))
-                udp, _ = await self.loop.create_datagram_endpoint(
-                    lambda: _UdpEndpoint(self), sock=sock)
+                family, udp = await self._open_udp(host, port, own=False)
                 self.udp.setdefault(family, udp)
             else:
                 server = await self.loop.create_server(
@@ -387,10 +409,28 @@ class ProxyServer:
                 lambda: _RelayInbox(self), relay_address(self.relay_group, self.worker_index))
         self._ticker = self.loop.create_task(self._tick())
 
+    async def _open_udp(self, host: str, port: int, *, own: bool
+                        ) -> tuple[int, asyncio.DatagramTransport]:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_DGRAM)
+        try:
+            if not own and self.worker_count > 1:  # every worker binds it; the kernel spreads
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.udp_rcvbuf)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.udp_sndbuf)
+            sock.bind((host, port))
+        except OSError:
+            sock.close()
+            raise
+        udp, _ = await self.loop.create_datagram_endpoint(
+            lambda: (_OwnUdpEndpoint if own else _UdpEndpoint)(self), sock=sock)
+        return family, udp
+
     async def close(self) -> None:
         if self._ticker is not None:
             self._ticker.cancel()
-        for udp in self.udp.values():
+        for udp in (*self.udp.values(), *self.own_udp.values()):
             udp.close()
         if self._relay_server is not None:
             self._relay_server.close()
@@ -432,6 +472,30 @@ class ProxyServer:
             self._internal_error(source)
         self.flush()
 
+    def on_own_datagram(self, data: bytes, source: tuple[str, int]) -> None:
+        """A datagram on this worker's own port: a response to what it forwarded, or a request
+        following its Record-Route; handled here.
+
+        Only a response naming another worker's branch goes there: a peer that answers to the
+        address its call came from rather than to the Via (SIPp does), after that call's
+        in-dialog request was forwarded by another worker (one restarted, for instance).
+        """
+        if len(data) > self.max_message_bytes:
+            self.core.stats["oversize_dropped"] = self.core.stats.get("oversize_dropped", 0) + 1
+            return
+        if not data.strip(b"\r\n"):
+            return  # keep-alive
+        if data.startswith(b"SIP/2.0 "):
+            owner = branch_worker(data)
+            if owner is not None and owner != self.worker_index and owner < self.worker_count:
+                self._relay_to(owner, data, source)
+                return
+        try:
+            self.core.receive_datagram(data, source, "udp", time.monotonic())
+        except Exception:  # a bug must cost one message, never the process
+            self._internal_error(source)
+        self.flush()
+
     def _relay_to(self, owner: int, data: bytes, source: tuple[str, int]) -> None:
         box = self._outboxes.get(owner)
         if box is None or box.closed:
@@ -448,6 +512,7 @@ class ProxyServer:
         box.queue.append(_RELAY_HEADER.pack(len(data), source[1], source[0].encode("ascii")))
         box.queue.append(data)
         box.queued += size
+        self.count("relayed")
         if box.transport is not None and not box.scheduled:
             box.scheduled = True
             self.loop.call_soon(box.drain)
@@ -556,10 +621,16 @@ class ProxyServer:
             conn.send(item.data)
             return
         family = socket.AF_INET6 if ":" in item.dest[0] else socket.AF_INET
-        udp = self.udp.get(family) or next(iter(self.udp.values()), None)
+        data = item.data
+        # a request leaves from this worker's own port (our Via has rport: an answer to the
+        # source port must reach this worker); a response from the shared port, where the
+        # peer sent its request
+        udp = None if data.startswith(b"SIP/2.0 ") else self.own_udp.get(family)
         if udp is None:
-            return
-        udp.sendto(item.data, item.dest)
+            udp = self.udp.get(family) or next(iter(self.udp.values()), None)
+            if udp is None:
+                return
+        udp.sendto(data, item.dest)
 
     async def _connect(self, conn: _TcpConnection) -> None:
         assert conn.peer is not None

@@ -128,3 +128,15 @@ def test_run_on_a_bad_config_exits_1_without_opening_its_port(
     assert proc.returncode == 1, out + err
     assert not opened, f"the proxy bound port {port} with a bad config"
     assert f"{path}: {expected}" in err
+
+
+def test_check_config_refuses_worker_ports_on_a_listen_port(tmp_path: Path) -> None:
+    """workers: 2 with worker_port_base on the listen port: the range clash names its key."""
+    path = write(tmp_path, {**valid_config(5999), "workers": 2,
+                            "transport": {"worker_port_base": 5998}})
+    done = sip700("check-config", str(path))
+    assert done.returncode == 1, done.stdout
+    lines = done.stdout.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(
+        f"{path}: transport.worker_port_base: the workers' own ports 5998..5999"), done.stdout
+    assert "overlap listen port 5999" in lines[0]

@@ -556,3 +556,55 @@ def test_several_problems_reported_at_once(config_dir: Path) -> None:
 def test_workers_auto_means_one_per_core(config_dir: Path) -> None:
     path = write(config_dir, {**MINIMAL, "workers": "auto"})
     assert load_config(path).workers == (os.cpu_count() or 1)
+
+
+# --- each worker's own port -----------------------------------------------------------------
+
+
+def test_worker_ports_follow_the_first_listen_port_by_default(config_dir: Path) -> None:
+    config = load_config(write(config_dir, {**MINIMAL, "workers": 3,
+                                            "listen": ["udp:127.0.0.1:5060", "tcp:127.0.0.1:5060"],
+                                            "advertise": "192.0.2.1:5080"}))
+    assert config.worker_ports == (5061, 5062, 5063)
+    # a Route naming any of them, the listen port or the advertised port is one to us
+    assert config.our_ports == frozenset({5060, 5080, 5061, 5062, 5063})
+
+
+def test_worker_port_base_sets_the_range_and_one_worker_has_none(config_dir: Path) -> None:
+    base = {**MINIMAL, "transport": {"worker_port_base": 7000}}
+    assert load_config(write(config_dir, {**base, "workers": 2})).worker_ports == (7000, 7001)
+    assert load_config(write(config_dir, {**base, "workers": 1})).worker_ports == ()
+
+
+@pytest.mark.parametrize(("changes", "what"), [
+    # the default range (listen[0] + 1) runs into a second listen port
+    ({"listen": ["udp:127.0.0.1:5060", "tcp:127.0.0.1:5061"]},
+     "the workers' own ports 5061..5062 (worker_port_base + 0..workers-1, workers: 2; unset, so "
+     "listen[0]'s port + 1) overlap listen port 5061"),
+    ({"transport": {"worker_port_base": 5059}},
+     "the workers' own ports 5059..5060 (worker_port_base + 0..workers-1, workers: 2) overlap "
+     "listen port 5060"),
+    ({"transport": {"worker_port_base": 65535}},
+     "the workers' own ports 65535..65536 (worker_port_base + 0..workers-1, workers: 2) pass "
+     "65535"),
+    ({"transport": {"worker_port_base": 9000}, "metrics": {"listen": "127.0.0.1:9001"}},
+     "the workers' own ports 9000..9001 (worker_port_base + 0..workers-1, workers: 2) overlap "
+     "the metrics ports 9001..9002"),
+])
+def test_worker_port_range_clashes_are_refused(config_dir: Path, changes: dict, what: str
+                                               ) -> None:
+    shown, problems = problems_for(config_dir, workers=2, **changes)
+    assert len(problems) == 1 and problems[0].startswith(
+        f"{shown}: transport.worker_port_base: {what}"), problems
+
+
+def test_worker_port_range_is_not_checked_with_one_worker(config_dir: Path) -> None:
+    _, problems = problems_for(config_dir, workers=1, transport={"worker_port_base": 5060})
+    assert problems == []
+
+
+@pytest.mark.parametrize("value", [80, 70000, "5061"])
+def test_worker_port_base_must_be_a_port(config_dir: Path, value: object) -> None:
+    shown, problems = problems_for(config_dir, transport={"worker_port_base": value})
+    assert len(problems) == 1 and problems[0].startswith(
+        f"{shown}: transport.worker_port_base: "), problems

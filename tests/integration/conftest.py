@@ -40,6 +40,9 @@ def start_sip700(request: pytest.FixtureRequest, tmp_path: Path
     """
     started: list[ProxyProcess] = []
     prefix = f"sip700test:{uuid.uuid4().hex[:12]}:" if request.param == "redis" else None
+    # a proxy restarted on a port keeps its workers' own ports: its dialogs' Record-Routes
+    # name them
+    worker_port_bases: dict[int, int] = {}
 
     def start(*, bindings: list[dict] | None = None, overrides: dict | None = None,
               port: int | None = None, gateway_port: int | None = None,
@@ -48,9 +51,14 @@ def start_sip700(request: pytest.FixtureRequest, tmp_path: Path
         gateway_port = gateway_port or free_port()
         cfg_dir = tmp_path / f"proxy-{port}"
         cfg_dir.mkdir(exist_ok=True)
+        overrides = dict(overrides or {})
+        if port in worker_port_bases:
+            transport = overrides.get("transport") or {}
+            overrides["transport"] = {"worker_port_base": worker_port_bases[port], **transport}
         path, config = write_config(cfg_dir, port=port, gateway_port=gateway_port,
                                     bindings=bindings, overrides=overrides,
                                     transports=transports, redis_prefix=prefix)
+        worker_port_bases[port] = config["transport"]["worker_port_base"]
         proc = start_proxy(path, port, gateway_port, cfg_dir / "proxy.log", config)
         started.append(proc)
         return proc

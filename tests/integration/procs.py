@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -39,6 +40,49 @@ def free_port(kind: int = socket.SOCK_DGRAM, host: str = "127.0.0.1") -> int:
             except OSError:
                 continue
         return port
+
+
+def _ephemeral_ports() -> tuple[int, int]:
+    """The kernel's range for ports it picks itself (free_port's, SIPp's, every client's)."""
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
+def _bindable(port: int, host: str) -> bool:
+    for kind in (socket.SOCK_DGRAM, socket.SOCK_STREAM):
+        with socket.socket(socket.AF_INET, kind) as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                return False
+    return True
+
+
+def free_port_range(count: int, host: str = "127.0.0.1") -> int:
+    """The first of `count` consecutive ports free for both UDP and TCP on `host`.
+
+    Drawn at random outside the kernel's ephemeral range, so that no port free_port (or any
+    client socket) picks later can fall into it before the proxy binds it, and tests running
+    side by side rarely draw the same range.
+    """
+    low, high = _ephemeral_ports()
+    spans = [(lo, hi) for lo, hi in ((20000, low), (high + 1, 65536)) if hi - lo > count]
+    if not spans:
+        spans = [(20000, 65536)]
+    while True:
+        lo, hi = random.choice(spans)
+        base = random.randrange(lo, hi - count)
+        if all(_bindable(p, host) for p in range(base, base + count)):
+            return base
+
+
+def config_workers(config: dict) -> int:
+    """How many workers a config asks for (`auto` or absent: one per CPU)."""
+    workers = config.get("workers", "auto")
+    return max(1, os.cpu_count() or 1) if workers == "auto" else int(workers)
 
 
 def wait_udp_bound(port: int, host: str = "127.0.0.1", timeout: float = 20.0) -> None:
@@ -98,6 +142,9 @@ def write_config(
 ) -> tuple[Path, dict]:
     """A proxy config for tests, written under tmp.
 
+    transport.worker_port_base gets a free range (one port per worker) unless the overrides
+    set it.
+
     Memory store by default; with `redis_prefix`, the Redis store on the machine's Redis under
     that key prefix, loaded with the same bindings by `sip700 bindings import` (the real CLI).
     """
@@ -129,6 +176,10 @@ def write_config(
             config[key] = {**config[key], **value}
         else:
             config[key] = value
+    transport = config.setdefault("transport", {})
+    if isinstance(transport, dict) and "worker_port_base" not in transport:
+        # each worker's own port: a free range of its own, or tests side by side collide
+        transport["worker_port_base"] = free_port_range(config_workers(config))
     path = tmp / "proxy.yaml"
     path.write_text(yaml.safe_dump(config))
     if redis_prefix is not None:

@@ -1,0 +1,185 @@
+"""Each worker's own port: what follows a call comes straight back to the worker that holds it.
+
+Real processes: the proxy (`python -m proxy run`, memory store, `workers: 2` or `workers: 1`);
+A and B are plain UDP sockets driven byte by byte (tests/integration/rawsip.py), B bound on the
+carrier gateway's port; plain TCP sockets for the TCP side of the worker ports.
+
+With `workers: 2`, worker i listens on transport.worker_port_base + i as well as on the shared
+port, and names its own port in its Via and Record-Route. Only an initial request that the
+kernel hands to the other worker crosses between workers (over the relay); its responses and
+the dialog's ACK and BYE, sent where the Via and the Record-Route say, are never relayed. Before
+worker ports, about half of all messages of a call crossed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from proxy.sip.address import parse_name_addr
+from tests.integration.procs import ProxyProcess, free_port, start_proxy, write_config
+from tests.integration.rawsip import (
+    Peer,
+    answer_call,
+    describe,
+    is_request,
+    is_response,
+    start_call,
+)
+from tests.integration.test_transport_limits import (
+    options_status,
+    tcp_connect,
+    wait_tcp_listening,
+)
+
+CALLS = 50
+
+
+@pytest.fixture
+def proxies(tmp_path: Path) -> Iterator[list[ProxyProcess]]:
+    """Proxies a test started; stopped (and checked for crashes) afterwards."""
+    started: list[ProxyProcess] = []
+    yield started
+    for proxy in started:
+        rc = proxy.stop()
+        crashed = [ln for ln in proxy.log_lines() if "internal_error" in ln or "Traceback" in ln]
+        assert not crashed, "proxy logged internal errors:\n" + "\n".join(crashed[:20])
+        assert rc in (0, -15), f"proxy exited with {rc}"
+
+
+def start(tmp_path: Path, proxies: list[ProxyProcess], workers: int, gateway_port: int
+          ) -> tuple[ProxyProcess, int]:
+    """A proxy with `workers`; returns it and its transport.worker_port_base."""
+    port = free_port()
+    cfg_dir = tmp_path / f"proxy-{port}"
+    cfg_dir.mkdir()
+    path, config = write_config(cfg_dir, port=port, gateway_port=gateway_port,
+                                overrides={"workers": workers, "logging": {"level": "info"}})
+    proxy = start_proxy(path, port, gateway_port, cfg_dir / "proxy.log", config)
+    proxies.append(proxy)
+    wait_tcp_listening(port)
+    return proxy, config["transport"]["worker_port_base"]
+
+
+def via_port(via: str) -> int:
+    sent_by = via.split(None, 1)[1].split(";", 1)[0]
+    return int(sent_by.rsplit(":", 1)[1])
+
+
+def route_address(route: str) -> tuple[str, int]:
+    uri = parse_name_addr(route, "Route").uri
+    return uri.host, uri.port or 5060
+
+
+def test_two_workers_each_call_follows_one_worker_port_without_relay(
+    tmp_path: Path, proxies: list[ProxyProcess]
+) -> None:
+    """50 calls A → X → B with workers: 2. B gets each INVITE from a worker's own port, with
+    that port in the top Via and the Record-Route; A gets the answers from the shared port; A
+    sends ACK and BYE (B, every other call) to the Record-Route's port, as RFC 3261 §12 says.
+    Both worker ports carry calls, every call completes, and the workers relay no more
+    messages than there were INVITEs (only an INVITE that landed on the other worker)."""
+    b = Peer(name="B")
+    a = Peer(name="A")
+    try:
+        proxy, base = start(tmp_path, proxies, 2, b.port)
+        shared = ("127.0.0.1", proxy.port)
+        worker_ports = {base, base + 1}
+        used: set[int] = set()
+        for i in range(CALLS):
+            dialog, _ = start_call(proxy.port, a, b)
+            answer_call(dialog, ack=False)
+            inv = dialog.invite_at_b
+            assert inv is not None
+            port = via_port(inv.msg.header_values("via")[0])
+            assert port in worker_ports, inv.msg.header_values("via")
+            assert inv.addr == ("127.0.0.1", port), "the INVITE left from another socket"
+            assert [route_address(r) for r in dialog.b_routes] == [("127.0.0.1", port)]
+            assert dialog.ok_at_a is not None and dialog.ok_at_a.addr == shared
+            assert [route_address(r) for r in dialog.a_routes] == [("127.0.0.1", port)]
+            used.add(port)
+            dialog.proxy = ("127.0.0.1", port)  # the route set's first hop (RFC 3261 §12.2.1.1)
+            dialog.ack_from_a()
+            if i % 2 == 0:
+                dialog.bye_from_a()
+                assert a.log[-1].msg.status == 200, describe(dialog.a_received())
+            else:
+                dialog.request_from_b("BYE")
+                bye = a.wait(is_request("BYE"))
+                assert bye is not None, f"B's BYE never reached A; A got {describe(a.pending)}"
+                a.answer(bye, 200, "OK")
+                assert b.wait(is_response(200, "BYE")) is not None, describe(b.pending)
+        assert used == worker_ports, f"the calls used worker ports {used} of {worker_ports}"
+    finally:
+        a.close()
+        b.close()
+    stats = proxy.stop_and_read_stats()
+    assert stats.get("calls_routed") == CALLS, stats
+    # an INVITE lands on the shared port's other worker half the time; nothing else crosses
+    assert stats.get("relayed", 0) <= CALLS, stats
+
+
+def test_a_response_sent_to_the_other_workers_port_still_reaches_its_transaction(
+    tmp_path: Path, proxies: list[ProxyProcess]
+) -> None:
+    """B answers each INVITE to the other worker's port (as SIPp does when an in-dialog request
+    of a call came from a worker other than the one its INVITE came from): the response names
+    its worker in the branch and is passed there, and A gets its 200."""
+    b = Peer(name="B")
+    a = Peer(name="A")
+    try:
+        proxy, base = start(tmp_path, proxies, 2, b.port)
+        for _ in range(4):
+            start_call(proxy.port, a, b)
+            got = b.wait(is_request("INVITE"))
+            assert got is not None, f"A's INVITE never reached B; A got {describe(a.pending)}"
+            other = base + 1 if got.addr[1] == base else base
+            inv = dataclasses.replace(got, addr=("127.0.0.1", other))
+            b.answer(inv, 200, "OK", to_tag="b", record_route=True,
+                     headers=[("Contact", f"<sip:b@127.0.0.1:{b.port}>")])
+            ok = a.wait(is_response(200, "INVITE"))
+            assert ok is not None, f"the 200 never reached A; A got {describe(a.pending)}"
+    finally:
+        a.close()
+        b.close()
+    assert proxy.stop_and_read_stats().get("relayed", 0) >= 4
+
+
+def test_two_workers_listen_on_their_own_tcp_port_too(
+    tmp_path: Path, proxies: list[ProxyProcess]
+) -> None:
+    """With a tcp listen entry, each worker's own port takes TCP as well: an OPTIONS sent there
+    over TCP is answered by that worker."""
+    _, base = start(tmp_path, proxies, 2, free_port())
+    for port in (base, base + 1):
+        wait_tcp_listening(port)
+        conn = tcp_connect(port)
+        try:
+            assert options_status(conn) == "SIP/2.0 200 OK"
+        finally:
+            conn.close()
+
+
+def test_one_worker_binds_no_port_of_its_own(tmp_path: Path, proxies: list[ProxyProcess]
+                                             ) -> None:
+    """workers: 1: the Via names the listen port, and worker_port_base stays unbound."""
+    b = Peer(name="B")
+    a = Peer(name="A")
+    try:
+        proxy, base = start(tmp_path, proxies, 1, b.port)
+        dialog, _ = start_call(proxy.port, a, b)
+        answer_call(dialog)
+        assert dialog.invite_at_b is not None
+        assert via_port(dialog.invite_at_b.msg.header_values("via")[0]) == proxy.port
+        assert dialog.invite_at_b.addr == ("127.0.0.1", proxy.port)
+        dialog.bye_from_a()
+        for kind in (socket.SOCK_DGRAM, socket.SOCK_STREAM):
+            with socket.socket(socket.AF_INET, kind) as s:
+                s.bind(("127.0.0.1", base))  # free: nothing bound it
+    finally:
+        a.close()
+        b.close()
