@@ -100,17 +100,6 @@ def branch_worker(data: bytes) -> int | None:
     return int(digits, 16)
 
 
-# a Route row carrying our token, and a To row with a tag: an in-dialog request of ours
-_ROUTE_TOKEN = re.compile(rb"\n(?i:route)[ \t]*:[^\r\n]*;s7=")
-_TO_TAG_ROW = re.compile(rb"\n(?i:to|t)[ \t]*:[^\r\n]*;[ \t]*(?i:tag)[ \t]*=")
-
-
-def in_dialog_with_token(data: bytes) -> bool:
-    """Whether a request looks in-dialog through us (the core checks it properly)."""
-    return b";s7=" in data and _ROUTE_TOKEN.search(data) is not None and (
-        _TO_TAG_ROW.search(data) is not None)
-
-
 def relay_address(group: str, index: int) -> str:
     """Unix socket path of one worker's relay inbox (`group` is the supervisor's private dir)."""
     return f"{group}/worker{index}.sock"
@@ -470,13 +459,9 @@ class ProxyServer:
                         and owner < self.worker_count:
                     self._relay_to(owner, data, source)
                     return
-            elif self._relays_from(source[0]) and not in_dialog_with_token(data):
-                # an initial request from a peer that may send us requests goes to its
-                # Call-ID's owner (that spreads one trunk's calls over the workers; its
-                # retransmissions and CANCEL follow it there). An in-dialog request with our
-                # token needs no particular worker: the token carries the dialog, and its
-                # retransmissions come from the same source, so SO_REUSEPORT's hash brings
-                # them to this same worker. From anyone else: refused here, no relay cost
+            elif self._relays_from(source[0]):
+                # a request from a peer that may send us requests goes to its Call-ID's owner;
+                # from anyone else it is refused here, at no relay cost
                 owner = call_id_owner(data, self.worker_count, self._call_id_hasher)
                 if owner != self.worker_index:
                     self._relay_to(owner, data, source)

@@ -143,18 +143,3 @@ def test_log_writer_on_a_full_pipe_keeps_then_drops_whole_records(kind: str) -> 
     finally:
         os.close(read_fd)
         os.close(write_fd)
-
-
-def test_in_dialog_requests_with_our_token_need_no_particular_worker() -> None:
-    from proxy.transport import in_dialog_with_token
-
-    bye = (b"BYE sip:a@10.0.0.1 SIP/2.0\r\nVia: SIP/2.0/UDP 10.0.0.1;branch=z9hG4bK1\r\n"
-           b"Route: <sip:10.0.0.2:5060;lr;s7=TOKEN>\r\nFrom: <sip:x@h>;tag=a\r\n"
-           b"To: <sip:x@h>;tag=b\r\nCall-ID: c\r\nCSeq: 2 BYE\r\n\r\n")
-    assert in_dialog_with_token(bye)
-    assert in_dialog_with_token(bye.replace(b"To:", b"t:").replace(b"Route:", b"route :"))
-    # no To tag: an initial request, whatever Route it brings (goes to its Call-ID's owner)
-    assert not in_dialog_with_token(bye.replace(b";tag=b", b""))
-    assert not in_dialog_with_token(bye.replace(b";s7=TOKEN", b""))
-    # the token must sit in a Route row, not anywhere in the message
-    assert not in_dialog_with_token(bye.replace(b"Route: ", b"X-Route: "))
