@@ -253,6 +253,10 @@ class ProxyCore:
             return text
         return _NUMBER_LIKE.sub(lambda m: mask_number(m.group()), text)
 
+    def _describe(self, exc: Exception) -> str:
+        """An exception for the log: its text can quote a message, so numbers are masked."""
+        return f"{type(exc).__name__}: {self._mask_text(str(exc))}"
+
     def _new_branch(self) -> str:
         self._branch_seq += 1
         return f"{BRANCH_PREFIX}{self._branch_salt}{self._branch_seq:x}"
@@ -312,7 +316,7 @@ class ProxyCore:
         self, exc: Exception, msg: SipMessage, source: Address, transport: str, now: float
     ) -> None:
         self._count("internal_errors")
-        self.log("internal_error", error=f"{type(exc).__name__}: {self._mask_text(str(exc))}",
+        self.log("internal_error", error=self._describe(exc),
                  method=msg.method or f"{msg.status} response",
                  source=f"{source[0]}:{source[1]}")
         if not msg.is_request or msg.method == "ACK":
@@ -346,7 +350,7 @@ class ProxyCore:
                 self._relay_timers(relay, now)
             except Exception as exc:
                 self._count("internal_errors")
-                self.log("internal_error", error=f"{type(exc).__name__}: {exc}", where="timer")
+                self.log("internal_error", error=self._describe(exc), where="timer")
                 self._abort(relay, now)
 
     def _relay_timers(self, relay: Relay, now: float) -> None:
@@ -555,7 +559,7 @@ class ProxyCore:
             self._forward_initial(relay, resolution.callee, now)
         except Exception as exc:
             self._count("internal_errors")
-            self.log("internal_error", error=f"{type(exc).__name__}: {exc}",
+            self.log("internal_error", error=self._describe(exc),
                      where="forward initial INVITE")
             self._abort(relay, now)
 

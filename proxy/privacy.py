@@ -153,12 +153,16 @@ class DialogSealer:
             raise InvalidDialogToken("Call-ID failed authentication") from exc
 
     # ---- Contact users -----------------------------------------------------------------------
-    def seal_user(self, user: str) -> str:
-        return _b64(self._users.encrypt(user.encode("latin-1"), None))
+    def seal_user(self, user: str, hostport: str) -> str:
+        """`user` sealed for the Contact at `hostport` only: a party that copies it into a
+        Request-URI aimed anywhere else gets nothing back (it would otherwise learn the
+        number by sending the request to itself)."""
+        return _b64(self._users.encrypt(user.encode("latin-1"), [hostport.encode("latin-1")]))
 
-    def open_user(self, sealed: str) -> str:
+    def open_user(self, sealed: str, hostport: str) -> str:
         try:
-            return self._users.decrypt(_unb64(sealed), None).decode("latin-1")
+            return self._users.decrypt(_unb64(sealed),
+                                       [hostport.encode("latin-1")]).decode("latin-1")
         except (InvalidTag, ValueError, TypeError) as exc:
             raise InvalidDialogToken("sealed Contact user failed authentication") from exc
 
@@ -233,7 +237,7 @@ class Privacy:
         if isinstance(uri, SipUri):
             sealed = uri.param(CONTACT_PARAM)
             if sealed is not None:  # the target is a Contact we rewrote: its real user back
-                out.set_uri(uri.with_user(self.sealer.open_user(sealed))
+                out.set_uri(uri.with_user(self.sealer.open_user(sealed, uri.hostport))
                             .without_param(CONTACT_PARAM))
         return self.hide(out, rule.hidden_from(receiver), rule.x, request=True)
 
@@ -416,7 +420,7 @@ def _rewrite_users(msg: SipMessage, name: str, scanner: NumberScanner, hidden: s
         uri = addr.uri
         if uri_number(uri) == hidden:
             if sealer is not None and isinstance(uri, SipUri) and uri.scheme != "tel":
-                sealed = f";{CONTACT_PARAM}={sealer.seal_user(uri.user or '')}"
+                sealed = f";{CONTACT_PARAM}={sealer.seal_user(uri.user or '', uri.hostport)}"
                 uri = SipUri(uri.scheme, x, uri.host, uri.port, uri.params + sealed,
                              uri.headers)
                 addr = addr.replace(uri=uri, display=None)

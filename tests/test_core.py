@@ -525,3 +525,14 @@ def test_an_invite_answered_2xx_keeps_no_transaction_pair() -> None:
     core.outbox.clear()
     core.handle_timers(40.0)
     assert not core._stateless and not core._accepted and core.next_deadline() is None
+
+
+def test_a_sealed_contact_user_opens_only_for_its_own_contact() -> None:
+    """B aims A's sealed Contact at an address of its choosing: the real user stays sealed."""
+    d = Dialog(make_core())
+    target = d.caller_contact.strip("<>")
+    assert ";s7u=" in target and "127.0.0.1:5070" in target
+    d.from_callee("BYE", uri=target.replace("127.0.0.1:5070", "127.0.0.1:5999"))
+    assert answers(d.core, GATEWAY) == [403]
+    assert not [o for o in d.core.outbox if o.dest != GATEWAY]
+    assert A.encode() not in b"".join(o.data for o in d.core.outbox)

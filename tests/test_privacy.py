@@ -100,7 +100,10 @@ def test_hide_number_rewrites_identities_and_scrubs_everything_else() -> None:
     contact = m.name_addrs("contact")[0]
     assert contact.uri.user == X and contact.display is None
     # the real user travels sealed, so the Contact can be restored as a Request-URI
-    assert SEALER.open_user(contact.uri.param(CONTACT_PARAM)) == "+86" + A
+    sealed = contact.uri.param(CONTACT_PARAM)
+    assert SEALER.open_user(sealed, "10.0.0.2:5060") == "+86" + A
+    with pytest.raises(InvalidDialogToken):  # only for the Contact it was made for
+        SEALER.open_user(sealed, "10.0.0.66:5060")
     assert m.header("x-custom") == f"caller={X}"
     assert m.body.startswith(f"v=0\r\no={X} ".encode())
     assert m.header("content-length") == str(len(m.body))
@@ -136,7 +139,7 @@ def test_call_id_is_transformed_for_the_callee_and_maps_back() -> None:
 
 def test_request_for_the_caller_restores_its_contact_and_hides_the_callee() -> None:
     privacy = Privacy(SEALER, PrivacyPolicy(), "10.0.0.1")
-    sealed = SEALER.seal_user(A)
+    sealed = SEALER.seal_user(A, "10.0.0.2:5070")
     callee_call_id = SEALER.callee_call_id("c1")
     m = parse_message(msg(
         f"BYE sip:{X}@10.0.0.2:5070;{CONTACT_PARAM}={sealed} SIP/2.0",
