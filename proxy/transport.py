@@ -445,32 +445,8 @@ class ProxyServer:
 
     # ---- input -------------------------------------------------------------------------------
     def on_datagram(self, data: bytes, source: tuple[str, int]) -> None:
-        if len(data) > self.max_message_bytes:
-            self.core.stats["oversize_dropped"] = self.core.stats.get("oversize_dropped", 0) + 1
-            return
-        if not data.strip(b"\r\n"):
-            return  # keep-alive
-        if self.worker_count > 1:
-            if data.startswith(b"SIP/2.0 "):
-                # a response goes to the worker named in its branch: the one holding its client
-                # transaction (unknown or foreign branch: here, where the core drops it)
-                owner = branch_worker(data)
-                if owner is not None and owner != self.worker_index \
-                        and owner < self.worker_count:
-                    self._relay_to(owner, data, source)
-                    return
-            elif self._relays_from(source[0]):
-                # a request from a peer that may send us requests goes to its Call-ID's owner;
-                # from anyone else it is refused here, at no relay cost
-                owner = call_id_owner(data, self.worker_count, self._call_id_hasher)
-                if owner != self.worker_index:
-                    self._relay_to(owner, data, source)
-                    return
-        try:
-            self.core.receive_datagram(data, source, "udp", time.monotonic())
-        except Exception:  # a bug must cost one message, never the process
-            self._internal_error(source)
-        self.flush()
+        """A datagram on the shared port."""
+        self._on_udp(data, source, shared=True)
 
     def on_own_datagram(self, data: bytes, source: tuple[str, int]) -> None:
         """A datagram on this worker's own port: a response to what it forwarded, or a request
@@ -480,21 +456,36 @@ class ProxyServer:
         address its call came from rather than to the Via (SIPp does), after that call's
         in-dialog request was forwarded by another worker (one restarted, for instance).
         """
+        self._on_udp(data, source, shared=False)
+
+    def _on_udp(self, data: bytes, source: tuple[str, int], *, shared: bool) -> None:
         if len(data) > self.max_message_bytes:
             self.core.stats["oversize_dropped"] = self.core.stats.get("oversize_dropped", 0) + 1
             return
         if not data.strip(b"\r\n"):
             return  # keep-alive
-        if data.startswith(b"SIP/2.0 "):
-            owner = branch_worker(data)
-            if owner is not None and owner != self.worker_index and owner < self.worker_count:
-                self._relay_to(owner, data, source)
-                return
+        owner = self._owner(data, source, shared) if self.worker_count > 1 else None
+        if owner is not None and owner != self.worker_index:
+            self._relay_to(owner, data, source)
+            return
         try:
             self.core.receive_datagram(data, source, "udp", time.monotonic())
         except Exception:  # a bug must cost one message, never the process
             self._internal_error(source)
         self.flush()
+
+    def _owner(self, data: bytes, source: tuple[str, int], shared: bool) -> int | None:
+        """Which worker holds what this datagram needs; None: whoever received it."""
+        if data.startswith(b"SIP/2.0 "):
+            # a response goes to the worker named in its branch: the one holding its client
+            # transaction (unknown or foreign branch: here, where the core drops it)
+            owner = branch_worker(data)
+            return owner if owner is not None and owner < self.worker_count else None
+        if shared and self._relays_from(source[0]):
+            # a request on the shared port from a peer that may send us requests goes to its
+            # Call-ID's owner; from anyone else it is refused here, at no relay cost
+            return call_id_owner(data, self.worker_count, self._call_id_hasher)
+        return None
 
     def _relay_to(self, owner: int, data: bytes, source: tuple[str, int]) -> None:
         box = self._outboxes.get(owner)

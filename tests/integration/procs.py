@@ -124,6 +124,16 @@ class ProxyProcess:
                 total[name] = total.get(name, 0) + value
         return total
 
+    def crash_lines(self) -> list[str]:
+        """Log lines that show a bug: an internal error or a traceback."""
+        return [ln for ln in self.log_lines() if "internal_error" in ln or "Traceback" in ln]
+
+    def assert_clean_exit(self, rc: int) -> None:
+        """The proxy logged no internal error and stopped on SIGTERM."""
+        crashed = self.crash_lines()
+        assert not crashed, "proxy logged internal errors:\n" + "\n".join(crashed[:20])
+        assert rc in (0, -15), f"proxy exited with {rc}"
+
     def stop(self) -> int:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)

@@ -143,8 +143,7 @@ class Rigs:
             rc = rig.proxy.stop()
             rig.a.close()
             rig.b.close()
-            crashed = [ln for ln in rig.proxy.log_lines()
-                       if "internal_error" in ln or "Traceback" in ln]
+            crashed = rig.proxy.crash_lines()
             if crashed:
                 problems.append(f"proxy {key} logged internal errors:\n" + "\n".join(crashed[:10]))
             if rc not in (0, -15):

@@ -45,10 +45,7 @@ def proxies(tmp_path: Path) -> Iterator[list[ProxyProcess]]:
     started: list[ProxyProcess] = []
     yield started
     for proxy in started:
-        rc = proxy.stop()
-        crashed = [ln for ln in proxy.log_lines() if "internal_error" in ln or "Traceback" in ln]
-        assert not crashed, "proxy logged internal errors:\n" + "\n".join(crashed[:20])
-        assert rc in (0, -15), f"proxy exited with {rc}"
+        proxy.assert_clean_exit(proxy.stop())
 
 
 def start(tmp_path: Path, proxies: list[ProxyProcess], workers: int, gateway_port: int
