@@ -41,6 +41,7 @@ def build_core(cfg: Config, key: bytes, index: int = 0, count: int = 1) -> Any:
     Record-Route, and takes a Route to any of the proxy's ports as one to itself.
     """
     from proxy.core import CoreSettings, FinalResponse, Hop, ProxyCore
+    from proxy.gateways import ProbeSettings
     from proxy.privacy import DialogSealer, PrivacyPolicy
     from proxy.sip.transaction import TimerSettings
 
@@ -79,9 +80,46 @@ def build_core(cfg: Config, key: bytes, index: int = 0, count: int = 1) -> Any:
         not_middle_number=FinalResponse(r.not_middle_number.code, r.not_middle_number.reason),
         untrusted_peer=FinalResponse(r.untrusted_peer.code, r.untrusted_peer.reason),
         store_unavailable=FinalResponse(r.store_unavailable.code, r.store_unavailable.reason),
+        no_gateway=FinalResponse(r.no_gateway.code, r.no_gateway.reason),
+        route_refused=FinalResponse(r.route_refused.code, r.route_refused.reason),
+        overloaded=FinalResponse(r.overloaded.code, r.overloaded.reason),
+        no_gateway_retry_after_s=cfg.carrier.retry_after_s,
+        router=build_router(cfg),
+        branch_timeout=cfg.carrier.branch_timeout_ms / 1000,
+        probe=ProbeSettings(
+            enabled=None if cfg.carrier.probe.enabled == "auto" else cfg.carrier.probe.enabled,
+            interval=cfg.carrier.probe.interval_s,
+            down_after=cfg.carrier.probe.down_after,
+            up_after=cfg.carrier.probe.up_after,
+            alive_codes=frozenset(cfg.carrier.probe.alive_codes),
+        ),
     )
     call_log = structlog.get_logger("sip700.calls")
     return ProxyCore(settings, DialogSealer(key), log=call_log.info)
+
+
+def build_router(cfg: Config) -> Any:
+    """The carrier's gateway groups and prefix routes, from `carrier:`. A gateway listed in
+    several groups is one object (one health state)."""
+    from proxy.gateways import REFUSED, Gateway, GatewayGroup, Router
+
+    carrier = cfg.carrier
+    known: dict[tuple, Gateway] = {}
+
+    def group(name: str, entries: Any) -> GatewayGroup:
+        members = []
+        for target, priority, weight in carrier.ranked(entries):
+            key = (*target[:4], priority, weight)
+            gw = known.get(key)
+            if gw is None:
+                gw = known[key] = Gateway(str(target), target.host, target.port,
+                                          target.transport, priority, weight)
+            members.append(gw)
+        return GatewayGroup(name, members)
+
+    groups = {name: group(name, entries) for name, entries in carrier.groups.items()}
+    routes = {r.prefix: (REFUSED if r.refuse else r.group) for r in carrier.routes}
+    return Router(group("default", carrier.gateways), groups, routes)
 
 
 def open_store_frozen(cfg: Config) -> Any:
@@ -142,7 +180,8 @@ async def serve(
             lambda: {**core.stats, "log_records_dropped": records_dropped()},
             lambda: {"server_transactions": len(core.server_txs),
                      "client_transactions": len(core.client_txs),
-                     "tcp_connections": len(server.tcp_connections)}))
+                     "tcp_connections": len(server.tcp_connections)},
+            labelled=lambda: {"gateway_up": ("gateway", core.gateway_states())}))
         ep = cfg.metrics.endpoint
         # one endpoint per worker (port + worker index): each reports its own counters
         metrics_server = await serve_metrics(ep.host, ep.port + index, registry,

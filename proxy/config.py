@@ -30,6 +30,7 @@ from pydantic import (
     Field,
     SecretStr,
     Strict,
+    StringConstraints,
     ValidationError,
     ValidationInfo,
     field_validator,
@@ -342,22 +343,139 @@ class _Section(BaseModel):
         return {} if data is None else data
 
 
+class GatewayEntry(NamedTuple):
+    """One `carrier.gateways` / `carrier.groups.<name>` entry: a URI string, or
+    `{uri, priority, weight}` (priority None: from `carrier.strategy`, see `ranked`)."""
+
+    uri: str
+    priority: int | None = None
+    weight: int = 1
+
+
+_GATEWAY_KEYS = ("uri", "priority", "weight")
+
+
+def _gateway_entry(value: Any) -> GatewayEntry:
+    if isinstance(value, GatewayEntry):
+        return value
+    if isinstance(value, str):
+        return GatewayEntry(_check_gateway(value))
+    if not isinstance(value, dict):
+        raise ValueError(f"a SIP URI or {{uri, priority, weight}}, not {type(value).__name__}")
+    unknown = [k for k in value if k not in _GATEWAY_KEYS]
+    if unknown:
+        raise ValueError(f"unknown key {_q(str(unknown[0]))} (expected uri, priority, weight)")
+    uri = value.get("uri")
+    if not isinstance(uri, str):
+        raise ValueError("uri: a SIP URI is required")
+    priority = value.get("priority", 1)
+    weight = value.get("weight", 1)
+    if type(priority) is not int or not 0 <= priority <= 1000:
+        raise ValueError(f"priority must be an integer 0-1000 ({_q(str(priority))})")
+    if type(weight) is not int or not 1 <= weight <= 1000:
+        raise ValueError(f"weight must be an integer 1-1000 ({_q(str(weight))})")
+    return GatewayEntry(_check_gateway(uri), priority, weight)
+
+
+GatewayItem = Annotated[GatewayEntry, BeforeValidator(_gateway_entry)]
+GroupName = Annotated[Str, StringConstraints(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
+
+
+def _check_prefix(value: str) -> str:
+    if not (value.isascii() and value.isdigit() and len(value) <= 15):
+        raise ValueError(f"a prefix is 1-15 digits of the callee's national number ({_q(value)})")
+    return value
+
+
+class RouteSpec(_Section):
+    """A callee prefix and where its calls go: a gateway group, or refused outright."""
+
+    prefix: Annotated[Str, AfterValidator(_check_prefix)]
+    group: GroupName | None = None
+    refuse: Bool = False
+
+    @model_validator(mode="after")
+    def _one_action(self) -> RouteSpec:
+        if (self.group is None) == (not self.refuse):
+            raise ValueError("a route needs exactly one of group: NAME or refuse: true")
+        return self
+
+
+class ProbeConfig(_Section):
+    """OPTIONS probing of every gateway (RFC 3261 §11), like Kamailio's dispatcher."""
+
+    enabled: Literal["auto"] | Bool = "auto"  # auto: groups with more than one gateway
+    interval_s: Annotated[float, Strict(), Field(ge=0.1, le=3600)] = 10.0
+    down_after: Annotated[int, Strict(), Field(ge=1, le=100)] = 3
+    up_after: Annotated[int, Strict(), Field(ge=1, le=100)] = 2
+    alive_codes: tuple[Annotated[int, Strict(), Field(ge=100, le=699)], ...] = Field(
+        default=(200,), min_length=1)
+
+
 class CarrierConfig(_Section):
     """The carrier leg: where translated calls are sent."""
 
-    gateways: tuple[GatewayStr, ...] = Field(min_length=1)
+    gateways: tuple[GatewayItem, ...] = Field(min_length=1)
     strategy: Literal["round_robin", "failover"] = "round_robin"
+    groups: dict[GroupName, tuple[GatewayItem, ...]] = {}
+    routes: tuple[RouteSpec, ...] = ()
+    branch_timeout_ms: Annotated[int, Strict(), Field(ge=50, le=60_000)] = 2000
+    retry_after_s: Annotated[int, Strict(), Field(ge=0, le=86400)] = 5
+    probe: ProbeConfig = ProbeConfig()
 
     @field_validator("gateways")
     @classmethod
-    def _unique_gateways(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        _no_duplicates(value, lambda uri: parse_sip_uri(uri)[:4])
+    def _unique_gateways(cls, value: tuple[GatewayEntry, ...]) -> tuple[GatewayEntry, ...]:
+        _no_duplicates(tuple(g.uri for g in value), lambda uri: parse_sip_uri(uri)[:4])
         return value
+
+    @field_validator("groups")
+    @classmethod
+    def _groups_valid(cls, value: dict[str, tuple[GatewayEntry, ...]]
+                      ) -> dict[str, tuple[GatewayEntry, ...]]:
+        for name, entries in value.items():
+            if not entries:
+                raise ValueError(f"group {_q(name)} has no gateways")
+            try:
+                _no_duplicates(tuple(g.uri for g in entries),
+                               lambda uri: parse_sip_uri(uri)[:4])
+            except ValueError as exc:
+                raise ValueError(f"group {_q(name)}: {exc}") from None
+        return value
+
+    @model_validator(mode="after")
+    def _routes_valid(self) -> CarrierConfig:
+        seen: dict[str, int] = {}
+        for i, route in enumerate(self.routes):
+            if route.prefix in seen:
+                raise ValueError(f"routes[{i}]: prefix {_q(route.prefix)} is already routed by "
+                                 f"routes[{seen[route.prefix]}]")
+            seen[route.prefix] = i
+            if route.group is not None and route.group not in self.groups:
+                known = ", ".join(sorted(self.groups)) or "none defined"
+                raise ValueError(f"routes[{i}]: no group {_q(route.group)} in carrier.groups "
+                                 f"({known})")
+        return self
+
+    def ranked(self, entries: tuple[GatewayEntry, ...]) -> tuple[tuple[SipTarget, int, int], ...]:
+        """(target, priority, weight) per entry: an entry without a priority gets 1 under
+        round_robin (all equal, spread) and its list position under failover (in order)."""
+        out = []
+        for i, entry in enumerate(entries):
+            priority = entry.priority
+            if priority is None:
+                priority = i if self.strategy == "failover" else 1
+            out.append((parse_sip_uri(entry.uri), priority, entry.weight))
+        return tuple(out)
 
     @cached_property
     def targets(self) -> tuple[SipTarget, ...]:
-        """The gateways, parsed, in config order."""
-        return tuple(parse_sip_uri(uri) for uri in self.gateways)
+        """Every gateway, parsed: the default list in config order, then the groups'."""
+        seen: dict[tuple, SipTarget] = {}
+        for entry in (*self.gateways, *(e for g in self.groups.values() for e in g)):
+            target = parse_sip_uri(entry.uri)
+            seen.setdefault(target[:4], target)
+        return tuple(seen.values())
 
 
 class SentinelConfig(_Section):
@@ -512,6 +630,9 @@ class ResponsesConfig(_Section):
     not_middle_number: ResponseSpec = ResponseSpec(code=404, reason="Not A Middle Number")
     untrusted_peer: ResponseSpec = ResponseSpec(code=403, reason="Untrusted Peer")
     store_unavailable: ResponseSpec = ResponseSpec(code=503, reason="Binding Store Unavailable")
+    no_gateway: ResponseSpec = ResponseSpec(code=503, reason="No Gateway Available")
+    route_refused: ResponseSpec = ResponseSpec(code=403, reason="Destination Not Allowed")
+    overloaded: ResponseSpec = ResponseSpec(code=503, reason="Overloaded")
 
 
 class PrivacyConfig(_Section):

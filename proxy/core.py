@@ -20,6 +20,14 @@ from typing import Any, NamedTuple
 
 from proxy.bindings.model import Outcome, Resolution
 from proxy.bodies import BodyRefused
+from proxy.gateways import (
+    Gateway,
+    GatewayGroup,
+    ProbeSettings,
+    Router,
+    probed_gateways,
+    record_probe,
+)
 from proxy.numbers import mask_number
 from proxy.privacy import (
     CALLEE,
@@ -110,6 +118,15 @@ class CoreSettings:
     not_middle_number: FinalResponse = FinalResponse(404, "Not A Middle Number")
     untrusted_peer: FinalResponse = FinalResponse(403, "Untrusted Peer")
     store_unavailable: FinalResponse = FinalResponse(503, "Binding Store Unavailable")
+    no_gateway: FinalResponse = FinalResponse(503, "No Gateway Available")
+    route_refused: FinalResponse = FinalResponse(403, "Destination Not Allowed")
+    overloaded: FinalResponse = FinalResponse(503, "Overloaded")
+    no_gateway_retry_after_s: int = 5
+    # the carrier leg: groups by callee prefix (None: one group of `gateways`, ranked by
+    # `gateway_strategy`); a branch with no response this long is given up for the next one
+    router: Router | None = None
+    branch_timeout: float = 2.0
+    probe: ProbeSettings = field(default_factory=lambda: ProbeSettings(enabled=False))
 
 
 INVALID_TOKEN = FinalResponse(403, "Invalid Dialog Token")
@@ -127,13 +144,16 @@ class Relay:
     """One proxied transaction: where it came from, where it went, and the dialog's rule."""
 
     __slots__ = (
+        "branch_deadline",
         "caller",
         "cancel_client",
         "cancel_pending",
+        "candidates",
         "client",
         "client_key",
         "downstream",
         "final_sent",
+        "gateway",
         "is_invite",
         "life_deadline",
         "lookup_at",
@@ -147,6 +167,7 @@ class Relay:
         "server",
         "server_key",
         "started",
+        "template",
         "timer_c",
         "token_swap",
         "upstream",
@@ -178,6 +199,12 @@ class Relay:
         self.caller = ""
         self.started = 0.0
         self.lookup_at = 0.0  # when the binding lookup was handed to the shell
+        # the carrier leg's branches: the message every branch starts from, the gateways
+        # still to try, the one being tried, and when its silence means it is dead
+        self.template: SipMessage | None = None
+        self.candidates: list[Gateway] = []
+        self.gateway: Gateway | None = None
+        self.branch_deadline: float | None = None
 
     def next_deadline(self) -> float | None:
         deadlines = [d for d in (
@@ -187,6 +214,7 @@ class Relay:
             self.timer_c,
             self.life_deadline if not self.final_sent else None,
             self.lookup_deadline,
+            self.branch_deadline,
         ) if d is not None]
         return min(deadlines) if deadlines else None
 
@@ -204,6 +232,16 @@ class Forwarded(NamedTuple):
     expires: float
     token_swap: tuple[bytes, bytes] | None = None
     invite: bool = False  # an INVITE answered 2xx: only 2xx retransmissions are forwarded
+
+
+class OldBranch(NamedTuple):
+    """A branch of an INVITE given up for the next gateway: its late responses are ACKed
+    (non-2xx) or the dialog a late 2xx opened is released (ACK, then BYE)."""
+
+    out: SipMessage  # the INVITE as that branch sent it
+    hop: Hop
+    expires: float
+    released: list[bool]  # [True] once a 2xx of this branch was released
 
 
 class ProxyCore:
@@ -232,8 +270,14 @@ class ProxyCore:
         # z9hG4bKs7 + 3 hex digits of the worker index + salt + sequence: any worker that
         # receives a response passes it to the worker named in its branch (transport.py)
         self._branch_salt = f"{settings.worker_index:03x}{os.urandom(4).hex()}"
-        self._gw_next = 0
-        self._gw_down: dict[int, float] = {}
+        self.router = settings.router or _default_router(settings)
+        # OPTIONS probes in flight, by branch: (gateway, sent at, request bytes, next resend)
+        self._probes: dict[str, list[Any]] = {}
+        self._probed = probed_gateways(self.router, settings.probe)
+        self._probe_due: float | None = 0.0 if self._probed else None
+        # branches given up (silent or answered 408/5xx), by (branch, "INVITE"): what their
+        # late responses need (the ACK of a non-2xx, a release of a 2xx), until they expire
+        self._old_branches: dict[tuple[str, str], OldBranch] = {}
         # non-INVITE in-dialog requests forwarded statelessly (RFC 3261 §16.11), by our branch:
         # just what their responses need, oldest first (a dict keeps insertion order)
         self._stateless: dict[str, Forwarded] = {}
@@ -271,6 +315,13 @@ class ProxyCore:
             first = next(iter(self._accepted.values()))
             if deadline is None or first < deadline:
                 deadline = first
+        if self._old_branches:
+            first = next(iter(self._old_branches.values())).expires
+            if deadline is None or first < deadline:
+                deadline = first
+        due = self._probe_due
+        if due is not None and (deadline is None or due < deadline):
+            deadline = due
         return deadline
 
     # ---- entry points --------------------------------------------------------------------------
@@ -343,8 +394,10 @@ class ProxyCore:
         self._rearm(relay)
 
     def handle_timers(self, now: float) -> None:
-        if self._stateless or self._accepted:
+        if self._stateless or self._accepted or self._old_branches:
             self._expire_stateless(now)
+        if self._probe_due is not None and self._probe_due <= now:
+            self._probe_tick(now)
         for relay in self.wheel.due(now):
             try:
                 self._relay_timers(relay, now)
@@ -358,6 +411,10 @@ class ProxyCore:
             relay.lookup_deadline = None  # the shell never answered: the lookup is abandoned
             self._count("lookup_deadline_expired")
             self.fail_lookup(relay, now)
+        if relay.branch_deadline is not None and relay.branch_deadline <= now:
+            relay.branch_deadline = None
+            if not relay.final_sent and relay.client is not None:
+                self._branch_failed(relay, now, "timeout")
         if relay.timer_c is not None and relay.timer_c <= now:
             relay.timer_c = None
             self._timer_c_fired(relay, now)
@@ -574,6 +631,15 @@ class ProxyCore:
     def _forward_initial(self, relay: Relay, callee: str, now: float) -> None:
         s = self.settings
         msg = relay.request
+        group = self.router.group_for(callee)
+        if group is None:
+            self._count("routes_refused")
+            self._final(relay, s.route_refused, now, outcome="route refused")
+            return
+        candidates = group.candidates(now)
+        if not candidates:
+            self._no_gateway(relay, now)
+            return
         out = msg.copy()
         routes = out.header_values("route")
         if routes and self._is_our_route(routes[0]):
@@ -582,9 +648,8 @@ class ProxyCore:
         out.set_header("max-forwards", str(mf - 1) if mf is not None else "70")
         caller_call_id = msg.call_id
         deadline = int(s.wall_clock() + s.max_dialog_s)
-        hop = self._pick_gateway()
-        params = ";transport=tcp" if hop.transport == "tcp" else ""
-        out.set_uri(f"sip:{callee}@{_host(hop.host)}:{hop.port}{params}")
+        first = candidates[0]
+        out.set_uri(_gateway_uri(callee, first))
         rule = DialogRule(relay.x, relay.caller, callee, msg.from_.uri.user or "", CALLER,
                           call_id_digest(caller_call_id), deadline)
         try:
@@ -603,51 +668,174 @@ class ProxyCore:
         callee_token = self.sealer.seal(callee_rule)
         relay.token_swap = (callee_token.encode(), self.sealer.seal(rule).encode())
         out.prepend_record_route(self._rr_prefix + callee_token + ">")
-        branch = self._new_branch()
-        out.push_via(f"SIP/2.0/{hop.transport.upper()} {self._via_sent_by};branch={branch};rport")
         relay.rule = rule
         relay.receiver = CALLER
+        relay.template = out
+        relay.candidates = candidates
+        self._count("calls_routed")
+        self.log("call", call_id=self._mask_text(caller_call_id), x=relay.x,
+                 caller=self._mask(relay.caller),
+                 callee=self._mask(callee), outcome="routed", gateway=first.uri,
+                 lookup_ms=round((now - relay.lookup_at) * 1000, 3),
+                 decision_ms=round((now - relay.started) * 1000, 3))
+        self._next_branch(relay, now)
+
+    def _next_branch(self, relay: Relay, now: float) -> bool:
+        """Send the INVITE to the next candidate gateway still available; False when none is
+        left (the caller then gets `no_gateway`)."""
+        template = relay.template
+        assert template is not None and relay.rule is not None
+        while relay.candidates:
+            gw = relay.candidates.pop(0)
+            if gw.available(now):
+                break
+        else:
+            return False
+        s = self.settings
+        hop = Hop(gw.host, gw.port, gw.transport)
+        if relay.gateway is None:  # the first branch: the template already names it
+            out = template
+            relay.template = template.copy()
+        else:
+            out = template.copy()
+            out.set_uri(_gateway_uri(relay.rule.callee, gw))
+            self._count("branches_failed_over")
+        branch = self._new_branch()
+        out.push_via(f"SIP/2.0/{hop.transport.upper()} {self._via_sent_by};branch={branch};rport")
         relay.out = out
         relay.downstream = hop
-        data = out.serialize()
+        relay.gateway = gw
+        relay.provisional = False
         client = ClientInviteTransaction(
-            data, lambda resp, r=relay: self._build_ack(r, resp),
+            out.serialize(), lambda resp, o=out: self._build_ack(o, resp),
             reliable=hop.transport == "tcp", settings=s.timer_settings,
         )
         relay.client = client
         relay.client_key = (branch, "INVITE")
         self.client_txs[relay.client_key] = relay
         relay.timer_c = now + s.timer_c
-        self._count("calls_routed")
-        self.log("call", call_id=self._mask_text(caller_call_id), x=relay.x,
-                 caller=self._mask(relay.caller),
-                 callee=self._mask(callee), outcome="routed",
-                 lookup_ms=round((now - relay.lookup_at) * 1000, 3),
-                 decision_ms=round((now - relay.started) * 1000, 3))
+        relay.branch_deadline = now + s.branch_timeout
         self._client_events(relay, client.start(now), now)
         self._rearm(relay)
+        return True
 
-    def _pick_gateway(self) -> Hop:
-        gws = self.settings.gateways
-        if len(gws) == 1:
-            return gws[0]
-        now = time.monotonic()
-        order = range(len(gws))
-        if self.settings.gateway_strategy == "round_robin":
-            start = self._gw_next
-            self._gw_next = (start + 1) % len(gws)
-            order = [(start + i) % len(gws) for i in range(len(gws))]
-        for i in order:
-            if self._gw_down.get(i, 0.0) <= now:
-                return gws[i]
-        return gws[order[0]]
-
-    def _mark_gateway_down(self, hop: Hop | None) -> None:
-        if hop is None:
+    def _branch_failed(self, relay: Relay, now: float, why: str) -> None:
+        """The branch in progress is dead or refused the call: the INVITE moves on to the next
+        gateway, inside the same transaction (the caller sees nothing of it)."""
+        gw = relay.gateway
+        self._count(f"branch_{why}")
+        self.log("gateway_branch_failed", gateway=gw.uri if gw else None, why=why,
+                 call_id=self._mask_text(relay.request.call_id))
+        key = relay.client_key
+        if key is not None and relay.out is not None and relay.downstream is not None:
+            # a branch fails on a final response, on silence (no response at all) or on a
+            # transport error: none leaves an early dialog to CANCEL
+            if self.client_txs.get(key) is relay:
+                del self.client_txs[key]
+                self.client_txs.pop((key[0], "CANCEL"), None)
+            self._old_branches[key] = OldBranch(relay.out, relay.downstream,
+                                                now + STATELESS_LIFE, [False])
+        relay.client = relay.cancel_client = None
+        relay.branch_deadline = None
+        if relay.cancel_pending or relay.final_sent:  # the caller gave up meanwhile
+            if not relay.final_sent:
+                self._final(relay, FinalResponse(487, "Request Terminated"), now,
+                            outcome="cancelled")
             return
-        for i, gw in enumerate(self.settings.gateways):
-            if gw == hop:
-                self._gw_down[i] = time.monotonic() + 30.0
+        if not self._next_branch(relay, now):
+            self._no_gateway(relay, now)
+
+    def _no_gateway(self, relay: Relay, now: float) -> None:
+        s = self.settings
+        self._count("no_gateway")
+        extra = [("Retry-After", str(s.no_gateway_retry_after_s))] if (
+            s.no_gateway_retry_after_s) else None
+        self._final(relay, s.no_gateway, now, outcome="no gateway", extra=extra)
+
+    def _mark_gateway_down(self, gw: Gateway | None, seconds: float, now: float,
+                           why: str) -> None:
+        if gw is None:
+            return
+        until = now + seconds
+        if until > gw.down_until:
+            if gw.down_until <= now:
+                self.log("gateway_down", gateway=gw.uri, why=why, for_s=round(seconds, 1))
+                self._count("gateway_marked_down")
+            gw.down_until = until
+
+    # ---- OPTIONS probing ------------------------------------------------------------------------
+    def _probe_tick(self, now: float) -> None:
+        """Every interval: a probe still unanswered failed; a new OPTIONS to every probed
+        gateway. In between: resends over UDP (T1 doubling)."""
+        s = self.settings
+        due_next = now + s.probe.interval
+        if self._probe_due is not None and self._probe_due <= now:
+            for branch, probe in list(self._probes.items()):
+                del self._probes[branch]
+                self._probe_result(probe[0], False, now, "no answer")
+            for gw in self._probed:
+                self._send_probe(gw, now)
+            self._probe_due = due_next
+        for probe in self._probes.values():
+            if probe[3] is not None and probe[3] <= now:
+                gw = probe[0]
+                self.outbox.append(Outgoing(probe[2], (gw.host, gw.port), gw.transport))
+                probe[4] *= 2
+                resend = now + probe[4]
+                probe[3] = resend if resend < self._probe_due else None
+        for probe in self._probes.values():
+            if probe[3] is not None and probe[3] < self._probe_due:
+                self._probe_due = probe[3]
+                break
+
+    def _send_probe(self, gw: Gateway, now: float) -> None:
+        branch = self._new_branch()
+        adv = self._via_sent_by
+        target = f"{_host(gw.host)}:{gw.port}"
+        data = (
+            f"OPTIONS sip:{target} SIP/2.0\r\n"
+            f"Via: SIP/2.0/{gw.transport.upper()} {adv};branch={branch};rport\r\n"
+            f"Max-Forwards: 70\r\n"
+            f"From: <sip:sip700@{adv}>;tag={os.urandom(4).hex()}\r\n"
+            f"To: <sip:{target}>\r\n"
+            f"Call-ID: {branch}@{self.settings.advertise_host}\r\n"
+            f"CSeq: 1 OPTIONS\r\n"
+            f"Content-Length: 0\r\n\r\n"
+        ).encode("latin-1")
+        t1 = self.settings.timer_settings.t1
+        resend = None if gw.transport == "tcp" else now + t1
+        self._probes[branch] = [gw, now, data, resend, t1]
+        self.outbox.append(Outgoing(data, (gw.host, gw.port), gw.transport))
+        self._count("probes_sent")
+
+    def _probe_response(self, branch: str, status: int, now: float) -> bool:
+        probe = self._probes.get(branch)
+        if probe is None:
+            return False
+        if status < 200:
+            probe[3] = None  # it is there: no more resends, wait for the final
+            return True
+        del self._probes[branch]
+        alive = status in self.settings.probe.alive_codes
+        self._probe_result(probe[0], alive, now, f"answered {status}")
+        return True
+
+    def _probe_result(self, gw: Gateway, alive: bool, now: float, detail: str) -> None:
+        changed = record_probe(gw, alive, self.settings.probe)
+        if changed is None:
+            return
+        self._count("gateway_state_changes")
+        if changed:
+            self.log("gateway_up", gateway=gw.uri, detail=detail)
+        else:
+            self.log("gateway_down", gateway=gw.uri, why="probe", detail=detail,
+                     failed_probes=gw.fails)
+
+    def gateway_states(self) -> list[tuple[str, int]]:
+        """(gateway URI, 1 if it takes new calls now else 0), for the metrics."""
+        now = time.monotonic()
+        return [(gw.uri, int(gw.up and gw.down_until <= now))
+                for gw in self.router.all_gateways()]
 
     # ---- in-dialog requests -------------------------------------------------------------------
     def _refuse_in_dialog(
@@ -775,7 +963,7 @@ class ProxyCore:
         reliable = hop.transport == "tcp"
         if relay.is_invite:
             relay.client = ClientInviteTransaction(
-                data, lambda resp, r=relay: self._build_ack(r, resp), reliable=reliable,
+                data, lambda resp, o=out: self._build_ack(o, resp), reliable=reliable,
                 settings=s.timer_settings)
             relay.timer_c = now + s.timer_c
         else:
@@ -833,6 +1021,12 @@ class ProxyCore:
             if expires > now:
                 break
             del accepted[key]
+        old = self._old_branches
+        while old:
+            key, branch = next(iter(old.items()))
+            if branch.expires > now:
+                break
+            del old[key]
 
     def _may_send_to(self, hop: Hop, receiver: str) -> bool:
         """The proxy sends only to trusted peers, gateways and allowed_next_hops. A request
@@ -899,21 +1093,20 @@ class ProxyCore:
         self._rearm(relay)
 
     def _build_cancel(self, relay: Relay) -> bytes:
-        return self._hop_request(relay, "CANCEL", None)
+        assert relay.out is not None
+        return self._hop_request(relay.out, "CANCEL", None)
 
-    def _build_ack(self, relay: Relay, response: bytes) -> bytes:
+    def _build_ack(self, out: SipMessage, response: bytes) -> bytes:
         to_row = None
         try:
             resp = parse_message(response)
             to_row = next(row for name, row in resp.rows if name == "to")
         except (ParseError, StopIteration):
             pass
-        return self._hop_request(relay, "ACK", to_row)
+        return self._hop_request(out, "ACK", to_row)
 
-    def _hop_request(self, relay: Relay, method: str, to_row: bytes | None) -> bytes:
+    def _hop_request(self, out: SipMessage, method: str, to_row: bytes | None) -> bytes:
         """ACK (non-2xx) or CANCEL for our outgoing INVITE (RFC 3261 §17.1.1.3, §9.1)."""
-        out = relay.out
-        assert out is not None
         rows: list[bytes] = [f"{method} {out.uri_text} SIP/2.0".encode("latin-1")]
         via_done = False
         for name, row in out.rows:
@@ -939,6 +1132,12 @@ class ProxyCore:
         _num, method = msg.cseq
         relay = self.client_txs.get((branch, method))
         if relay is None:
+            if method == "OPTIONS" and self._probe_response(branch, msg.status, now):
+                return
+            old = self._old_branches.get((branch, method))
+            if old is not None:
+                self._old_branch_response(old, msg, data)
+                return
             entry = self._stateless.get(branch)
             if entry is not None and entry.invite == (method == "INVITE"):
                 self._stateless_response(entry, branch, msg)
@@ -953,10 +1152,68 @@ class ProxyCore:
         self._client_events(relay, events, now, msg)
         self._rearm(relay)
 
+    def _old_branch_response(self, old: OldBranch, msg: SipMessage, data: bytes) -> None:
+        """A late response on a branch we gave up: a non-2xx final gets its ACK (the gateway
+        stops resending it); a 2xx opened a dialog nobody wants, which we end at once (ACK,
+        then BYE), so the callee does not stay connected to silence."""
+        status = msg.status
+        hop = old.hop
+        dest = (hop.host, hop.port)
+        if status < 200:
+            return
+        if status >= 300:
+            self.outbox.append(Outgoing(self._build_ack(old.out, data), dest, hop.transport))
+            return
+        try:
+            ack, bye = self._release_requests(old.out, msg, hop)
+        except (ParseError, StopIteration) as exc:
+            self._count("internal_errors")
+            self.log("internal_error", error=self._describe(exc), where="late 2xx release")
+            return
+        self.outbox.append(Outgoing(ack, dest, hop.transport))
+        if not old.released[0]:
+            old.released[0] = True
+            self.outbox.append(Outgoing(bye, dest, hop.transport))
+            self._count("late_answers_released")
+            self.log("late_answer_released", gateway=f"{hop.host}:{hop.port}")
+
+    def _release_requests(self, out: SipMessage, resp: SipMessage, hop: Hop
+                          ) -> tuple[bytes, bytes]:
+        """ACK and BYE for a 2xx on a branch we abandoned (RFC 3261 §13.2.2.4, §15): sent to
+        that gateway, with the dialog's route set from the 2xx's Record-Route."""
+        to_row = next(row for name, row in resp.rows if name == "to")
+        contacts = resp.name_addrs("contact")
+        target = str(contacts[0].uri) if contacts else out.uri_text
+        route = [str(a) for a in reversed(resp.name_addrs("record-route"))
+                 if not (TOKEN_PARAM in str(a) and self._is_us(a.uri))]
+        base = [row for name, row in out.rows if name in ("from", "call-id")]
+        num = out.cseq[0]
+
+        def request(method: str, cseq: int) -> bytes:
+            rows = [f"{method} {target} SIP/2.0".encode("latin-1"),
+                    (f"Via: SIP/2.0/{hop.transport.upper()} {self._via_sent_by};"
+                     f"branch={self._new_branch()};rport").encode("latin-1"),
+                    b"Max-Forwards: 70", *base, to_row]
+            rows.extend(f"Route: {r}".encode("latin-1") for r in route)
+            rows.append(f"CSeq: {cseq} {method}".encode("latin-1"))
+            rows.append(b"Content-Length: 0")
+            return b"\r\n".join(rows) + b"\r\n\r\n"
+
+        return request("ACK", num), request("BYE", num + 1)
+
     def _relay_response(self, relay: Relay, msg: SipMessage, now: float) -> None:
         status = msg.status
+        relay.branch_deadline = None  # the branch answered: it is alive
         if status == 100:
             return  # hop-by-hop
+        if (status in _FAILOVER_STATUSES and relay.is_invite and relay.gateway is not None
+                and not relay.final_sent):
+            if status == 503:
+                retry = _retry_after(msg)
+                if retry:
+                    self._mark_gateway_down(relay.gateway, retry, now, "503 with Retry-After")
+            self._branch_failed(relay, now, f"answered_{status}")
+            return
         if relay.final_sent and status >= 200 and not (200 <= status < 300):
             return
         msg.pop_via()
@@ -1070,27 +1327,33 @@ class ProxyCore:
         self, relay: Relay, events: list, now: float, msg: SipMessage | None = None
     ) -> None:
         hop = relay.downstream
+        key = relay.client_key  # the branch these events are of (failover may start another)
         for ev in events:
             if isinstance(ev, Send):
                 assert hop is not None
                 self.outbox.append(Outgoing(ev.data, (hop.host, hop.port), hop.transport))
+            elif relay.client_key != key:
+                continue  # the branch was given up while handling this batch
             elif isinstance(ev, DeliverResponse):
                 resp = msg if msg is not None else parse_message(ev.data)
                 self._relay_response(relay, resp, now)
                 msg = None  # a second delivery in one batch is a different response
             elif isinstance(ev, TimedOut | TransportFailed):
                 self._downstream_failed(relay, now, isinstance(ev, TransportFailed))
-            elif isinstance(ev, Terminated):
-                key = relay.client_key
-                if key is not None and self.client_txs.get(key) is relay:
-                    del self.client_txs[key]
-                    self.client_txs.pop((key[0], "CANCEL"), None)
+            elif (isinstance(ev, Terminated) and key is not None
+                  and self.client_txs.get(key) is relay):
+                del self.client_txs[key]
+                self.client_txs.pop((key[0], "CANCEL"), None)
 
     def _downstream_failed(self, relay: Relay, now: float, transport_error: bool) -> None:
         if relay.final_sent:
             return
-        if transport_error:
-            self._mark_gateway_down(relay.downstream if relay.rule is not None else None)
+        if relay.is_invite and relay.gateway is not None:  # a carrier branch: fail over
+            if transport_error:
+                self._mark_gateway_down(relay.gateway, 30.0, now, "transport error")
+            self._branch_failed(relay, now, "transport_error" if transport_error
+                                else "timeout")
+            return
         if relay.is_invite:
             code = (503, "Service Unavailable") if transport_error else (408, "Request Timeout")
             self._final(relay, FinalResponse(*code), now, outcome="downstream timeout")
@@ -1171,3 +1434,33 @@ def _stamp_via(msg: SipMessage, source: Address) -> None:
 
 
 _BARE_RPORT = re.compile(rb"(?i);[ \t]*rport(?=[ \t]*(?:;|$))")
+
+
+_FAILOVER_STATUSES = frozenset((408, 500, 502, 503, 504))
+
+
+def _gateway_uri(callee: str, gw: Gateway) -> str:
+    params = ";transport=tcp" if gw.transport == "tcp" else ""
+    return f"sip:{callee}@{_host(gw.host)}:{gw.port}{params}"
+
+
+def _retry_after(msg: SipMessage) -> float:
+    """Seconds of a response's Retry-After (RFC 3261 §20.33), 0 when absent or unreadable;
+    capped at a day."""
+    value = msg.header("retry-after")
+    if not value:
+        return 0.0
+    digits = value.split("(", 1)[0].split(";", 1)[0].strip()
+    if not (digits.isascii() and digits.isdigit()) or len(digits) > 9:
+        return 0.0
+    return float(min(int(digits), 86400))
+
+
+def _default_router(settings: CoreSettings) -> Router:
+    """One group of `settings.gateways`: all equal under round_robin, in order under
+    failover."""
+    failover = settings.gateway_strategy == "failover"
+    gws = [Gateway(f"sip:{_host(h.host)}:{h.port}" + (";transport=tcp" if h.transport == "tcp"
+                   else ""), h.host, h.port, h.transport, priority=i if failover else 1)
+           for i, h in enumerate(settings.gateways)]
+    return Router(GatewayGroup("default", gws))

@@ -13,13 +13,18 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+# name → (label name, [(label value, gauge value)])
+LabelledGauges = Callable[[], dict[str, tuple[str, list[tuple[str, int]]]]]
+
 
 class CoreCollector(Collector):
     """Exposes `core.stats` as `sip700_<name>_total` and live state as gauges."""
 
-    def __init__(self, stats: Callable[[], dict[str, int]], gauges: Callable[[], dict[str, int]]):
+    def __init__(self, stats: Callable[[], dict[str, int]], gauges: Callable[[], dict[str, int]],
+                 labelled: LabelledGauges | None = None):
         self._stats = stats
         self._gauges = gauges
+        self._labelled = labelled
 
     def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
         for name, value in sorted(self._stats().items()):
@@ -28,6 +33,13 @@ class CoreCollector(Collector):
         for name, value in sorted(self._gauges().items()):
             yield GaugeMetricFamily(f"sip700_{name}", f"sip700 {name.replace('_', ' ')}",
                                     value=value)
+        if self._labelled is not None:
+            for name, (label, series) in sorted(self._labelled().items()):
+                family = GaugeMetricFamily(f"sip700_{name}", f"sip700 {name.replace('_', ' ')}",
+                                           labels=[label])
+                for key, value in series:
+                    family.add_metric([key], value)
+                yield family
 
 
 async def serve_metrics(host: str, port: int, registry: CollectorRegistry,
