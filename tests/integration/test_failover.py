@@ -1,0 +1,253 @@
+"""The carrier leg survives faults: real proxy processes, SIPp on both legs.
+
+A dead first gateway (nothing listening, or a black hole that reads and drops), one that
+answers 503, probing that marks a gateway down and up again (and the metric that follows it),
+every gateway down, and routes by callee prefix. The caller side is uac_privacy_caller.xml and
+the live gateway uas_privacy_callee.xml, so every call here is also privacy-checked.
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.integration.procs import (
+    ProxyProcess,
+    free_port,
+    run_sipp,
+    server_counts,
+    sipp_server,
+    start_proxy,
+    write_config,
+)
+from tests.integration.test_privacy_headers import (
+    CALLEE,
+    CALLER,
+    FORMS,
+    A,
+    B,
+    X,
+    assert_private_call,
+    callee_keys,
+    caller_keys,
+)
+
+BRANCH_TIMEOUT_MS = 500
+
+
+@pytest.fixture
+def proxies(tmp_path: Path) -> Iterator[list[ProxyProcess]]:
+    started: list[ProxyProcess] = []
+    yield started
+    for proxy in started:
+        proxy.assert_clean_exit(proxy.stop())
+
+
+def start(proxies: list[ProxyProcess], tmp_path: Path, carrier: dict,
+          **overrides: object) -> ProxyProcess:
+    port = free_port()
+    cfg_dir = tmp_path / f"proxy-{port}"
+    cfg_dir.mkdir()
+    path, config = write_config(cfg_dir, port=port, gateway_port=0, overrides={
+        "carrier": carrier, "workers": 1, **overrides})
+    proxy = start_proxy(path, port, 0, cfg_dir / "proxy.log", config)
+    proxies.append(proxy)
+    return proxy
+
+
+def call(proxy: ProxyProcess, gateway_port: int, workdir: Path, calls: int = 1
+         ) -> tuple[float, tuple[int, int]]:
+    """`calls` privacy-checked calls, one after another; (seconds taken, callee counts)."""
+    with sipp_server(CALLEE, gateway_port, workdir, extra=callee_keys(B, X)):
+        t0 = time.monotonic()
+        result = run_sipp(CALLER, f"127.0.0.1:{proxy.port}", free_port(), workdir,
+                          calls=calls, rate=1000, extra=[
+                              *caller_keys(*FORMS["national"], A, X), "-l", "1",
+                              "-recv_timeout", "15000"])
+        took = time.monotonic() - t0
+        time.sleep(0.2)
+    counts = server_counts(CALLEE, gateway_port, workdir)
+    assert_private_call(result, counts, workdir, calls=calls)
+    return took, counts
+
+
+class BlackHole:
+    """A UDP port that reads everything and answers nothing (a hung gateway)."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.settimeout(0.2)
+        self.port = self.sock.getsockname()[1]
+        self.received = 0
+        self.answer_options = False
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop:
+            try:
+                data, addr = self.sock.recvfrom(65535)
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            self.received += 1
+            if self.answer_options and data.startswith(b"OPTIONS "):
+                self.sock.sendto(_ok_for(data), addr)
+
+    def close(self) -> None:
+        self._stop = True
+        self._thread.join(timeout=2)
+        self.sock.close()
+
+
+def _ok_for(request: bytes) -> bytes:
+    head = request.split(b"\r\n\r\n", 1)[0].split(b"\r\n")
+    keep = [ln for ln in head[1:] if ln.split(b":", 1)[0].strip().lower()
+            in (b"via", b"from", b"to", b"call-id", b"cseq")]
+    return b"\r\n".join([b"SIP/2.0 200 OK", *keep, b"Content-Length: 0", b"", b""])
+
+
+def dead_port() -> int:
+    return free_port()  # nothing listens there
+
+
+def metrics(port: int) -> dict[str, int]:
+    body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=3).read().decode()
+    return {m.group(1): int(float(m.group(2))) for m in re.finditer(
+        r'^sip700_gateway_up\{gateway="([^"]+)"\} (\S+)$', body, re.MULTILINE)}
+
+
+@pytest.mark.parametrize("failure", ["nothing_listening", "black_hole"])
+def test_a_dead_first_gateway_costs_one_branch_timeout(
+        proxies: list[ProxyProcess], tmp_path: Path, failure: str) -> None:
+    hole = BlackHole() if failure == "black_hole" else None
+    dead = hole.port if hole is not None else dead_port()
+    live = free_port()
+    try:
+        direct = start(proxies, tmp_path, {"gateways": [f"sip:127.0.0.1:{live}"]})
+        (tmp_path / "direct").mkdir()
+        (tmp_path / "failover").mkdir()
+        baseline, _ = call(direct, live, tmp_path / "direct")
+        proxy = start(proxies, tmp_path, {
+            "gateways": [{"uri": f"sip:127.0.0.1:{dead}", "priority": 1},
+                         {"uri": f"sip:127.0.0.1:{live}", "priority": 2}],
+            "branch_timeout_ms": BRANCH_TIMEOUT_MS, "probe": {"enabled": False}})
+        took, _ = call(proxy, live, tmp_path / "failover")
+    finally:
+        if hole is not None:
+            hole.close()
+    # INVITE→200 at most branch_timeout + 1 s slower than straight to the live gateway
+    assert took - baseline <= BRANCH_TIMEOUT_MS / 1000 + 1.0, (took, baseline)
+    assert took - baseline >= BRANCH_TIMEOUT_MS / 1000 * 0.9  # it did wait for the dead one
+    if hole is not None:
+        assert hole.received >= 1  # the INVITE did go there first
+    stats = proxy.stop_and_read_stats()
+    assert stats.get("branch_timeout") == 1 and stats.get("branches_failed_over") == 1
+
+
+def test_a_503_from_the_first_gateway_never_reaches_the_caller(
+        proxies: list[ProxyProcess], tmp_path: Path) -> None:
+    refusing, live = free_port(), free_port()
+    proxy = start(proxies, tmp_path, {
+        "gateways": [{"uri": f"sip:127.0.0.1:{refusing}", "priority": 1},
+                     {"uri": f"sip:127.0.0.1:{live}", "priority": 2}],
+        "probe": {"enabled": False}})
+    with sipp_server("uas_503.xml", refusing, tmp_path):
+        call(proxy, live, tmp_path, calls=3)  # uac_privacy_caller fails on anything but 200
+        time.sleep(0.3)
+    refused_ok, refused_failed = server_counts("uas_503.xml", refusing, tmp_path)
+    assert refused_ok >= 1 and refused_failed == 0  # it was asked (and got its ACKs)
+    stats = proxy.stop_and_read_stats()
+    assert stats.get("branch_answered_503", 0) >= 1
+
+
+def test_probing_marks_a_gateway_down_and_up_and_the_metric_follows(
+        proxies: list[ProxyProcess], tmp_path: Path) -> None:
+    hole = BlackHole()
+    live = free_port()
+    mport = free_port(socket.SOCK_STREAM)
+    try:
+        with sipp_server(CALLEE, live, tmp_path, extra=[*callee_keys(B, X), "-aa"]):
+            proxy = start(proxies, tmp_path, {
+                "gateways": [f"sip:127.0.0.1:{hole.port}", f"sip:127.0.0.1:{live}"],
+                "probe": {"interval_s": 0.2, "down_after": 2, "up_after": 2}},
+                metrics={"listen": f"127.0.0.1:{mport}"})
+            dead_uri, live_uri = f"sip:127.0.0.1:{hole.port}", f"sip:127.0.0.1:{live}"
+            t0 = time.monotonic()
+            while metrics(mport).get(dead_uri) != 0 and time.monotonic() - t0 < 5:
+                time.sleep(0.05)
+            detected = time.monotonic() - t0
+            assert metrics(mport) == {dead_uri: 0, live_uri: 1}
+            hole.answer_options = True
+            t0 = time.monotonic()
+            while metrics(mport).get(dead_uri) != 1 and time.monotonic() - t0 < 5:
+                time.sleep(0.05)
+            assert metrics(mport) == {dead_uri: 1, live_uri: 1}
+    finally:
+        hole.close()
+    assert detected < 2.0  # two missed probes at 0.2 s (plus the first one's wait)
+    lines = "\n".join(proxy.log_lines())
+    assert '"gateway_down"' in lines and '"gateway_up"' in lines
+
+
+def test_every_gateway_down_answers_503_at_once(
+        proxies: list[ProxyProcess], tmp_path: Path) -> None:
+    holes = [BlackHole(), BlackHole()]
+    try:
+        proxy = start(proxies, tmp_path, {
+            "gateways": [f"sip:127.0.0.1:{h.port}" for h in holes],
+            "probe": {"interval_s": 0.2, "down_after": 1, "up_after": 1}})
+        time.sleep(1.0)  # a missed probe each: both down
+        invites_before = sum(h.received for h in holes)
+        t0 = time.monotonic()
+        result = run_sipp("uac_expect_reject.xml", f"127.0.0.1:{proxy.port}", free_port(),
+                          tmp_path, extra=["-key", "ruri", f"sip:{X}@127.0.0.1", "-key", "a",
+                                           A, "-key", "status", "503 No Gateway Available"])
+        took = time.monotonic() - t0
+        time.sleep(0.3)
+        options_only = sum(h.received for h in holes) - invites_before
+    finally:
+        for h in holes:
+            h.close()
+    assert result.returncode == 0 and result.successful == 1, str(result)
+    assert took < 1.5  # at once: no branch was tried
+    # what reached the gateways meanwhile was probes alone (no INVITE): at most a few per hole
+    assert options_only <= 2 * 4
+
+
+def test_routes_pick_the_group_of_the_callee_prefix(
+        proxies: list[ProxyProcess], tmp_path: Path) -> None:
+    default_gw, mobile_gw = free_port(), free_port()
+    proxy = start(proxies, tmp_path, {
+        "gateways": [f"sip:127.0.0.1:{default_gw}"],
+        "groups": {"mobile139": [f"sip:127.0.0.1:{mobile_gw}"]},
+        "routes": [{"prefix": B[:3], "group": "mobile139"}]})
+    call(proxy, mobile_gw, tmp_path)  # B is 139…: the mobile139 group's gateway gets it
+
+
+def test_a_refused_prefix_is_answered_by_the_proxy(
+        proxies: list[ProxyProcess], tmp_path: Path) -> None:
+    hole = BlackHole()
+    try:
+        proxy = start(proxies, tmp_path, {
+            "gateways": [f"sip:127.0.0.1:{hole.port}"],
+            "routes": [{"prefix": B[:3], "refuse": True}]},
+            responses={"route_refused": {"code": 403, "reason": "Destination Not Allowed"}})
+        result = run_sipp("uac_expect_reject.xml", f"127.0.0.1:{proxy.port}", free_port(),
+                          tmp_path, extra=["-key", "ruri", f"sip:{X}@127.0.0.1", "-key", "a",
+                                           A, "-key", "status", "403 Destination Not Allowed"])
+        time.sleep(0.2)
+    finally:
+        hole.close()
+    assert result.returncode == 0 and result.successful == 1, str(result)
+    assert hole.received == 0
