@@ -84,6 +84,7 @@ def build_core(cfg: Config, key: bytes, index: int = 0, count: int = 1) -> Any:
         route_refused=FinalResponse(r.route_refused.code, r.route_refused.reason),
         overloaded=FinalResponse(r.overloaded.code, r.overloaded.reason),
         no_gateway_retry_after_s=cfg.carrier.retry_after_s,
+        overload_retry_after_s=cfg.overload.retry_after_s,
         router=build_router(cfg),
         branch_timeout=cfg.carrier.branch_timeout_ms / 1000,
         probe=ProbeSettings(
@@ -168,6 +169,7 @@ async def serve(
         max_message_bytes=cfg.transport.max_message_bytes,
         worker_index=index, worker_count=count, relay_group=group, relay_key=relay_key,
         worker_port=worker_port,
+        overload=cfg.overload if cfg.overload.enabled else None,
     )
     metrics_server = None
     if cfg.metrics.endpoint is not None:
@@ -180,7 +182,8 @@ async def serve(
             lambda: {**core.stats, "log_records_dropped": records_dropped()},
             lambda: {"server_transactions": len(core.server_txs),
                      "client_transactions": len(core.client_txs),
-                     "tcp_connections": len(server.tcp_connections)},
+                     "tcp_connections": len(server.tcp_connections),
+                     **server.overload_gauges()},
             labelled=lambda: {"gateway_up": ("gateway", core.gateway_states())}))
         ep = cfg.metrics.endpoint
         # one endpoint per worker (port + worker index): each reports its own counters

@@ -721,6 +721,15 @@ class TransportConfig(_Section):
     worker_port_base: Annotated[int, Strict(), Field(ge=1024, le=65535)] | None = None
 
 
+class OverloadConfig(_Section):
+    """Shedding new calls before the event loop falls behind (calls in progress first)."""
+
+    enabled: Bool = True
+    max_loop_lag_ms: Annotated[int, Strict(), Field(ge=10, le=60_000)] = 200
+    max_pending_lookups: Annotated[int, Strict(), Field(ge=1, le=10_000_000)] = 5000
+    retry_after_s: Annotated[int, Strict(), Field(ge=0, le=3600)] = 2
+
+
 class LoggingConfig(_Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["json", "console"] = "json"
@@ -753,6 +762,7 @@ class Config(_Section):
     privacy: PrivacyConfig = PrivacyConfig()
     timers: TimersConfig = TimersConfig()
     transport: TransportConfig = TransportConfig()
+    overload: OverloadConfig = OverloadConfig()
     workers: Annotated[int, BeforeValidator(_auto_workers), Strict(), Field(ge=1, le=1024)] = (
         Field(default="auto", validate_default=True)
     )

@@ -122,6 +122,7 @@ class CoreSettings:
     route_refused: FinalResponse = FinalResponse(403, "Destination Not Allowed")
     overloaded: FinalResponse = FinalResponse(503, "Overloaded")
     no_gateway_retry_after_s: int = 5
+    overload_retry_after_s: int = 2
     # the carrier leg: groups by callee prefix (None: one group of `gateways`, ranked by
     # `gateway_strategy`); a branch with no response this long is given up for the next one
     router: Router | None = None
@@ -271,6 +272,9 @@ class ProxyCore:
         # receives a response passes it to the worker named in its branch (transport.py)
         self._branch_salt = f"{settings.worker_index:03x}{os.urandom(4).hex()}"
         self.router = settings.router or _default_router(settings)
+        # set by the shell while its event loop lags (overload.*): new INVITEs are refused
+        # before any lookup, everything else flows
+        self.overloaded = False
         # OPTIONS probes in flight, by branch: (gateway, sent at, request bytes, next resend)
         self._probes: dict[str, list[Any]] = {}
         self._probed = probed_gateways(self.router, settings.probe)
@@ -551,6 +555,12 @@ class ProxyCore:
             self._reply(msg, 405, "Method Not Allowed", source, transport,
                         headers=[("Allow", "INVITE, ACK, CANCEL, BYE, OPTIONS, PRACK, UPDATE, "
                                   "INFO, REFER")])
+            return
+        if self.overloaded:
+            self._count("calls_shed")
+            r = s.overloaded
+            self._reply(msg, r.code, r.reason, source, transport, reason_header=True,
+                        headers=[("Retry-After", str(s.overload_retry_after_s))])
             return
         caller = self._caller_number(msg)
         upstream = self._upstream(msg, source, transport)

@@ -301,8 +301,13 @@ class ProxyServer:
         relay_group: str = "",
         relay_key: bytes = b"",
         worker_port: int | None = None,
+        overload: Any = None,
     ) -> None:
         self.core = core
+        # overload control (config `overload:`, None: off): the loop's lag, measured on the
+        # tick, and the lookups waiting for the store decide whether new INVITEs are shed
+        self.overload = overload
+        self.loop_lag = 0.0
         self.store = store
         self.listen = listen
         self.udp_rcvbuf = udp_rcvbuf
@@ -331,7 +336,7 @@ class ProxyServer:
         self.relay_group = relay_group
         # a random key unless the supervisor gives one (all workers must share it)
         self._call_id_hasher = call_id_hasher(relay_key or os.urandom(32))
-        gateways = {g.host for g in core.settings.gateways}
+        gateways = {g.host for g in core.router.all_gateways()}
         is_trusted = core.settings.is_trusted
         # whose requests go to their Call-ID's owner; anyone else's are refused where they land
         self._relays_from = lambda host: host in gateways or is_trusted(host)
@@ -633,11 +638,44 @@ class ProxyServer:
             if self.tcp_connections.get(conn.peer) is conn:
                 del self.tcp_connections[conn.peer]
 
+    def overload_gauges(self) -> dict[str, int]:
+        """Overload state and thresholds for the metrics."""
+        o = self.overload
+        return {"loop_lag_ms": round(self.loop_lag * 1000),
+                "pending_lookups": len(self._tasks),
+                "overloaded": int(self.core.overloaded),
+                "overload_max_loop_lag_ms": o.max_loop_lag_ms if o is not None else 0,
+                "overload_max_pending_lookups": o.max_pending_lookups if o is not None else 0}
+
+    def _check_overload(self, lag: float) -> None:
+        """Shed new calls above a threshold; take them again once the lag is below half of
+        it (hysteresis: no flapping at the edge)."""
+        o = self.overload
+        self.loop_lag = lag
+        if o is None:
+            return
+        limit = o.max_loop_lag_ms / 1000
+        pending = len(self._tasks)
+        core = self.core
+        if not core.overloaded:
+            if lag > limit or pending > o.max_pending_lookups:
+                core.overloaded = True
+                self.count("overload_entered")
+                log.warning("overloaded", loop_lag_ms=round(lag * 1000),
+                            pending_lookups=pending)
+        elif lag < limit / 2 and pending <= o.max_pending_lookups // 2:
+            core.overloaded = False
+            log.info("overload_cleared", loop_lag_ms=round(lag * 1000),
+                     pending_lookups=pending)
+
     async def _tick(self) -> None:
         sweep_at = time.monotonic() + 5.0
+        expected = time.monotonic() + TICK_S
         while True:
             await asyncio.sleep(TICK_S)
             now = time.monotonic()
+            self._check_overload(max(0.0, now - expected))
+            expected = now + TICK_S
             deadline = self.core.next_deadline()
             if deadline is not None and deadline <= now:
                 try:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 import socket
+import subprocess
 import threading
 import time
 import urllib.request
@@ -23,6 +24,7 @@ from tests.integration.procs import (
     free_port,
     run_sipp,
     server_counts,
+    sipp_args,
     sipp_server,
     start_proxy,
     write_config,
@@ -251,3 +253,53 @@ def test_a_refused_prefix_is_answered_by_the_proxy(
         hole.close()
     assert result.returncode == 0 and result.successful == 1, str(result)
     assert hole.received == 0
+
+
+# ---- overload ------------------------------------------------------------------------------
+def test_overload_sheds_new_calls_and_spares_the_calls_in_progress(
+        proxies: list[ProxyProcess], tmp_path: Path) -> None:
+    """Calls set up before a burst far above capacity all end cleanly (their BYEs answered);
+    new calls beyond capacity get 503; the proxy takes calls again seconds after the burst."""
+    gateway = free_port()
+    proxy = start(proxies, tmp_path, {"gateways": [f"sip:127.0.0.1:{gateway}"]},
+                  overload={"max_loop_lag_ms": 30, "retry_after_s": 1})
+    (tmp_path / "burst").mkdir()
+    (tmp_path / "after").mkdir()
+    with sipp_server(CALLEE, gateway, tmp_path, extra=callee_keys(B, X)):
+        held_port = free_port()
+        held = subprocess.Popen(sipp_args(
+            CALLER, remote=f"127.0.0.1:{proxy.port}", local_port=held_port, calls=5,
+            rate=50, workdir=tmp_path,
+            extra=[*caller_keys(*FORMS["national"], A, X), "-d", "6000", "-l", "5",
+                   "-recv_timeout", "20000"]),
+            cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(1.0)  # the five calls are up, holding for 6 s
+        burst = run_sipp("uac_burst.xml", f"127.0.0.1:{proxy.port}", free_port(),
+                         tmp_path / "burst", calls=6000, rate=2000, timeout=90, extra=[
+                             "-key", "a", A, "-key", "x", X, "-d", "100", "-l", "3000",
+                             "-recv_timeout", "20000", "-trace_logs"])
+        t_end = time.monotonic()
+        held_rc = held.wait(timeout=60)
+        recovered = None
+        while time.monotonic() - t_end < 10:
+            after = run_sipp(CALLER, f"127.0.0.1:{proxy.port}", free_port(),
+                             tmp_path / "after", extra=[*caller_keys(*FORMS["national"], A, X),
+                                                         "-recv_timeout", "5000"])
+            if after.successful == 1:
+                recovered = time.monotonic() - t_end
+                break
+    held_ok, held_failed = _stat_counts(tmp_path, CALLER, held_port)
+    logs = "".join(p.read_text(errors="replace")
+                   for p in (tmp_path / "burst").glob("uac_burst*_logs.log"))
+    shed, connected = logs.count("SHED "), logs.count("CONNECTED ")
+    stats = proxy.stop_and_read_stats()
+    assert held_rc == 0 and (held_ok, held_failed) == (5, 0)  # every BYE answered
+    assert shed > 0 and stats.get("calls_shed", 0) > 0, (shed, stats)
+    assert connected > 0  # capacity was still used while shedding
+    assert recovered is not None and recovered < 10, recovered
+    print(f"\noverload: burst 2000 cps x 3 s: connected={connected} shed={shed} "
+          f"failed={burst.failed} recovered_after={recovered:.1f}s")
+
+
+def _stat_counts(workdir: Path, scenario: str, port: int) -> tuple[int, int]:
+    return server_counts(scenario, port, workdir)  # SIPp's -trace_stat, caller or callee
