@@ -10,13 +10,14 @@ import gc
 import os
 import shutil
 import signal
+import sys
 import tempfile
 import time
 from typing import Any
 
 import structlog
 
-from proxy.config import Config, check_config, load_config_or_report
+from proxy.config import Config, check_config, load_config, load_config_or_report
 from proxy.logs import configure_logging, records_dropped
 from proxy.logs import flush as flush_logs
 
@@ -102,6 +103,8 @@ def build_core(cfg: Config, key: bytes, index: int = 0, count: int = 1) -> Any:
 def build_router(cfg: Config) -> Any:
     """The carrier's gateway groups and prefix routes, from `carrier:`. A gateway listed in
     several groups is one object (one health state)."""
+    from proxy.config import uri_has_port
+    from proxy.dns import is_name
     from proxy.gateways import REFUSED, Gateway, GatewayGroup, Router
 
     carrier = cfg.carrier
@@ -109,12 +112,15 @@ def build_router(cfg: Config) -> Any:
 
     def group(name: str, entries: Any) -> GatewayGroup:
         members = []
-        for target, priority, weight in carrier.ranked(entries):
+        for entry, (target, priority, weight) in zip(entries, carrier.ranked(entries),
+                                                      strict=True):
             key = (*target[:4], priority, weight)
             gw = known.get(key)
             if gw is None:
-                gw = known[key] = Gateway(str(target), target.host, target.port,
-                                          target.transport, priority, weight)
+                by_name = is_name(target.host)
+                gw = known[key] = Gateway(
+                    str(target), target.host, target.port, target.transport, priority, weight,
+                    by_name=by_name, explicit_port=not by_name or uri_has_port(entry.uri))
             members.append(gw)
         return GatewayGroup(name, members)
 
@@ -156,6 +162,7 @@ async def serve(
     if start is not None:
         await start()
     core = build_core(cfg, key, index, count)
+    names = await resolve_gateway_names(cfg, core)
     worker_port = cfg.worker_ports[index] if count > 1 and cfg.worker_ports else None
     server = ProxyServer(
         core, store,
@@ -207,7 +214,48 @@ async def serve(
     if metrics_server is not None:
         metrics_server.close()
     await store.close()
+    if names is not None:
+        names.close()
     await _drain_logs(1.0)
+
+
+async def resolve_gateway_names(cfg: Config, core: Any) -> Any:
+    """Resolve the gateways given by name (RFC 3263) and keep them fresh; None when every
+    gateway is an IP address. A name that gives no address stops the worker (SystemExit)."""
+    from proxy.dns import GatewayResolver, make_resolver
+
+    gateways = [gw for gw in core.router.all_gateways() if gw.by_name]
+    if not gateways:
+        return None
+    names = GatewayResolver(gateways, make_resolver(cfg.carrier.dns.servers,
+                                                    cfg.carrier.dns.timeout_ms / 1000),
+                            on_change=core.refresh_gateway_ips)
+    problems = await names.resolve_all()
+    if problems:
+        for problem in problems:
+            log.error("gateway_unresolved", problem=problem)
+        names.close()
+        raise SystemExit(1)
+    return names
+
+
+def gateway_name_problems(cfg: Config) -> list[str]:
+    """`carrier...: <uri>: <why>` for each gateway name that gives no address now."""
+    from proxy.dns import GatewayResolver, make_resolver
+
+    gateways = [gw for gw in build_router(cfg).all_gateways() if gw.by_name]
+    if not gateways:
+        return []
+
+    async def check() -> list[str]:
+        names = GatewayResolver(gateways, make_resolver(cfg.carrier.dns.servers,
+                                                        cfg.carrier.dns.timeout_ms / 1000))
+        try:
+            return await names.resolve_all()
+        finally:
+            names.close()
+
+    return [f"carrier: gateway {p} (does not resolve)" for p in asyncio.run(check())]
 
 
 async def _drain_logs(timeout: float) -> None:
@@ -222,6 +270,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     if cfg is None:
         return 1
     configure_logging(cfg.logging.level, cfg.logging.format)
+    unresolved = gateway_name_problems(cfg)
+    if unresolved:  # before any fork: one clear error, not a worker restart loop
+        for problem in unresolved:
+            print(f"{args.config}: {problem}", file=sys.stderr)
+        return 1
     key = dialog_key(cfg)
     if cfg.workers == 1:
         _run_loop(serve(cfg, key))
@@ -312,6 +365,9 @@ def supervise(cfg: Config, key: bytes) -> int:
 
 def cmd_check_config(args: argparse.Namespace) -> int:
     problems = check_config(args.config)
+    if not problems:  # the file is sound: do its gateway names resolve?
+        problems = [f"{args.config}: {p}" for p in
+                    gateway_name_problems(load_config(args.config))]
     for problem in problems:
         print(problem)
     if problems:

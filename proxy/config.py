@@ -412,6 +412,21 @@ class ProbeConfig(_Section):
         default=(200,), min_length=1)
 
 
+class DnsConfig(_Section):
+    """How gateway names are resolved (RFC 3263)."""
+
+    servers: tuple[HostPortStr, ...] = ()  # empty: the system's resolver (/etc/resolv.conf)
+    timeout_ms: Annotated[int, Strict(), Field(ge=100, le=30_000)] = 2000
+
+
+def uri_has_port(uri: str) -> bool:
+    """Whether a gateway URI names its port (`sip:gw.example:5070`), or leaves it to DNS."""
+    hostport = uri.split(":", 1)[1].split(";", 1)[0]
+    if hostport.startswith("["):
+        return "]:" in hostport
+    return ":" in hostport
+
+
 class CarrierConfig(_Section):
     """The carrier leg: where translated calls are sent."""
 
@@ -422,6 +437,7 @@ class CarrierConfig(_Section):
     branch_timeout_ms: Annotated[int, Strict(), Field(ge=50, le=60_000)] = 2000
     retry_after_s: Annotated[int, Strict(), Field(ge=0, le=86400)] = 5
     probe: ProbeConfig = ProbeConfig()
+    dns: DnsConfig = DnsConfig()
 
     @field_validator("gateways")
     @classmethod

@@ -203,7 +203,7 @@ class Relay:
         # the carrier leg's branches: the message every branch starts from, the gateways
         # still to try, the one being tried, and when its silence means it is dead
         self.template: SipMessage | None = None
-        self.candidates: list[Gateway] = []
+        self.candidates: list[tuple[Gateway, tuple[str, int]]] = []  # gateway, address
         self.gateway: Gateway | None = None
         self.branch_deadline: float | None = None
 
@@ -272,6 +272,8 @@ class ProxyCore:
         # receives a response passes it to the worker named in its branch (transport.py)
         self._branch_salt = f"{settings.worker_index:03x}{os.urandom(4).hex()}"
         self.router = settings.router or _default_router(settings)
+        # the gateways' addresses now (names re-resolved by the shell: refresh_gateway_ips)
+        self.gateway_ips: frozenset[str] = frozenset(self.router.addresses())
         # set by the shell while its event loop lags (overload.*): new INVITEs are refused
         # before any lookup, everything else flows
         self.overloaded = False
@@ -681,7 +683,7 @@ class ProxyCore:
         relay.rule = rule
         relay.receiver = CALLER
         relay.template = out
-        relay.candidates = candidates
+        relay.candidates = [(gw, addr) for gw in candidates for addr in gw.targets()]
         self._count("calls_routed")
         self.log("call", call_id=self._mask_text(caller_call_id), x=relay.x,
                  caller=self._mask(relay.caller),
@@ -696,13 +698,13 @@ class ProxyCore:
         template = relay.template
         assert template is not None and relay.rule is not None
         while relay.candidates:
-            gw = relay.candidates.pop(0)
+            gw, (host, port) = relay.candidates.pop(0)
             if gw.available(now):
                 break
         else:
             return False
         s = self.settings
-        hop = Hop(gw.host, gw.port, gw.transport)
+        hop = Hop(host, port, gw.transport)
         if relay.gateway is None:  # the first branch: the template already names it
             out = template
             relay.template = template.copy()
@@ -789,7 +791,7 @@ class ProxyCore:
         for probe in self._probes.values():
             if probe[3] is not None and probe[3] <= now:
                 gw = probe[0]
-                self.outbox.append(Outgoing(probe[2], (gw.host, gw.port), gw.transport))
+                self.outbox.append(Outgoing(probe[2], probe[5], gw.transport))
                 probe[4] *= 2
                 resend = now + probe[4]
                 probe[3] = resend if resend < self._probe_due else None
@@ -799,9 +801,14 @@ class ProxyCore:
                 break
 
     def _send_probe(self, gw: Gateway, now: float) -> None:
+        addresses = gw.targets()
+        if not addresses:  # a name that does not resolve now: that is a failed probe
+            self._probe_result(gw, False, now, "no address")
+            return
+        dest = addresses[0]
         branch = self._new_branch()
         adv = self._via_sent_by
-        target = f"{_host(gw.host)}:{gw.port}"
+        target = f"{_host(gw.host)}:{gw.port}" if gw.explicit_port else _host(gw.host)
         data = (
             f"OPTIONS sip:{target} SIP/2.0\r\n"
             f"Via: SIP/2.0/{gw.transport.upper()} {adv};branch={branch};rport\r\n"
@@ -814,8 +821,8 @@ class ProxyCore:
         ).encode("latin-1")
         t1 = self.settings.timer_settings.t1
         resend = None if gw.transport == "tcp" else now + t1
-        self._probes[branch] = [gw, now, data, resend, t1]
-        self.outbox.append(Outgoing(data, (gw.host, gw.port), gw.transport))
+        self._probes[branch] = [gw, now, data, resend, t1, dest]
+        self.outbox.append(Outgoing(data, dest, gw.transport))
         self._count("probes_sent")
 
     def _probe_response(self, branch: str, status: int, now: float) -> bool:
@@ -840,6 +847,14 @@ class ProxyCore:
         else:
             self.log("gateway_down", gateway=gw.uri, why="probe", detail=detail,
                      failed_probes=gw.fails)
+
+    def is_gateway_ip(self, ip: str) -> bool:
+        """The far end of the trunk: an address a gateway has now (or had in the config)."""
+        return ip in self.gateway_ips or self.settings.is_gateway_address(ip)
+
+    def refresh_gateway_ips(self) -> None:
+        """After DNS changed a gateway's addresses."""
+        self.gateway_ips = frozenset(self.router.addresses())
 
     def gateway_states(self) -> list[tuple[str, int]]:
         """(gateway URI, 1 if it takes new calls now else 0), for the metrics."""
@@ -876,7 +891,7 @@ class ProxyCore:
             if not stateless:
                 self._reply(msg, 481, "Call/Transaction Does Not Exist", source, transport)
             return
-        if not (s.is_trusted(source[0]) or s.is_gateway_address(source[0])):
+        if not (s.is_trusted(source[0]) or self.is_gateway_ip(source[0])):
             if not stateless:
                 self._refuse_untrusted(msg, source, transport, "in-dialog request")
             else:
@@ -1046,7 +1061,7 @@ class ProxyCore:
         ip = hop.host
         if s.is_trusted(ip) or s.is_allowed_next_hop(ip):
             return True
-        return receiver == CALLEE and s.is_gateway_address(ip)
+        return receiver == CALLEE and self.is_gateway_ip(ip)
 
     def _next_hop(self, msg: SipMessage) -> Hop | None:
         """Loose routing (RFC 3261 §16.12): first remaining Route, else the Request-URI."""
@@ -1450,8 +1465,11 @@ _FAILOVER_STATUSES = frozenset((408, 500, 502, 503, 504))
 
 
 def _gateway_uri(callee: str, gw: Gateway) -> str:
+    """The Request-URI toward a gateway: its host as configured (a name stays a name, RFC
+    3263), with the port only when the URI gave one."""
     params = ";transport=tcp" if gw.transport == "tcp" else ""
-    return f"sip:{callee}@{_host(gw.host)}:{gw.port}{params}"
+    port = f":{gw.port}" if gw.explicit_port else ""
+    return f"sip:{callee}@{_host(gw.host)}{port}{params}"
 
 
 def _retry_after(msg: SipMessage) -> float:

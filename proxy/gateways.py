@@ -29,9 +29,20 @@ class Gateway:
     fails: int = 0  # consecutive failed probes
     oks: int = 0  # consecutive answered probes
     current: int = 0  # smooth weighted round robin state
+    # a gateway given by name: the addresses DNS gave for it (RFC 3263 order), tried in turn;
+    # empty for an IP address (host is the address) and for a name not resolved (yet)
+    by_name: bool = False
+    explicit_port: bool = True  # the URI names a port (no SRV look-up; it goes in the R-URI)
+    addresses: list[tuple[str, int]] = field(default_factory=list)
 
     def available(self, now: float) -> bool:
         return self.up and self.down_until <= now
+
+    def targets(self) -> list[tuple[str, int]]:
+        """Where to send: the resolved addresses of a name, else host:port."""
+        if self.by_name:
+            return self.addresses
+        return [(self.host, self.port)]
 
 
 class GatewayGroup:
@@ -99,6 +110,10 @@ class Router:
             if target is not None:
                 return None if target == REFUSED else self.groups[target]
         return self.default
+
+    def addresses(self) -> set[str]:
+        """Every IP the gateways have now (the far end of the trunk)."""
+        return {host for gw in self.all_gateways() for host, _port in gw.targets()}
 
     def all_gateways(self) -> list[Gateway]:
         seen: dict[int, Gateway] = {}

@@ -336,10 +336,9 @@ class ProxyServer:
         self.relay_group = relay_group
         # a random key unless the supervisor gives one (all workers must share it)
         self._call_id_hasher = call_id_hasher(relay_key or os.urandom(32))
-        gateways = {g.host for g in core.router.all_gateways()}
         is_trusted = core.settings.is_trusted
         # whose requests go to their Call-ID's owner; anyone else's are refused where they land
-        self._relays_from = lambda host: host in gateways or is_trusted(host)
+        self._relays_from = lambda host: core.is_gateway_ip(host) or is_trusted(host)
         self._relay_server: asyncio.base_events.Server | None = None
         self._outboxes: dict[int, _RelayOutbox] = {}
 

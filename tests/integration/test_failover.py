@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 import socket
 import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -19,7 +20,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.dnsstub import DnsStub
 from tests.integration.procs import (
+    ROOT,
     ProxyProcess,
     free_port,
     run_sipp,
@@ -303,3 +306,42 @@ def test_overload_sheds_new_calls_and_spares_the_calls_in_progress(
 
 def _stat_counts(workdir: Path, scenario: str, port: int) -> tuple[int, int]:
     return server_counts(scenario, port, workdir)  # SIPp's -trace_stat, caller or callee
+
+
+# ---- gateways by name ----------------------------------------------------------------------
+def test_a_gateway_named_localhost_carries_calls(
+        proxies: list[ProxyProcess], tmp_path: Path) -> None:
+    gateway = free_port()
+    proxy = start(proxies, tmp_path, {"gateways": [f"sip:localhost:{gateway}"]})
+    call(proxy, gateway, tmp_path)
+
+
+def test_a_gateway_found_through_dns_srv_carries_calls(
+        proxies: list[ProxyProcess], tmp_path: Path) -> None:
+    gateway = free_port()
+    stub = DnsStub({("_sip._udp.carrier.test", "SRV"): [f"10 10 {gateway} gw1.carrier.test."],
+                    ("gw1.carrier.test", "A"): ["127.0.0.1"]})
+    try:
+        proxy = start(proxies, tmp_path, {"gateways": ["sip:carrier.test"],
+                                          "dns": {"servers": [stub.server]}})
+        call(proxy, gateway, tmp_path)
+    finally:
+        stub.close()
+    assert ("_sip._udp.carrier.test", "SRV") in stub.queries
+
+
+def test_a_gateway_name_that_does_not_resolve_is_a_config_error(tmp_path: Path) -> None:
+    stub = DnsStub({("other.test", "A"): ["127.0.0.1"]})
+    try:
+        path, _config = write_config(tmp_path, port=free_port(), gateway_port=0, overrides={
+            "carrier": {"gateways": ["sip:missing.test:5060"],
+                        "dns": {"servers": [stub.server]}}, "workers": 1})
+        check = subprocess.run([sys.executable, "-m", "proxy", "check-config", str(path)],
+                               cwd=ROOT, capture_output=True, text=True, timeout=30)
+        run = subprocess.run([sys.executable, "-m", "proxy", "run", "--config", str(path)],
+                             cwd=ROOT, capture_output=True, text=True, timeout=30)
+    finally:
+        stub.close()
+    assert check.returncode == 1
+    assert "sip:missing.test:5060" in check.stdout and "does not resolve" in check.stdout
+    assert run.returncode == 1 and "missing.test" in run.stderr
