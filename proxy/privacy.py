@@ -84,6 +84,9 @@ class DialogRule:
         return self.callee if receiver == CALLER else self.caller
 
 
+_MAP_MAX_ENTRIES = 1 << 16  # Call-IDs remembered per direction: ~20 MiB at most
+
+
 def call_id_digest(call_id: str) -> str:
     return hashlib.blake2b(call_id.encode("latin-1"), digest_size=8).hexdigest()
 
@@ -104,12 +107,17 @@ def _derive(key: bytes, label: bytes, length: int) -> bytes:
 class DialogSealer:
     """The proxy's keyed transforms: dialog tokens, Call-IDs, Contact users."""
 
-    __slots__ = ("_aead", "_call_ids", "_users")
+    __slots__ = ("_aead", "_call_ids", "_from_callee", "_to_callee", "_users")
 
     def __init__(self, key: bytes) -> None:
         self._aead = AESGCM(_derive(key, b"sip700 dialog token", 32))
         self._call_ids = AESSIV(_derive(key, b"sip700 call-id", 64))
         self._users = AESSIV(_derive(key, b"sip700 contact user", 64))
+        # Call-IDs mapped lately, one table per direction: AES-SIV is deterministic, so a
+        # remembered answer is the answer (a call maps its Call-ID for every in-dialog
+        # request; this saves all but the first)
+        self._to_callee: dict[str, str] = {}
+        self._from_callee: dict[str, str] = {}
 
     # ---- dialog tokens (AES-256-GCM, random 96-bit nonce) ------------------------------------
     def seal(self, rule: DialogRule) -> str:
@@ -139,18 +147,35 @@ class DialogSealer:
     # ---- Call-IDs (AES-SIV: deterministic, so no state maps them back) ------------------------
     def callee_call_id(self, caller_call_id: str) -> str:
         """The Call-ID the callee side sees for A's Call-ID: reveals nothing, maps back."""
-        return CALL_ID_PREFIX + _b64(self._call_ids.encrypt(caller_call_id.encode("latin-1"),
-                                                             None))
+        known = self._to_callee.get(caller_call_id)
+        if known is not None:
+            return known
+        mapped = CALL_ID_PREFIX + _b64(self._call_ids.encrypt(
+            caller_call_id.encode("latin-1"), None))
+        self._remember(caller_call_id, mapped)
+        return mapped
 
     def caller_call_id(self, callee_call_id: str) -> str:
         """A's Call-ID back from the one the callee side uses. Raises InvalidDialogToken."""
         if not callee_call_id.startswith(CALL_ID_PREFIX):
             raise InvalidDialogToken("Call-ID was not made by this proxy")
+        known = self._from_callee.get(callee_call_id)
+        if known is not None:
+            return known
         try:
-            return self._call_ids.decrypt(_unb64(callee_call_id[len(CALL_ID_PREFIX):]),
-                                          None).decode("latin-1")
+            original = self._call_ids.decrypt(_unb64(callee_call_id[len(CALL_ID_PREFIX):]),
+                                              None).decode("latin-1")
         except (InvalidTag, ValueError, TypeError) as exc:
             raise InvalidDialogToken("Call-ID failed authentication") from exc
+        self._remember(original, callee_call_id)
+        return original
+
+    def _remember(self, caller_call_id: str, callee_call_id: str) -> None:
+        if len(self._to_callee) >= _MAP_MAX_ENTRIES:
+            self._to_callee.clear()  # bounded: hostile or huge traffic only costs the cache
+            self._from_callee.clear()
+        self._to_callee[caller_call_id] = callee_call_id
+        self._from_callee[callee_call_id] = caller_call_id
 
     # ---- Contact users -----------------------------------------------------------------------
     def seal_user(self, user: str, hostport: str) -> str:
@@ -209,12 +234,16 @@ class PrivacyPolicy:
 class Privacy:
     """Makes each message safe for the side that receives it."""
 
-    __slots__ = ("asserted_host", "policy", "sealer")
+    __slots__ = ("_contacts", "asserted_host", "policy", "sealer")
 
     def __init__(self, sealer: DialogSealer, policy: PrivacyPolicy, asserted_host: str) -> None:
         self.sealer = sealer
         self.policy = policy
         self.asserted_host = asserted_host
+        # Contact rows → their rewrite, for the calls of the last while: a party repeats its
+        # Contact in every message of a call (INVITE, ACK, BYE; 180 and 200), and the rewrite
+        # (parse, seal the user with AES-SIV, serialise) is a pure function of the rows
+        self._contacts: dict[tuple, tuple[tuple[bytes, ...], int]] = {}
 
     # ---- requests ------------------------------------------------------------------------------
     def initial_invite(self, out: SipMessage, rule: DialogRule) -> int:
@@ -331,7 +360,34 @@ class Privacy:
 
     def _rewrite_contacts(self, msg: SipMessage, scanner: NumberScanner, hidden: str,
                           x: str) -> int:
-        return _rewrite_users(msg, "contact", scanner, hidden, x, self.sealer)
+        rows = tuple(row for name, row in msg.rows if name == "contact")
+        key = (rows, hidden, x)
+        known = self._contacts.get(key)
+        if known is not None:
+            new_rows, changed = known
+            if changed:
+                _replace_rows(msg, "contact", new_rows)
+            return changed
+        changed = _rewrite_users(msg, "contact", scanner, hidden, x, self.sealer)
+        if len(self._contacts) >= _CONTACTS_MAX_ENTRIES:
+            self._contacts.clear()  # bounded: distinct Contacts only cost the cache
+        self._contacts[key] = (
+            tuple(row for name, row in msg.rows if name == "contact") if changed else rows,
+            changed)
+        return changed
+
+
+_CONTACTS_MAX_ENTRIES = 1 << 15
+
+
+def _replace_rows(msg: SipMessage, name: str, new_rows: tuple[bytes, ...]) -> None:
+    """Put `new_rows` where the first row of `name` was (as set_header_values does)."""
+    rows = msg.rows
+    first = next((i for i, (n, _) in enumerate(rows) if n == name), len(rows))
+    kept = [r for r in rows if r[0] != name]
+    kept[first:first] = [(name, row) for row in new_rows]
+    msg.rows = kept
+    msg.forget_parsed(name)
 
 
 def restore_rows(resp: SipMessage, request: SipMessage) -> None:

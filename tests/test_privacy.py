@@ -199,3 +199,47 @@ def test_unreadable_body_is_stripped_or_refused() -> None:
 
 def test_sides_hide_the_other_party() -> None:
     assert RULE.hidden_from(CALLER) == B and RULE.hidden_from(CALLEE) == A
+
+
+def test_remembered_contact_rewrites_equal_fresh_ones(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The Contact rewrite is cached per rows: a second message with the same Contact gets
+    exactly what a fresh Privacy computes; a different Contact is not taken for it; the cache
+    is bounded."""
+    import proxy.privacy as privacy_module
+
+    contact = f'Contact: "{A}" <sip:+86{A}@10.0.0.2:5060>, <sip:{A}@10.0.0.3>'
+    privacy = Privacy(SEALER, PrivacyPolicy(), "10.0.0.1")
+    first, second = parse_message(invite(contact)), parse_message(invite(contact))
+    assert privacy.hide(first, A, X, request=True) == privacy.hide(second, A, X, request=True)
+    fresh = parse_message(invite(contact))
+    Privacy(SEALER, PrivacyPolicy(), "10.0.0.1").hide(fresh, A, X, request=True)
+    assert first.serialize() == second.serialize() == fresh.serialize()
+    assert all(A.encode() not in row for name, row in second.rows if name == "contact")
+    other = parse_message(invite(f"Contact: <sip:{A}@10.0.0.9:5070>"))
+    privacy.hide(other, A, X, request=True)
+    sealed = other.name_addrs("contact")[0].uri.param(CONTACT_PARAM)
+    assert SEALER.open_user(sealed, "10.0.0.9:5070") == A  # sealed for its own host:port
+    monkeypatch.setattr(privacy_module, "_CONTACTS_MAX_ENTRIES", 2)
+    for n in range(5):
+        privacy.hide(parse_message(invite(f"Contact: <sip:{A}@10.0.1.{n}>")), A, X,
+                     request=True)
+    assert len(privacy._contacts) <= 2
+
+
+def test_remembered_call_ids_change_nothing_and_stay_bounded(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import proxy.privacy as privacy_module
+
+    sealer = DialogSealer(bytes(range(32)))
+    image = sealer.callee_call_id("call-a@host")
+    assert sealer.callee_call_id("call-a@host") == image == SEALER.callee_call_id("call-a@host")
+    assert sealer.caller_call_id(image) == "call-a@host"
+    # a caller's Call-ID that looks like an image is never taken for one
+    sealer.callee_call_id(image)
+    with pytest.raises(InvalidDialogToken):
+        sealer.caller_call_id(image[:-2] + "AA")
+    assert sealer.caller_call_id(image) == "call-a@host"
+    monkeypatch.setattr(privacy_module, "_MAP_MAX_ENTRIES", 3)
+    for n in range(10):
+        assert sealer.caller_call_id(sealer.callee_call_id(f"c{n}")) == f"c{n}"
+    assert len(sealer._to_callee) <= 3 and len(sealer._from_callee) <= 3
