@@ -76,6 +76,8 @@ def build_core(cfg: Config, key: bytes, index: int = 0, count: int = 1) -> Any:
         retry_after_s=cfg.store.retry_after_s,
         no_binding=FinalResponse(r.no_binding.code, r.no_binding.reason),
         not_party=FinalResponse(r.not_party.code, r.not_party.reason),
+        direction_restricted=FinalResponse(r.direction_restricted.code,
+                                           r.direction_restricted.reason),
         not_middle_number=FinalResponse(r.not_middle_number.code, r.not_middle_number.reason),
         untrusted_peer=FinalResponse(r.untrusted_peer.code, r.untrusted_peer.reason),
         store_unavailable=FinalResponse(r.store_unavailable.code, r.store_unavailable.reason),

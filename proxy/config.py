@@ -509,6 +509,7 @@ class ResponsesConfig(_Section):
 
     no_binding: ResponseSpec = ResponseSpec(code=404, reason="No Binding")
     not_party: ResponseSpec = ResponseSpec(code=403, reason="Not A Party Of This Binding")
+    direction_restricted: ResponseSpec = ResponseSpec(code=403, reason="Direction Restricted")
     not_middle_number: ResponseSpec = ResponseSpec(code=404, reason="Not A Middle Number")
     untrusted_peer: ResponseSpec = ResponseSpec(code=403, reason="Untrusted Peer")
     store_unavailable: ResponseSpec = ResponseSpec(code=503, reason="Binding Store Unavailable")
