@@ -166,6 +166,20 @@ class MemoryStore:
                 replaced.append(old)
         return replaced
 
+    def can_take(self, x: str, kind: str, parties: tuple[str, ...], cap: int,
+                 now: float) -> bool:
+        """Whether X can take a new binding of `kind` between `parties`, with at most `cap`
+        bindings on X (the binding API's allocation check)."""
+        self.purge_expired(now)
+        entry = self._by_x.get(x)
+        if entry is None:
+            return True
+        if kind == AXN:
+            return not entry.bindings
+        if entry.others is not None or len(entry.bindings) >= cap:
+            return False
+        return not any(p in entry.routes for p in parties)
+
     async def unbind(self, x: str, number: str) -> bool:
         """Remove the binding on X that `number` is party to; False if there was none."""
         return self.unbind_now(x, number, time.time())
