@@ -56,6 +56,7 @@ class RedisBackend:
             ("create", redis_scripts.CREATE), ("change", redis_scripts.CHANGE),
             ("sync", redis_scripts.SYNC_POOL), ("get_x", GET_X))}
         self.caps = {t.id: t.max_pairs_per_x for t in cfg.tenants}
+        self.index_ttl_ms = (cfg.api.max_ttl_s + 60) * 1000
         self.on_change = None  # callable(x): the embedded API's own process cache
 
     # -- life --------------------------------------------------------------------------------
@@ -142,7 +143,7 @@ class RedisBackend:
                 record["x"], " ".join(tags), self.caps[tenant], meta_value(binding),
                 dump_record({**record, "x": ""}), record.get("order_id") or "",
                 *self.audit.lua_args(now_ms), ctx.key_id, ctx.source, self.channel,
-                self.origin]
+                self.origin, self.index_ttl_ms]
         status, payload = await self._run("create", args)
         payload = self._text(payload)
         if int(status) == 0:
@@ -174,7 +175,7 @@ class RedisBackend:
                 meta_value(record_binding(target)), self.area_tag(old["x"]),
                 self.caps.get(tenant, 1), old.get("order_id") or "",
                 *self.audit.lua_args(now_ms), ctx.key_id, ctx.source, ctx.request_id,
-                self.channel, self.origin]
+                self.channel, self.origin, self.index_ttl_ms]
         status, payload = await self._run("change", args)
         payload = self._text(payload)
         if int(status) == 0:

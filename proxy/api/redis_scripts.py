@@ -19,15 +19,15 @@ Keys, for the store's key prefix P (the X keys are the store's own, see bindings
 inside the script, so these scripts need a standalone Redis (or Sentinel), not Cluster.
 
 Allocation (why it stays cheap with pools of many thousands): the free set holds only numbers
-with room, so a draw is SRANDMEMBER of 8 distinct candidates, each checked exactly against its
+with room, so a draw is one SRANDMEMBER (then 8 distinct ones), each checked exactly against its
 X hash (live count under the cap, neither A nor B bound there). A candidate fails only when A
 or B already has a live binding on it (or the sets were stale, which the check repairs for
-good), so when the 8 random ones fail the script walks the set with SSCAN and finds a free X
+good), so when the random ones fail the script walks the set with SSCAN and finds a free X
 within |bindings of A| + |bindings of B| + 1 distinct checks: never a full scan of a large pool
 unless the parties themselves are bound on most of it. Numbers regain room when bindings
-expire: `full`/`busy` are ordered by that time and every request moves up to 32 that are due
-back; before answering "no free number" the script moves every due one back and draws again,
-so a 409 is exact.
+expire: `full`/`busy` are ordered by that time; before answering "no free number" the script
+moves every one that is due back and draws again, so a 409 is exact (and the common path
+never pays for that bookkeeping).
 """
 
 from __future__ import annotations
@@ -158,10 +158,23 @@ local function remove_binding(h, z, kind, a, b)
   if v and other_of(v) == b then drop_axb(h, z, a, v) end
 end
 
-local function index_add(key, exp, id)
-  redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
+-- Index keys live max_ttl past their last write (every member expires before that); expired
+-- members are skipped by every read and swept now and then (1 write in 16).
+local function index_add(key, exp, id, ttl_ms)
+  if string.sub(id, -1) == '0' then redis.call('ZREMRANGEBYSCORE', key, '-inf', now) end
   redis.call('ZADD', key, exp, id)
-  raise_expiry(key, exp)
+  redis.call('PEXPIRE', key, ttl_ms)
+end
+
+-- After a new binding on X: what reclassify would do, knowing X has one more binding.
+local function classify_after_write(pk, x, z, kind, exp, cap)
+  redis.call('SREM', pk .. 'empty', x)
+  redis.call('ZADD', pk .. 'busy', 'GT', exp, x)
+  if kind == 'axn' or redis.call('ZCOUNT', z, '(' .. now, '+inf') >= cap then
+    redis.call('SREM', pk .. 'free', x)
+    local first = redis.call('ZRANGEBYSCORE', z, '(' .. now, '+inf', 'WITHSCORES', 'LIMIT', 0, 1)
+    redis.call('ZADD', pk .. 'full', first[2], x)
+  end
 end
 
 -- Append to the audit stream; the entry id also goes to the binding's history list.
@@ -187,7 +200,8 @@ end
 # 9 exp_ms, 10 x ('' = allocate), 11 areas to try, space separated, in order ('-' = no area),
 # 12 max_pairs_per_x, 13 optional fields for the X hash, 14 record template (JSON starting
 # with '{"x":"",'), 15 order_id ('' none), 16-19 audit: stream, minid, max_entries, history
-# ttl ms, 20 key id, 21 source address, 22 channel, 23 invalidation origin.
+# ttl ms, 20 key id, 21 source address, 22 channel, 23 invalidation origin, 24 index key life
+# (ms: api.max_ttl_s).
 # Returns {1, record} created, {2, record} the request_id's earlier binding, or {0, reason}:
 # 'x_taken' (explicit x cannot take the pair) or 'no_free_x'.
 CREATE = _HELPERS + r"""
@@ -222,6 +236,9 @@ end
 
 local function pick(pk, tried)
   local set = pk .. (kind == 'axn' and 'empty' or 'free')
+  local one = redis.call('SRANDMEMBER', set)
+  if not one then return nil end
+  if try(pk, one, tried) then return one end
   for _, cand in ipairs(redis.call('SRANDMEMBER', set, 8)) do
     if try(pk, cand, tried) then return cand end
   end
@@ -254,7 +271,6 @@ else
   local tried = {}
   for _, tag in ipairs(tags) do
     pk = P .. 'p:' .. tenant .. ':' .. tag .. ':'
-    release(pk, cap, which, 32)
     x = pick(pk, tried)
     if x then break end
   end
@@ -278,12 +294,13 @@ if failure then
 end
 local h, z = xkeys(x)
 write_binding(h, z, kind, a, b, exp, ARGV[13])
-reclassify(pk, x, h, z, cap)
+classify_after_write(pk, x, z, kind, exp, cap)
 local rec = '{"x":"' .. x .. '",' .. string.sub(ARGV[14], 9)
 redis.call('SET', P .. 'b:' .. id, rec, 'PXAT', exp)
-index_add(P .. 'n:' .. tenant .. ':' .. a, exp, id)
-if b ~= '' then index_add(P .. 'n:' .. tenant .. ':' .. b, exp, id) end
-if ARGV[15] ~= '' then index_add(P .. 'o:' .. tenant .. ':' .. ARGV[15], exp, id) end
+local ttl = ARGV[24]
+index_add(P .. 'n:' .. tenant .. ':' .. a, exp, id, ttl)
+if b ~= '' then index_add(P .. 'n:' .. tenant .. ':' .. b, exp, id, ttl) end
+if ARGV[15] ~= '' then index_add(P .. 'o:' .. tenant .. ':' .. ARGV[15], exp, id, ttl) end
 if rid ~= '' then redis.call('SET', rkey, id, 'PXAT', exp) end
 audit(aud, id, {'t', ARGV[2], 'action', 'create', 'tenant', tenant, 'key', ARGV[20],
                 'src', ARGV[21], 'rid', rid, 'id', id, 'reason', '', 'before', '', 'after', rec})
@@ -295,7 +312,7 @@ return {1, rec}
 # delete), 6 tenant, 7 kind, 8 x, 9 old a, 10 old b, 11 new a, 12 new b, 13 new exp_ms,
 # 14 new optional fields, 15 area tag of x, 16 max_pairs_per_x, 17 order_id ('' none),
 # 18-21 audit: stream, minid, max_entries, history ttl ms, 22 key id, 23 source address,
-# 24 request id, 25 channel, 26 invalidation origin.
+# 24 request id, 25 channel, 26 invalidation origin, 27 index key life (ms).
 # Returns {1, record} done, {0, 'not_found'}, {0, 'retry'} (changed since read), {0, 'conflict'}
 # (a new party already has a live binding on X).
 CHANGE = _HELPERS + r"""
@@ -342,10 +359,11 @@ for _, p in ipairs({oa, ob}) do
   if p ~= '' then redis.call('ZREM', P .. 'n:' .. tenant .. ':' .. p, id) end
 end
 local order = ARGV[17] ~= '' and (P .. 'o:' .. tenant .. ':' .. ARGV[17]) or nil
+local ttl = ARGV[27]
 if new ~= '' then
-  index_add(P .. 'n:' .. tenant .. ':' .. na, exp, id)
-  if nb ~= '' then index_add(P .. 'n:' .. tenant .. ':' .. nb, exp, id) end
-  if order then index_add(order, exp, id) end
+  index_add(P .. 'n:' .. tenant .. ':' .. na, exp, id, ttl)
+  if nb ~= '' then index_add(P .. 'n:' .. tenant .. ':' .. nb, exp, id, ttl) end
+  if order then index_add(order, exp, id, ttl) end
 elseif order then
   redis.call('ZREM', order, id)
 end

@@ -300,3 +300,35 @@ async def test_openapi_and_health(apis: list[ApiProcess]) -> None:
         for path in ("/healthz", "/readyz"):
             async with session.get(apis[1].url + path) as r:
                 assert r.status == 200
+
+
+def test_allocation_takes_back_numbers_whose_bindings_expired(prefix: str) -> None:
+    """The create script at a later `now`: a number full at T is free again once its binding
+    expired, and the 409 before that is exact (pool of one number, one pair per X)."""
+    from proxy.api import redis_scripts
+
+    client = redis.Redis.from_url(REDIS_URL, decode_responses=True)
+    try:
+        sync = client.register_script(redis_scripts.SYNC_POOL)
+        for step in ("start", "+", "=v1"):
+            extra = ["700100000000001"] if step == "+" else []
+            sync(args=[prefix, 0, "t", "010", step, *extra])
+        create = client.register_script(redis_scripts.CREATE)
+        t = 1_900_000_000_000
+
+        def attempt(now: int, n: int, kind: str = "axb") -> list:
+            return create(args=[
+                prefix, now, "t", "", f"{n:032x}", kind, f"138{n:08d}",
+                "" if kind == "axn" else f"139{n:08d}", now + 60_000, "", "010", 1,
+                "b||{}", '{"x":"","n":' + str(n) + '}', "", f"{prefix}audit", "0-0", "", 10**9,
+                "k", "s", f"{prefix}invalidate", "o", 10**9])
+
+        assert attempt(t, 1)[0] == 1
+        assert attempt(t + 59_000, 2) == [0, "no_free_x"]
+        assert attempt(t + 59_000, 3, "axn") == [0, "no_free_x"]
+        taken = attempt(t + 60_001, 4)
+        assert taken[0] == 1 and json.loads(taken[1])["x"] == "700100000000001"
+        assert attempt(t + 120_002, 5, "axn")[0] == 1  # empty again: an AXN takes it
+        assert attempt(t + 120_003, 6) == [0, "no_free_x"]  # and nothing shares an AXN's X
+    finally:
+        client.close()
