@@ -877,6 +877,10 @@ class Config(_Section):
                                             "belongs to one tenant"))
                 seen_keys.setdefault(key, where)
         problems += self._pool_problems()
+        if self.audit.redis_url is not None and self.store.backend == "redis":
+            problems.append(("audit.redis_url", "only for the memory store: with the Redis store "
+                                                "the audit entry is written by the same script "
+                                                "as the change, in the store's Redis"))
         if self.api.listen is not None and self.store.cluster is not None:
             problems.append(("api.listen", "the binding API allocates in one Lua script over "
                                            "a pool's numbers: it needs standalone Redis or "
