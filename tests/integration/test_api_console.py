@@ -75,20 +75,28 @@ def create(api: ApiProcess) -> dict:
 def test_console_login_lookup_masked_reveal_audited(api: tuple[ApiProcess, str], browser,
                                                      tmp_path: Path) -> None:
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions
+    from selenium.webdriver.support.ui import WebDriverWait
 
     process, prefix = api
     binding = create(process)
     driver = browser
-    driver.get(f"{process.url}/console")
-    driver.find_element(By.ID, "key").send_keys("s7k_not-a-key")
-    driver.find_element(By.ID, "submit").click()
-    assert "not valid" in driver.find_element(By.ID, "error").text
 
-    driver.find_element(By.ID, "key").send_keys(KEYS["shop1"])
-    driver.find_element(By.ID, "submit").click()
-    assert "tenant shop1" in driver.find_element(By.ID, "who").text
-    driver.find_element(By.ID, "q").send_keys("+86 138 0000 0077")
-    driver.find_element(By.ID, "lookup").click()
+    def find(by: str, value: str):  # the element of the page a click led to (no race)
+        return WebDriverWait(driver, 15).until(
+            expected_conditions.presence_of_element_located((by, value)))
+
+    driver.get(f"{process.url}/console")
+    find(By.ID, "key").send_keys("s7k_not-a-key")
+    find(By.ID, "submit").click()
+    assert "not valid" in find(By.ID, "error").text
+
+    find(By.ID, "key").send_keys(KEYS["shop1"])
+    find(By.ID, "submit").click()
+    assert "tenant shop1" in find(By.ID, "who").text
+    find(By.ID, "q").send_keys("+86 138 0000 0077")
+    find(By.ID, "lookup").click()
+    find(By.ID, "results")
     rows = driver.find_elements(By.CSS_SELECTOR, "#results tr.binding")
     assert len(rows) == 1
     row = rows[0]
@@ -99,8 +107,9 @@ def test_console_login_lookup_masked_reveal_audited(api: tuple[ApiProcess, str],
     driver.save_screenshot(str(tmp_path / "console-lookup.png"))
 
     row.find_element(By.CLASS_NAME, "reveal").click()
-    assert driver.find_element(By.CSS_SELECTOR, "#revealed td.a").text == A
-    driver.find_element(By.LINK_TEXT, "back").click()
+    assert find(By.CSS_SELECTOR, "#revealed td.a").text == A
+    find(By.LINK_TEXT, "back").click()
+    find(By.ID, "history")
     actions = [e.text for e in driver.find_elements(By.CSS_SELECTOR, "#history td.action")]
     assert actions == ["create", "reveal"]
     assert A not in driver.page_source  # the history shows the numbers masked too
@@ -113,15 +122,17 @@ def test_console_login_lookup_masked_reveal_audited(api: tuple[ApiProcess, str],
     assert reveals[0]["key"] and KEYS["shop1"] not in json.dumps(reveals)
 
     # another tenant's session finds nothing; the operator finds it
-    driver.find_element(By.ID, "logout").click()
-    driver.find_element(By.ID, "key").send_keys(KEYS["shop2"])
-    driver.find_element(By.ID, "submit").click()
+    find(By.ID, "logout").click()
+    find(By.ID, "key").send_keys(KEYS["shop2"])
+    find(By.ID, "submit").click()
+    assert "tenant shop2" in find(By.ID, "who").text
     driver.get(f"{process.url}/console/search?kind=order_id&q=ord-77")
-    assert driver.find_element(By.ID, "count").text == "No live binding."
+    assert find(By.ID, "count").text == "No live binding."
     driver.get(f"{process.url}/console/bindings/{binding['id']}")
     assert "No such binding" in driver.page_source
-    driver.find_element(By.ID, "logout").click()
-    driver.find_element(By.ID, "key").send_keys(OPERATOR_KEY)
-    driver.find_element(By.ID, "submit").click()
+    find(By.ID, "logout").click()
+    find(By.ID, "key").send_keys(OPERATOR_KEY)
+    find(By.ID, "submit").click()
+    assert "operator" in find(By.ID, "who").text
     driver.get(f"{process.url}/console/search?kind=x&q={binding['x']}")
     assert len(driver.find_elements(By.CSS_SELECTOR, "#results tr.binding")) == 1
