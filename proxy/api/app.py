@@ -12,6 +12,7 @@ import time
 import uuid
 from typing import Any
 
+import structlog
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
@@ -35,6 +36,7 @@ from proxy.api.schemas import CreateBinding, UpdateBinding
 from proxy.bindings.model import AXB, AXN, BOTH
 from proxy.numbers import normalize_number
 
+log = structlog.get_logger("sip700.api")
 MAX_BODY_BYTES = 16 * 1024
 _RETRIES = 5
 APP_STATE: web.AppKey[ApiState] = web.AppKey("sip700_api", object)  # type: ignore[arg-type]
@@ -78,6 +80,11 @@ async def json_errors(request: web.Request, handler: Any) -> web.StreamResponse:
         return web.json_response({"error": code, "field": None, "message": exc.reason},
                                  status=exc.status, headers={
                                      k: v for k, v in exc.headers.items() if k == "Allow"})
+    except Exception as exc:  # a bug costs one request, never the process; no numbers logged
+        log.error("api_internal_error", error=type(exc).__name__, path=request.path,
+                  method=request.method)
+        return web.json_response({"error": "internal_error", "field": None,
+                                  "message": "internal error"}, status=500)
 
 
 def authenticate(request: web.Request, state: ApiState) -> Principal:
