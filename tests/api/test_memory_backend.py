@@ -106,3 +106,20 @@ async def test_store_routes_what_the_api_made_and_followers_agree(client) -> Non
     for store in (client.store, other):
         assert store.resolve_cached(binding["x"], "13800000001", time.time()).outcome is (
             Outcome.NO_BINDING)
+
+
+async def test_a_bug_answers_500_as_json_and_the_next_request_works(client, monkeypatch) -> None:
+    from proxy.api.app import APP_STATE
+
+    backend = client.server.app[APP_STATE].backend
+    original = backend.find
+
+    async def broken(*args, **kwargs):
+        raise RuntimeError("13800000001")  # a number in the message must not reach the log
+
+    monkeypatch.setattr(backend, "find", broken)
+    r = await client.get("/v1/bindings", params={"number": "13800000001"}, headers=auth(K1))
+    assert (r.status, (await r.json())["error"]) == (500, "internal_error")
+    monkeypatch.setattr(backend, "find", original)
+    r = await client.get("/v1/bindings", params={"number": "13800000001"}, headers=auth(K1))
+    assert r.status == 200
