@@ -8,11 +8,11 @@ and bookkeeping (tenant, request_id, area, created/updated times, all times in u
 from __future__ import annotations
 
 import json
+import os
 import re
 import time
-import uuid
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from proxy.bindings.model import AXB, AXN, BOTH, Binding
@@ -64,7 +64,7 @@ def is_binding_id(text: str) -> bool:
 
 
 def new_binding_id() -> str:
-    return uuid.uuid4().hex
+    return os.urandom(16).hex()
 
 
 def expiry_ms(ttl_s: int | None, expires_at: datetime | None, max_ttl_s: int, now: float,
@@ -123,8 +123,9 @@ def record_binding(record: dict[str, Any]) -> Binding:
 
 
 def _iso(ms: int) -> str:
-    return datetime.fromtimestamp(ms / 1000.0, UTC).isoformat(timespec="milliseconds").replace(
-        "+00:00", "Z")
+    """RFC 3339 UTC with milliseconds: 2026-12-02T03:21:43.984Z."""
+    seconds, millis = divmod(ms, 1000)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{millis:03d}Z"
 
 
 def record_out(record: dict[str, Any]) -> dict[str, Any]:

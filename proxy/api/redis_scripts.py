@@ -140,8 +140,10 @@ local function write_binding(h, z, kind, a, b, exp, meta)
     redis.call('HSET', h, a, b .. ':' .. exp, b, a .. ':' .. exp, 'm:' .. a, meta)
     redis.call('ZADD', z, exp, a)
   end
-  raise_expiry(h, exp)
-  raise_expiry(z, exp)
+  if redis.call('PEXPIRETIME', h) < tonumber(exp) then  -- the two keys expire together
+    redis.call('PEXPIREAT', h, exp)
+    redis.call('PEXPIREAT', z, exp)
+  end
 end
 
 -- Remove the binding (kind, a, b) from X if it is still the one stored there.
