@@ -8,6 +8,10 @@ in. The client is a lean asyncio protocol (no HTTP library) so that the figure i
 not the client's: both share this machine's cores.
 
     python3 scripts/bench_api.py [--creates 20000] [--connections 64] [--processes 2]
+
+It also reports the CPU time each part spent per create (the API processes, a private
+redis-server it starts unless --redis-url is given, this client), which does not depend on
+what else the machine runs, and the rate that CPU budget allows on two free cores.
 """
 
 from __future__ import annotations
@@ -16,6 +20,9 @@ import argparse
 import asyncio
 import json
 import os
+import resource
+import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -108,6 +115,53 @@ async def drive(port: int, creates: int, connections: int) -> tuple[float, list[
     return elapsed, latencies, statuses
 
 
+def _ticks(pid: int) -> int:
+    """utime + stime of a process, in clock ticks (0 once it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0
+    return int(fields[11]) + int(fields[12])
+
+
+def _api_pids(parent: int) -> list[int]:
+    out = [parent]
+    for task in Path(f"/proc/{parent}/task").iterdir():
+        children = Path(f"/proc/{parent}/task/{task.name}/children")
+        if children.exists():
+            out += [int(p) for p in children.read_text().split()]
+    return out
+
+
+def _redis_cpu(url: str) -> float:
+    import redis
+
+    info = redis.Redis.from_url(url).info("cpu")
+    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+
+
+def _own_redis(workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise SystemExit("redis-server not found (or give --redis-url)")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                             "--appendonly", "no", "--dir", str(workdir)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"redis://127.0.0.1:{port}/0"
+    import redis
+
+    for _ in range(100):
+        try:
+            redis.Redis.from_url(url).ping()
+            return proc, url
+        except redis.ConnectionError:
+            time.sleep(0.05)
+    raise SystemExit("private redis-server did not start")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -116,11 +170,15 @@ def main() -> int:
     parser.add_argument("--connections", type=int, default=64)
     parser.add_argument("--processes", type=int, default=2, help="API processes")
     parser.add_argument("--pool", type=int, default=2000, help="numbers in the tenant's pool")
-    parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
+    parser.add_argument("--redis-url", default=None,
+                        help="an existing Redis (default: a private redis-server)")
     args = parser.parse_args()
 
     prefix = f"bench9:{uuid.uuid4().hex[:8]}:"
     workdir = Path(tempfile.mkdtemp(prefix="bench_api-"))
+    own_redis = None
+    if args.redis_url is None:
+        own_redis, args.redis_url = _own_redis(workdir)
     port = 18700 + os.getpid() % 1000
     config = {
         "carrier": {"gateways": ["sip:127.0.0.1:5090"]},
@@ -154,7 +212,16 @@ def main() -> int:
         except ImportError:
             runner = asyncio.run
         runner(drive(port, args.warmup, args.connections))
+        pids = _api_pids(proc.pid)
+        api_before = sum(_ticks(p) for p in pids)
+        redis_before = _redis_cpu(args.redis_url)
+        own_before = resource.getrusage(resource.RUSAGE_SELF)
         elapsed, latencies, statuses = runner(drive(port, args.creates, args.connections))
+        own_after = resource.getrusage(resource.RUSAGE_SELF)
+        api_cpu = (sum(_ticks(p) for p in pids) - api_before) / os.sysconf("SC_CLK_TCK")
+        redis_cpu = _redis_cpu(args.redis_url) - redis_before
+        client_cpu = (own_after.ru_utime + own_after.ru_stime
+                      - own_before.ru_utime - own_before.ru_stime)
     finally:
         proc.terminate()
         proc.wait(timeout=10)
@@ -164,6 +231,9 @@ def main() -> int:
         keys = list(client.scan_iter(match=prefix + "*", count=10000))
         for i in range(0, len(keys), 5000):
             client.delete(*keys[i:i + 5000])
+        if own_redis is not None:
+            own_redis.terminate()
+            own_redis.wait(timeout=10)
     latencies.sort()
 
     def pct(p: float) -> float:
@@ -173,6 +243,12 @@ def main() -> int:
           f"{args.processes} API process(es), pool {args.pool}: "
           f"{args.creates / elapsed:,.0f} creates/s; latency p50 {pct(0.5):.2f} ms, "
           f"p99 {pct(0.99):.2f} ms, max {latencies[-1] * 1000:.2f} ms; statuses {statuses}")
+    per = 1e6 / args.creates
+    total = (api_cpu + redis_cpu + client_cpu) * per
+    print(f"CPU per create: API {api_cpu * per:.0f} us, Redis {redis_cpu * per:.0f} us, "
+          f"client {client_cpu * per:.0f} us, total {total:.0f} us -> two free cores allow "
+          f"about {2e6 / total:,.0f} creates/s (load average now "
+          f"{os.getloadavg()[0]:.2f})")
     return 0 if set(statuses) == {201} else 1
 
 
