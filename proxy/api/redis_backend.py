@@ -22,12 +22,38 @@ from proxy.api.audit import AuditLog
 from proxy.api.pools import Pools
 from proxy.api.records import ApiError, AuditContext, dump_record, record_binding
 from proxy.bindings.redis_connect import connect
-from proxy.bindings.redis_lookup import LeanConnection, LookupReplyError, lean_target
+from proxy.bindings.redis_lookup import LeanConnection, LookupReplyError, _pack, lean_target
 from proxy.bindings.redis_scripts import GET as GET_X
 from proxy.bindings.redis_store import meta_value, parse_meta_value
 
 log = structlog.get_logger("sip700.api")
 _SYNC_BATCH = 5000
+
+
+class CoalescingConnection(LeanConnection):
+    """The lean connection, with every command of one event-loop pass sent in one write: with
+    many requests in flight that is one send() for many scripts instead of one each."""
+
+    def __init__(self, target: dict[str, Any]) -> None:
+        super().__init__(target)
+        self._pending: list[bytes] = []
+
+    async def call(self, *args: str | bytes | int) -> Any:
+        protocol = self._protocol
+        if protocol is None or protocol.lost:
+            return await super().call(*args)  # connects; sent alone
+        waiter = asyncio.get_running_loop().create_future()
+        protocol.waiters.append(waiter)
+        if not self._pending:
+            asyncio.get_running_loop().call_soon(self._flush, protocol)
+        self._pending.append(_pack(*args))
+        return await waiter
+
+    def _flush(self, protocol: Any) -> None:
+        data, self._pending = b"".join(self._pending), []
+        if protocol.transport is not None:
+            protocol.transport.write(data)
+        # else: connection_lost already failed every waiter
 
 
 def unavailable(exc: BaseException) -> ApiError:
@@ -51,7 +77,7 @@ class RedisBackend:
         self.client = client
         self.audit = AuditLog.from_config(cfg, client)
         target = lean_target(store.redis_url, store.sentinel, store.cluster)
-        self.lean = LeanConnection(target) if target is not None else None
+        self.lean = CoalescingConnection(target) if target is not None else None
         self._scripts = {name: client.register_script(text) for name, text in (
             ("create", redis_scripts.CREATE), ("change", redis_scripts.CHANGE),
             ("sync", redis_scripts.SYNC_POOL), ("get_x", GET_X))}
