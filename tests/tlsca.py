@@ -28,7 +28,7 @@ class CertFiles:
 
 
 @dataclass(frozen=True)
-class TestPki:
+class LoopbackPki:
     ca: Path  # the CA certificate the proxy and the peers trust
     proxy: CertFiles
     peer: CertFiles  # callers and gateways
@@ -109,12 +109,12 @@ def _leaf(directory: Path, name: str, ca: x509.Certificate, ca_key: ec.EllipticC
     return files
 
 
-def make_test_pki(directory: Path) -> TestPki:
+def make_test_pki(directory: Path) -> LoopbackPki:
     """Write a test CA, certificates for the proxy and its peers, and a rogue pair."""
     directory.mkdir(parents=True, exist_ok=True)
     ca, ca_key, ca_path = _ca(directory, "sip700-test-ca")
     rogue_ca, rogue_key, rogue_path = _ca(directory, "rogue-ca")
-    return TestPki(
+    return LoopbackPki(
         ca=ca_path,
         proxy=_leaf(directory, "proxy", ca, ca_key),
         peer=_leaf(directory, "peer", ca, ca_key),
