@@ -48,6 +48,7 @@ class StreamConn:
         self._outbox: queue.Queue[tuple[bytes, threading.Event]] = queue.Queue()
         self._stop = threading.Event()
         sock.setblocking(False)
+        peer.conns.append(self)  # before anything it reads can be seen
         threading.Thread(target=self._run, daemon=True).start()
 
     def _run(self) -> None:
@@ -155,7 +156,7 @@ class StreamPeer:
                     self.handshake_failures.append(exc)
                     sock.close()
                     continue
-            self.conns.append(StreamConn(self, sock, accepted=True))
+            StreamConn(self, sock, accepted=True)
 
     def connect(self, dest: tuple[str, int], *, server_hostname: str = "127.0.0.1",
                 source_port: int = 0) -> StreamConn:
@@ -168,9 +169,7 @@ class StreamPeer:
             assert self.client_ctx is not None
             sock = self.client_ctx.wrap_socket(sock, server_hostname=server_hostname)
         sock.settimeout(None)
-        conn = StreamConn(self, sock, accepted=False)
-        self.conns.append(conn)
-        return conn
+        return StreamConn(self, sock, accepted=False)
 
     def wait(self, pred: Callable[[SipMessage], bool], timeout: float = 5.0
              ) -> StreamReceived | None:
