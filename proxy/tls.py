@@ -124,7 +124,8 @@ class TlsLayer:
             except ssl.SSLZeroReturnError:
                 closed = True
                 break
-            if not chunk:
+            if not chunk:  # SSLObject.read gives b"" for the peer's close_notify
+                closed = True
                 break
             chunks.append(chunk)
         if closed and not chunks:
