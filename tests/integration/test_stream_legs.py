@@ -123,7 +123,7 @@ class Side:
 
     def via(self) -> str:
         return f"SIP/2.0/{self.transport.upper()} {self.host}:{self.port};" \
-               f"branch={uniq('z9hG4bKs')};rport"
+               f"branch={uniq('z9hG4bKu')};rport"
 
     def send(self, data: bytes) -> None:
         if self.udp is not None:
