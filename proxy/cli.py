@@ -51,6 +51,11 @@ def build_core(cfg: Config, key: bytes, index: int = 0, count: int = 1) -> Any:
     r = cfg.responses
     t = cfg.timers
     several = count > 1 and bool(cfg.worker_ports)
+    ports = cfg.advertised_ports
+    # RFC 3261 §18.1.1: a large request goes over TCP to a gateway also configured with TCP
+    # on its address, or to any next hop with transport.large_requests_over_tcp
+    tcp_gateways = {(g.host, g.port) for g in cfg.carrier.targets if g.transport == "tcp"}
+    all_take_tcp = cfg.transport.large_requests_over_tcp
     settings = CoreSettings(
         advertise_host=adv.host,
         advertise_port=cfg.worker_ports[index] if several else adv.port,
@@ -97,6 +102,10 @@ def build_core(cfg: Config, key: bytes, index: int = 0, count: int = 1) -> Any:
             up_after=cfg.carrier.probe.up_after,
             alive_codes=frozenset(cfg.carrier.probe.alive_codes),
         ),
+        # stream legs name the shared port their connections reach (see config.advertised_ports)
+        transport_ports={k: v for k, v in ports.items() if k != "udp"},
+        large_request_bytes=cfg.transport.large_request_bytes,
+        takes_tcp=lambda host, port: all_take_tcp or (host, port) in tcp_gateways,
     )
     call_log = structlog.get_logger("sip700.calls")
     return ProxyCore(settings, DialogSealer(key), log=call_log.info)
@@ -129,6 +138,20 @@ def build_router(cfg: Config) -> Any:
     groups = {name: group(name, entries) for name, entries in carrier.groups.items()}
     routes = {r.prefix: (REFUSED if r.refuse else r.group) for r in carrier.routes}
     return Router(group("default", carrier.gateways), groups, routes)
+
+
+def tls_contexts(cfg: Config) -> tuple[Any, Any, dict[tuple[str, int], str]]:
+    """The TLS contexts for accepted and for opened connections (None where the config needs
+    none), and the name each TLS gateway's certificate must carry."""
+    tls = cfg.transport.tls
+    listens = any(e.transport == "tls" for e in cfg.listen_endpoints)
+    gateways = [g for g in cfg.carrier.targets if g.transport == "tls"]
+    if not listens and not gateways and tls.certificate_file is None:
+        return None, None, {}
+    from proxy.tls import client_context, server_context
+
+    server = server_context(tls) if listens else None
+    return server, client_context(tls), {(g.host, g.port): g.host for g in gateways}
 
 
 def open_store_frozen(cfg: Config) -> Any:
@@ -166,6 +189,7 @@ async def serve(
     core = build_core(cfg, key, index, count)
     names = await resolve_gateway_names(cfg, core)
     worker_port = cfg.worker_ports[index] if count > 1 and cfg.worker_ports else None
+    tls_server, tls_client, tls_names = tls_contexts(cfg)
     server = ProxyServer(
         core, store,
         listen=[(e.transport, e.host, e.port) for e in cfg.listen_endpoints],
@@ -179,6 +203,9 @@ async def serve(
         worker_index=index, worker_count=count, relay_group=group, relay_key=relay_key,
         worker_port=worker_port,
         overload=cfg.overload if cfg.overload.enabled else None,
+        tls_server=tls_server, tls_client=tls_client,
+        tls_handshake_timeout=cfg.transport.tls.handshake_timeout_s,
+        tls_server_names=tls_names,
     )
     metrics_server = None
     if cfg.metrics.endpoint is not None:

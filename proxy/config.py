@@ -54,6 +54,8 @@ __all__ = [
 
 DIALOG_KEY_BYTES = 32  # AES-256-GCM
 DEFAULT_SIP_PORT = 5060
+DEFAULT_SIPS_PORT = 5061  # TLS (RFC 3261 §19.1.2)
+TRANSPORTS = ("udp", "tcp", "tls")
 
 
 class ConfigError(Exception):
@@ -96,9 +98,9 @@ class HostPort(NamedTuple):
 
 
 class ListenEndpoint(NamedTuple):
-    """One socket the proxy binds: `udp:127.0.0.1:5060`."""
+    """One socket the proxy binds: `udp:127.0.0.1:5060`, `tls:127.0.0.1:5061`."""
 
-    transport: Literal["udp", "tcp"]
+    transport: Literal["udp", "tcp", "tls"]
     host: str
     port: int
 
@@ -107,12 +109,13 @@ class ListenEndpoint(NamedTuple):
 
 
 class SipTarget(NamedTuple):
-    """A gateway parsed from `sip:host[:port][;transport=udp|tcp][;other-params]`."""
+    """A gateway parsed from `sip:host[:port][;transport=udp|tcp|tls][;other-params]` or
+    `sips:host[:port][;other-params]` (TLS)."""
 
     scheme: str
     host: str
     port: int
-    transport: Literal["udp", "tcp"]
+    transport: Literal["udp", "tcp", "tls"]
     params: tuple[tuple[str, str | None], ...]
 
     def __str__(self) -> str:
@@ -179,18 +182,21 @@ def parse_host_port(text: str, *, default_port: int | None = None) -> HostPort:
 
 
 def parse_listen(text: str) -> ListenEndpoint:
-    """Parse a listen entry `transport:host[:port]`; the port defaults to 5060."""
+    """Parse a listen entry `transport:host[:port]`; the port defaults to 5060 (tls: 5061)."""
     transport, sep, rest = text.strip().partition(":")
-    if not sep or transport.lower() not in ("udp", "tcp"):
-        raise ValueError("expected transport:host:port with transport udp or tcp")
-    host, port = parse_host_port(rest, default_port=DEFAULT_SIP_PORT)
-    return ListenEndpoint(typing.cast(Literal["udp", "tcp"], transport.lower()), host, port)
+    transport = transport.lower()
+    if not sep or transport not in TRANSPORTS:
+        raise ValueError("expected transport:host:port with transport udp, tcp or tls")
+    default = DEFAULT_SIPS_PORT if transport == "tls" else DEFAULT_SIP_PORT
+    host, port = parse_host_port(rest, default_port=default)
+    return ListenEndpoint(typing.cast(Literal["udp", "tcp", "tls"], transport), host, port)
 
 
 def parse_sip_uri(text: str) -> SipTarget:
     """Parse a gateway URI `sip:host[:port][;params]` (RFC 3261 §19.1, without a user part).
 
-    `sips:` parses but is refused by the config check: sip700 has no TLS transport.
+    `sips:` means TLS, and so does `;transport=tls` on a `sip:` URI; either defaults to port
+    5061 (RFC 3263 §4.2).
     """
     scheme, sep, rest = text.strip().partition(":")
     scheme = scheme.lower()
@@ -201,19 +207,26 @@ def parse_sip_uri(text: str) -> SipTarget:
     if "?" in rest:
         raise ValueError("a gateway URI has no headers")
     hostport, *raw_params = rest.split(";")
-    host, port = parse_host_port(hostport, default_port=5061 if scheme == "sips" else 5060)
     params: list[tuple[str, str | None]] = []
     for raw in raw_params:
         name, eq, value = raw.partition("=")
         if not _TOKEN.fullmatch(name) or (eq and not _TOKEN.fullmatch(value)):
             raise ValueError(f"bad URI parameter {_q(raw)}")
         params.append((name.lower(), value if eq else None))
-    transport = dict(params).get("transport") or "udp"
-    transport = transport.lower()
-    if transport not in ("udp", "tcp"):
-        raise ValueError(f"transport must be udp or tcp, not {_q(transport)}")
+    given = dict(params).get("transport")
+    transport = (given or "udp").lower()
+    if transport not in TRANSPORTS:
+        raise ValueError(f"transport must be udp, tcp or tls, not {_q(transport)}")
+    if scheme == "sips":
+        # RFC 3261 §26.2.2: sips: is TLS on every hop (;transport=tcp means TLS over TCP)
+        if given is not None and transport == "udp":
+            raise ValueError("sips: is TLS, it cannot use transport=udp")
+        transport = "tls"
+    default = DEFAULT_SIPS_PORT if transport == "tls" else DEFAULT_SIP_PORT
+    host, port = parse_host_port(hostport, default_port=default)
     return SipTarget(
-        scheme, host, port, typing.cast(Literal["udp", "tcp"], transport), tuple(params)
+        scheme, host, port, typing.cast(Literal["udp", "tcp", "tls"], transport),
+        tuple(params)
     )
 
 
@@ -245,11 +258,9 @@ def _with_value(check: typing.Callable[[str], object]) -> typing.Callable[[str],
 
 def _check_gateway(value: str) -> str:
     try:
-        target = parse_sip_uri(value)
+        parse_sip_uri(value)
     except ValueError as exc:
         raise ValueError(f"{exc} ({_q(value)})") from None
-    if target.scheme == "sips":
-        raise ValueError(f"sips: needs TLS, which sip700 does not offer; use sip: ({_q(value)})")
     return value
 
 
@@ -719,6 +730,48 @@ class TimersConfig(_Section):
         return value
 
 
+def _existing_file(value: Path | None, info: ValidationInfo) -> Path | None:
+    """A file path resolved against the config's directory; it must exist."""
+    if value is None:
+        return None
+    path = _base_dir(info) / value
+    if not path.is_file():
+        raise ValueError(f"no such file ({_q(str(value))}, looked for {_q(str(path))})")
+    return path.resolve()
+
+
+class TlsConfig(_Section):
+    """TLS for `tls:` listen entries and `sips:` / `;transport=tls` gateways (RFC 3261 §26.2)."""
+
+    # PEM: our certificate (chain, leaf first) and its unencrypted private key. Required with a
+    # tls: listen entry; also presented to TLS gateways that ask for a client certificate.
+    certificate_file: Path | None = None
+    private_key_file: Path | None = None
+    # PEM bundle of the CAs that sign our peers' certificates; null: the system's CAs
+    ca_file: Path | None = None
+    # certificates of peers that connect to us: not asked for, checked if sent, or required
+    verify_clients: Literal["none", "optional", "required"] = "none"
+    # check a TLS gateway's (or peer's) certificate and that it names the host we connect to
+    verify_servers: Bool = True
+    min_version: Literal["1.2", "1.3"] = "1.2"
+    # an accepted connection that has not finished its handshake by then is closed
+    handshake_timeout_s: PositiveFloat = 10
+
+    _files = field_validator("certificate_file", "private_key_file", "ca_file")(
+        _existing_file)
+
+    @model_validator(mode="after")
+    def _files_load(self) -> TlsConfig:
+        from proxy.tls import load_problem  # ssl is imported only where TLS is configured
+
+        if (self.certificate_file is None) != (self.private_key_file is None):
+            raise ValueError("certificate_file and private_key_file go together: set both")
+        problem = load_problem(self.certificate_file, self.private_key_file, self.ca_file)
+        if problem is not None:
+            raise ValueError(problem)
+        return self
+
+
 class TransportConfig(_Section):
     """Socket tuning."""
 
@@ -736,6 +789,18 @@ class TransportConfig(_Section):
     # and names that port in its Via and Record-Route, so what answers or follows a call comes
     # straight back to the worker holding it. null: the first listen port + 1.
     worker_port_base: Annotated[int, Strict(), Field(ge=1024, le=65535)] | None = None
+    # RFC 3261 §18.1.1: a request within 200 bytes of the path MTU (null: unknown, so larger
+    # than 1300 bytes) goes over TCP when its next hop takes TCP
+    path_mtu_bytes: Annotated[int, Strict(), Field(ge=576, le=65535)] | None = None
+    # every UDP next hop also takes TCP on the same port (RFC 3261 §18 asks it of every SIP
+    # element); false: only gateways also configured with ;transport=tcp
+    large_requests_over_tcp: Bool = False
+    tls: TlsConfig = TlsConfig()
+
+    @cached_property
+    def large_request_bytes(self) -> int:
+        """A request over this many bytes is too large for UDP (RFC 3261 §18.1.1)."""
+        return 1300 if self.path_mtu_bytes is None else self.path_mtu_bytes - 200
 
 
 class OverloadConfig(_Section):
@@ -912,6 +977,15 @@ class Config(_Section):
     @classmethod
     def _unique_listen(cls, value: tuple[str, ...]) -> tuple[str, ...]:
         _no_duplicates(value, parse_listen)
+        sockets: dict[tuple[str, int], str] = {}
+        for entry in value:  # tcp and tls are both TCP sockets: one port each
+            e = parse_listen(entry)
+            if e.transport == "udp":
+                continue
+            other = sockets.setdefault((e.host, e.port), entry)
+            if other != entry:
+                raise ValueError(f"{_q(other)} and {_q(entry)} are both TCP sockets on one "
+                                 "port: give tls a port of its own (5061 by default)")
         return value
 
     @field_validator("advertise")
@@ -957,13 +1031,30 @@ class Config(_Section):
         return parse_host_port(self.advertise, default_port=first.port)
 
     @cached_property
+    def advertised_ports(self) -> dict[str, int]:
+        """The port written into Via and Record-Route for each transport the proxy listens on:
+        the advertised port for a transport listening on listen[0]'s port, else that
+        transport's first listen port."""
+        first = self.listen_endpoints[0].port
+        ports: dict[str, int] = {}
+        for e in self.listen_endpoints:
+            if e.transport not in ports:
+                ports[e.transport] = self.advertised.port if e.port == first else e.port
+        return ports
+
+    @cached_property
     def worker_ports(self) -> tuple[int, ...]:
         """Each worker's own SIP port (worker i: worker_port_base + i); none with one worker."""
         if self.workers == 1:
             return ()
         base = self.transport.worker_port_base
         if base is None:
+            # the first listen port + 1, moved past any listen port the range would cover (a
+            # tls entry on 5061 next to udp/tcp on 5060)
             base = self.listen_endpoints[0].port + 1
+            taken = {e.port for e in self.listen_endpoints}
+            while clash := [p for p in taken if base <= p < base + self.workers]:
+                base = max(clash) + 1
         return tuple(range(base, base + self.workers))
 
     @cached_property
@@ -983,7 +1074,7 @@ class Config(_Section):
         what = (f"the workers' own ports {first}..{last} (worker_port_base + 0..workers-1, "
                 f"workers: {self.workers}")
         unset = self.transport.worker_port_base is None
-        what += "; unset, so listen[0]'s port + 1)" if unset else ")"
+        what += "; unset, so past listen[0]'s port)" if unset else ")"
         if last > 65535:
             return [(key, f"{what} pass 65535: set a lower worker_port_base")]
         taken = sorted({e.port for e in self.listen_endpoints if first <= e.port <= last})
@@ -1062,6 +1153,15 @@ class Config(_Section):
             if reach is None or span[1] > reach[1]:
                 reach = span
         return problems
+
+    def tls_problems(self) -> list[tuple[str, str]]:
+        """(key path, problem) for TLS settings the listen entries need."""
+        tls = self.transport.tls
+        if any(e.transport == "tls" for e in self.listen_endpoints) and (
+                tls.certificate_file is None):
+            return [("transport.tls.certificate_file",
+                     "required with a tls: listen entry (and private_key_file)")]
+        return []
 
     @cached_property
     def trusted_networks(self) -> tuple[IPNetwork, ...]:
@@ -1228,7 +1328,8 @@ def _validate(data: dict[str, Any], base_dir: Path, shown: str) -> tuple[Config 
     else:
         # what one section cannot see: keys of several sections that must fit together
         clashes = [f"{shown}: {path}: {problem}"
-                   for path, problem in (*config.port_problems(), *config.api_problems())]
+                   for path, problem in (*config.port_problems(), *config.api_problems(),
+                                          *config.tls_problems())]
         return (None, clashes) if clashes else (config, [])
     # A list whose only items are bad is also "too short after validation": say it once.
     bad_items = {e["loc"][:-1] for e in errors if e["loc"] and isinstance(e["loc"][-1], int)}

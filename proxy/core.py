@@ -9,6 +9,7 @@ Record-Route token, so in-dialog requests need no memory of the INVITE.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import ipaddress
 import os
@@ -27,6 +28,14 @@ from proxy.gateways import (
     Router,
     probed_gateways,
     record_probe,
+)
+from proxy.legs import (
+    DEFAULT_PORTS,
+    Flow,
+    decode_peer,
+    encode_peer,
+    record_route_prefix,
+    uri_transport,
 )
 from proxy.numbers import mask_number
 from proxy.privacy import (
@@ -71,13 +80,16 @@ SUPPORTED_EXTENSIONS = frozenset()  # option-tags this proxy understands in Prox
 class Outgoing(NamedTuple):
     data: bytes
     dest: Address
-    transport: str  # "udp" | "tcp"
+    transport: str  # "udp" | "tcp" | "tls"
+    # a connection the peer opened to us, to use while it lasts (then: a connection to dest)
+    flow: Flow | None = None
 
 
 class Hop(NamedTuple):
     host: str
     port: int
     transport: str
+    flow: Flow | None = None  # see Outgoing.flow
 
 
 @dataclass(frozen=True)
@@ -129,6 +141,12 @@ class CoreSettings:
     router: Router | None = None
     branch_timeout: float = 2.0
     probe: ProbeSettings = field(default_factory=lambda: ProbeSettings(enabled=False))
+    # the port in our Via and Record-Route on a tcp / tls leg (absent: advertise_port)
+    transport_ports: dict[str, int] = field(default_factory=dict)
+    # RFC 3261 §18.1.1: a request over this many bytes does not go over UDP when its next hop
+    # takes TCP (`takes_tcp(host, port)`)
+    large_request_bytes: int = 1300
+    takes_tcp: Callable[[str, int], bool] = lambda host, port: False
 
 
 INVALID_TOKEN = FinalResponse(403, "Invalid Dialog Token")
@@ -268,6 +286,16 @@ class ProxyCore:
         self._via_sent_by = f"{settings.advertise_host}:{settings.advertise_port}"
         self._via_host = f" {settings.advertise_host}:"
         self._rr_prefix = f"<sip:{self._via_sent_by};lr;{TOKEN_PARAM}="
+        # per leg transport: our Via sent-by and Record-Route (legs.py); UDP as above
+        stream_at = {t: f"{settings.advertise_host}:"
+                        f"{settings.transport_ports.get(t, settings.advertise_port)}"
+                     for t in ("tcp", "tls")}
+        self._sent_by = {"udp": self._via_sent_by, "tcp": self._via_sent_by,
+                         "tls": stream_at["tls"]}
+        self._rr_prefixes = {"udp": self._rr_prefix,
+                             "tcp": record_route_prefix(stream_at["tcp"], "tcp"),
+                             "tls": record_route_prefix(stream_at["tls"], "tls")}
+        self._rr_sips = record_route_prefix(stream_at["tls"], "tls", sips=True)
         self._branch_seq = 0
         # z9hG4bKs7 + 3 hex digits of the worker index + salt + sequence: any worker that
         # receives a response passes it to the worker named in its branch (transport.py)
@@ -335,7 +363,7 @@ class ProxyCore:
     def receive_datagram(self, data: bytes, source: Address, transport: str, now: float) -> None:
         """Handle one UDP payload or one framed TCP message."""
         try:
-            msg = parse_message(data, stream=transport == "tcp")
+            msg = parse_message(data, stream=transport != "udp")
         except ParseError as exc:
             self.reject_malformed(exc, source, transport)
             return
@@ -567,7 +595,7 @@ class ProxyCore:
             return
         caller = self._caller_number(msg)
         upstream = self._upstream(msg, source, transport)
-        server = ServerInviteTransaction(reliable=transport == "tcp", settings=s.timer_settings)
+        server = ServerInviteTransaction(reliable=transport != "udp", settings=s.timer_settings)
         relay = Relay(msg, upstream, server, key)
         relay.x = x
         relay.caller = caller or ""
@@ -608,8 +636,8 @@ class ProxyCore:
         return self._is_us(uri)
 
     def _upstream(self, msg: SipMessage, source: Address, transport: str) -> Outgoing:
-        if transport == "tcp":
-            return Outgoing(b"", source, "tcp")
+        if transport != "udp":  # on its connection (RFC 3261 §18.2.2)
+            return Outgoing(b"", source, transport)
         return Outgoing(b"", _response_address(msg, source), "udp")
 
     # ---- the lookup step -------------------------------------------------------------------------
@@ -666,6 +694,8 @@ class ProxyCore:
         deadline = int(s.wall_clock() + s.max_dialog_s)
         first = candidates[0]
         out.set_uri(_gateway_uri(callee, first))
+        # A's token says how B is reached (B's leg: sealed per branch, in _next_branch); B's
+        # how A is (A's leg, its connection)
         rule = DialogRule(relay.x, relay.caller, callee, msg.from_.uri.user or "", CALLER,
                           call_id_digest(caller_call_id), deadline)
         try:
@@ -679,11 +709,13 @@ class ProxyCore:
         if scrubbed:
             self._count("leaks_scrubbed", scrubbed)
         # one token per side (RFC 3261 §16.7 step 4): B's in the INVITE, A's in the responses
+        up = relay.upstream
+        in_leg = up.transport
         callee_rule = DialogRule(rule.x, rule.caller, rule.callee, rule.caller_user, CALLEE,
-                                 call_id_digest(out.call_id), deadline)
-        callee_token = self.sealer.seal(callee_rule)
-        relay.token_swap = (callee_token.encode(), self.sealer.seal(rule).encode())
-        out.prepend_record_route(self._rr_prefix + callee_token + ">")
+                                 call_id_digest(out.call_id), deadline,
+                                 "" if in_leg == "udp" else
+                                 encode_peer(in_leg, Flow(s.worker_index, *up.dest)))
+        relay.token_swap = (self.sealer.seal(callee_rule).encode(), b"")
         relay.rule = rule
         relay.receiver = CALLER
         relay.template = out
@@ -716,15 +748,30 @@ class ProxyCore:
             out = template.copy()
             out.set_uri(_gateway_uri(relay.rule.callee, gw))
             self._count("branches_failed_over")
+        assert relay.token_swap is not None
+        callee_token = relay.token_swap[0].decode()
+        # the callee's token in every entry; the caller's responses get theirs in its place
+        in_leg = relay.upstream.transport
+        if in_leg != hop.transport:  # RFC 5658 §3.3: one entry per leg, the callee's on top
+            caller_rr = self._rr_sips if in_leg == "tls" and relay.request.uri.scheme == \
+                "sips" else self._rr_prefixes[in_leg]
+            out.prepend_record_route(caller_rr + callee_token + ">")
+        out.prepend_record_route(self._rr_prefixes[hop.transport] + callee_token + ">")
+        caller_rule = dataclasses.replace(relay.rule, peer=encode_peer(hop.transport))
+        relay.token_swap = (relay.token_swap[0], self.sealer.seal(caller_rule).encode())
         branch = self._new_branch()
-        out.push_via(f"SIP/2.0/{hop.transport.upper()} {self._via_sent_by};branch={branch};rport")
+        out.push_via(f"SIP/2.0/{hop.transport.upper()} {self._sent_by[hop.transport]};"
+                     f"branch={branch};rport")
+        data = out.serialize()
+        if len(data) > s.large_request_bytes and hop.transport == "udp":
+            hop, data = self._large_over_tcp(out, hop, data)
         relay.out = out
         relay.downstream = hop
         relay.gateway = gw
         relay.provisional = False
         client = ClientInviteTransaction(
-            out.serialize(), lambda resp, o=out: self._build_ack(o, resp),
-            reliable=hop.transport == "tcp", settings=s.timer_settings,
+            data, lambda resp, o=out: self._build_ack(o, resp),
+            reliable=hop.transport != "udp", settings=s.timer_settings,
         )
         relay.client = client
         relay.client_key = (branch, "INVITE")
@@ -815,7 +862,8 @@ class ProxyCore:
         target = f"{_host(gw.host)}:{gw.port}" if gw.explicit_port else _host(gw.host)
         data = (
             f"OPTIONS sip:{target} SIP/2.0\r\n"
-            f"Via: SIP/2.0/{gw.transport.upper()} {adv};branch={branch};rport\r\n"
+            f"Via: SIP/2.0/{gw.transport.upper()} {self._sent_by[gw.transport]};"
+            f"branch={branch};rport\r\n"
             f"Max-Forwards: 70\r\n"
             f"From: <sip:sip700@{adv}>;tag={os.urandom(4).hex()}\r\n"
             f"To: <sip:{target}>\r\n"
@@ -926,7 +974,9 @@ class ProxyCore:
             return
         receiver = CALLEE if rule.side == CALLER else CALLER
         out = msg.copy()
-        out.set_header_values("route", routes[1:])
+        # RFC 5658: our two entries (legs on different transports) are one hop: both go
+        ours = 2 if len(routes) > 1 and self._is_our_route(routes[1]) else 1
+        out.set_header_values("route", routes[ours:])
         mf = out.max_forwards
         out.set_header("max-forwards", str((mf if mf is not None else 70) - 1))
         try:
@@ -941,33 +991,45 @@ class ProxyCore:
             return
         if scrubbed:
             self._count("leaks_scrubbed", scrubbed)
-        hop = self._next_hop(out)
+        hop = self._next_hop(out, rule.peer)
         if hop is None:
             if not stateless:
                 self._reply(msg, 502, "Bad Gateway", source, transport,
                             warning="next hop is not an IP address")
             return
         if not self._may_send_to(hop, receiver):
-            self._refuse_in_dialog(msg, source, transport, NEXT_HOP_REFUSED,
-                                   "rejected_next_hop",
-                                   f"next hop {hop.host}:{hop.port} is neither a trusted peer, "
-                                   "a gateway nor in allowed_next_hops", stateless=stateless)
-            return
+            flow = hop.flow
+            if flow is not None and self._may_send_to(Hop(flow.host, flow.port, hop.transport),
+                                                      receiver):
+                # a Contact we may not open a connection to (behind NAT): only down the
+                # connection that side opened itself
+                hop = Hop(flow.host, flow.port, hop.transport, flow)
+            else:
+                self._refuse_in_dialog(msg, source, transport, NEXT_HOP_REFUSED,
+                                       "rejected_next_hop",
+                                       f"next hop {hop.host}:{hop.port} is neither a trusted "
+                                       "peer, a gateway nor in allowed_next_hops",
+                                       stateless=stateless)
+                return
         if stateless:  # 2xx ACK: its own transaction end to end (RFC 3261 §13.2.2.4)
             branch = BRANCH_PREFIX + hashlib.blake2b(
                 (msg.top_via.branch or msg.call_id).encode(), digest_size=8).hexdigest()
-            out.push_via(f"SIP/2.0/{hop.transport.upper()} {self._via_sent_by};branch={branch}")
-            self.outbox.append(Outgoing(out.serialize(), (hop.host, hop.port), hop.transport))
+            out.push_via(f"SIP/2.0/{hop.transport.upper()} {self._sent_by[hop.transport]};"
+                         f"branch={branch}")
+            data = out.serialize()
+            if len(data) > s.large_request_bytes and hop.transport == "udp":
+                hop, data = self._large_over_tcp(out, hop, data)
+            self.outbox.append(Outgoing(data, (hop.host, hop.port), hop.transport, hop.flow))
             self._count("acks_forwarded")
             return
         upstream = self._upstream(msg, source, transport)
-        if method != "INVITE" and transport == "udp" and hop.transport == "udp":
+        if (method != "INVITE" and transport == "udp" and hop.transport == "udp"
+                and self._forward_stateless(msg, out, rule, hop, upstream, now)):
             # RFC 3261 §16.11: no transaction pair; the upstream's retransmissions drive
             # ours (same branch), and the response finds what it needs by that branch
-            self._forward_stateless(msg, out, rule, hop, upstream, now)
             return
         key = self._server_key(msg)
-        reliable_up = transport == "tcp"
+        reliable_up = transport != "udp"
         if method == "INVITE":
             server: Any = ServerInviteTransaction(reliable=reliable_up,
                                                   settings=s.timer_settings)
@@ -985,11 +1047,14 @@ class ProxyCore:
             self._server_events(relay, server.send_response(100, trying, now), now)
             relay.life_deadline = now + s.max_invite_lifetime
         branch = self._new_branch()
-        out.push_via(f"SIP/2.0/{hop.transport.upper()} {self._via_sent_by};branch={branch};rport")
+        out.push_via(f"SIP/2.0/{hop.transport.upper()} {self._sent_by[hop.transport]};"
+                     f"branch={branch};rport")
         relay.out = out
-        relay.downstream = hop
         data = out.serialize()
-        reliable = hop.transport == "tcp"
+        if len(data) > s.large_request_bytes and hop.transport == "udp":
+            hop, data = self._large_over_tcp(out, hop, data)
+        relay.downstream = hop
+        reliable = hop.transport != "udp"
         if relay.is_invite:
             relay.client = ClientInviteTransaction(
                 data, lambda resp, o=out: self._build_ack(o, resp), reliable=reliable,
@@ -1004,18 +1069,36 @@ class ProxyCore:
         self._rearm(relay)
 
     def _forward_stateless(self, msg: SipMessage, out: SipMessage, rule: DialogRule, hop: Hop,
-                           upstream: Outgoing, now: float) -> None:
+                           upstream: Outgoing, now: float) -> bool:
+        """Forward over UDP without a transaction; False (nothing done) when the request is too
+        large for UDP and its next hop takes TCP: it then needs a transaction over TCP."""
         via = msg.top_via
         branch = self._branch_salt + hashlib.blake2b(
             f"{via.branch}|{via.sent_by}|{msg.call_id}|{msg.cseq[0]}|{msg.method}".encode(
                 "latin-1"), digest_size=8).hexdigest()
         branch = BRANCH_PREFIX + branch
         out.push_via(f"SIP/2.0/UDP {self._via_sent_by};branch={branch};rport")
+        data = out.serialize()
+        s = self.settings
+        if len(data) > s.large_request_bytes and s.takes_tcp(hop.host, hop.port):
+            out.pop_via()
+            return False
         self._stateless.pop(branch, None)  # a retransmission: refreshed, to the end
         self._stateless[branch] = Forwarded(msg, rule, rule.side, upstream,
                                             now + STATELESS_LIFE)
-        self.outbox.append(Outgoing(out.serialize(), (hop.host, hop.port), "udp"))
+        self.outbox.append(Outgoing(data, (hop.host, hop.port), "udp"))
         self._count("forwarded_stateless")
+        return True
+
+    def _large_over_tcp(self, out: SipMessage, hop: Hop, data: bytes) -> tuple[Hop, bytes]:
+        """RFC 3261 §18.1.1: a request too large for UDP goes over TCP when the next hop takes
+        TCP (our Via says TCP); otherwise over UDP as it is."""
+        if not self.settings.takes_tcp(hop.host, hop.port):
+            return hop, data
+        via = out.pop_via()
+        out.push_via("SIP/2.0/TCP" + via[len("SIP/2.0/UDP"):])
+        self._count("large_requests_over_tcp")
+        return Hop(hop.host, hop.port, "tcp", hop.flow), out.serialize()
 
     def _stateless_response(self, entry: Forwarded, branch: str, msg: SipMessage) -> None:
         status = msg.status
@@ -1067,8 +1150,13 @@ class ProxyCore:
             return True
         return receiver == CALLEE and self.is_gateway_ip(ip)
 
-    def _next_hop(self, msg: SipMessage) -> Hop | None:
-        """Loose routing (RFC 3261 §16.12): first remaining Route, else the Request-URI."""
+    def _next_hop(self, msg: SipMessage, peer: str = "") -> Hop | None:
+        """Loose routing (RFC 3261 §16.12): first remaining Route, else the Request-URI.
+
+        The transport: the one the URI names (sips: is TLS), else the leg of the side the
+        request goes to (`peer`, from the token: a UA that called us over TCP gives a Contact
+        without ;transport=tcp, yet must be reached over TCP), else UDP. On that side's own
+        transport, the connection it opened to us goes along (the flow)."""
         routes = msg.header_values("route")
         try:
             uri = parse_name_addr(routes[0], "Route").uri if routes else msg.uri
@@ -1084,8 +1172,16 @@ class ProxyCore:
             if host != "localhost":
                 return None
             host = "127.0.0.1"
-        transport = (uri.param("transport") or "udp").lower()
-        return Hop(host, uri.port or 5060, "tcp" if transport == "tcp" else "udp")
+        transport = uri_transport(uri)
+        flow = None
+        if peer:
+            leg, flow = decode_peer(peer)
+            if transport is None:
+                transport = leg
+            elif transport != leg:
+                flow = None
+        transport = transport or "udp"
+        return Hop(host, uri.port or DEFAULT_PORTS[transport], transport, flow)
 
     # ---- CANCEL ---------------------------------------------------------------------------------
     def _on_cancel(
@@ -1113,12 +1209,13 @@ class ProxyCore:
         data = self._build_cancel(relay)
         hop = relay.downstream
         relay.cancel_client = ClientNonInviteTransaction(
-            data, reliable=hop.transport == "tcp", settings=self.settings.timer_settings)
+            data, reliable=hop.transport != "udp", settings=self.settings.timer_settings)
         assert relay.client_key is not None
         self.client_txs[(relay.client_key[0], "CANCEL")] = relay
         for ev in relay.cancel_client.start(now):
             if isinstance(ev, Send):
-                self.outbox.append(Outgoing(ev.data, (hop.host, hop.port), hop.transport))
+                self.outbox.append(Outgoing(ev.data, (hop.host, hop.port), hop.transport,
+                                            hop.flow))
         self._rearm(relay)
 
     def _build_cancel(self, relay: Relay) -> bytes:
@@ -1220,7 +1317,7 @@ class ProxyCore:
 
         def request(method: str, cseq: int) -> bytes:
             rows = [f"{method} {target} SIP/2.0".encode("latin-1"),
-                    (f"Via: SIP/2.0/{hop.transport.upper()} {self._via_sent_by};"
+                    (f"Via: SIP/2.0/{hop.transport.upper()} {self._sent_by[hop.transport]};"
                      f"branch={self._new_branch()};rport").encode("latin-1"),
                     b"Max-Forwards: 70", *base, to_row]
             rows.extend(f"Route: {r}".encode("latin-1") for r in route)
@@ -1360,7 +1457,8 @@ class ProxyCore:
         for ev in events:
             if isinstance(ev, Send):
                 assert hop is not None
-                self.outbox.append(Outgoing(ev.data, (hop.host, hop.port), hop.transport))
+                self.outbox.append(Outgoing(ev.data, (hop.host, hop.port), hop.transport,
+                                            hop.flow))
             elif relay.client_key != key:
                 continue  # the branch was given up while handling this batch
             elif isinstance(ev, DeliverResponse):
@@ -1471,7 +1569,7 @@ _FAILOVER_STATUSES = frozenset((408, 500, 502, 503, 504))
 def _gateway_uri(callee: str, gw: Gateway) -> str:
     """The Request-URI toward a gateway: its host as configured (a name stays a name, RFC
     3263), with the port only when the URI gave one."""
-    params = ";transport=tcp" if gw.transport == "tcp" else ""
+    params = "" if gw.transport == "udp" else f";transport={gw.transport}"
     port = f":{gw.port}" if gw.explicit_port else ""
     return f"sip:{callee}@{_host(gw.host)}{port}{params}"
 

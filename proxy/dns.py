@@ -32,8 +32,8 @@ MIN_TTL = 5.0  # never re-resolve more often than this
 SYSTEM_TTL = 60.0  # the system's resolver (/etc/hosts, nsswitch) tells no TTL
 MAX_TTL = 3600.0
 RETRY_S = 30.0  # after a failed refresh (old addresses kept meanwhile)
-_NAPTR_SERVICE = {"udp": "SIP+D2U", "tcp": "SIP+D2T"}
-_SRV_PREFIX = {"udp": "_sip._udp.", "tcp": "_sip._tcp."}
+_NAPTR_SERVICE = {"udp": "SIP+D2U", "tcp": "SIP+D2T", "tls": "SIPS+D2T"}
+_SRV_PREFIX = {"udp": "_sip._udp.", "tcp": "_sip._tcp.", "tls": "_sips._tcp."}
 
 
 class DnsError(Exception):

@@ -78,6 +78,10 @@ class DialogRule:
     side: str = CALLER  # the side holding this token: requests bearing it come from there
     call_id_digest: str = ""  # the token is valid only on this Call-ID (as its side sees it)
     deadline: int = 0  # unix time after which only ACK, BYE and CANCEL pass
+    # how the other side (the receiver of requests bearing this token) is reached: its leg's
+    # transport and, for a connection it opened to us, that connection (proxy/legs.py);
+    # empty for UDP, so a UDP call's tokens are as short as ever
+    peer: str = ""
 
     def hidden_from(self, receiver: str) -> str:
         """The number the receiving side must not learn."""
@@ -125,6 +129,9 @@ class DialogSealer:
                   rule.call_id_digest)
         plain = b"".join(struct.pack("!H", len(f)) + f.encode("latin-1") for f in fields)
         plain += struct.pack("!Q", max(0, rule.deadline))
+        if rule.peer:  # optional trailing field: tokens sealed without it still open
+            peer = rule.peer.encode("latin-1")
+            plain += struct.pack("!H", len(peer)) + peer
         nonce = os.urandom(12)
         return _b64(nonce + self._aead.encrypt(nonce, plain, _TOKEN_AAD))
 
@@ -139,10 +146,15 @@ class DialogSealer:
                 fields.append(plain[pos + 2: pos + 2 + n].decode("latin-1"))
                 pos += 2 + n
             (deadline,) = struct.unpack_from("!Q", plain, pos)
+            pos += 8
+            peer = ""
+            if pos < len(plain):
+                (n,) = struct.unpack_from("!H", plain, pos)
+                peer = plain[pos + 2: pos + 2 + n].decode("latin-1")
         except (InvalidTag, ValueError, TypeError, struct.error) as exc:
             raise InvalidDialogToken("dialog token failed authentication") from exc
         x, caller, callee, caller_user, side, digest = fields
-        return DialogRule(x, caller, callee, caller_user, side, digest, deadline)
+        return DialogRule(x, caller, callee, caller_user, side, digest, deadline, peer)
 
     # ---- Call-IDs (AES-SIV: deterministic, so no state maps them back) ------------------------
     def callee_call_id(self, caller_call_id: str) -> str:

@@ -1,5 +1,5 @@
-"""The asyncio shell: UDP and TCP endpoints, the relay between workers, the timer tick and the
-binding-lookup step.
+"""The asyncio shell: UDP, TCP and TLS endpoints, the relay between workers, the timer tick and
+the binding-lookup step.
 
 With several workers, each binds the shared SIP port (SO_REUSEPORT) and a port of its own. Its
 Via and Record-Route name its own port, so responses to what it forwards and the in-dialog
@@ -10,8 +10,12 @@ the branch) over a unix socket.
 Everything protocol-shaped happens in `ProxyCore`; this module moves bytes, reads the clock and
 awaits the store. The per-datagram path is synchronous: parse, decide, send, with the binding
 answered from memory; only a cache miss on the Redis store creates a task. What untrusted peers
-can make it hold is capped: TCP connections (in all and per source), output waiting for a peer,
+can make it hold is capped: TCP and TLS connections (in all and per source, counted together,
+TLS ones from the moment they are accepted, before any handshake), output waiting for a peer,
 messages waiting for another worker.
+
+TCP/TLS connections: one per destination, held by one worker (proxy/connections.py); a worker
+with something for a connection another worker holds passes it there over the relay.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import hashlib
 import os
 import re
 import socket
+import ssl
 import struct
 import time
 from typing import Any
@@ -30,8 +35,11 @@ import structlog
 
 from proxy import logs
 from proxy.bindings.model import StoreUnavailable
+from proxy.connections import SEND_FLAG, decode_send, destination_owner, encode_send
 from proxy.core import Outgoing, ProxyCore, Relay
+from proxy.legs import response_fallback
 from proxy.sip.message import StreamFramer
+from proxy.tls import TlsClosed, TlsLayer
 
 log = structlog.get_logger("sip700.transport")
 
@@ -46,7 +54,7 @@ _VIA = re.compile(rb"\n(?:via|v)[ \t]*:", re.IGNORECASE)
 _OUR_BRANCH = b"branch=z9hG4bKs7"
 _HEX = b"0123456789abcdef"
 _RELAY_HEADER = struct.Struct("!IH46s")  # length, source port, source host (NUL-padded)
-RELAY_MAX_PAYLOAD = 65535  # a longer length field means the relay stream is broken
+RELAY_MAX_PAYLOAD = 65535 + 256  # a message (+ a send's first line); longer: stream broken
 RELAY_MAX_QUEUED_BYTES = 4 << 20  # per outbox: queued while connecting + the write buffer
 LOG_EVERY_S = 1.0  # at most one line per second for each rate-limited warning
 
@@ -131,15 +139,18 @@ class _OwnUdpEndpoint(_UdpEndpoint):
 
 
 class _TcpConnection(asyncio.Protocol):
-    """One TCP connection, accepted (`peer` None until connection_made) or opened by us.
+    """One TCP or TLS connection, accepted (`peer` None until connection_made) or opened by us.
 
     Output is bounded: when the peer does not read, asyncio's write buffer passes the high-water
     mark, and the proxy stops reading from that peer until it drains (its requests are what
     make the output); if the buffer still grows past tcp_max_output_bytes, the connection is
-    closed. Data queued while the connection is still being opened is bounded the same way.
+    closed. Data queued while the connection is still being opened (or its TLS handshake is
+    under way) is bounded the same way. TLS runs inside the protocol (proxy/tls.py): the
+    transport, the caps and the back-pressure are those of the TCP connection under it.
     """
 
-    def __init__(self, server: ProxyServer, peer: tuple[str, int] | None = None) -> None:
+    def __init__(self, server: ProxyServer, peer: tuple[str, int] | None = None, *,
+                 tls: bool = False, server_hostname: str | None = None) -> None:
         self.server = server
         self.framer = StreamFramer(server.max_message_bytes)
         self.transport: asyncio.Transport | None = None
@@ -148,6 +159,16 @@ class _TcpConnection(asyncio.Protocol):
         self.last_active = time.monotonic()
         self.pending: list[bytes] = []
         self.pending_bytes = 0
+        self.kind = "tls" if tls else "tcp"
+        self.tls: TlsLayer | None = None
+        self.server_hostname = server_hostname
+        self.ready = False  # connected (and for TLS, handshake done): sends go out at once
+        self._handshake_timer: asyncio.TimerHandle | None = None
+
+    def usable(self, kind: str) -> bool:
+        """Whether a message for `kind` may go on this connection now or once it is up."""
+        transport = self.transport
+        return self.kind == kind and (transport is None or not transport.is_closing())
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -161,14 +182,74 @@ class _TcpConnection(asyncio.Protocol):
         high = server.tcp_write_high
         self.transport.set_write_buffer_limits(high=high, low=high // 4)  # type: ignore[union-attr]
         server.tcp_connections[self.peer] = self
-        for data in self.pending:
-            self.send(data)
-        self.pending.clear()
+        if self.kind == "tls":
+            accepted = self.counted
+            ctx = server.tls_server if accepted else server.tls_client
+            if ctx is None:  # no TLS configured for this direction: nothing to talk
+                server.count("tls_not_configured")
+                transport.abort()
+                return
+            try:
+                self.tls = TlsLayer(ctx, server_side=accepted,
+                                    server_hostname=None if accepted else self.server_hostname)
+                hello = self.tls.start()
+            except (ssl.SSLError, ValueError) as exc:
+                self._tls_failed(exc)
+                return
+            if hello:
+                transport.write(hello)  # type: ignore[attr-defined]
+            self._handshake_timer = server.loop.call_later(server.tls_handshake_timeout,
+                                                           self._handshake_expired)
+            return  # what waits goes out once the handshake is done
+        self._now_ready()
+
+    def _now_ready(self) -> None:
+        self.ready = True
+        pending, self.pending = self.pending, []
         self.pending_bytes = 0
+        for data in pending:
+            self.send(data)
+
+    def _handshake_expired(self) -> None:
+        self._handshake_timer = None
+        if not self.ready and self.transport is not None:
+            self.server.count("tls_handshake_timeout")
+            self.transport.abort()
+
+    def _tls_failed(self, exc: BaseException) -> None:
+        server = self.server
+        assert self.peer is not None
+        server.count("tls_handshake_failed" if not self.ready else "tls_errors")
+        server.log_limited("tls_failed", peer=f"{self.peer[0]}:{self.peer[1]}",
+                           accepted=self.counted, error=str(exc) or type(exc).__name__)
+        if self.transport is not None:
+            self.transport.abort()
 
     def data_received(self, data: bytes) -> None:
         self.last_active = time.monotonic()
         assert self.peer is not None
+        tls = self.tls
+        if tls is not None:
+            try:
+                data, reply = tls.receive(data)
+            except TlsClosed:
+                if self.transport is not None:
+                    self.transport.close()
+                return
+            except (ssl.SSLError, ValueError) as exc:
+                self._tls_failed(exc)
+                return
+            if reply and self.transport is not None:
+                self.transport.write(reply)
+            if not self.ready and tls.established:
+                if self._handshake_timer is not None:
+                    self._handshake_timer.cancel()
+                    self._handshake_timer = None
+                self._now_ready()
+            if not data:
+                return
+        elif self.kind == "tls":
+            return  # a TLS connection that is not set up: nothing it says counts
         self.server.on_stream_data(self, data)
 
     def pause_writing(self) -> None:
@@ -182,6 +263,9 @@ class _TcpConnection(asyncio.Protocol):
             self.transport.resume_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._handshake_timer is not None:
+            self._handshake_timer.cancel()
+            self._handshake_timer = None
         if self.peer is not None and self.server.tcp_connections.get(self.peer) is self:
             del self.server.tcp_connections[self.peer]
         if self.counted:
@@ -191,7 +275,7 @@ class _TcpConnection(asyncio.Protocol):
         server = self.server
         self.last_active = time.monotonic()
         transport = self.transport
-        if transport is None:  # still connecting
+        if transport is None or not self.ready:  # still connecting (or in its TLS handshake)
             if self.pending_bytes + len(data) > server.tcp_max_output_bytes:
                 server.count("tcp_pending_dropped")
                 return
@@ -200,6 +284,12 @@ class _TcpConnection(asyncio.Protocol):
             return
         if transport.is_closing():
             return
+        if self.tls is not None:
+            try:
+                data = self.tls.send(data)
+            except ssl.SSLError as exc:
+                self._tls_failed(exc)
+                return
         if transport.get_write_buffer_size() + len(data) > server.tcp_max_output_bytes:
             server.count("tcp_output_overflow")
             assert self.peer is not None
@@ -228,6 +318,8 @@ class _RelayInbox(asyncio.Protocol):
         at = 0
         while len(buf) - at >= size:
             length, port, host = _RELAY_HEADER.unpack_from(buf, at)
+            send = bool(length & SEND_FLAG)
+            length &= ~SEND_FLAG
             if length > RELAY_MAX_PAYLOAD:  # not a message: the stream is out of step
                 self.server.count("relay_errors")
                 log.error("relay_stream_broken", length=length)
@@ -240,7 +332,11 @@ class _RelayInbox(asyncio.Protocol):
                 break
             payload = bytes(buf[at + size: end])
             at = end
-            self.server.on_relayed(payload, (host.rstrip(b"\0").decode("ascii"), port))
+            address = (host.rstrip(b"\0").decode("ascii"), port)
+            if send:
+                self.server.on_relayed_send(payload, address)
+            else:
+                self.server.on_relayed(payload, address)
         del buf[:at]
 
 
@@ -302,6 +398,10 @@ class ProxyServer:
         relay_key: bytes = b"",
         worker_port: int | None = None,
         overload: Any = None,
+        tls_server: ssl.SSLContext | None = None,
+        tls_client: ssl.SSLContext | None = None,
+        tls_handshake_timeout: float = 10.0,
+        tls_server_names: dict[tuple[str, int], str] | None = None,
     ) -> None:
         self.core = core
         # overload control (config `overload:`, None: off): the loop's lag, measured on the
@@ -341,6 +441,12 @@ class ProxyServer:
         self._relays_from = lambda host: core.is_gateway_ip(host) or is_trusted(host)
         self._relay_server: asyncio.base_events.Server | None = None
         self._outboxes: dict[int, _RelayOutbox] = {}
+        # TLS: accepted connections (tls: listen entries), connections we open (TLS gateways
+        # and peers), and the name a destination's certificate must carry (default: its IP)
+        self.tls_server = tls_server
+        self.tls_client = tls_client
+        self.tls_handshake_timeout = tls_handshake_timeout
+        self.tls_server_names = tls_server_names or {}
 
     # ---- bookkeeping ---------------------------------------------------------------------------
     def count(self, name: str, n: int = 1) -> None:
@@ -390,7 +496,8 @@ class ProxyServer:
         if self.worker_port is not None:
             # this worker's own port first, on every listen host (the shared port, opened
             # last, tells the world the worker is ready)
-            for transport, host in dict.fromkeys((t, h) for t, h, _ in self.listen):
+            for transport, host in dict.fromkeys((t, h) for t, h, _ in self.listen
+                                                 if t != "tls"):
                 if transport == "udp":
                     family, udp = await self._open_udp(host, self.worker_port, own=True)
                     self.own_udp.setdefault(family, udp)
@@ -404,9 +511,11 @@ class ProxyServer:
                 family, udp = await self._open_udp(host, port, own=False)
                 self.udp.setdefault(family, udp)
             else:
+                # tls: a plain TCP accept, admitted under the caps, then the handshake
+                tls = transport == "tls"
                 server = await self.loop.create_server(
-                    lambda: _TcpConnection(self), host, port, reuse_address=True,
-                    reuse_port=self.worker_count > 1)
+                    lambda tls=tls: _TcpConnection(self, tls=tls), host, port,
+                    reuse_address=True, reuse_port=self.worker_count > 1)
                 self.tcp_servers.append(server)
         if self.worker_count > 1:
             self._relay_server = await self.loop.create_unix_server(
@@ -491,7 +600,8 @@ class ProxyServer:
             return call_id_owner(data, self.worker_count, self._call_id_hasher)
         return None
 
-    def _relay_to(self, owner: int, data: bytes, source: tuple[str, int]) -> None:
+    def _relay_to(self, owner: int, data: bytes, source: tuple[str, int], *,
+                  send: bool = False) -> None:
         box = self._outboxes.get(owner)
         if box is None or box.closed:
             box = self._outboxes[owner] = _RelayOutbox()
@@ -504,10 +614,11 @@ class ProxyServer:
             self.count("relay_dropped")
             self.log_limited("relay_dropped", worker=owner, backlog=box.backlog())
             return
-        box.queue.append(_RELAY_HEADER.pack(len(data), source[1], source[0].encode("ascii")))
+        length = len(data) | SEND_FLAG if send else len(data)
+        box.queue.append(_RELAY_HEADER.pack(length, source[1], source[0].encode("ascii")))
         box.queue.append(data)
         box.queued += size
-        self.count("relayed")
+        self.count("relayed_sends" if send else "relayed")
         if box.transport is not None and not box.scheduled:
             box.scheduled = True
             self.loop.call_soon(box.drain)
@@ -553,7 +664,7 @@ class ProxyServer:
         for item in conn.framer.feed(data):
             try:
                 if isinstance(item, Exception):
-                    self.core.reject_malformed(item, conn.peer, "tcp")  # type: ignore[arg-type]
+                    self.core.reject_malformed(item, conn.peer, conn.kind)  # type: ignore[arg-type]
                     continue
                 raw = item.serialize()
                 if relay and not item.is_request:
@@ -562,7 +673,7 @@ class ProxyServer:
                             and owner < self.worker_count:
                         self._relay_to(owner, raw, conn.peer)
                         continue
-                self.core.receive_message(item, raw, conn.peer, "tcp", now)
+                self.core.receive_message(item, raw, conn.peer, conn.kind, now)
             except Exception:  # a bug must cost one message, never the process
                 self._internal_error(conn.peer)
         self.flush()
@@ -605,15 +716,8 @@ class ProxyServer:
         self.flush()
 
     def _send(self, item: Outgoing) -> None:
-        if item.transport == "tcp":
-            conn = self.tcp_connections.get(item.dest)
-            if conn is None:
-                conn = _TcpConnection(self, item.dest)
-                self.tcp_connections[item.dest] = conn
-                task = self.loop.create_task(self._connect(conn))
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
-            conn.send(item.data)
+        if item.transport != "udp":
+            self._send_stream(item)
             return
         family = socket.AF_INET6 if ":" in item.dest[0] else socket.AF_INET
         data = item.data
@@ -626,6 +730,71 @@ class ProxyServer:
             if udp is None:
                 return
         udp.sendto(data, item.dest)
+
+    def _send_stream(self, item: Outgoing) -> None:
+        """TCP/TLS: down the connection the peer opened (a flow; a response's own connection)
+        while it lasts, else on our one connection to the destination, held by the worker
+        connections.destination_owner names (opened when there is none)."""
+        kind = item.transport
+        flow = item.flow
+        if flow is not None:
+            worker = flow.worker
+            if worker is not None and worker != self.worker_index and worker < self.worker_count:
+                self._relay_send(worker, item)  # the worker holding the peer's connection
+                return
+            conn = self.tcp_connections.get((flow.host, flow.port))
+            if conn is not None and conn.usable(kind):
+                conn.send(item.data)
+                return
+            item = item._replace(flow=None)  # gone: a connection to the destination
+        elif item.data.startswith(b"SIP/2.0 "):
+            conn = self.tcp_connections.get(item.dest)  # the request's own connection
+            if conn is not None and conn.usable(kind):
+                conn.send(item.data)
+                return
+            # RFC 3261 §18.2.2: it closed; a new connection to the Via's sent-by port
+            fallback = response_fallback(item.data, item.dest[0])
+            if fallback is None:
+                self.count("responses_unsendable")
+                return
+            self.count("responses_to_sent_by")
+            item = item._replace(dest=fallback)
+        dest = item.dest
+        if self.worker_count > 1:
+            owner = destination_owner(dest, kind, self.worker_count, self._call_id_hasher)
+            if owner != self.worker_index:
+                self._relay_send(owner, item)
+                return
+        conn = self.tcp_connections.get(dest)
+        if conn is not None and not conn.usable(kind):
+            if conn.kind != kind:  # a connection of the other kind holds that address
+                self.count("stream_kind_mismatch")
+                return
+            conn = None  # closing: a new one
+        if conn is None:
+            conn = _TcpConnection(self, dest, tls=kind == "tls",
+                                  server_hostname=self.tls_server_names.get(dest, dest[0]))
+            self.tcp_connections[dest] = conn
+            task = self.loop.create_task(self._connect(conn))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        conn.send(item.data)
+
+    def _relay_send(self, worker: int, item: Outgoing) -> None:
+        self._relay_to(worker, encode_send(item), item.dest, send=True)
+
+    def on_relayed_send(self, payload: bytes, dest: tuple[str, int]) -> None:
+        """Another worker's message for a connection this worker holds (or should open)."""
+        item = decode_send(payload, dest)
+        if item is None:
+            self.count("relay_errors")
+            return
+        try:
+            self._send_stream(item)
+        except (OSError, ValueError, RuntimeError) as exc:
+            self.count("send_errors")
+            log.warning("send_failed", dest=f"{dest[0]}:{dest[1]}", transport=item.transport,
+                        error=str(exc))
 
     async def _connect(self, conn: _TcpConnection) -> None:
         assert conn.peer is not None

@@ -140,3 +140,24 @@ def test_check_config_refuses_worker_ports_on_a_listen_port(tmp_path: Path) -> N
     assert len(lines) == 1 and lines[0].startswith(
         f"{path}: transport.worker_port_base: the workers' own ports 5998..5999"), done.stdout
     assert "overlap listen port 5999" in lines[0]
+
+
+def test_build_core_takes_each_legs_port_and_the_large_request_rule(tmp_path: Path) -> None:
+    """build_core (no process): the tcp / tls ports for Record-Route and Via, the MTU limit,
+    and which next hops take TCP for a large request (a gateway also configured with
+    ;transport=tcp on its address; any next hop with large_requests_over_tcp)."""
+    from proxy.cli import build_core
+    from proxy.config import load_config
+
+    config = {**valid_config(5999), "listen": ["udp:127.0.0.1:5999", "tcp:127.0.0.1:5999",
+                                               "udp:127.0.0.1:6001"],
+              "carrier": {"gateways": ["sip:127.0.0.1:5090", "sip:127.0.0.1:5090;transport=tcp",
+                                       "sip:127.0.0.1:5091"]},
+              "transport": {"path_mtu_bytes": 1400}}
+    core = build_core(load_config(write(tmp_path, config)), bytes(32))
+    s = core.settings
+    assert s.transport_ports == {"tcp": 5999} and s.large_request_bytes == 1200
+    assert s.takes_tcp("127.0.0.1", 5090) and not s.takes_tcp("127.0.0.1", 5091)
+    config["transport"] = {"large_requests_over_tcp": True}
+    s = build_core(load_config(write(tmp_path, config)), bytes(32)).settings
+    assert s.takes_tcp("10.9.9.9", 5060) and s.large_request_bytes == 1300

@@ -6,6 +6,7 @@ import base64
 import copy
 import ipaddress
 import os
+import ssl
 from pathlib import Path
 from typing import Any
 
@@ -225,10 +226,10 @@ def test_empty_gateways(config_dir: Path) -> None:
         ("127.0.0.1:5090", "not a SIP URI"),
         ("sip:gw@10.0.0.1", "a gateway URI has no user part"),
         ("sip:10.0.0.1:0", "port must be 1-65535"),
-        ("sip:10.0.0.1:5060;transport=tls", "transport must be udp or tcp, not 'tls'"),
+        ("sip:10.0.0.1:5060;transport=sctp", "transport must be udp, tcp or tls, not 'sctp'"),
         ("sip:::1", "an IPv6 address must be in brackets, e.g. [::1]"),
         ("sip:bad_host!", "not a host name or IP address: 'bad_host!'"),
-        ("sips:10.0.0.1", "sips: needs TLS, which sip700 does not offer; use sip:"),
+        ("sips:10.0.0.1;transport=udp", "sips: is TLS, it cannot use transport=udp"),
     ],
 )
 def test_bad_gateway_uri(config_dir: Path, uri: str, what: str) -> None:
@@ -253,13 +254,19 @@ def test_parse_sip_uri_forms() -> None:
         "sip", "gw.example.net", 5060, "udp", ()
     )
     assert str(parse_sip_uri("sip:[::1]")) == "sip:[::1]:5060"
+    # TLS: sips: or ;transport=tls, port 5061 unless given
+    assert parse_sip_uri("sips:gw.example.net") == SipTarget(
+        "sips", "gw.example.net", 5061, "tls", ())
+    assert parse_sip_uri("sips:10.0.0.1:5071;transport=tcp").transport == "tls"
+    assert parse_sip_uri("sip:10.0.0.1;transport=TLS")[2:4] == (5061, "tls")
+    assert parse_sip_uri("sip:[::1]:5063;transport=tls")[2:4] == (5063, "tls")
 
 
 @pytest.mark.parametrize(
     ("entry", "what"),
     [
-        ("sctp:127.0.0.1:5060", "expected transport:host:port with transport udp or tcp"),
-        ("127.0.0.1:5060", "expected transport:host:port with transport udp or tcp"),
+        ("sctp:127.0.0.1:5060", "expected transport:host:port with transport udp, tcp or tls"),
+        ("127.0.0.1:5060", "expected transport:host:port with transport udp, tcp or tls"),
         ("udp:127.0.0.1:70000", "port must be 1-65535"),
         ("udp:127.0.0.1:", "port must be 1-65535"),
         ("udp:::1:5060", "an IPv6 address must be in brackets, e.g. [::1]"),
@@ -276,6 +283,7 @@ def test_listen_forms() -> None:
     assert parse_listen("udp:[::1]:5062") == ListenEndpoint("udp", "::1", 5062)
     assert parse_listen("TCP:0.0.0.0") == ListenEndpoint("tcp", "0.0.0.0", 5060)
     assert str(parse_listen("udp:[::1]:5062")) == "udp:[::1]:5062"
+    assert parse_listen("tls:127.0.0.1") == ListenEndpoint("tls", "127.0.0.1", 5061)
 
 
 def test_listen_must_not_be_empty_or_repeated(config_dir: Path) -> None:
@@ -570,6 +578,14 @@ def test_worker_ports_follow_the_first_listen_port_by_default(config_dir: Path) 
     assert config.our_ports == frozenset({5060, 5080, 5061, 5062, 5063})
 
 
+def test_default_worker_ports_skip_listen_ports(config_dir: Path) -> None:
+    """udp/tcp on 5060 and tls on 5061 (the usual pair): the workers take 5062 on."""
+    config = load_config(write(config_dir, {
+        **MINIMAL, "workers": 2,
+        "listen": ["udp:127.0.0.1:5060", "tcp:127.0.0.1:5060", "tcp:127.0.0.1:5061"]}))
+    assert config.worker_ports == (5062, 5063)
+
+
 def test_worker_port_base_sets_the_range_and_one_worker_has_none(config_dir: Path) -> None:
     base = {**MINIMAL, "transport": {"worker_port_base": 7000}}
     assert load_config(write(config_dir, {**base, "workers": 2})).worker_ports == (7000, 7001)
@@ -577,10 +593,10 @@ def test_worker_port_base_sets_the_range_and_one_worker_has_none(config_dir: Pat
 
 
 @pytest.mark.parametrize(("changes", "what"), [
-    # the default range (listen[0] + 1) runs into a second listen port
-    ({"listen": ["udp:127.0.0.1:5060", "tcp:127.0.0.1:5061"]},
-     "the workers' own ports 5061..5062 (worker_port_base + 0..workers-1, workers: 2; unset, so "
-     "listen[0]'s port + 1) overlap listen port 5061"),
+    # the default range (past listen[0]'s port) cannot pass 65535
+    ({"listen": ["udp:127.0.0.1:65534"]},
+     "the workers' own ports 65535..65536 (worker_port_base + 0..workers-1, workers: 2; unset, "
+     "so past listen[0]'s port) pass 65535"),
     ({"transport": {"worker_port_base": 5059}},
      "the workers' own ports 5059..5060 (worker_port_base + 0..workers-1, workers: 2) overlap "
      "listen port 5060"),
@@ -608,3 +624,91 @@ def test_worker_port_base_must_be_a_port(config_dir: Path, value: object) -> Non
     shown, problems = problems_for(config_dir, transport={"worker_port_base": value})
     assert len(problems) == 1 and problems[0].startswith(
         f"{shown}: transport.worker_port_base: "), problems
+
+
+# --- TLS and the transport of large requests ---------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    from tests.tlsca import make_test_pki
+
+    return make_test_pki(tmp_path_factory.mktemp("pki"))
+
+
+def test_tls_listen_and_gateway_load_with_certificate_key_and_ca(config_dir: Path, pki: Any
+                                                                 ) -> None:
+    (config_dir / "tls").mkdir()
+    for f in (pki.proxy.cert, pki.proxy.key, pki.ca):
+        (config_dir / "tls" / f.name).write_bytes(f.read_bytes())
+    config = load_config(write(config_dir, {
+        **MINIMAL,
+        "listen": ["udp:127.0.0.1:5060", "tcp:127.0.0.1:5060", "tls:127.0.0.1"],
+        "carrier": {"gateways": ["sips:127.0.0.1:5091", "sip:127.0.0.1:5092;transport=tls"]},
+        "transport": {"tls": {"certificate_file": "tls/proxy.crt",  # relative: config's dir
+                              "private_key_file": "tls/proxy.key",
+                              "ca_file": "tls/sip700-test-ca.crt",
+                              "verify_clients": "required", "min_version": "1.3"}},
+    }))
+    tls = config.transport.tls
+    assert tls.certificate_file == (config_dir / "tls/proxy.crt").resolve()
+    assert tls.verify_servers is True and tls.handshake_timeout_s == 10
+    assert [t.transport for t in config.carrier.targets] == ["tls", "tls"]
+    assert config.advertised_ports == {"udp": 5060, "tcp": 5060, "tls": 5061}
+    assert 5061 in config.our_ports
+    from proxy.tls import client_context, server_context
+
+    assert server_context(tls).verify_mode == ssl.CERT_REQUIRED
+    assert client_context(tls).check_hostname is True
+
+
+def test_tls_listen_needs_a_certificate(config_dir: Path) -> None:
+    shown, problems = problems_for(config_dir, listen=["tls:127.0.0.1:5061"])
+    assert problems == [f"{shown}: transport.tls.certificate_file: required with a tls: listen "
+                        "entry (and private_key_file)"]
+
+
+def test_tls_files_must_exist_pair_up_and_load(config_dir: Path, pki: Any) -> None:
+    shown, problems = problems_for(config_dir, transport={"tls": {
+        "certificate_file": "absent.crt", "private_key_file": str(pki.proxy.key)}})
+    assert len(problems) == 1 and problems[0].startswith(
+        f"{shown}: transport.tls.certificate_file: no such file ('absent.crt'"), problems
+    shown, problems = problems_for(config_dir, transport={"tls": {
+        "certificate_file": str(pki.proxy.cert)}})
+    assert problems == [f"{shown}: transport.tls: certificate_file and private_key_file go "
+                        "together: set both"]
+    # a key that is not the certificate's
+    shown, problems = problems_for(config_dir, transport={"tls": {
+        "certificate_file": str(pki.proxy.cert), "private_key_file": str(pki.peer.key)}})
+    assert len(problems) == 1 and "cannot load certificate_file" in problems[0], problems
+    assert problems[0].startswith(f"{shown}: transport.tls: "), problems
+    not_pem = config_dir / "junk.pem"
+    not_pem.write_text("not a certificate")
+    shown, problems = problems_for(config_dir, transport={"tls": {"ca_file": str(not_pem)}})
+    assert len(problems) == 1 and "cannot load ca_file" in problems[0], problems
+
+
+def test_tls_and_tcp_cannot_share_a_port(config_dir: Path) -> None:
+    shown, problems = problems_for(config_dir, listen=["tcp:127.0.0.1:5060",
+                                                       "tls:127.0.0.1:5060"])
+    assert problems == [f"{shown}: listen: 'tcp:127.0.0.1:5060' and 'tls:127.0.0.1:5060' are "
+                        "both TCP sockets on one port: give tls a port of its own (5061 by "
+                        "default)"]
+
+
+@pytest.mark.parametrize(("transport", "limit"), [
+    ({}, 1300),  # path MTU unknown: RFC 3261 §18.1.1's 1300 bytes
+    ({"path_mtu_bytes": 1500}, 1300),
+    ({"path_mtu_bytes": 9000}, 8800),  # jumbo frames: within 200 bytes of the MTU
+])
+def test_large_request_limit_follows_the_path_mtu(config_dir: Path, transport: dict,
+                                                  limit: int) -> None:
+    config = load_config(write(config_dir, {**MINIMAL, "transport": transport}))
+    assert config.transport.large_request_bytes == limit
+    assert config.transport.large_requests_over_tcp is False
+
+
+def test_path_mtu_must_be_a_real_mtu(config_dir: Path) -> None:
+    shown, problems = problems_for(config_dir, transport={"path_mtu_bytes": 100})
+    assert len(problems) == 1 and problems[0].startswith(
+        f"{shown}: transport.path_mtu_bytes: "), problems

@@ -98,6 +98,20 @@ def wait_udp_bound(port: int, host: str = "127.0.0.1", timeout: float = 20.0) ->
     raise TimeoutError(f"nothing bound udp {host}:{port} within {timeout}s")
 
 
+def wait_tcp_listening(port: int, timeout: float = 10.0) -> None:
+    """Wait until something listens on tcp port (read from /proc: no connection is made,
+    which would take a place under the caps, or start a TLS handshake)."""
+    needle = f":{port:04X} "
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+            fields = line.split()
+            if (fields[1] + " ").endswith(needle) and fields[3] == "0A":  # 0A: LISTEN
+                return
+        time.sleep(0.05)
+    raise TimeoutError(f"nothing listens on tcp port {port}")
+
+
 @dataclass
 class ProxyProcess:
     """A running sip700 with the config it was given."""
@@ -217,14 +231,18 @@ def delete_redis_prefix(prefix: str) -> int:
 
 def start_proxy(config_path: Path, port: int, gateway_port: int, log_path: Path,
                 config: dict | None = None) -> ProxyProcess:
-    """Start `python -m proxy run --config …` and wait for its UDP port."""
+    """Start `python -m proxy run --config …` and wait for its UDP port (its TCP port when
+    the config has no udp listen entry)."""
     log = log_path.open("ab")
     proc = subprocess.Popen(
         [sys.executable, "-m", "proxy", "run", "--config", str(config_path)],
         cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
     try:
-        wait_udp_bound(port)
+        if config and not any(str(e).startswith("udp:") for e in config.get("listen", ["udp:"])):
+            wait_tcp_listening(port, timeout=20)
+        else:
+            wait_udp_bound(port)
     except TimeoutError:
         proc.kill()
         raise RuntimeError(f"proxy did not start:\n{log_path.read_text()}") from None

@@ -33,6 +33,7 @@ from tests.integration.procs import (
     server_counts,
     sipp_server,
     start_proxy,
+    wait_tcp_listening,
     wait_udp_bound,
     write_config,
 )
@@ -71,20 +72,6 @@ def memory_proxy(tmp_path: Path) -> Iterator[Callable[..., ProxyProcess]]:
     yield start
     for proxy in started:
         proxy.assert_clean_exit(proxy.stop())
-
-
-def wait_tcp_listening(port: int, timeout: float = 10.0) -> None:
-    """Wait until something listens on tcp port (read from /proc: no connection is made,
-    which would take a place under the caps)."""
-    needle = f":{port:04X} "
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
-            fields = line.split()
-            if (fields[1] + " ").endswith(needle) and fields[3] == "0A":  # 0A: LISTEN
-                return
-        time.sleep(0.05)
-    raise TimeoutError(f"nothing listens on tcp port {port}")
 
 
 def options(local: tuple[str, int], transport: str = "TCP") -> bytes:
