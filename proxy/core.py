@@ -110,6 +110,9 @@ class CoreSettings:
     not_middle_number: FinalResponse = FinalResponse(404, "Not A Middle Number")
     untrusted_peer: FinalResponse = FinalResponse(403, "Untrusted Peer")
     store_unavailable: FinalResponse = FinalResponse(503, "Binding Store Unavailable")
+    # set while the worker drains (shutdown.mode reject): new calls get it with Retry-After
+    draining: FinalResponse | None = None
+    draining_retry_after_s: int = 0
 
 
 INVALID_TOKEN = FinalResponse(403, "Invalid Dialog Token")
@@ -494,6 +497,11 @@ class ProxyCore:
             self._reply(msg, 405, "Method Not Allowed", source, transport,
                         headers=[("Allow", "INVITE, ACK, CANCEL, BYE, OPTIONS, PRACK, UPDATE, "
                                   "INFO, REFER")])
+            return
+        if s.draining is not None:  # shutting down: the caller tries another instance
+            self._count("rejected_draining")
+            self._reply(msg, s.draining.code, s.draining.reason, source, transport,
+                        headers=[("Retry-After", str(s.draining_retry_after_s))])
             return
         caller = self._caller_number(msg)
         upstream = self._upstream(msg, source, transport)

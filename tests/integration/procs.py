@@ -180,6 +180,8 @@ def write_config(
         "middle_number_pattern": r"^700\d{12}$",
         "privacy": {"dialog_key": TEST_DIALOG_KEY},
         "logging": {"level": "debug"},
+        # the state file (`sip700 reload`, `run --takeover`) in the test's own directory
+        "runtime_dir": str(tmp / "run"),
     }
     for key, value in (overrides or {}).items():
         if isinstance(value, dict) and isinstance(config.get(key), dict):
@@ -188,8 +190,9 @@ def write_config(
             config[key] = value
     transport = config.setdefault("transport", {})
     if isinstance(transport, dict) and "worker_port_base" not in transport:
-        # each worker's own port: a free range of its own, or tests side by side collide
-        transport["worker_port_base"] = free_port_range(config_workers(config))
+        # each worker's own ports (a range in use and the spare one for a hand-over): a free
+        # range of their own, or tests side by side collide
+        transport["worker_port_base"] = free_port_range(2 * config_workers(config))
     path = tmp / "proxy.yaml"
     path.write_text(yaml.safe_dump(config))
     if redis_prefix is not None:
