@@ -31,6 +31,7 @@ log = structlog.get_logger("sip700")
 
 PR_SET_PDEATHSIG = 1
 SPARE_POLL_S = 0.05  # how soon a worker takes the spare port range once it is free
+DRAIN_LINGER_S = 0.5  # after the last transaction in progress is answered
 
 
 def dialog_key(cfg: Config) -> bytes:
@@ -362,8 +363,12 @@ class Worker:
         log.info("draining", worker=self.index, mode="close" if close else "reject",
                  transactions=self._busy(), drain_s=sd.drain_s)
         deadline = started + sd.drain_s
+        waited = False
         while self._busy() and time.monotonic() < deadline and not self._stop.is_set():
+            waited = True
             await asyncio.sleep(0.05)
+        if waited:  # the last answers' ACKs (and retransmissions) are on their way
+            await asyncio.sleep(max(0.0, min(DRAIN_LINGER_S, deadline - time.monotonic())))
         log.info("drained", worker=self.index, transactions_left=self._busy(),
                  waited_s=round(time.monotonic() - started, 2))
         self.stop_now()

@@ -282,14 +282,16 @@ def _parse_counts(workdir: Path, scenario: str, port: int) -> tuple[int, int]:
 @contextlib.contextmanager
 def sipp_server(scenario: str, port: int, workdir: Path, *, calls: int = 0,
                 csv: Path | None = None, transport: str = "u1",
-                extra: list[str] | None = None) -> Iterator[subprocess.Popen[bytes]]:
+                extra: list[str] | None = None, local_ip: str = "127.0.0.1",
+                ) -> Iterator[subprocess.Popen[bytes]]:
     """A SIPp UAS (or any scenario that waits for traffic) in the background."""
     args = sipp_args(scenario, remote=None, local_port=port, calls=calls or 1000000,
-                     csv=csv, transport=transport, extra=extra, workdir=workdir)
+                     csv=csv, transport=transport, extra=extra, workdir=workdir,
+                     local_ip=local_ip)
     out = (workdir / f"{scenario}.{port}.out").open("wb")
     proc = subprocess.Popen(args, cwd=workdir, stdout=out, stderr=subprocess.STDOUT)
     try:
-        wait_udp_bound(port) if transport.startswith("u") else time.sleep(0.5)
+        wait_udp_bound(port, local_ip) if transport.startswith("u") else time.sleep(0.5)
         yield proc
     finally:
         if proc.poll() is None:
