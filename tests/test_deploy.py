@@ -24,10 +24,10 @@ def exposed_names() -> set[str]:
     """Every sample name a worker exposes (memory store; the Redis store's gauges added)."""
 
     class FakeRedisStore:
-        class breaker:  # noqa: N801 - stands in for the store's attribute
+        class breaker:  # stands in for the store's attribute of that name
             state = "closed"
 
-        cache: list = []
+        cache = ()
 
     registry = CollectorRegistry()
     registry.register(WorkerCollector(
