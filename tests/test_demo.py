@@ -56,3 +56,18 @@ def test_demo_installs_what_it_needs_in_a_clean_venv(tmp_path: Path) -> None:
     assert "pip install" in output and "installing sip-tester (sipp)" in output, output[-3000:]
     assert output.count("result       OK") == 4, output[-3000:]
     assert "FAILED" not in output
+    # it stops everything it started (its SIPp callee, the proxy and its workers)
+    left = [cmd for cmd in _command_lines() if f"-p {port + 5} " in cmd or str(port) in cmd]
+    assert not left, left
+
+
+def _command_lines() -> list[str]:
+    out = []
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                raw = Path(f"/proc/{entry.name}/cmdline").read_bytes()
+            except OSError:
+                continue
+            out.append(raw.replace(b"\0", b" ").decode(errors="replace"))
+    return [c for c in out if "sipp" in c or "proxy run" in c]
