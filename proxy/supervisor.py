@@ -165,6 +165,7 @@ class Supervisor:
         self.group = ""
         self.relay_key = os.urandom(32)
         self.previous: dict[str, Any] | None = None  # the instance taken over
+        self.published = False  # the state file names this instance (all workers listened)
 
     # ---- start -------------------------------------------------------------------------------
     def prepare(self) -> None:
@@ -309,7 +310,8 @@ class Supervisor:
             self._close_pipe(fd)
             if data.startswith(b"R"):
                 self.ready.add(index)
-                if len(self.ready) == self.cfg.workers and not self.state:
+                if len(self.ready) == self.cfg.workers and not self.published:
+                    self.published = True
                     self.all_ready()
 
     def _close_pipe(self, fd: int) -> None:

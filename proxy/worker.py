@@ -32,6 +32,7 @@ log = structlog.get_logger("sip700")
 PR_SET_PDEATHSIG = 1
 SPARE_POLL_S = 0.05  # how soon a worker takes the spare port range once it is free
 DRAIN_LINGER_S = 0.5  # after the last transaction in progress is answered
+HANDOVER_TIMEOUT_S = 120.0  # a takeover's SIGTERM that has not come by then never will
 
 
 def dialog_key(cfg: Config) -> bytes:
@@ -334,6 +335,18 @@ class Worker:
             self._spare = None
         self.server.release_spare()
         log.info("handover_started", worker=self.index)
+        self._watch(self._handover_timeout())
+
+    async def _handover_timeout(self) -> None:
+        """A takeover that never sent its SIGTERM (the new instance failed to start): serve
+        the spare range again, as before."""
+        await asyncio.sleep(HANDOVER_TIMEOUT_S)
+        spare = self.cfg.worker_port_range(1 - self.port_range)
+        if self.draining or not self.handover or not spare:
+            return
+        self.handover = False
+        log.warning("handover_abandoned", worker=self.index, waited_s=HANDOVER_TIMEOUT_S)
+        self._spare = self._watch(self._take_spare(spare[self.index]))
 
     def _on_hup(self) -> None:
         if self.group:
