@@ -228,10 +228,32 @@ def start_proxy(config_path: Path, port: int, gateway_port: int, log_path: Path,
     )
     try:
         wait_udp_bound(port)
+        wait_all_listening(config or {}, proc)
     except TimeoutError:
         proc.kill()
         raise RuntimeError(f"proxy did not start:\n{log_path.read_text()}") from None
     return ProxyProcess(config_path, port, gateway_port, proc, log_path, config or {})
+
+
+def wait_all_listening(config: dict, proc: subprocess.Popen[bytes], timeout: float = 30.0
+                       ) -> None:
+    """Wait until the supervisor's state file names it: every worker listens (a bound port
+    alone can be the start-up check's probe, or the first of several workers)."""
+    run_dir = config.get("runtime_dir")
+    if not run_dir:
+        return
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise TimeoutError("the proxy exited")
+        for state in Path(run_dir).glob("sip700-*.json"):
+            try:
+                if json.loads(state.read_text()).get("pid") == proc.pid:
+                    return
+            except (OSError, ValueError):
+                pass
+        time.sleep(0.05)
+    raise TimeoutError(f"no state file for pid {proc.pid} in {run_dir}")
 
 
 @dataclass
