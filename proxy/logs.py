@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import select
 import socket
 import stat
 import sys
@@ -38,10 +39,12 @@ class NonBlockingLineWriter:
         self._fd = fd
         self._sock: socket.socket | None = None
         self._write = self._plain_write
+        self._atomic = False  # a pipe: write whole lines of at most PIPE_BUF bytes
         try:
             mode = os.fstat(fd).st_mode
         except OSError:
             return
+        self._atomic = stat.S_ISFIFO(mode)
         if stat.S_ISSOCK(mode):
             self._sock = socket.socket(fileno=os.dup(fd))
             self._write = self._socket_write
@@ -96,8 +99,17 @@ class NonBlockingLineWriter:
         """Write what is waiting, as far as the descriptor takes it; True when nothing waits."""
         pending = self.pending
         while pending:
+            chunk = pending
+            if self._atomic and len(pending) > select.PIPE_BUF:
+                # whole lines, at most PIPE_BUF bytes: a pipe takes such a write whole or not
+                # at all, so another process writing to it (the supervisor and the other
+                # workers share stdout) never lands inside a line
+                cut = pending.rfind(b"\n", 0, select.PIPE_BUF) + 1
+                if cut == 0:  # one line longer than PIPE_BUF: it cannot be atomic
+                    cut = pending.find(b"\n") + 1 or len(pending)
+                chunk = pending[:cut]
             try:
-                n = self._write(pending)
+                n = self._write(chunk)
             except (BlockingIOError, InterruptedError):
                 return False
             except OSError:
@@ -106,6 +118,8 @@ class NonBlockingLineWriter:
             if n <= 0:
                 return False
             del pending[:n]
+            if n < len(chunk):
+                return False  # the descriptor is full for now
         return True
 
     def _flush_soon(self) -> None:

@@ -24,11 +24,14 @@ worker sent SIGTERM directly drains and is restarted (a rolling restart of one w
 from __future__ import annotations
 
 import contextlib
+import errno
+import ipaddress
 import json
 import os
 import shutil
 import signal
 import socket
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -107,8 +110,15 @@ def running_instance(cfg: Config) -> dict[str, Any] | None:
 # ---- ports -----------------------------------------------------------------------------------
 
 def port_held(transport: str, host: str, port: int) -> OSError | None:
-    """Whether a socket already holds transport:host:port (bound without SO_REUSEPORT, the
-    probe fails on every socket, even one that set it); the error, or None if free."""
+    """Whether a socket already holds transport:host:port; the error a bind would meet, or
+    None if free. Read from the kernel's socket tables (/proc/net), so that nothing watching
+    the port sees it bound for a moment; a test bind where they cannot be read."""
+    try:
+        held = _in_socket_tables(transport, host, port)
+    except OSError:
+        held = None
+    if held is not None:
+        return OSError(errno.EADDRINUSE, os.strerror(errno.EADDRINUSE)) if held else None
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     kind = socket.SOCK_DGRAM if transport == "udp" else socket.SOCK_STREAM
     with socket.socket(family, kind) as s:
@@ -119,6 +129,46 @@ def port_held(transport: str, host: str, port: int) -> OSError | None:
         except OSError as exc:
             return exc
     return None
+
+
+_TCP_LISTEN = "0A"
+
+
+def _in_socket_tables(transport: str, host: str, port: int) -> bool | None:
+    """Whether /proc/net/{udp,tcp}[6] lists a socket bound to host:port (TCP: listening),
+    counting wildcard binds on either side; None when the tables cannot be read."""
+    want = ipaddress.ip_address(host)
+    found_any_table = False
+    for suffix in ("", "6"):
+        path = Path(f"/proc/net/{transport}{suffix}")
+        try:
+            lines = path.read_text().splitlines()[1:]
+        except OSError:
+            continue
+        found_any_table = True
+        for line in lines:
+            fields = line.split()
+            if len(fields) < 4:
+                continue
+            address, _, port_hex = fields[1].partition(":")
+            if int(port_hex, 16) != port:
+                continue
+            if transport == "tcp" and fields[3] != _TCP_LISTEN:
+                continue
+            bound = _proc_address(address)
+            if bound.is_unspecified or want.is_unspecified or bound == want or (
+                    isinstance(bound, ipaddress.IPv6Address) and bound.ipv4_mapped == want):
+                return True
+    return False if found_any_table else None
+
+
+def _proc_address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """An address as /proc/net writes it: hex of 32-bit words in host byte order."""
+    raw = bytes.fromhex(text)
+    words = [raw[i:i + 4][::-1] if sys.byteorder == "little" else raw[i:i + 4]
+             for i in range(0, len(raw), 4)]
+    packed = b"".join(words)
+    return ipaddress.IPv4Address(packed) if len(packed) == 4 else ipaddress.IPv6Address(packed)
 
 
 def held_addresses(endpoints: list[ListenEndpoint]) -> list[str]:
@@ -228,6 +278,13 @@ class Supervisor:
     def run(self) -> int:
         """Fork the workers and supervise them until they have all stopped."""
         self.group = tempfile.mkdtemp(prefix="sip700-")  # the workers' relay sockets live here
+        # what every worker imports, imported once here: workers start sooner and share it
+        import prometheus_client  # noqa: F401
+        import uvloop  # noqa: F401
+
+        import proxy.core
+        import proxy.metrics
+        import proxy.transport  # noqa: F401
         old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED)
         try:
             for index in range(self.cfg.workers):

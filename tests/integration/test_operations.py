@@ -361,3 +361,23 @@ def _udp_held(port: int) -> bool:
     return False
 
 
+
+
+def test_a_worker_that_cannot_start_says_why(tmp_path: Path) -> None:
+    """Worker 0's metrics port is taken by another process: `worker_failed` names the address
+    and the errno; after five quick deaths the supervisor gives up with exit 1."""
+    port, gw_port = free_port(), free_port()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        mport = taken.getsockname()[1]
+        path, _ = write_config(tmp_path, port=port, gateway_port=gw_port, overrides={
+            "workers": 1, "metrics": {"listen": f"127.0.0.1:{mport}"}})
+        done = subprocess.run([sys.executable, "-m", "proxy", "run", "--config", str(path)],
+                              cwd=ROOT, capture_output=True, text=True, timeout=120,
+                              check=False)
+    assert done.returncode == 1, done.stdout[-3000:]
+    failed = [json.loads(ln) for ln in done.stdout.splitlines() if '"worker_failed"' in ln]
+    assert failed, done.stdout[-3000:]
+    assert failed[0]["errno"] == 98 and f"metrics 127.0.0.1:{mport}" in failed[0]["error"]
+    assert '"worker_cannot_start"' in done.stdout
