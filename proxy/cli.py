@@ -65,7 +65,9 @@ def cmd_run(args: argparse.Namespace) -> int:
                  skipped=len(check.problems))
         gc.collect()
         gc.freeze()  # the loaded bindings, shared with the workers: out of the collector's way
-    supervisor = Supervisor(cfg, path, dialog_key(cfg), check.store, takeover=args.takeover)
+    # the absolute path: `sip700 reload` from any directory finds the instance that runs it
+    supervisor = Supervisor(cfg, os.path.abspath(path), dialog_key(cfg), check.store,
+                            takeover=args.takeover)
     try:
         supervisor.prepare()
     except StartRefused as exc:
