@@ -278,6 +278,11 @@ class Worker:
                                      f"{ep.host}:{ep.port + self.index})") from None
 
     def _gateway_states(self) -> list[tuple[str, bool]]:
+        """(gateway, up) from the core: its own health view when it has one (gateway groups
+        with probing), else its back-off after a failure."""
+        states = getattr(self.core, "gateway_states", None)
+        if states is not None:
+            return [(name, bool(up)) for name, up in states()]
         now = time.monotonic()
         down = getattr(self.core, "_gw_down", {})  # the core's per-gateway back-off
         return [(str(target), down.get(i, 0.0) <= now)
