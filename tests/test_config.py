@@ -65,7 +65,7 @@ def test_default_example_loads_with_documented_values() -> None:
         ListenEndpoint("tcp", "127.0.0.1", 5060),
     )
     assert config.advertised == HostPort("127.0.0.1", 5060)
-    assert config.trusted_networks == (ipaddress.ip_network("127.0.0.0/8"),)
+    assert config.trusted_networks == (ipaddress.ip_network("127.0.0.1/32"),)
     assert config.carrier.targets == (SipTarget("sip", "127.0.0.1", 5090, "udp", ()),)
     assert config.store.backend == "memory"
     assert config.store.bindings_file == (CONFIG_DIR / "bindings.yaml").resolve()
