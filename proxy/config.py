@@ -282,6 +282,12 @@ def _check_reason(value: str) -> str:
     return value
 
 
+def _check_logger_name(value: str) -> str:
+    if not re.fullmatch(r"[A-Za-z_][\w]*(?:\.[A-Za-z_][\w]*)*", value):
+        raise ValueError(f"not a logger name such as sip700.calls ({_q(value)})")
+    return value
+
+
 def _check_nonblank_token(value: str) -> str:
     if not value or any(c.isspace() or ord(c) < 32 for c in value):
         raise ValueError(f"must be non-empty, without spaces or control characters ({_q(value)})")
@@ -316,10 +322,42 @@ def _base_dir(info: ValidationInfo) -> Path:
     return Path(context.get("base_dir") or Path.cwd())
 
 
+def available_cpus() -> int:
+    """CPUs this process may really use: its affinity mask, capped by a cgroup CPU quota
+    (a container's `--cpus`), not the host's core count."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    quota = _cgroup_cpu_quota()
+    if quota is not None:
+        cpus = min(cpus, max(1, int(quota + 0.999)))  # 1.5 CPUs → 2 workers
+    return max(1, cpus)
+
+
+def _cgroup_cpu_quota() -> float | None:
+    """The cgroup CPU quota in CPUs (v2 `cpu.max`, v1 `cpu.cfs_quota_us`), None if unlimited."""
+    try:  # cgroup v2: "max 100000" or "150000 100000"
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        pass
+    try:  # cgroup v1
+        base = Path("/sys/fs/cgroup/cpu,cpuacct")
+        if not base.is_dir():
+            base = Path("/sys/fs/cgroup/cpu")
+        quota_us = int((base / "cpu.cfs_quota_us").read_text())
+        period_us = int((base / "cpu.cfs_period_us").read_text())
+        return None if quota_us <= 0 else quota_us / period_us
+    except (OSError, ValueError):
+        return None
+
+
 def _auto_workers(value: Any) -> Any:
-    """`workers: auto` means one worker per CPU core of this machine."""
+    """`workers: auto` means one worker per CPU this process may use (affinity and cgroup
+    quota: in a container, its CPU limit, not the host's cores)."""
     if value == "auto":
-        return max(1, min(os.cpu_count() or 1, 1024))
+        return min(available_cpus(), 1024)
     return value
 
 
@@ -369,6 +407,12 @@ _GATEWAY_KEYS = ("uri", "priority", "weight")
 def _gateway_entry(value: Any) -> GatewayEntry:
     if isinstance(value, GatewayEntry):
         return value
+    if isinstance(value, tuple) and len(value) == 3:  # a dumped entry (model_dump): re-check
+        uri, priority, weight = value
+        value = {"uri": uri, "weight": weight} if priority is None else {
+            "uri": uri, "priority": priority, "weight": weight}
+        entry = _gateway_entry(value)
+        return entry if priority is not None else GatewayEntry(entry.uri, None, entry.weight)
     if isinstance(value, str):
         return GatewayEntry(_check_gateway(value))
     if not isinstance(value, dict):
@@ -812,9 +856,37 @@ class OverloadConfig(_Section):
     retry_after_s: Annotated[int, Strict(), Field(ge=0, le=3600)] = 2
 
 
+LogLevel = Literal["debug", "info", "warning", "error"]
+
+
 class LoggingConfig(_Section):
-    level: Literal["debug", "info", "warning", "error"] = "info"
-    format: Literal["json", "console"] = "json"
+    level: LogLevel = "info"
+    # auto: console (with colours) when stdout is a terminal, json otherwise
+    format: Literal["json", "console", "auto"] = "json"
+    # per logger (module): its own lowest level, e.g. {sip700.calls: warning}
+    levels: dict[Annotated[Str, AfterValidator(_check_logger_name)], LogLevel] = Field(
+        default_factory=dict)
+
+
+class ShutdownConfig(_Section):
+    """What SIGTERM does: stop taking new calls, let what is in progress finish, exit 0."""
+
+    # longest wait for transactions in progress; then the worker stops anyway
+    drain_s: NonNegativeFloat = 30.0
+    # reject: keep listening, answer new calls 503 with Retry-After (a peer retries elsewhere);
+    # close: stop listening on the shared SIP port at once (behind a load balancer or DNS SRV,
+    # which then sends new calls to another instance); the worker's own port stays open
+    mode: Literal["reject", "close"] = "reject"
+    retry_after_s: NonNegativeInt = 30
+    reason: Annotated[Str, AfterValidator(_check_reason)] = "Shutting Down"
+
+
+class HealthConfig(_Section):
+    """What /readyz requires besides a loaded config and a gateway that is up."""
+
+    # true declares cache-only mode: ready while the Redis store is unreachable (cached
+    # bindings keep routing; misses get store_unavailable)
+    ready_without_store: Bool = False
 
 
 class MetricsConfig(_Section):
@@ -972,6 +1044,12 @@ class Config(_Section):
     operator_keys: tuple[KeyHashStr, ...] = ()
     tenants: tuple[TenantConfig, ...] = ()
     audit: AuditConfig = AuditConfig()
+    shutdown: ShutdownConfig = ShutdownConfig()
+    health: HealthConfig = HealthConfig()
+    # where `sip700 run` keeps its state file (pid, live config), found by `sip700 reload`
+    # and `sip700 run --takeover`; null: $SIP700_RUNTIME_DIR, $XDG_RUNTIME_DIR/sip700 or
+    # /tmp/sip700-<uid>
+    runtime_dir: Path | None = None
 
     @field_validator("listen")
     @classmethod
@@ -1045,6 +1123,15 @@ class Config(_Section):
     @cached_property
     def worker_ports(self) -> tuple[int, ...]:
         """Each worker's own SIP port (worker i: worker_port_base + i); none with one worker."""
+        return self.worker_port_range(0)
+
+    def worker_port_range(self, which: int) -> tuple[int, ...]:
+        """Range 0 (worker_port_base + i) or range 1, the spare (worker_port_base + workers + i).
+
+        An instance writes one range into its Via and Record-Route and also serves the other:
+        an instance taking over (`sip700 run --takeover`) uses the range the running one does
+        not, so both can forward at once during the hand-over; none with one worker.
+        """
         if self.workers == 1:
             return ()
         base = self.transport.worker_port_base
@@ -1053,26 +1140,28 @@ class Config(_Section):
             # tls entry on 5061 next to udp/tcp on 5060)
             base = self.listen_endpoints[0].port + 1
             taken = {e.port for e in self.listen_endpoints}
-            while clash := [p for p in taken if base <= p < base + self.workers]:
+            # both ranges (this instance's and the spare one of a takeover)
+            while clash := [p for p in taken if base <= p < base + 2 * self.workers]:
                 base = max(clash) + 1
+        base += which * self.workers
         return tuple(range(base, base + self.workers))
 
     @cached_property
     def our_ports(self) -> frozenset[int]:
         """Every port a Route to this proxy may name: the listen ports, the advertised port and
-        each worker's own port."""
+        each worker's own ports (both ranges)."""
         return frozenset({e.port for e in self.listen_endpoints} | {self.advertised.port}
-                         | set(self.worker_ports))
+                         | set(self.worker_port_range(0)) | set(self.worker_port_range(1)))
 
     def port_problems(self) -> list[tuple[str, str]]:
         """(key path, problem) for worker ports the workers could not bind."""
-        ports = self.worker_ports
+        ports = self.worker_port_range(0) + self.worker_port_range(1)
         if not ports:
             return []
         key = "transport.worker_port_base"
         first, last = ports[0], ports[-1]
-        what = (f"the workers' own ports {first}..{last} (worker_port_base + 0..workers-1, "
-                f"workers: {self.workers}")
+        what = (f"the workers' own ports {first}..{last} (worker_port_base + 0..2*workers-1: "
+                f"a range in use and a spare one for a hand-over, workers: {self.workers}")
         unset = self.transport.worker_port_base is None
         what += "; unset, so past listen[0]'s port)" if unset else ")"
         if last > 65535:
@@ -1342,6 +1431,31 @@ def _validate(data: dict[str, Any], base_dir: Path, shown: str) -> tuple[Config 
     return None, problems
 
 
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def expand_environment(text: str, shown: str, env: typing.Mapping[str, str] | None = None
+                       ) -> tuple[str, list[str]]:
+    """`${NAME}` and `${NAME:-default}` replaced by the environment's value (containers set
+    `advertise`, `trusted_peers` … this way); an unset NAME without a default is a problem."""
+    env = os.environ if env is None else env
+    problems: list[str] = []
+
+    def value(m: re.Match[str]) -> str:
+        name, default = m.group(1), m.group(2)
+        got = env.get(name)
+        if got is None or (got == "" and default is not None):
+            if default is None:
+                line = text.count("\n", 0, m.start()) + 1
+                problems.append(f"{shown}: line {line}: environment variable {name} is not set "
+                                f"(write ${{{name}:-default}} to give a default)")
+                return ""
+            return default
+        return got
+
+    return _ENV_REF.sub(value, text), problems
+
+
 def load_config(path: str | Path) -> Config:
     """Read and validate a config file; raise ConfigError listing every problem found."""
     path = Path(path)
@@ -1352,6 +1466,17 @@ def load_config(path: str | Path) -> Config:
         raise ConfigError([f"{shown}: cannot read: {exc.strerror or exc}"]) from None
     except UnicodeDecodeError as exc:
         raise ConfigError([f"{shown}: not UTF-8 text (byte {exc.start})"]) from None
+    return load_config_text(text, path)
+
+
+def load_config_text(text: str, path: str | Path) -> Config:
+    """Validate the text of the config file at `path` (relative paths resolve against its
+    directory); raise ConfigError listing every problem found."""
+    path = Path(path)
+    shown = str(path)
+    text, problems = expand_environment(text, shown)
+    if problems:
+        raise ConfigError(problems)
     data, problems = _read_yaml(text, shown)
     if data is None and not problems:
         problems = [f"{shown}: the file is empty; expected a mapping of settings (see proxy.yaml)"]

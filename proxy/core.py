@@ -147,6 +147,9 @@ class CoreSettings:
     # takes TCP (`takes_tcp(host, port)`)
     large_request_bytes: int = 1300
     takes_tcp: Callable[[str, int], bool] = lambda host, port: False
+    # set while the worker drains (shutdown.mode reject): new calls get it with Retry-After
+    draining: FinalResponse | None = None
+    draining_retry_after_s: int = 0
 
 
 INVALID_TOKEN = FinalResponse(403, "Invalid Dialog Token")
@@ -587,6 +590,10 @@ class ProxyCore:
                         headers=[("Allow", "INVITE, ACK, CANCEL, BYE, OPTIONS, PRACK, UPDATE, "
                                   "INFO, REFER")])
             return
+        if s.draining is not None:  # shutting down: the caller tries another instance
+            self._count("rejected_draining")
+            self._reply(msg, s.draining.code, s.draining.reason, source, transport,
+                        headers=[("Retry-After", str(s.draining_retry_after_s))])
         if self.overloaded:
             self._count("calls_shed")
             r = s.overloaded
@@ -899,6 +906,16 @@ class ProxyCore:
         else:
             self.log("gateway_down", gateway=gw.uri, why="probe", detail=detail,
                      failed_probes=gw.fails)
+
+    def set_router(self, router: Router | None) -> None:
+        """New gateway groups (a reload): new calls use them; a call in progress keeps the
+        gateways it was given. A gateway that is in both keeps its health state only if the
+        caller passes the same object."""
+        self.router = router or _default_router(self.settings)
+        self._probed = probed_gateways(self.router, self.settings.probe)
+        self._probes.clear()
+        self._probe_due = 0.0 if self._probed else None
+        self.refresh_gateway_ips()
 
     def is_gateway_ip(self, ip: str) -> bool:
         """The far end of the trunk: an address a gateway has now (or had in the config)."""

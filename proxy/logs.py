@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import select
 import socket
 import stat
 import sys
@@ -38,10 +39,12 @@ class NonBlockingLineWriter:
         self._fd = fd
         self._sock: socket.socket | None = None
         self._write = self._plain_write
+        self._atomic = False  # a pipe: write whole lines of at most PIPE_BUF bytes
         try:
             mode = os.fstat(fd).st_mode
         except OSError:
             return
+        self._atomic = stat.S_ISFIFO(mode)
         if stat.S_ISSOCK(mode):
             self._sock = socket.socket(fileno=os.dup(fd))
             self._write = self._socket_write
@@ -96,8 +99,17 @@ class NonBlockingLineWriter:
         """Write what is waiting, as far as the descriptor takes it; True when nothing waits."""
         pending = self.pending
         while pending:
+            chunk = pending
+            if self._atomic and len(pending) > select.PIPE_BUF:
+                # whole lines, at most PIPE_BUF bytes: a pipe takes such a write whole or not
+                # at all, so another process writing to it (the supervisor and the other
+                # workers share stdout) never lands inside a line
+                cut = pending.rfind(b"\n", 0, select.PIPE_BUF) + 1
+                if cut == 0:  # one line longer than PIPE_BUF: it cannot be atomic
+                    cut = pending.find(b"\n") + 1 or len(pending)
+                chunk = pending[:cut]
             try:
-                n = self._write(pending)
+                n = self._write(chunk)
             except (BlockingIOError, InterruptedError):
                 return False
             except OSError:
@@ -106,6 +118,8 @@ class NonBlockingLineWriter:
             if n <= 0:
                 return False
             del pending[:n]
+            if n < len(chunk):
+                return False  # the descriptor is full for now
         return True
 
     def _flush_soon(self) -> None:
@@ -122,13 +136,17 @@ class NonBlockingLineWriter:
 class _LineLogger:
     """What structlog's logger factory hands out: every level writes one line."""
 
-    def __init__(self, writer: NonBlockingLineWriter) -> None:
+    def __init__(self, writer: NonBlockingLineWriter, name: str = "") -> None:
+        self.name = name
         self.msg = self.log = self.debug = self.info = self.warn = self.warning = \
             self.error = self.err = self.critical = self.fatal = self.failure = \
             self.exception = writer.write_line
 
 
 _writer: NonBlockingLineWriter | None = None
+_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
+           "warn": logging.WARNING, "error": logging.ERROR, "exception": logging.ERROR,
+           "critical": logging.CRITICAL, "fatal": logging.CRITICAL, "msg": logging.INFO}
 
 
 def flush() -> bool:
@@ -141,13 +159,64 @@ def records_dropped() -> int:
     return 0 if _writer is None else _writer.dropped
 
 
-def configure_logging(level: str = "info", fmt: str = "json") -> None:
-    """Configure structlog once for the process; cheap loggers, filtered by level up front."""
+def _level_number(level: str) -> int:
+    return getattr(logging, level.upper(), logging.INFO)
+
+
+def logger_level(name: str, level: str, levels: dict[str, str]) -> int:
+    """The lowest level logged for logger `name`: its own entry, its closest parent's
+    (`sip700.calls` inherits from `sip700`), else the global level."""
+    while True:
+        if name in levels:
+            return _level_number(levels[name])
+        if "." not in name:
+            return _level_number(level)
+        name = name.rsplit(".", 1)[0]
+
+
+def resolve_format(fmt: str, stream: object | None = None) -> tuple[str, bool]:
+    """(json or console, colours?) for `fmt`: auto means console on a terminal."""
+    stream = sys.stdout if stream is None else stream
+    try:
+        tty = bool(stream.isatty())  # type: ignore[attr-defined]
+    except (AttributeError, ValueError):
+        tty = False
+    if fmt == "auto":
+        fmt = "console" if tty else "json"
+    return fmt, tty
+
+
+def configure_logging(level: str = "info", fmt: str = "json",
+                      levels: dict[str, str] | None = None) -> None:
+    """Configure structlog once for the process; cheap loggers, filtered by level up front.
+
+    `fmt`: json, console (coloured when stdout is a terminal) or auto (console on a
+    terminal, json otherwise). `levels`: a level per logger name (`sip700.calls: warning`),
+    its children included; loggers are filtered up front at the lowest of all levels, then
+    per name.
+    """
     global _writer
+    fmt, tty = resolve_format(fmt)
     renderer: structlog.typing.Processor = (
-        structlog.processors.JSONRenderer() if fmt == "json" else structlog.dev.ConsoleRenderer()
+        structlog.processors.JSONRenderer() if fmt == "json"
+        else structlog.dev.ConsoleRenderer(colors=tty)
     )
-    processors: list[structlog.typing.Processor] = [
+    levels = dict(levels or {})
+    processors: list[structlog.typing.Processor] = []
+    if levels:
+        cache: dict[str, int] = {}
+
+        def by_logger(logger: object, method: str, event: dict) -> dict:
+            name = getattr(logger, "name", "")
+            floor = cache.get(name)
+            if floor is None:
+                floor = cache[name] = logger_level(name, level, levels)
+            if _LEVELS.get(method, logging.INFO) < floor:
+                raise structlog.DropEvent
+            return event
+
+        processors.append(by_logger)
+    processors += [
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
@@ -159,11 +228,20 @@ def configure_logging(level: str = "info", fmt: str = "json") -> None:
             sys.stdout.flush()  # anything printed before goes out first
         _writer = NonBlockingLineWriter(sys.stdout.fileno())
         os.register_at_fork(after_in_child=_writer.forget_pending)
-    logger = _LineLogger(_writer)
+    writer = _writer
+    loggers: dict[str, _LineLogger] = {}
+
+    def factory(*args: object) -> _LineLogger:
+        name = str(args[0]) if args else ""
+        logger = loggers.get(name)
+        if logger is None:
+            logger = loggers[name] = _LineLogger(writer, name)
+        return logger
+
+    lowest = min([_level_number(level), *(_level_number(v) for v in levels.values())])
     structlog.configure(
         processors=processors,
-        wrapper_class=structlog.make_filtering_bound_logger(
-            getattr(logging, level.upper(), logging.INFO)),
-        logger_factory=lambda *args: logger,
+        wrapper_class=structlog.make_filtering_bound_logger(lowest),
+        logger_factory=factory,
         cache_logger_on_first_use=True,
     )

@@ -1,62 +1,230 @@
-"""Prometheus metrics and a health endpoint, served from the proxy's own event loop.
+"""Prometheus metrics, /healthz and /readyz, served from each worker's own event loop.
 
-The core counts in a plain dict (an int add per event, nothing on the hot path); this module
-turns the dict into Prometheus counters only when scraped.
+Nothing here costs on the per-message path: the core counts in a plain dict (an int add per
+event), latencies are observed once per call into plain lists (no lock, no label lookup: one
+event loop owns them), and everything turns into Prometheus families only when scraped. Every
+series exists from the start (at 0), so a rate() or an alert has something to read before the
+first event.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
+import time
+from bisect import bisect_left
 from collections.abc import Callable, Iterator
+from typing import Any
 
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+)
 from prometheus_client.registry import Collector
 
-# name → (label name, [(label value, gauge value)])
-LabelledGauges = Callable[[], dict[str, tuple[str, list[tuple[str, int]]]]]
+# every counter the core and the transport keep, so that each series is there from the start
+KNOWN_COUNTERS = (
+    "acks_forwarded", "calls_routed", "calls_no_binding", "calls_not_a_party",
+    "calls_no_caller_number", "calls_store_unavailable", "calls_unreadable_body",
+    "calls_internal_error", "dropped_unroutable_ack", "forwarded_stateless",
+    "internal_errors", "invite_lifetime_exceeded", "invites_retired", "late_2xx_forwarded",
+    "leaks_scrubbed", "log_records_dropped", "lookup_deadline_expired", "malformed",
+    "oversize_dropped", "rejected_bad_token", "rejected_body", "rejected_dialog_expired",
+    "rejected_draining", "rejected_next_hop", "rejected_no_dialog", "rejected_not_middle_number",
+    "rejected_refer", "rejected_token_call_id", "rejected_untrusted", "relay_dropped",
+    "relay_errors", "relayed", "responses_dropped", "retransmissions_absorbed", "send_errors",
+    "tcp_output_overflow", "tcp_paused", "tcp_pending_dropped", "tcp_refused", "timer_c_fired",
+    "udp_errors",
+)
+# the outcomes of the call log (`outcome` of each `call` line)
+CALL_OUTCOMES = ("routed", "no binding", "not a party", "no caller number", "store unavailable",
+                 "unreadable body", "internal error")
+# seconds; the proxy's own decision time is sub-millisecond when all is well
+LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0)
+LAG_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 
-class CoreCollector(Collector):
-    """Exposes `core.stats` as `sip700_<name>_total` and live state as gauges."""
+class Histogram:
+    """A Prometheus histogram for one event loop: a bisect and two adds per observation."""
 
-    def __init__(self, stats: Callable[[], dict[str, int]], gauges: Callable[[], dict[str, int]],
-                 labelled: LabelledGauges | None = None):
+    __slots__ = ("bounds", "counts", "sum")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # the last one: +Inf
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1
+        self.sum += value
+
+    def family(self, name: str, doc: str) -> HistogramMetricFamily:
+        buckets = []
+        total = 0
+        for bound, count in zip((*self.bounds, float("inf")), self.counts, strict=True):
+            total += count
+            buckets.append(("+Inf" if bound == float("inf") else repr(bound), total))
+        return HistogramMetricFamily(name, doc, buckets=buckets, sum_value=self.sum)
+
+
+class WorkerMetrics:
+    """What one worker measures besides the core's counters."""
+
+    def __init__(self) -> None:
+        self.decision = Histogram(LATENCY_BUCKETS)  # INVITE in → forwarded or refused
+        self.lookup = Histogram(LATENCY_BUCKETS)  # binding lookup, cache hits included
+        self.store_resolve = Histogram(LATENCY_BUCKETS)  # lookups the store had to answer
+        self.loop_lag = Histogram(LAG_BUCKETS)
+        self.outcomes: dict[str, int] = dict.fromkeys(CALL_OUTCOMES, 0)
+
+    def call_log(self, log: Callable[..., None]) -> Callable[..., None]:
+        """Wrap the core's log function: each `call` line also feeds the histograms."""
+        decision, lookup, outcomes = self.decision.observe, self.lookup.observe, self.outcomes
+
+        def observed(event: str, **fields: Any) -> None:
+            if event == "call":
+                ms = fields.get("decision_ms")
+                if ms is not None:
+                    decision(ms / 1000)
+                ms = fields.get("lookup_ms")
+                if ms is not None and 0 <= ms < 600_000:  # no lookup made: no figure
+                    lookup(ms / 1000)
+                outcome = fields.get("outcome", "")
+                outcomes[outcome] = outcomes.get(outcome, 0) + 1
+            log(event, **fields)
+
+        return observed
+
+    async def watch_loop_lag(self, every: float = 0.25) -> None:
+        """How late the event loop wakes up: what every message waits on top of its work."""
+        while True:
+            start = time.monotonic()
+            await asyncio.sleep(every)
+            self.loop_lag.observe(max(0.0, time.monotonic() - start - every))
+
+
+class MeteredStore:
+    """The store, with the time of every lookup it had to answer itself (a cache miss on the
+    Redis store) observed; the synchronous cache path is the store's own method, untouched."""
+
+    def __init__(self, store: Any, histogram: Histogram) -> None:
+        self._store = store
+        self._histogram = histogram
+        self.resolve_cached = store.resolve_cached
+
+    async def resolve(self, x: str, caller: str) -> Any:
+        start = time.monotonic()
+        try:
+            return await self._store.resolve(x, caller)
+        finally:
+            self._histogram.observe(time.monotonic() - start)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+
+def store_gauges(store: Any) -> dict[str, float]:
+    """Store, cache and circuit-breaker state, for whichever backend this is."""
+    inner = getattr(store, "_store", store)
+    gauges: dict[str, float] = {}
+    breaker = getattr(inner, "breaker", None)
+    cache = getattr(inner, "cache", None)
+    if breaker is None:  # the memory store: always reachable
+        gauges["store_up"] = 1
+        try:
+            gauges["bindings_loaded"] = len(inner)
+        except TypeError:
+            pass
+        return gauges
+    state = getattr(breaker.state, "value", str(breaker.state))
+    gauges["store_circuit_open"] = 1 if state == "open" else 0
+    gauges["store_circuit_half_open"] = 1 if state == "half_open" else 0
+    channel_up = bool(getattr(cache, "trusted", False))
+    gauges["store_invalidation_channel_up"] = 1 if channel_up else 0
+    gauges["store_up"] = 1 if channel_up and state == "closed" else 0
+    if cache is not None:
+        gauges["store_cache_entries"] = len(cache)
+    return gauges
+
+
+class WorkerCollector(Collector):
+    """Exposes a worker: the core's counters, live state, latency histograms, store state."""
+
+    def __init__(self, stats: Callable[[], dict[str, int]],
+                 gauges: Callable[[], dict[str, float]],
+                 metrics: WorkerMetrics | None = None,
+                 gateways: Callable[[], list[tuple[str, bool]]] | None = None) -> None:
         self._stats = stats
         self._gauges = gauges
-        self._labelled = labelled
+        self._metrics = metrics
+        self._gateways = gateways
 
-    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
-        for name, value in sorted(self._stats().items()):
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily
+                                  | HistogramMetricFamily]:
+        stats = dict.fromkeys(KNOWN_COUNTERS, 0)
+        stats.update(self._stats())
+        for name, value in sorted(stats.items()):
             yield CounterMetricFamily(f"sip700_{name}", f"sip700 {name.replace('_', ' ')}",
                                       value=value)
         for name, value in sorted(self._gauges().items()):
             yield GaugeMetricFamily(f"sip700_{name}", f"sip700 {name.replace('_', ' ')}",
                                     value=value)
-        if self._labelled is not None:
-            for name, (label, series) in sorted(self._labelled().items()):
-                family = GaugeMetricFamily(f"sip700_{name}", f"sip700 {name.replace('_', ' ')}",
-                                           labels=[label])
-                for key, value in series:
-                    family.add_metric([key], value)
-                yield family
+        m = self._metrics
+        if m is not None:
+            calls = CounterMetricFamily("sip700_calls", "initial INVITEs by outcome",
+                                        labels=["outcome"])
+            for outcome, value in sorted(m.outcomes.items()):
+                calls.add_metric([outcome.replace(" ", "_")], value)
+            yield calls
+            yield m.decision.family("sip700_call_decision_seconds",
+                                    "INVITE received to forwarded or refused, per call")
+            yield m.lookup.family("sip700_binding_lookup_seconds",
+                                  "binding lookup (cache hits included), per call")
+            yield m.store_resolve.family("sip700_store_resolve_seconds",
+                                         "lookups the store answered itself (cache misses)")
+            yield m.loop_lag.family("sip700_event_loop_lag_seconds",
+                                    "how late the event loop wakes up (sampled every 0.25 s)")
+        if self._gateways is not None:
+            up = GaugeMetricFamily("sip700_gateway_up", "1 unless the gateway is marked down "
+                                   "after a failure", labels=["gateway"])
+            for gateway, ok in self._gateways():
+                up.add_metric([gateway], 1 if ok else 0)
+            yield up
+
+
+# kept for callers of the earlier name
+CoreCollector = WorkerCollector
 
 
 async def serve_metrics(host: str, port: int, registry: CollectorRegistry,
-                        healthy: Callable[[], bool]) -> asyncio.base_events.Server:
-    """GET /metrics (Prometheus text format) and GET /health (200 ok / 503)."""
+                        ready: Callable[[], tuple[bool, dict[str, Any]]],
+                        *, reuse_port: bool = True) -> asyncio.base_events.Server:
+    """GET /metrics (Prometheus text), /healthz (the process answers), /readyz (200 when it
+    should get calls, 503 with the reasons otherwise; JSON); /health is /readyz's old name.
+
+    SO_REUSEPORT: an instance taking over binds the same port while the old one drains.
+    """
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             request = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=5)
             path = request.split(b" ", 2)[1] if request.count(b" ") >= 2 else b"/"
-            if path.startswith(b"/metrics"):
+            path = path.split(b"?", 1)[0]
+            if path == b"/metrics":
                 status, body = b"200 OK", generate_latest(registry)
                 ctype = b"text/plain; version=0.0.4"
-            elif path.startswith(b"/health"):
-                ok = healthy()
+            elif path == b"/healthz":
+                status, body, ctype = b"200 OK", b"ok\n", b"text/plain"
+            elif path in (b"/readyz", b"/health"):
+                ok, detail = ready()
                 status = b"200 OK" if ok else b"503 Service Unavailable"
-                body, ctype = (b"ok\n" if ok else b"unhealthy\n"), b"text/plain"
+                if path == b"/health":  # the old endpoint's plain answer
+                    body, ctype = (b"ok\n" if ok else b"unhealthy\n"), b"text/plain"
+                else:
+                    body = (json.dumps({"ready": ok, **detail}) + "\n").encode()
+                    ctype = b"application/json"
             else:
                 status, body, ctype = b"404 Not Found", b"not found\n", b"text/plain"
             writer.write(b"HTTP/1.1 " + status + b"\r\nContent-Type: " + ctype
@@ -69,4 +237,4 @@ async def serve_metrics(host: str, port: int, registry: CollectorRegistry,
         finally:
             writer.close()
 
-    return await asyncio.start_server(handle, host, port)
+    return await asyncio.start_server(handle, host, port, reuse_port=reuse_port)

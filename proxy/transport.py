@@ -424,6 +424,9 @@ class ProxyServer:
         self.worker_port = worker_port
         self.own_udp: dict[int, asyncio.DatagramTransport] = {}
         self.tcp_servers: list[asyncio.base_events.Server] = []
+        self.shared_tcp_servers: list[asyncio.base_events.Server] = []  # on the listen ports
+        self.spare_udp: list[asyncio.DatagramTransport] = []  # the spare range (see bind_spare)
+        self._own_tcp_servers: list[asyncio.base_events.Server] = []
         self.tcp_connections: dict[tuple[str, int], _TcpConnection] = {}
         self.tcp_accepted = 0  # accepted connections holding a place under the caps
         self.tcp_per_source: dict[str, int] = {}
@@ -436,9 +439,6 @@ class ProxyServer:
         self.relay_group = relay_group
         # a random key unless the supervisor gives one (all workers must share it)
         self._call_id_hasher = call_id_hasher(relay_key or os.urandom(32))
-        is_trusted = core.settings.is_trusted
-        # whose requests go to their Call-ID's owner; anyone else's are refused where they land
-        self._relays_from = lambda host: core.is_gateway_ip(host) or is_trusted(host)
         self._relay_server: asyncio.base_events.Server | None = None
         self._outboxes: dict[int, _RelayOutbox] = {}
         # TLS: accepted connections (tls: listen entries), connections we open (TLS gateways
@@ -447,6 +447,12 @@ class ProxyServer:
         self.tls_client = tls_client
         self.tls_handshake_timeout = tls_handshake_timeout
         self.tls_server_names = tls_server_names or {}
+
+    def _relays_from(self, host: str) -> bool:
+        """Whose requests go to their Call-ID's owner; anyone else's are refused where they
+        land. Read from the core's settings of the moment (a reload may change them)."""
+        s = self.core.settings
+        return self.core.is_gateway_ip(host) or s.is_trusted(host)
 
     # ---- bookkeeping ---------------------------------------------------------------------------
     def count(self, name: str, n: int = 1) -> None:
@@ -506,17 +512,21 @@ class ProxyServer:
                         lambda: _TcpConnection(self), host, self.worker_port,
                         reuse_address=True)
                     self.tcp_servers.append(server)
+                    self._own_tcp_servers.append(server)
         for transport, host, port in self.listen:
             if transport == "udp":
                 family, udp = await self._open_udp(host, port, own=False)
                 self.udp.setdefault(family, udp)
             else:
-                # tls: a plain TCP accept, admitted under the caps, then the handshake
+                # tls: a plain TCP accept, admitted under the caps, then the handshake;
+                # SO_REUSEPORT even with one worker: an instance taking over (`run
+                # --takeover`) binds next to this one (`run` refuses a port held otherwise)
                 tls = transport == "tls"
                 server = await self.loop.create_server(
                     lambda tls=tls: _TcpConnection(self, tls=tls), host, port,
-                    reuse_address=True, reuse_port=self.worker_count > 1)
+                    reuse_address=True, reuse_port=True)
                 self.tcp_servers.append(server)
+                self.shared_tcp_servers.append(server)
         if self.worker_count > 1:
             self._relay_server = await self.loop.create_unix_server(
                 lambda: _RelayInbox(self), relay_address(self.relay_group, self.worker_index))
@@ -527,7 +537,7 @@ class ProxyServer:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_DGRAM)
         try:
-            if not own and self.worker_count > 1:  # every worker binds it; the kernel spreads
+            if not own:  # every worker binds it (the kernel spreads), and a takeover's too
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.udp_rcvbuf)
@@ -540,10 +550,45 @@ class ProxyServer:
             lambda: (_OwnUdpEndpoint if own else _UdpEndpoint)(self), sock=sock)
         return family, udp
 
+    async def bind_spare(self, port: int) -> None:
+        """Also serve `port` (the spare worker-port range) like this worker's own port, without
+        sending from it: Record-Routes of calls set up by the instance before (or after) this
+        one name it. OSError while another instance still holds it."""
+        for transport, host in dict.fromkeys((t, h) for t, h, _ in self.listen):
+            if transport == "udp":
+                _, udp = await self._open_udp(host, port, own=True)
+                self.spare_udp.append(udp)
+            else:
+                server = await self.loop.create_server(
+                    lambda: _TcpConnection(self), host, port, reuse_address=True)
+                self.tcp_servers.append(server)
+
+    def release_spare(self) -> None:
+        """Give the spare range back (an instance taking over will use it)."""
+        for udp in self.spare_udp:
+            udp.close()
+        self.spare_udp.clear()
+        spare = {s for s in self.tcp_servers if s not in self.shared_tcp_servers} - set(
+            self._own_tcp_servers)
+        for server in spare:
+            server.close()
+            self.tcp_servers.remove(server)
+
+    def close_shared(self) -> None:
+        """Stop listening on the shared SIP port (draining behind a load balancer, or handing
+        over to another instance); the worker's own port keeps serving what is in progress.
+        Responses then leave from the worker's own port."""
+        for udp in self.udp.values():
+            udp.close()
+        self.udp = dict(self.own_udp)
+        for server in self.shared_tcp_servers:
+            server.close()
+        self.shared_tcp_servers.clear()
+
     async def close(self) -> None:
         if self._ticker is not None:
             self._ticker.cancel()
-        for udp in (*self.udp.values(), *self.own_udp.values()):
+        for udp in (*self.udp.values(), *self.own_udp.values(), *self.spare_udp):
             udp.close()
         if self._relay_server is not None:
             self._relay_server.close()

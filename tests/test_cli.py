@@ -48,7 +48,7 @@ def test_check_config_accepts_the_example_configs(name: str) -> None:
     path = ROOT / "config" / name
     done = sip700("check-config", str(path))
     assert done.returncode == 0, done.stdout + done.stderr
-    assert done.stdout.strip() == f"{path}: OK"
+    assert done.stdout.strip().startswith(f"{path}: OK"), done.stdout
 
 
 def test_check_config_accepts_a_minimal_config(tmp_path: Path) -> None:
@@ -138,7 +138,7 @@ def test_check_config_refuses_worker_ports_on_a_listen_port(tmp_path: Path) -> N
     assert done.returncode == 1, done.stdout
     lines = done.stdout.splitlines()
     assert len(lines) == 1 and lines[0].startswith(
-        f"{path}: transport.worker_port_base: the workers' own ports 5998..5999"), done.stdout
+        f"{path}: transport.worker_port_base: the workers' own ports 5998..6001"), done.stdout
     assert "overlap listen port 5999" in lines[0]
 
 

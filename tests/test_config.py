@@ -20,6 +20,7 @@ from proxy.config import (
     HostPort,
     ListenEndpoint,
     SipTarget,
+    available_cpus,
     check_config,
     load_config,
     parse_listen,
@@ -65,7 +66,7 @@ def test_default_example_loads_with_documented_values() -> None:
         ListenEndpoint("tcp", "127.0.0.1", 5060),
     )
     assert config.advertised == HostPort("127.0.0.1", 5060)
-    assert config.trusted_networks == (ipaddress.ip_network("127.0.0.0/8"),)
+    assert config.trusted_networks == (ipaddress.ip_network("127.0.0.1/32"),)
     assert config.carrier.targets == (SipTarget("sip", "127.0.0.1", 5090, "udp", ()),)
     assert config.store.backend == "memory"
     assert config.store.bindings_file == (CONFIG_DIR / "bindings.yaml").resolve()
@@ -563,7 +564,7 @@ def test_several_problems_reported_at_once(config_dir: Path) -> None:
 
 def test_workers_auto_means_one_per_core(config_dir: Path) -> None:
     path = write(config_dir, {**MINIMAL, "workers": "auto"})
-    assert load_config(path).workers == (os.cpu_count() or 1)
+    assert load_config(path).workers == available_cpus()
 
 
 # --- each worker's own port -----------------------------------------------------------------
@@ -574,8 +575,9 @@ def test_worker_ports_follow_the_first_listen_port_by_default(config_dir: Path) 
                                             "listen": ["udp:127.0.0.1:5060", "tcp:127.0.0.1:5060"],
                                             "advertise": "192.0.2.1:5080"}))
     assert config.worker_ports == (5061, 5062, 5063)
+    assert config.worker_port_range(1) == (5064, 5065, 5066)  # the spare, for a hand-over
     # a Route naming any of them, the listen port or the advertised port is one to us
-    assert config.our_ports == frozenset({5060, 5080, 5061, 5062, 5063})
+    assert config.our_ports == frozenset({5060, 5080, *range(5061, 5067)})
 
 
 def test_default_worker_ports_skip_listen_ports(config_dir: Path) -> None:
@@ -592,20 +594,24 @@ def test_worker_port_base_sets_the_range_and_one_worker_has_none(config_dir: Pat
     assert load_config(write(config_dir, {**base, "workers": 1})).worker_ports == ()
 
 
+RANGES = ("(worker_port_base + 0..2*workers-1: a range in use and a spare one for a hand-over, "
+          "workers: 2")
+
+
 @pytest.mark.parametrize(("changes", "what"), [
     # the default range (past listen[0]'s port) cannot pass 65535
     ({"listen": ["udp:127.0.0.1:65534"]},
-     "the workers' own ports 65535..65536 (worker_port_base + 0..workers-1, workers: 2; unset, "
-     "so past listen[0]'s port) pass 65535"),
+     "the workers' own ports 65535..65538 " + RANGES + "; unset, so past listen[0]'s port) "
+     "pass 65535"),
     ({"transport": {"worker_port_base": 5059}},
-     "the workers' own ports 5059..5060 (worker_port_base + 0..workers-1, workers: 2) overlap "
-     "listen port 5060"),
-    ({"transport": {"worker_port_base": 65535}},
-     "the workers' own ports 65535..65536 (worker_port_base + 0..workers-1, workers: 2) pass "
-     "65535"),
+     "the workers' own ports 5059..5062 " + RANGES + ") "
+     "overlap listen port 5060"),
+    ({"transport": {"worker_port_base": 65533}},
+     "the workers' own ports 65533..65536 " + RANGES + ") "
+     "pass 65535"),
     ({"transport": {"worker_port_base": 9000}, "metrics": {"listen": "127.0.0.1:9001"}},
-     "the workers' own ports 9000..9001 (worker_port_base + 0..workers-1, workers: 2) overlap "
-     "the metrics ports 9001..9002"),
+     "the workers' own ports 9000..9003 " + RANGES + ") "
+     "overlap the metrics ports 9001..9002"),
 ])
 def test_worker_port_range_clashes_are_refused(config_dir: Path, changes: dict, what: str
                                                ) -> None:

@@ -35,3 +35,36 @@ def test_records_of_one_loop_pass_go_out_in_one_write() -> None:
     finally:
         os.close(read_fd)
         os.close(write_fd)
+
+
+def test_per_logger_levels_and_the_console_format() -> None:
+    """A real process: `logging.levels` drops one logger's lines below its own level while the
+    others keep the global level; `auto` renders JSON when stdout is not a terminal."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    script = (
+        "import structlog\n"
+        "from proxy.logs import configure_logging\n"
+        "import sys\n"
+        "configure_logging('info', sys.argv[1], {'sip700.calls': 'warning', "
+        "'sip700.transport': 'debug'})\n"
+        "structlog.get_logger('sip700.calls').info('call_info')\n"
+        "structlog.get_logger('sip700.calls').warning('call_warning')\n"
+        "structlog.get_logger('sip700.transport').debug('transport_debug')\n"
+        "structlog.get_logger('sip700').debug('main_debug')\n"
+        "structlog.get_logger('sip700').info('main_info')\n"
+    )
+    for fmt in ("auto", "console"):
+        done = subprocess.run([sys.executable, "-c", script, fmt], cwd=root, capture_output=True,
+                              text=True, timeout=30, check=True)
+        out = done.stdout
+        assert "call_info" not in out and "call_warning" in out, out
+        assert "transport_debug" in out and "main_debug" not in out and "main_info" in out, out
+        lines = out.strip().splitlines()
+        if fmt == "auto":  # not a terminal: JSON
+            assert all(line.startswith("{") for line in lines), out
+        else:  # console, without colours off a terminal
+            assert not any(line.startswith("{") for line in lines) and "\x1b[" not in out, out

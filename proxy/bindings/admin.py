@@ -191,17 +191,109 @@ def cmd_bindings(args: argparse.Namespace) -> int:
 
     async def run() -> int:
         store = open_store(cfg)
+        unreachable = _watch_unreachable_x(store, cfg.middle_number_regex)
         try:
             command = argparse.Namespace(**vars(args))
             command.command = args.bindings_command
-            return await run_command(store, command)
-        except (InvalidBinding, BindingConflict, StoreUnavailable) as exc:
-            print(f"error: {exc}", file=sys.stderr)
+            code = await run_command(store, command)
+        except InvalidBinding as exc:
+            print(f"error: {_unmasked(exc, args)}", file=sys.stderr)
+            return 1
+        except BindingConflict as exc:
+            print(f"error: {await _conflict_detail(store, exc, args)}", file=sys.stderr)
+            return 1
+        except StoreUnavailable as exc:
+            print(f"error: {_store_detail(exc, cfg)}", file=sys.stderr)
             return 1
         finally:
             await store.close()
+        if unreachable:
+            shown = ", ".join(sorted(unreachable)[:5]) + (" ..." if len(unreachable) > 5 else "")
+            print(f"warning: {len(unreachable)} x never match middle_number_pattern "
+                  f"{cfg.middle_number_pattern!r} ({shown}): no call can reach them",
+                  file=sys.stderr)
+        return code
 
     return asyncio.run(run())
+
+
+# -- what an admin is told when a command fails (the admin's own input is shown as typed) ---
+
+
+def _watch_unreachable_x(store: Any, pattern: Any) -> set[str]:
+    """Collect the X of every binding written that `middle_number_pattern` never matches."""
+    seen: set[str] = set()
+    for name in ("bind", "bind_many"):
+        method = getattr(store, name, None)
+        if method is None:
+            continue
+
+        async def watched(arg: Any, *rest: Any, _method: Any = method) -> Any:
+            for binding in arg if isinstance(arg, list) else [arg]:
+                if pattern.search(binding.x) is None:
+                    seen.add(binding.x)
+            return await _method(arg, *rest)
+
+        setattr(store, name, watched)
+    return seen
+
+
+def _unmasked(exc: Exception, args: argparse.Namespace) -> str:
+    """A number the admin typed is shown as typed (files and logs mask it)."""
+    message = str(exc)
+    for field in ("x", "a", "b"):
+        if message.startswith(f"{field} ") and message.endswith("is not a phone number"):
+            typed = getattr(args, field, None)
+            if typed is not None:
+                return (f"{field} {typed!r} is not a phone number (a national mobile such as "
+                        "13800000001, or +86/0086 forms of it; x: 700 and 12 digits)")
+    return message
+
+
+async def _conflict_detail(store: Any, exc: BindingConflict, args: argparse.Namespace) -> str:
+    """Which number is already bound on X, and to whom."""
+    x, parties = getattr(args, "x", None), [getattr(args, k, None) for k in ("a", "b")]
+    try:
+        live = await store.get(x) if x else []
+    except Exception:
+        live = []
+    from proxy.numbers import normalize_number
+
+    wanted = {normalize_number(p) or p for p in parties if p}
+    for binding in live:
+        taken = wanted.intersection(binding.parties())
+        if taken:
+            other = [p for p in binding.parties() if p not in taken]
+            left = max(0, round(binding.expires_at - time.time()))
+            return (f"{', '.join(sorted(taken))} is already bound on x {binding.x} "
+                    f"({binding.kind} binding with {', '.join(other) or 'no b'}, {left} s left): "
+                    "a number is party to one binding per x; remove it first with "
+                    f"sip700 unbind --x {binding.x} --number {sorted(taken)[0]}")
+        if binding.kind == AXN or (binding.kind == AXB and args.bindings_command == "bind-axn"):
+            return (f"x {binding.x} already carries an {binding.kind} binding (a {binding.a}): "
+                    "an axn x carries nothing else")
+    return str(exc)
+
+
+def _store_detail(exc: Exception, cfg: Any) -> str:
+    """The store's failure with where it was looked for and the system's reason."""
+    cause: BaseException | None = exc
+    while cause is not None and type(cause).__name__ == "StoreUnavailable":
+        cause = cause.__cause__ or cause.__context__
+    url = cfg.store.redis_url
+    if "@" in url:  # never print a password
+        scheme, _, rest = url.partition("://")
+        url = f"{scheme}://***@{rest.rsplit('@', 1)[1]}"
+    where = f"store.redis_url {url}"
+    if cfg.store.sentinel is not None:
+        where += f", sentinels {', '.join(cfg.store.sentinel.addresses)}"
+    if cfg.store.cluster is not None:
+        where += f", cluster nodes {', '.join(cfg.store.cluster.startup_nodes)}"
+    reason = f"{type(cause).__name__}: {cause}" if cause is not None else str(exc)
+    errno = getattr(cause, "errno", None)
+    if errno:
+        reason += f" (errno {errno})"
+    return f"the binding store did not answer ({where}): {reason}"
 
 
 async def run_command(store: BindingStore, args: argparse.Namespace) -> int:
@@ -218,8 +310,12 @@ async def run_command(store: BindingStore, args: argparse.Namespace) -> int:
         print(json.dumps({"removed": removed}))
         return 0 if removed else 1
     elif command == "get":
-        for binding in await get(store, args.x):
+        found = await get(store, args.x)
+        for binding in found:
             print(binding_json(binding))
+        if not found:
+            print(f"no live binding on x {args.x}", file=sys.stderr)
+            return 1
     elif command == "list":
         for binding in await list_bindings(store, args.prefix, args.limit):
             print(binding_json(binding))

@@ -194,6 +194,8 @@ def write_config(
         "middle_number_pattern": r"^700\d{12}$",
         "privacy": {"dialog_key": TEST_DIALOG_KEY},
         "logging": {"level": "debug"},
+        # the state file (`sip700 reload`, `run --takeover`) in the test's own directory
+        "runtime_dir": str(tmp / "run"),
     }
     for key, value in (overrides or {}).items():
         if isinstance(value, dict) and isinstance(config.get(key), dict):
@@ -202,8 +204,9 @@ def write_config(
             config[key] = value
     transport = config.setdefault("transport", {})
     if isinstance(transport, dict) and "worker_port_base" not in transport:
-        # each worker's own port: a free range of its own, or tests side by side collide
-        transport["worker_port_base"] = free_port_range(config_workers(config))
+        # each worker's own ports (a range in use and the spare one for a hand-over): a free
+        # range of their own, or tests side by side collide
+        transport["worker_port_base"] = free_port_range(2 * config_workers(config))
     path = tmp / "proxy.yaml"
     path.write_text(yaml.safe_dump(config))
     if redis_prefix is not None:
@@ -243,10 +246,32 @@ def start_proxy(config_path: Path, port: int, gateway_port: int, log_path: Path,
             wait_tcp_listening(port, timeout=20)
         else:
             wait_udp_bound(port)
+        wait_all_listening(config or {}, proc)
     except TimeoutError:
         proc.kill()
         raise RuntimeError(f"proxy did not start:\n{log_path.read_text()}") from None
     return ProxyProcess(config_path, port, gateway_port, proc, log_path, config or {})
+
+
+def wait_all_listening(config: dict, proc: subprocess.Popen[bytes], timeout: float = 30.0
+                       ) -> None:
+    """Wait until the supervisor's state file names it: every worker listens (a bound port
+    alone can be the start-up check's probe, or the first of several workers)."""
+    run_dir = config.get("runtime_dir")
+    if not run_dir:
+        return
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise TimeoutError("the proxy exited")
+        for state in Path(run_dir).glob("sip700-*.json"):
+            try:
+                if json.loads(state.read_text()).get("pid") == proc.pid:
+                    return
+            except (OSError, ValueError):
+                pass
+        time.sleep(0.05)
+    raise TimeoutError(f"no state file for pid {proc.pid} in {run_dir}")
 
 
 @dataclass
@@ -297,14 +322,16 @@ def _parse_counts(workdir: Path, scenario: str, port: int) -> tuple[int, int]:
 @contextlib.contextmanager
 def sipp_server(scenario: str, port: int, workdir: Path, *, calls: int = 0,
                 csv: Path | None = None, transport: str = "u1",
-                extra: list[str] | None = None) -> Iterator[subprocess.Popen[bytes]]:
+                extra: list[str] | None = None, local_ip: str = "127.0.0.1",
+                ) -> Iterator[subprocess.Popen[bytes]]:
     """A SIPp UAS (or any scenario that waits for traffic) in the background."""
     args = sipp_args(scenario, remote=None, local_port=port, calls=calls or 1000000,
-                     csv=csv, transport=transport, extra=extra, workdir=workdir)
+                     csv=csv, transport=transport, extra=extra, workdir=workdir,
+                     local_ip=local_ip)
     out = (workdir / f"{scenario}.{port}.out").open("wb")
     proc = subprocess.Popen(args, cwd=workdir, stdout=out, stderr=subprocess.STDOUT)
     try:
-        wait_udp_bound(port) if transport.startswith("u") else time.sleep(0.5)
+        wait_udp_bound(port, local_ip) if transport.startswith("u") else time.sleep(0.5)
         yield proc
     finally:
         if proc.poll() is None:

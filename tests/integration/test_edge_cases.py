@@ -329,7 +329,9 @@ def test_dialog_survives_a_proxy_restart(
     callee_log = tmp_path / "callee_messages.log"
     with sipp_server(CALLEE, proxy.gateway_port, tmp_path,
                      extra=[*callee_keys(B, X), "-trace_msg", "-message_file", str(callee_log)]):
-        caller, caller_port, caller_log = _start_caller(proxy, tmp_path, hold_ms=4000)
+        # held long enough for a stop and a start that waits for every worker (and, on
+        # Redis, imports the bindings again) on a busy machine
+        caller, caller_port, caller_log = _start_caller(proxy, tmp_path, hold_ms=10000)
         _wait_for(caller_log, r"^ACK sip:", caller)
         first_pid = proxy.proc.pid
         assert proxy.stop() in (0, -15)

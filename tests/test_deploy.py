@@ -1,0 +1,102 @@
+"""The deploy/ folder stays true to the code: dashboards and alerts name metrics that exist,
+the lock file pins every dependency the package declares, the container config is valid."""
+
+from __future__ import annotations
+
+import json
+import re
+import tomllib
+from pathlib import Path
+
+import yaml
+from packaging.requirements import Requirement
+from prometheus_client import CollectorRegistry, generate_latest
+
+from proxy.bindings.memory import MemoryStore
+from proxy.config import load_config
+from proxy.metrics import WorkerCollector, WorkerMetrics, store_gauges
+
+ROOT = Path(__file__).resolve().parents[1]
+DEPLOY = ROOT / "deploy"
+
+
+def exposed_names() -> set[str]:
+    """Every sample name a worker exposes (memory store; the Redis store's gauges added)."""
+
+    class FakeRedisStore:
+        class breaker:  # stands in for the store's attribute of that name
+            state = "closed"
+
+        cache = ()
+
+    registry = CollectorRegistry()
+    registry.register(WorkerCollector(
+        lambda: {}, lambda: {"server_transactions": 0, "client_transactions": 0,
+                             "tcp_connections": 0, "config_generation": 1, "draining": 0,
+                             "ready": 1, **store_gauges(MemoryStore()),
+                             **store_gauges(FakeRedisStore())},
+        WorkerMetrics(), lambda: [("sip:127.0.0.1:5090;transport=udp", True)]))
+    text = generate_latest(registry).decode()
+    return {line.split("{")[0].split(" ")[0] for line in text.splitlines()
+            if line and not line.startswith("#")}
+
+
+def used_names(text: str) -> set[str]:
+    return set(re.findall(r"\bsip700_[a-z0-9_]+", text))
+
+
+def test_dashboard_and_alerts_use_metrics_that_exist() -> None:
+    exposed = exposed_names()
+    dashboard = (DEPLOY / "grafana" / "sip700.json").read_text()
+    json.loads(dashboard)
+    alerts = (DEPLOY / "prometheus" / "alerts.yml").read_text()
+    yaml.safe_load(alerts)
+    missing = {name for name in used_names(dashboard) | used_names(alerts)
+               if name not in exposed} - {"sip700"}
+    assert not missing, f"not exposed by a worker: {sorted(missing)}"
+
+
+def test_every_counter_exists_from_the_start() -> None:
+    exposed = exposed_names()
+    for name in ("sip700_calls_routed_total", "sip700_calls_store_unavailable_total",
+                 "sip700_internal_errors_total", "sip700_call_decision_seconds_bucket",
+                 "sip700_event_loop_lag_seconds_count", "sip700_gateway_up",
+                 "sip700_store_up", "sip700_config_generation"):
+        assert name in exposed
+
+
+def test_the_lock_file_pins_every_dependency_the_package_declares() -> None:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    pins = {}
+    for line in (DEPLOY / "constraints.txt").read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            req = Requirement(line)
+            pins[req.name.lower().replace("_", "-")] = req
+    for text in project["dependencies"]:
+        declared = Requirement(text)
+        pin = pins.get(declared.name.lower().replace("_", "-"))
+        assert pin is not None, f"{declared.name} is not in deploy/constraints.txt"
+        (version,) = [s.version for s in pin.specifier if s.operator == "=="]
+        assert declared.specifier.contains(version), (declared, version)
+        for extra in declared.extras:  # redis[hiredis]
+            assert extra in pins, f"{extra} (extra of {declared.name}) is not pinned"
+
+
+def test_the_container_config_is_valid_and_listens_everywhere(monkeypatch) -> None:
+    monkeypatch.setenv("SIP700_TRUSTED_PEERS", "10.0.0.0/8, 192.168.1.0/24")
+    monkeypatch.setenv("SIP700_ADVERTISE", "192.0.2.10")
+    monkeypatch.setenv("SIP700_WORKERS", "2")
+    cfg = load_config(DEPLOY / "container.yaml")
+    assert {e.host for e in cfg.listen_endpoints} == {"0.0.0.0"}
+    assert cfg.trusted_peers == ("10.0.0.0/8", "192.168.1.0/24")
+    assert str(cfg.advertised) == "192.0.2.10:5060" and cfg.workers == 2
+
+
+def test_the_compose_file_mounts_configs_that_exist() -> None:
+    compose = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())
+    for name, service in compose["services"].items():
+        for volume in service.get("volumes", []):
+            source = volume.split(":")[0]
+            if source.startswith("."):
+                assert (DEPLOY / source).exists(), f"{name}: {source}"
