@@ -78,6 +78,8 @@ def build_core(cfg: Config, key: bytes, index: int = 0, count: int = 1) -> Any:
         retry_after_s=cfg.store.retry_after_s,
         no_binding=FinalResponse(r.no_binding.code, r.no_binding.reason),
         not_party=FinalResponse(r.not_party.code, r.not_party.reason),
+        direction_restricted=FinalResponse(r.direction_restricted.code,
+                                           r.direction_restricted.reason),
         not_middle_number=FinalResponse(r.not_middle_number.code, r.not_middle_number.reason),
         untrusted_peer=FinalResponse(r.untrusted_peer.code, r.untrusted_peer.reason),
         store_unavailable=FinalResponse(r.store_unavailable.code, r.store_unavailable.reason),
@@ -196,6 +198,15 @@ async def serve(
         # one endpoint per worker (port + worker index): each reports its own counters
         metrics_server = await serve_metrics(ep.host, ep.port + index, registry,
                                              lambda: getattr(store, "healthy", True))
+    api_server = follower = None
+    if cfg.api.listen is not None:  # the binding API: in worker 0 (see proxy/api/server.py)
+        from proxy.api.server import journal_follower, start_api
+
+        journal_dir = group if count > 1 and cfg.store.backend == "memory" else None
+        if index == 0:
+            api_server = await start_api(cfg, store, journal_dir)
+        elif journal_dir:
+            follower = journal_follower(cfg, store, journal_dir)
     await server.start()  # last: an open SIP port means everything else is ready
     log.info("listening", listen=[str(e) for e in cfg.listen_endpoints],
              advertise=str(cfg.advertised), backend=cfg.store.backend,
@@ -211,6 +222,10 @@ async def serve(
         stats["log_records_dropped"] = records_dropped()
     log.info("stopping", stats=stats)
     await server.close()
+    if api_server is not None:
+        await api_server.close()
+    if follower is not None:
+        await follower.close()
     if metrics_server is not None:
         metrics_server.close()
     await store.close()
@@ -391,6 +406,9 @@ def make_parser() -> argparse.ArgumentParser:
         pass
     else:
         add_commands(sub)
+    from proxy.api.commands import add_commands as add_api_commands
+
+    add_api_commands(sub)
     return parser
 
 

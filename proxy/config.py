@@ -643,6 +643,7 @@ class ResponsesConfig(_Section):
 
     no_binding: ResponseSpec = ResponseSpec(code=404, reason="No Binding")
     not_party: ResponseSpec = ResponseSpec(code=403, reason="Not A Party Of This Binding")
+    direction_restricted: ResponseSpec = ResponseSpec(code=403, reason="Direction Restricted")
     not_middle_number: ResponseSpec = ResponseSpec(code=404, reason="Not A Middle Number")
     untrusted_peer: ResponseSpec = ResponseSpec(code=403, reason="Untrusted Peer")
     store_unavailable: ResponseSpec = ResponseSpec(code=503, reason="Binding Store Unavailable")
@@ -760,6 +761,124 @@ class MetricsConfig(_Section):
         return None if self.listen is None else parse_host_port(self.listen)
 
 
+# ---------------------------------------------------------------------------------------------
+# The binding API: tenants, their keys and number pools, the audit trail.
+# ---------------------------------------------------------------------------------------------
+
+_KEY_HASH = re.compile(r"sha256:[0-9a-f]{64}")
+_TENANT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,31}")
+_AREA = re.compile(r"0[0-9]{2,3}")
+MAX_POOL_RANGE = 1_000_000  # numbers in one range entry
+
+
+def _check_key_hash(value: str) -> str:
+    if not _KEY_HASH.fullmatch(value):
+        raise ValueError("must be 'sha256:' and 64 lower-case hex digits, the hash "
+                         "`sip700 api-key new` prints (never the key itself; value hidden)")
+    return value
+
+
+def _check_tenant_id(value: str) -> str:
+    if not _TENANT_ID.fullmatch(value):
+        raise ValueError(f"must be 1-32 letters, digits, '_' or '-', starting with a letter or "
+                         f"digit ({_q(value)})")
+    return value
+
+
+def _check_area(value: str) -> str:
+    if not _AREA.fullmatch(value):
+        raise ValueError(f"must be an area code: 0 and 2-3 digits, e.g. '010' ({_q(value)})")
+    return value
+
+
+KeyHashStr = Annotated[Str, AfterValidator(_check_key_hash)]
+
+
+class ApiConfig(_Section):
+    """The HTTP binding API (and its support console)."""
+
+    listen: HostPortStr | None = None
+    require_order_id: Bool = True
+    max_ttl_s: Annotated[int, Strict(), Field(ge=60)] = 2592000
+
+
+class PoolConfig(_Section):
+    """Middle numbers a tenant allocates from: a range `FIRST-LAST` or a list, with an area."""
+
+    range: Str | None = None
+    numbers: tuple[Str, ...] | None = None
+    area: Annotated[Str, AfterValidator(_check_area)] | None = None
+
+    @field_validator("range")
+    @classmethod
+    def _valid_range(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        first, sep, last = value.replace(" ", "").partition("-")
+        if not sep or not first.isdigit() or not last.isdigit():
+            raise ValueError(f"expected FIRST-LAST, two middle numbers ({_q(value)})")
+        if len(first) != len(last):
+            raise ValueError(f"FIRST and LAST differ in length ({_q(value)})")
+        if int(first) > int(last):
+            raise ValueError(f"FIRST is after LAST ({_q(value)})")
+        if int(last) - int(first) + 1 > MAX_POOL_RANGE:
+            raise ValueError(f"more than {MAX_POOL_RANGE:,} numbers in one range; split it "
+                             f"({_q(value)})")
+        return value
+
+    @field_validator("numbers")
+    @classmethod
+    def _digits(cls, value: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        if value is not None:
+            for number in value:
+                if not number.isdigit():
+                    raise ValueError(f"not a middle number in national form ({_q(number)})")
+            _no_duplicates(value, str)
+        return value
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> PoolConfig:
+        if (self.range is None) == (self.numbers is None):
+            raise ValueError("set either range or numbers")
+        return self
+
+    def spans(self) -> list[tuple[int, int, str]]:
+        """(first, last, key suffix) for each run of numbers in this entry."""
+        if self.range is not None:
+            first, _, last = self.range.replace(" ", "").partition("-")
+            return [(int(first), int(last), "range")]
+        return [(int(n), int(n), f"numbers[{i}]") for i, n in enumerate(self.numbers or ())]
+
+
+class TenantConfig(_Section):
+    """A platform using the binding API: its keys, its middle numbers, its limits."""
+
+    id: Annotated[Str, AfterValidator(_check_tenant_id)]
+    api_keys: tuple[KeyHashStr, ...] = ()
+    pools: tuple[PoolConfig, ...] = ()
+    max_pairs_per_x: Annotated[int, Strict(), Field(ge=1, le=100_000)] = 200
+    rate_limit_per_s: PositiveInt = 1000
+
+
+class AuditConfig(_Section):
+    """Where every change made through the API is recorded: a Redis Stream."""
+
+    stream: TokenStr | None = None  # null: <store.key_prefix>audit
+    redis_url: Str | None = None  # null: store.redis_url
+    retention_days: PositiveInt = 400
+    max_entries: PositiveInt | None = None
+
+    @field_validator("redis_url")
+    @classmethod
+    def _valid_redis_url(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                _check_redis_url(value)
+            except ValueError as exc:
+                raise ValueError(f"{exc} ({_q(_mask_url_password(value))})") from None
+        return value
+
+
 class Config(_Section):
     """The whole proxy configuration. Build it with `load_config`."""
 
@@ -784,6 +903,10 @@ class Config(_Section):
     )
     logging: LoggingConfig = LoggingConfig()
     metrics: MetricsConfig = MetricsConfig()
+    api: ApiConfig = ApiConfig()
+    operator_keys: tuple[KeyHashStr, ...] = ()
+    tenants: tuple[TenantConfig, ...] = ()
+    audit: AuditConfig = AuditConfig()
 
     @field_validator("listen")
     @classmethod
@@ -879,6 +1002,66 @@ class Config(_Section):
                               "(metrics.listen's port + worker index): set worker_port_base "
                               "to a range of free ports")]
         return []
+
+    def api_problems(self) -> list[tuple[str, str]]:
+        """(key path, problem) for tenants, keys and pools that cannot work together."""
+        problems: list[tuple[str, str]] = []
+        seen_ids: dict[str, int] = {}
+        seen_keys: dict[str, str] = {}
+        for index, key in enumerate(self.operator_keys):
+            if key in seen_keys:
+                problems.append((f"operator_keys[{index}]", "duplicate key hash"))
+            seen_keys[key] = f"operator_keys[{index}]"
+        for t, tenant in enumerate(self.tenants):
+            if tenant.id in seen_ids:
+                problems.append((f"tenants[{t}].id", f"duplicate tenant id {_q(tenant.id)} "
+                                                     f"(also tenants[{seen_ids[tenant.id]}])"))
+            seen_ids.setdefault(tenant.id, t)
+            for k, key in enumerate(tenant.api_keys):
+                where = f"tenants[{t}].api_keys[{k}]"
+                if key in seen_keys:
+                    problems.append((where, f"the same key hash as {seen_keys[key]}: a key "
+                                            "belongs to one tenant"))
+                seen_keys.setdefault(key, where)
+        problems += self._pool_problems()
+        if self.audit.redis_url is not None and self.store.backend == "redis":
+            problems.append(("audit.redis_url", "only for the memory store: with the Redis store "
+                                                "the audit entry is written by the same script "
+                                                "as the change, in the store's Redis"))
+        if self.api.listen is not None and self.store.cluster is not None:
+            problems.append(("api.listen", "the binding API allocates in one Lua script over "
+                                           "a pool's numbers: it needs standalone Redis or "
+                                           "Sentinel, not store.cluster"))
+        return problems
+
+    def _pool_problems(self) -> list[tuple[str, str]]:
+        """Numbers outside the 700 pattern; a number in two pool entries (one tenant or two)."""
+        problems: list[tuple[str, str]] = []
+        spans: list[tuple[int, int, str, str]] = []  # first, last, key path, tenant
+        pattern = self.middle_number_regex
+        for t, tenant in enumerate(self.tenants):
+            for p, pool in enumerate(tenant.pools):
+                for first, last, suffix in pool.spans():
+                    where = f"tenants[{t}].pools[{p}].{suffix}"
+                    width = len(pool.range.partition("-")[0].strip()) if pool.range else 0
+                    ends = {str(first).zfill(width), str(last).zfill(width)}
+                    bad = [n for n in sorted(ends) if not pattern.search(n)]
+                    if bad:
+                        problems.append((where, f"{bad[0]} does not match "
+                                                "middle_number_pattern"))
+                    spans.append((first, last, where, tenant.id))
+        spans.sort()
+        reach: tuple[int, int, str, str] | None = None  # the span reaching furthest so far
+        for span in spans:
+            if reach is not None and span[0] <= reach[1]:
+                owner = (f"tenant {_q(reach[3])}" if reach[3] != span[3]
+                         else "the same tenant")
+                problems.append((span[2], f"overlaps {reach[2]} ({owner}) at "
+                                          f"{span[0]}: a pool number belongs to exactly one "
+                                          "tenant and one pool entry"))
+            if reach is None or span[1] > reach[1]:
+                reach = span
+        return problems
 
     @cached_property
     def trusted_networks(self) -> tuple[IPNetwork, ...]:
@@ -1005,7 +1188,7 @@ def _model_at(loc: tuple[int | str, ...]) -> type[BaseModel] | None:
     return model
 
 
-_SECRET_KEYS = frozenset({"dialog_key"})
+_SECRET_KEYS = frozenset({"dialog_key", "api_keys", "operator_keys"})
 _TYPE_WORDS = {
     "tuple_type": "must be a list",
     "list_type": "must be a list",
@@ -1044,7 +1227,8 @@ def _validate(data: dict[str, Any], base_dir: Path, shown: str) -> tuple[Config 
         errors = exc.errors(include_url=False)
     else:
         # what one section cannot see: keys of several sections that must fit together
-        clashes = [f"{shown}: {path}: {problem}" for path, problem in config.port_problems()]
+        clashes = [f"{shown}: {path}: {problem}"
+                   for path, problem in (*config.port_problems(), *config.api_problems())]
         return (None, clashes) if clashes else (config, [])
     # A list whose only items are bad is also "too short after validation": say it once.
     bad_items = {e["loc"][:-1] for e in errors if e["loc"] and isinstance(e["loc"][-1], int)}

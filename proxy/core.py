@@ -115,6 +115,7 @@ class CoreSettings:
     retry_after_s: int = 5
     no_binding: FinalResponse = FinalResponse(404, "No Binding")
     not_party: FinalResponse = FinalResponse(403, "Not A Party Of This Binding")
+    direction_restricted: FinalResponse = FinalResponse(403, "Direction Restricted")
     not_middle_number: FinalResponse = FinalResponse(404, "Not A Middle Number")
     untrusted_peer: FinalResponse = FinalResponse(403, "Untrusted Peer")
     store_unavailable: FinalResponse = FinalResponse(503, "Binding Store Unavailable")
@@ -621,6 +622,9 @@ class ProxyCore:
         try:
             if resolution.outcome is Outcome.NO_BINDING:
                 self._final(relay, s.no_binding, now, outcome="no binding")
+                return
+            if resolution.outcome is Outcome.DIRECTION_RESTRICTED:
+                self._final(relay, s.direction_restricted, now, outcome="direction restricted")
                 return
             if resolution.outcome is Outcome.NOT_PARTY or resolution.callee is None:
                 self._final(relay, s.not_party, now, outcome="not a party")

@@ -8,7 +8,7 @@ caller's real number (found by scripts/sipp/uas_reinvite.xml).
 from __future__ import annotations
 
 from proxy.bindings.model import Outcome, Resolution
-from proxy.core import CoreSettings, Hop, ProxyCore
+from proxy.core import CoreSettings, FinalResponse, Hop, ProxyCore
 from proxy.privacy import DialogSealer, Privacy, PrivacyPolicy
 from proxy.sip.message import build_response, parse_message
 
@@ -536,3 +536,15 @@ def test_a_sealed_contact_user_opens_only_for_its_own_contact() -> None:
     assert answers(d.core, GATEWAY) == [403]
     assert not [o for o in d.core.outbox if o.dest != GATEWAY]
     assert A.encode() not in b"".join(o.data for o in d.core.outbox)
+
+
+def test_direction_restricted_gets_its_configured_response_and_is_not_forwarded() -> None:
+    core = make_core(direction_restricted=FinalResponse(403, "One Way Only"))
+    core.receive_datagram(invite(), CALLER, "udp", 0.0)
+    relay = core.lookups.pop()[0]
+    core.outbox.clear()
+    core.complete_lookup(relay, Resolution(Outcome.DIRECTION_RESTRICTED, None, 1e12), 0.0)
+    assert answers(core) == [403]
+    assert parse_message(core.outbox[0].data).reason == "One Way Only"
+    assert answers(core, GATEWAY) == []
+    assert core.stats["calls_direction_restricted"] == 1

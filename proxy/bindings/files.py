@@ -15,7 +15,7 @@ from pathlib import Path
 
 import yaml
 
-from proxy.bindings.model import Binding, InvalidBinding, make_binding
+from proxy.bindings.model import OPTIONAL_FIELDS, Binding, InvalidBinding, make_binding
 
 try:
     _YamlLoader: type = yaml.CSafeLoader
@@ -23,7 +23,7 @@ except AttributeError:  # pragma: no cover - libyaml missing
     _YamlLoader = yaml.SafeLoader
 
 FIELDS = ("type", "x", "a", "b", "ttl")
-_FIELD_SET = frozenset(FIELDS)
+_FIELD_SET = frozenset(FIELDS) | frozenset(OPTIONAL_FIELDS)
 _NULLS = frozenset({"", "~", "null", "Null", "NULL"})
 
 # The form bench and export tools write, keys in this order, quotes optional: one regex match.
@@ -251,7 +251,10 @@ def row_to_binding(row: Row, now: float) -> Binding:
         b = str(b)
         if b in _NULLS:
             b = None
-    return make_binding(str(kind), str(x), str(a), b, ttl, now)  # type: ignore[arg-type]
+    optional = {k: v for k, v in fields.items() if k in OPTIONAL_FIELDS
+                and v is not None and not (isinstance(v, str) and v in _NULLS)}
+    return make_binding(str(kind), str(x), str(a), b, ttl, now,  # type: ignore[arg-type]
+                        **optional)
 
 
 def read_bindings(path: Path | str, now: float) -> Iterator[tuple[int, Binding] | Problem]:

@@ -13,11 +13,15 @@ from pathlib import Path
 
 from proxy.bindings.files import Problem, read_bindings
 from proxy.bindings.model import (
+    A_TO_B,
     AXN,
+    B_TO_A,
+    BOTH,
     Binding,
     BindingConflict,
     Outcome,
     Resolution,
+    resolution_for,
     validate_binding,
 )
 from proxy.numbers import normalize_number
@@ -26,12 +30,24 @@ from proxy.numbers import normalize_number
 class _XEntry:
     """Everything bound on one X."""
 
-    __slots__ = ("bindings", "others", "routes")
+    __slots__ = ("bindings", "one_way", "others", "routes")
 
     def __init__(self) -> None:
         self.routes: dict[str, Resolution] = {}  # caller -> answer
         self.others: Resolution | None = None  # AXN: the answer for any caller but A
         self.bindings: dict[str, Binding] = {}  # binding.a -> binding
+        # B -> its one-way binding (its answer names no callee to find the binding by)
+        self.one_way: dict[str, Binding] | None = None
+
+    def binding_of(self, party: str, answer: Resolution) -> Binding:
+        """The binding whose answer for `party` is `answer`."""
+        found = self.bindings.get(party)
+        if found is None and answer.callee is not None:
+            found = self.bindings.get(answer.callee)
+        if found is None and self.one_way is not None:
+            found = self.one_way.get(party)
+        assert found is not None
+        return found
 
 
 class MemoryStore:
@@ -143,12 +159,26 @@ class MemoryStore:
             answer = entry.routes.get(party)
             if answer is None:
                 continue
-            old = entry.bindings.get(party) or entry.bindings[answer.callee]  # type: ignore[index]
+            old = entry.binding_of(party, answer)
             if not old.same_parties(binding):
                 raise BindingConflict(f"a party is already bound on x {binding.x}")
             if old not in replaced:
                 replaced.append(old)
         return replaced
+
+    def can_take(self, x: str, kind: str, parties: tuple[str, ...], cap: int,
+                 now: float) -> bool:
+        """Whether X can take a new binding of `kind` between `parties`, with at most `cap`
+        bindings on X (the binding API's allocation check)."""
+        self.purge_expired(now)
+        entry = self._by_x.get(x)
+        if entry is None:
+            return True
+        if kind == AXN:
+            return not entry.bindings
+        if entry.others is not None or len(entry.bindings) >= cap:
+            return False
+        return not any(p in entry.routes for p in parties)
 
     async def unbind(self, x: str, number: str) -> bool:
         """Remove the binding on X that `number` is party to; False if there was none."""
@@ -163,7 +193,7 @@ class MemoryStore:
         answer = entry.routes.get(norm_number)
         if answer is None:
             return False
-        binding = entry.bindings.get(norm_number) or entry.bindings[answer.callee]  # type: ignore[index]
+        binding = entry.binding_of(norm_number, answer)
         self._remove(entry, binding)
         if not entry.bindings:
             del self._by_x[norm_x]
@@ -175,24 +205,36 @@ class MemoryStore:
     # -- internals -------------------------------------------------------------------------
 
     def _insert(self, entry: _XEntry, binding: Binding) -> None:
-        exp = binding.expires_at
+        # The answers are built once here, carrying the binding's optional fields, so a call
+        # costs a dict lookup whatever the binding holds.
         entry.bindings[binding.a] = binding
         if binding.kind == AXN:
             own = (
-                Resolution(Outcome.ROUTE, binding.b, exp)
+                resolution_for(binding, Outcome.ROUTE, binding.b)
                 if binding.b is not None
-                else Resolution(Outcome.NOT_PARTY, None, exp)
+                else resolution_for(binding, Outcome.NOT_PARTY, None)
             )
             entry.routes[binding.a] = own
-            entry.others = Resolution(Outcome.ROUTE, binding.a, exp)
+            entry.others = resolution_for(binding, Outcome.ROUTE, binding.a)
         else:
             assert binding.b is not None
-            entry.routes[binding.a] = Resolution(Outcome.ROUTE, binding.b, exp)
-            entry.routes[binding.b] = Resolution(Outcome.ROUTE, binding.a, exp)
-        heapq.heappush(self._expiry_heap, (exp, binding.x, binding.a))
+            restricted = resolution_for(binding, Outcome.DIRECTION_RESTRICTED, None)
+            entry.routes[binding.a] = (
+                restricted if binding.direction == B_TO_A
+                else resolution_for(binding, Outcome.ROUTE, binding.b))
+            entry.routes[binding.b] = (
+                restricted if binding.direction == A_TO_B
+                else resolution_for(binding, Outcome.ROUTE, binding.a))
+            if binding.direction != BOTH:
+                if entry.one_way is None:
+                    entry.one_way = {}
+                entry.one_way[binding.b] = binding
+        heapq.heappush(self._expiry_heap, (binding.expires_at, binding.x, binding.a))
 
     def _remove(self, entry: _XEntry, binding: Binding) -> None:
         entry.bindings.pop(binding.a, None)
+        if entry.one_way is not None and binding.b is not None:
+            entry.one_way.pop(binding.b, None)
         for party in binding.parties():
             entry.routes.pop(party, None)
         if binding.kind == AXN:

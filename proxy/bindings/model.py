@@ -6,16 +6,24 @@ definition of the AXB / AXN semantics.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from proxy.numbers import mask_number, normalize_number
 
 AXB = "axb"
 AXN = "axn"
 KINDS = (AXB, AXN)
+
+# Who may call through an AXB binding: both parties, only A (reaching B), or only B (reaching A).
+BOTH = "both"
+A_TO_B = "a_to_b"
+B_TO_A = "b_to_a"
+DIRECTIONS = (BOTH, A_TO_B, B_TO_A)
 
 
 class Outcome(enum.Enum):
@@ -24,17 +32,30 @@ class Outcome(enum.Enum):
     ROUTE = "route"  # forward to Resolution.callee
     NO_BINDING = "no_binding"  # X has no live binding: 404
     NOT_PARTY = "not_party"  # X is bound, the caller is in none of its bindings: 403
+    DIRECTION_RESTRICTED = "direction_restricted"  # a party of a one-way binding, wrong way: 403
 
 
 @dataclass(frozen=True, slots=True)
 class Binding:
-    """AXB: a and b reach each other through x. AXN: anyone but a reaches a; a reaches b if set."""
+    """AXB: a and b reach each other through x. AXN: anyone but a reaches a; a reaches b if set.
+
+    The optional fields come from the binding API (or a bindings file): `id` and `tenant` name
+    the binding and its owner, `direction` restricts an AXB binding to one way, and the rest
+    travel with every call for the layers after routing (call policy, records).
+    """
 
     kind: str
     x: str
     a: str
     b: str | None
     expires_at: float  # unix time
+    id: str | None = None
+    tenant: str | None = None
+    direction: str = BOTH
+    max_call_s: int | None = None
+    out_id: str | None = None
+    order_id: str | None = None
+    user_data: str | None = None
 
     def is_live(self, now: float) -> bool:
         return now < self.expires_at
@@ -54,13 +75,56 @@ class Binding:
         return {self.a, self.b} == {other.a, other.b}
 
 
+    def meta(self) -> dict[str, str | int]:
+        """The optional fields that are set (what a call's Resolution carries besides routing)."""
+        out: dict[str, str | int] = {}
+        for name in META_FIELDS:
+            value = getattr(self, name)
+            if value is not None:
+                out[name] = value
+        if self.direction != BOTH:
+            out["direction"] = self.direction
+        return out
+
+
+# Optional binding fields a call's Resolution carries (direction aside, which decides routing).
+META_FIELDS = ("id", "tenant", "max_call_s", "out_id", "order_id", "user_data")
+
+
 @dataclass(frozen=True, slots=True)
 class Resolution:
-    """The answer for one call. `expires_at`: do not reuse the answer after this unix time."""
+    """The answer for one call. `expires_at`: do not reuse the answer after this unix time.
+
+    For ROUTE and DIRECTION_RESTRICTED answers, the binding's optional fields come along
+    (`binding_id`, `tenant`, `direction`, `max_call_s`, …) for the layers after routing.
+    """
 
     outcome: Outcome
     callee: str | None
     expires_at: float
+    binding_id: str | None = None
+    tenant: str | None = None
+    direction: str = BOTH
+    max_call_s: int | None = None
+    out_id: str | None = None
+    order_id: str | None = None
+    user_data: str | None = None
+
+
+def resolution_for(binding: Binding, outcome: Outcome, callee: str | None) -> Resolution:
+    """The answer a call on `binding` gets, carrying the binding's optional fields."""
+    return Resolution(outcome, callee, binding.expires_at, binding.id, binding.tenant,
+                      binding.direction, binding.max_call_s, binding.out_id, binding.order_id,
+                      binding.user_data)
+
+
+def resolution_from_meta(outcome: Outcome, callee: str | None, expires_at: float,
+                         meta: dict[str, object]) -> Resolution:
+    """A Resolution from a binding's stored optional fields (the Redis store's form)."""
+    return Resolution(outcome, callee, expires_at, meta.get("id"),  # type: ignore[arg-type]
+                      meta.get("tenant"), meta.get("direction") or BOTH,  # type: ignore[arg-type]
+                      meta.get("max_call_s"), meta.get("out_id"),  # type: ignore[arg-type]
+                      meta.get("order_id"), meta.get("user_data"))  # type: ignore[arg-type]
 
 
 class StoreUnavailable(Exception):
@@ -76,9 +140,13 @@ class InvalidBinding(ValueError):
 
 
 def make_binding(
-    kind: str, x: str, a: str, b: str | None, ttl: float | str, now: float | None = None
+    kind: str, x: str, a: str, b: str | None, ttl: float | str, now: float | None = None,
+    **optional: Any,
 ) -> Binding:
-    """Normalise and validate the parts of a binding; `ttl` seconds from `now`."""
+    """Normalise and validate the parts of a binding; `ttl` seconds from `now`.
+
+    `optional`: the Binding's optional fields (id, tenant, direction, max_call_s, out_id,
+    order_id, user_data)."""
     if kind not in KINDS:
         kind = kind.strip().lower() if isinstance(kind, str) else kind
         if kind not in KINDS:
@@ -95,7 +163,43 @@ def make_binding(
     a = _number("a", a)
     b = None if b is None or b == "" else _number("b", b)
     _check_parts(kind, x, a, b)
-    return Binding(kind, x, a, b, now + ttl_s)
+    if not optional:
+        return Binding(kind, x, a, b, now + ttl_s)
+    fields = _optional_fields(optional)
+    _check_direction(kind, fields.get("direction", BOTH))
+    return Binding(kind, x, a, b, now + ttl_s, **fields)
+
+
+OPTIONAL_FIELDS = ("id", "tenant", "direction", "max_call_s", "out_id", "order_id", "user_data")
+_TEXT_LIMITS = {"id": 64, "tenant": 64, "out_id": 128, "order_id": 128, "user_data": 1024}
+
+
+def _optional_fields(optional: dict[str, Any]) -> dict[str, Any]:
+    """Optional fields as the Binding keeps them; InvalidBinding names a bad one."""
+    out: dict[str, Any] = {}
+    for name, value in optional.items():
+        if name not in OPTIONAL_FIELDS:
+            raise InvalidBinding(f"unknown field {name!r}")
+        if value is None or value == "":
+            continue
+        if name == "max_call_s":
+            try:
+                seconds = int(value)
+            except (TypeError, ValueError):
+                raise InvalidBinding(f"max_call_s {value!r} is not a whole number") from None
+            if isinstance(value, bool) or seconds <= 0 or str(seconds) != str(value).strip():
+                raise InvalidBinding(f"max_call_s {value!r} must be a positive whole number")
+            out[name] = seconds
+        elif name == "direction":
+            out[name] = str(value).strip().lower()
+        else:
+            text = str(value)
+            if len(text) > _TEXT_LIMITS[name] or any(ord(c) < 32 for c in text):
+                raise InvalidBinding(
+                    f"{name} must be at most {_TEXT_LIMITS[name]} characters, no control "
+                    "characters")
+            out[name] = text
+    return out
 
 
 def validate_binding(binding: Binding) -> Binding:
@@ -106,9 +210,17 @@ def validate_binding(binding: Binding) -> Binding:
     a = _number("a", binding.a)
     b = None if binding.b is None or binding.b == "" else _number("b", binding.b)
     _check_parts(binding.kind, x, a, b)
+    _check_direction(binding.kind, binding.direction)
     if (x, a, b) == (binding.x, binding.a, binding.b):
         return binding
-    return Binding(binding.kind, x, a, b, binding.expires_at)
+    return dataclasses.replace(binding, x=x, a=a, b=b)
+
+
+def _check_direction(kind: str, direction: str) -> None:
+    if direction not in DIRECTIONS:
+        raise InvalidBinding(f"direction {direction!r} is not one of {', '.join(DIRECTIONS)}")
+    if kind == AXN and direction != BOTH:
+        raise InvalidBinding("an axn binding has no direction (only 'both')")
 
 
 def _check_parts(kind: str, x: str, a: str, b: str | None) -> None:
@@ -148,14 +260,18 @@ def resolve_among(bindings: Iterable[Binding], caller: str, now: float) -> Resol
         live = True
         if binding.kind == AXN:
             if caller != binding.a:
-                return Resolution(Outcome.ROUTE, binding.a, binding.expires_at)
+                return resolution_for(binding, Outcome.ROUTE, binding.a)
             if binding.b is not None:
-                return Resolution(Outcome.ROUTE, binding.b, binding.expires_at)
-            return Resolution(Outcome.NOT_PARTY, None, binding.expires_at)
+                return resolution_for(binding, Outcome.ROUTE, binding.b)
+            return resolution_for(binding, Outcome.NOT_PARTY, None)
         if caller == binding.a:
-            return Resolution(Outcome.ROUTE, binding.b, binding.expires_at)
+            if binding.direction == B_TO_A:
+                return resolution_for(binding, Outcome.DIRECTION_RESTRICTED, None)
+            return resolution_for(binding, Outcome.ROUTE, binding.b)
         if caller == binding.b:
-            return Resolution(Outcome.ROUTE, binding.a, binding.expires_at)
+            if binding.direction == A_TO_B:
+                return resolution_for(binding, Outcome.DIRECTION_RESTRICTED, None)
+            return resolution_for(binding, Outcome.ROUTE, binding.a)
     return Resolution(Outcome.NOT_PARTY if live else Outcome.NO_BINDING, None, now)
 
 

@@ -6,6 +6,10 @@ Data model (docs/bindings.md has the full picture). For middle number X and pref
                     AXN: field "*" = "<A>:<B or empty>:<exp_ms>"
     P{X}:e   zset   one member per binding (its A, or "*" for AXN), score = exp_ms
 
+    AXB with optional fields (id, tenant, direction, ...): field "m:<A>" = "<d>|<B>|<json>"
+    AXN with optional fields: field "m:*" = "b|<B or empty>|<json>"
+    (d: "b" both ways, "a" only A calls, "r" only B calls; json: the other optional fields)
+
 Both keys carry the hash tag {X}, so they share a Cluster slot and a script may touch both.
 Expiry lives in each value (checked on every read) and in the zset, which lets every write
 collect expired bindings of X in expiry order; both keys expire at the latest live expiry.
@@ -21,9 +25,10 @@ local function exp_of(v) return tonumber(string.match(v, ':(%d+)$')) end
 local function other_of(v) return string.match(v, '^(%d*):') end
 
 -- Remove the AXB binding whose field `f` holds `v`, and its partner field if it points back.
+-- Its optional fields live under "m:" and its A, which is f or the partner: both go.
 local function drop_axb(f, v)
   local other = other_of(v)
-  redis.call('HDEL', h, f)
+  redis.call('HDEL', h, f, 'm:' .. f, 'm:' .. other)
   redis.call('ZREM', z, f)
   local ov = redis.call('HGET', h, other)
   if ov and other_of(ov) == f then
@@ -37,7 +42,7 @@ local function collect(now, limit)
   local dead = redis.call('ZRANGEBYSCORE', z, '-inf', now, 'LIMIT', 0, limit)
   for _, m in ipairs(dead) do
     if m == '*' then
-      redis.call('HDEL', h, '*')
+      redis.call('HDEL', h, '*', 'm:*')
       redis.call('ZREM', z, '*')
     else
       local v = redis.call('HGET', h, m)
@@ -59,28 +64,50 @@ end
 """
 
 # KEYS: hash, zset. ARGV: caller, now_ms.
-# Returns {code, callee, exp_ms}: code 1 ROUTE, 2 NOT_PARTY, 0 NO_BINDING.
+# Returns {code, callee, exp_ms, meta}: code 1 ROUTE, 2 NOT_PARTY, 0 NO_BINDING,
+# 3 DIRECTION_RESTRICTED (a one-way binding called the other way); meta: the binding's optional
+# fields as stored ("<d>|<B>|<json>"), or ''. One HMGET more than a plain lookup, only when the
+# caller is routed.
 RESOLVE = r"""
 local now = tonumber(ARGV[2])
-local v = redis.call('HMGET', KEYS[1], ARGV[1], '*')
+local caller = ARGV[1]
+local v = redis.call('HMGET', KEYS[1], caller, '*')
 if v[1] then
   local other, exp = string.match(v[1], '^(%d+):(%d+)$')
-  if other and tonumber(exp) > now then return {1, other, exp} end
+  if other and tonumber(exp) > now then
+    local m = redis.call('HMGET', KEYS[1], 'm:' .. caller, 'm:' .. other)
+    if m[1] then  -- the caller is the binding's A when its B is the other party
+      local d, b = string.match(m[1], '^(%a)|(%d*)|')
+      if b == other then
+        if d == 'r' then return {3, '', exp, m[1]} end
+        return {1, other, exp, m[1]}
+      end
+    end
+    if m[2] then
+      local d, b = string.match(m[2], '^(%a)|(%d*)|')
+      if b == caller then
+        if d == 'a' then return {3, '', exp, m[2]} end
+        return {1, other, exp, m[2]}
+      end
+    end
+    return {1, other, exp, ''}
+  end
 end
 if v[2] then
   local a, b, exp = string.match(v[2], '^(%d+):(%d*):(%d+)$')
   if a and tonumber(exp) > now then
-    if ARGV[1] ~= a then return {1, a, exp} end
-    if b ~= '' then return {1, b, exp} end
-    return {2, '', exp}
+    local meta = redis.call('HGET', KEYS[1], 'm:*') or ''
+    if ARGV[1] ~= a then return {1, a, exp, meta} end
+    if b ~= '' then return {1, b, exp, meta} end
+    return {2, '', exp, meta}
   end
 end
-if redis.call('ZCOUNT', KEYS[2], '(' .. ARGV[2], '+inf') > 0 then return {2, '', '0'} end
-return {0, '', '0'}
+if redis.call('ZCOUNT', KEYS[2], '(' .. ARGV[2], '+inf') > 0 then return {2, '', '0', ''} end
+return {0, '', '0', ''}
 """
 
 # KEYS: hash, zset. ARGV: kind, a, b ('' for none), exp_ms, now_ms, channel ('' = no publish),
-# invalidation message ("<origin> <x>").
+# invalidation message ("<origin> <x>"), optional fields ("<d>|<B>|<json>", '' for none).
 # Returns 1 (new), 2 (renewal of the same parties) or an error reply starting with CONFLICT.
 # The common case (a new AXB on a quiet X) costs six redis.call()s.
 BIND = (
@@ -92,7 +119,7 @@ local result = 1
 local cur = redis.call('HMGET', h, '*', a, b)
 local star, va, vb = cur[1], cur[2], cur[3]
 if star and exp_of(star) <= now then
-  redis.call('HDEL', h, '*')
+  redis.call('HDEL', h, '*', 'm:*')
   redis.call('ZREM', z, '*')
   star = nil
 end
@@ -107,6 +134,8 @@ if kind == 'axn' then
   end
   redis.call('HSET', h, '*', a .. ':' .. b .. ':' .. exp)
   redis.call('ZADD', z, exp, '*')
+  if ARGV[8] ~= '' then redis.call('HSET', h, 'm:*', ARGV[8])
+  else redis.call('HDEL', h, 'm:*') end
 else
   if star then return redis.error_reply('CONFLICT x carries an axn binding') end
   if va and exp_of(va) <= now then drop_axb(a, va); va = nil; vb = redis.call('HGET', h, b) end
@@ -117,9 +146,12 @@ else
     end
     result = 2
     redis.call('ZREM', z, b)  -- a renewal may swap which party is A
+    redis.call('HDEL', h, 'm:' .. b)
   end
   redis.call('HSET', h, a, b .. ':' .. exp, b, a .. ':' .. exp)
   redis.call('ZADD', z, exp, a)
+  if ARGV[8] ~= '' then redis.call('HSET', h, 'm:' .. a, ARGV[8])
+  else redis.call('HDEL', h, 'm:' .. a) end
 end
 -- Keys live until the latest expiry on X. A renewal to a shorter TTL leaves them a little
 -- longer; values carry their own expiry, so that only delays the cleanup.
@@ -148,7 +180,7 @@ else
   local star = redis.call('HGET', h, '*')
   if star and string.match(star, '^(%d+):') == number then
     if exp_of(star) > now then removed = 1 end
-    redis.call('HDEL', h, '*')
+    redis.call('HDEL', h, '*', 'm:*')
     redis.call('ZREM', z, '*')
   end
 end
@@ -161,20 +193,22 @@ return removed
 )
 
 # KEYS: hash, zset. ARGV: now_ms, limit.
-# Returns a flat list: kind, a, b, exp_ms for each live binding on X (soonest expiry first).
+# Returns a flat list: kind, a, b, exp_ms, optional fields ("<d>|<B>|<json>" or '') for each
+# live binding on X (soonest expiry first).
 GET = r"""
 local out = {}
 local live = redis.call('ZRANGEBYSCORE', KEYS[2], '(' .. ARGV[1], '+inf', 'LIMIT', 0, ARGV[2])
 for _, m in ipairs(live) do
-  local v = redis.call('HGET', KEYS[1], m)
-  if v then
+  local v = redis.call('HMGET', KEYS[1], m, 'm:' .. m)
+  if v[1] then
     if m == '*' then
-      local a, b, exp = string.match(v, '^(%d+):(%d*):(%d+)$')
+      local a, b, exp = string.match(v[1], '^(%d+):(%d*):(%d+)$')
       table.insert(out, 'axn'); table.insert(out, a); table.insert(out, b); table.insert(out, exp)
     else
-      local b, exp = string.match(v, '^(%d+):(%d+)$')
+      local b, exp = string.match(v[1], '^(%d+):(%d+)$')
       table.insert(out, 'axb'); table.insert(out, m); table.insert(out, b); table.insert(out, exp)
     end
+    table.insert(out, v[2] or '')
   end
 end
 return out

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import time
 import uuid
@@ -27,11 +28,15 @@ from proxy.bindings import redis_scripts
 from proxy.bindings.breaker import CircuitBreaker
 from proxy.bindings.cache import ResolutionCache
 from proxy.bindings.model import (
+    A_TO_B,
+    B_TO_A,
+    BOTH,
     Binding,
     BindingConflict,
     Outcome,
     Resolution,
     StoreUnavailable,
+    resolution_from_meta,
     validate_binding,
 )
 from proxy.bindings.redis_connect import PubSubClientFactory, connect
@@ -40,7 +45,34 @@ from proxy.numbers import normalize_number
 
 log = structlog.get_logger("sip700.bindings")
 
-_OUTCOME_BY_CODE = {1: Outcome.ROUTE, 2: Outcome.NOT_PARTY, 0: Outcome.NO_BINDING}
+_OUTCOME_BY_CODE = {1: Outcome.ROUTE, 2: Outcome.NOT_PARTY, 0: Outcome.NO_BINDING,
+                    3: Outcome.DIRECTION_RESTRICTED}
+# direction as stored with a binding's optional fields (see redis_scripts)
+_DIRECTION_CODE = {BOTH: "b", A_TO_B: "a", B_TO_A: "r"}
+_DIRECTION_BY_CODE = {code: name for name, code in _DIRECTION_CODE.items()}
+
+
+def meta_value(binding: Binding) -> str:
+    """A binding's optional fields as the X hash keeps them ('' when it has none)."""
+    meta = binding.meta()
+    if not meta:
+        return ""
+    direction = meta.pop("direction", BOTH)
+    return (f"{_DIRECTION_CODE[direction]}|{binding.b or ''}|"  # type: ignore[index]
+            f"{json.dumps(meta, separators=(',', ':'), ensure_ascii=False)}")
+
+
+def parse_meta_value(value: str) -> dict[str, Any]:
+    """The optional fields of a stored binding (inverse of meta_value)."""
+    if not value:
+        return {}
+    code, _, rest = value.partition("|")
+    _, _, text = rest.partition("|")
+    meta = json.loads(text) if text else {}
+    direction = _DIRECTION_BY_CODE.get(code, BOTH)
+    if direction != BOTH:
+        meta["direction"] = direction
+    return meta
 _GLOB_SPECIAL = str.maketrans({c: "\\" + c for c in "*?[]\\"})
 _PUBSUB_IDLE_PING_S = 1.0
 _PUBSUB_DEAD_AFTER_S = 3.0
@@ -215,11 +247,16 @@ class RedisStore:
                 # a restarted Redis forgot the script: redis-py's call below loads it again
         if reply is None:
             reply = await self._call(self._resolve_script(keys=keys, args=[caller, _ms(now)]), now)
-        code, callee, exp_ms = reply
-        if isinstance(callee, bytes):
-            callee = callee.decode()
+        code, callee, exp_ms, meta = reply
         outcome = _OUTCOME_BY_CODE[int(code)]
+        if meta:  # only bindings made with optional fields (the API's) carry any
+            fields = parse_meta_value(meta.decode() if isinstance(meta, bytes) else meta)
+            if isinstance(callee, bytes):
+                callee = callee.decode()
+            return resolution_from_meta(outcome, callee or None, int(exp_ms) / 1000.0, fields)
         if outcome is Outcome.ROUTE:
+            if isinstance(callee, bytes):
+                callee = callee.decode()
             return Resolution(outcome, callee, int(exp_ms) / 1000.0)
         return Resolution(outcome, None, now)
 
@@ -250,9 +287,10 @@ class RedisStore:
         self._check_breaker(now)
         flat = await self._call(self._get_script(keys=self.keys(x), args=[_ms(now), limit]), now)
         out = []
-        for i in range(0, len(flat), 4):
-            kind, a, b, exp_ms = flat[i : i + 4]
-            out.append(Binding(kind, x, a, b or None, int(exp_ms) / 1000.0))
+        for i in range(0, len(flat), 5):
+            kind, a, b, exp_ms, meta = flat[i : i + 5]
+            out.append(Binding(kind, x, a, b or None, int(exp_ms) / 1000.0,
+                               **parse_meta_value(meta)))
         return out
 
     async def list(self, x_prefix: str = "", limit: int = 1000) -> list[Binding]:
@@ -304,6 +342,7 @@ class RedisStore:
             _ms(now),
             channel,
             f"{self.instance_id} {binding.x}",
+            meta_value(binding),
         ]
 
     async def unbind(self, x: str, number: str) -> bool:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import multiprocessing
 import random
 import shutil
@@ -118,6 +119,46 @@ async def test_axn(store: RedisStore) -> None:
     assert await store.bind(Binding(AXN, X2, C, D, in_seconds(60))) is False  # renewal
     await asyncio.sleep(0.05)
     assert (await store.resolve(X2, C)).callee == D
+
+
+async def test_one_way_bindings_and_optional_fields_match_the_reference(
+    store: RedisStore,
+) -> None:
+    """Direction and the optional fields through the Lua lookup, against resolve_among."""
+    meta = {"id": "b1", "tenant": "shop1", "max_call_s": 600, "out_id": "o-1",
+            "order_id": "ord-9", "user_data": "données"}
+    X3 = "700100000000003"
+    bindings = [Binding(AXB, X, A, B, in_seconds(60), direction="a_to_b", **meta),
+                Binding(AXB, X2, A, B, in_seconds(60), direction="b_to_a"),
+                Binding(AXB, X3, A, B, in_seconds(60), **meta),
+                Binding(AXN, "700100000000004", C, D, in_seconds(60), id="n1")]
+    for binding in bindings:
+        await store.bind(binding)
+    for binding in bindings:
+        for caller in (A, B, C, D):
+            got = await store.resolve(binding.x, caller)
+            want = resolve_among([binding], caller, time.time())
+            assert (got.outcome, got.callee) == (want.outcome, want.callee), (binding, caller)
+            if got.outcome is not Outcome.NOT_PARTY and got.outcome is not Outcome.NO_BINDING:
+                assert (got.binding_id, got.tenant, got.direction, got.max_call_s, got.out_id,
+                        got.order_id, got.user_data) == (
+                    want.binding_id, want.tenant, want.direction, want.max_call_s,
+                    want.out_id, want.order_id, want.user_data), (binding, caller)
+    assert (await store.resolve(X, B)).outcome is Outcome.DIRECTION_RESTRICTED
+    assert [b.direction for b in await store.get(X)] == ["a_to_b"]
+    [stored] = await store.get(X3)
+    assert stored == dataclasses.replace(bindings[2], expires_at=stored.expires_at)
+    # a renewal without the fields drops them; unbinding from B removes A's metadata too
+    await store.bind(Binding(AXB, X, B, A, in_seconds(90)))
+    assert (await store.resolve(X, B)).outcome is Outcome.ROUTE
+    assert (await store.resolve(X, A)).binding_id is None
+    await store.unbind(X3, B)
+    client = redis.Redis.from_url(REDIS_URL, decode_responses=True)
+    try:
+        assert client.hgetall(f"{store.key_prefix}{{{X3}}}") == {}
+        assert sorted(client.hkeys(f"{store.key_prefix}{{{X}}}")) == sorted([A, B])
+    finally:
+        client.close()
 
 
 async def test_uniqueness_and_renewal(store: RedisStore) -> None:
