@@ -149,6 +149,7 @@ def test_silence_fails_over_after_the_branch_timeout() -> None:
     assert not sent(core, GW2)  # retransmissions to GW1 only, so far
     tick(core, 2.02)
     (second,) = [m for m in sent(core, GW2) if m.method == "INVITE"]
+    assert second.uri.host == GW2[0]
     core.outbox.clear()
     tick(core, 3.0)
     assert not sent(core, GW1)  # the silent branch is no longer retransmitted
