@@ -99,7 +99,14 @@ def build_core(cfg: Config, key: bytes, index: int = 0, count: int = 1) -> Any:
         ),
     )
     call_log = structlog.get_logger("sip700.calls")
-    return ProxyCore(settings, DialogSealer(key), log=call_log.info)
+    core = ProxyCore(settings, DialogSealer(key), log=call_log.info)
+    if cfg.records.enabled:  # call records: the tracker the core feeds (proxy/records)
+        from proxy.records.tracker import CallTracker
+        from proxy.records.writer import event_tenants, instance_name
+
+        core.calls = CallTracker(instance_name(cfg, index), event_tenants=event_tenants(cfg))
+        core.calls.stats = core.stats  # its counters are the worker's
+    return core
 
 
 def build_router(cfg: Config) -> Any:
@@ -207,6 +214,19 @@ async def serve(
             api_server = await start_api(cfg, store, journal_dir)
         elif journal_dir:
             follower = journal_follower(cfg, store, journal_dir)
+    writer = pusher = None
+    if core.calls is not None:
+        from proxy.records.writer import build_writer
+
+        writer = build_writer(cfg, core.calls, index)
+        writer.start()
+        if index == 0 and cfg.records.push.enabled and any(
+                t.records_url or t.events_url for t in cfg.tenants):
+            from proxy.records.push import RecordPusher
+
+            pusher = RecordPusher.from_config(cfg)
+            pusher.stats = core.stats
+            pusher.start()
     await server.start()  # last: an open SIP port means everything else is ready
     log.info("listening", listen=[str(e) for e in cfg.listen_endpoints],
              advertise=str(cfg.advertised), backend=cfg.store.backend,
@@ -217,11 +237,15 @@ async def serve(
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     await _drain_logs(1.0)  # room for the stopping line, if stdout is being read at all
+    await server.close()
+    if writer is not None:  # the last records written (or spooled) before the counters
+        await writer.close()
     stats = dict(core.stats)
     if records_dropped():
         stats["log_records_dropped"] = records_dropped()
     log.info("stopping", stats=stats)
-    await server.close()
+    if pusher is not None:
+        await pusher.close()
     if api_server is not None:
         await api_server.close()
     if follower is not None:
@@ -409,6 +433,9 @@ def make_parser() -> argparse.ArgumentParser:
     from proxy.api.commands import add_commands as add_api_commands
 
     add_api_commands(sub)
+    from proxy.records.commands import add_commands as add_records_commands
+
+    add_records_commands(sub)
     return parser
 
 
