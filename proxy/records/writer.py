@@ -220,20 +220,19 @@ class RecordWriter:
     async def _replay(self) -> bool:
         """Write the spool back to Redis; True when it is empty afterwards."""
         batches = self.spool.batches()
+        done = 0
         try:
             await self.client.ping()
-            done = 0
             for batch_id, ops in batches:
                 if await self.client.exists(self._mark(batch_id)):
                     self._count("records_spool_batches_skipped")
                 else:
                     await self._write(batch_id, await self._resolve([tuple(op) for op in ops]))
                 done += 1
-        except Exception as exc:
+        except Exception:
             self._count("records_redis_errors")
-            if batches and done:  # what was written is not written twice
+            if done:  # what was written is not written twice
                 self._rewrite_spool(batches[done:])
-            del exc
             return False
         self.spool.clear()
         if batches:
@@ -296,7 +295,8 @@ class RecordWriter:
         async with self.client.pipeline(transaction=False) as pipe:
             for op in releases:
                 token = f"{op[2]['release_at']}:{op[2]['release_dir']}"
-                self._claim(keys=[live_key(self.prefix, op[1])], args=[token], client=pipe)
+                await self._claim(keys=[live_key(self.prefix, op[1])], args=[token],
+                                  client=pipe)
             replies = await pipe.execute()
         out = [op for op in ops if op[0] != "release"]
         now = time.monotonic()
