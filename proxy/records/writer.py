@@ -188,12 +188,15 @@ class RecordWriter:
         ops = self._take()
         if not ops:
             return
+        batch_id = self._new_batch_id()
         try:
             ops = await self._resolve(ops)
-            await self._write(self._new_batch_id(), ops)
+            await self._write(batch_id, ops)
         except Exception as exc:
             self._down(exc)
-            self._spool(ops)
+            # the same id: if this write did reach Redis (its reply was lost), the replay
+            # finds the batch's mark and skips it
+            self._spool(ops, batch_id)
 
     def _new_batch_id(self) -> str:
         self._seq += 1
@@ -207,10 +210,10 @@ class RecordWriter:
         self._retry_at = time.monotonic() + 1.0
         self._count("records_redis_errors")
 
-    def _spool(self, ops: list[tuple[Any, ...]]) -> None:
+    def _spool(self, ops: list[tuple[Any, ...]], batch_id: str | None = None) -> None:
         if not ops:
             return
-        if self.spool.append(self._new_batch_id(), [list(op) for op in ops]):
+        if self.spool.append(batch_id or self._new_batch_id(), [list(op) for op in ops]):
             self._count("records_spooled", sum(1 for op in ops if op[0] == "record"))
         else:
             lost = sum(1 for op in ops if op[0] == "record")
