@@ -238,6 +238,9 @@ def make_parser() -> argparse.ArgumentParser:
     from proxy.api.commands import add_commands as add_api_commands
 
     add_api_commands(sub)
+    from proxy.records.commands import add_commands as add_records_commands
+
+    add_records_commands(sub)
     return parser
 
 

@@ -987,14 +987,39 @@ class PoolConfig(_Section):
         return [(int(n), int(n), f"numbers[{i}]") for i, n in enumerate(self.numbers or ())]
 
 
+def _check_http_url(value: str) -> str:
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"must be an http:// or https:// URL ({_q(value)})")
+    return value
+
+
+HttpUrlStr = Annotated[Str, AfterValidator(_check_http_url)]
+CALL_EVENTS = ("start", "ring", "answer", "end")
+
+
 class TenantConfig(_Section):
-    """A platform using the binding API: its keys, its middle numbers, its limits."""
+    """A platform using the binding API: its keys, its middle numbers, its limits, where its
+    call records and call events are pushed."""
 
     id: Annotated[Str, AfterValidator(_check_tenant_id)]
     api_keys: tuple[KeyHashStr, ...] = ()
     pools: tuple[PoolConfig, ...] = ()
     max_pairs_per_x: Annotated[int, Strict(), Field(ge=1, le=100_000)] = 200
     rate_limit_per_s: PositiveInt = 1000
+    # call records: POSTed as JSON arrays, signed with HMAC-SHA256 of records_secret
+    records_url: HttpUrlStr | None = None
+    records_secret: Annotated[Str, Field(min_length=16)] | None = None
+    # call-status events (start, ring, answer, end), signed with the same secret
+    events_url: HttpUrlStr | None = None
+    events: tuple[Literal["start", "ring", "answer", "end"], ...] = CALL_EVENTS
+
+    @model_validator(mode="after")
+    def _secret_for_push(self) -> TenantConfig:
+        if (self.records_url or self.events_url) and not self.records_secret:
+            raise ValueError("records_secret (16 characters or more) is required with "
+                             "records_url or events_url: every push is signed with it")
+        return self
 
 
 class AuditConfig(_Section):
@@ -1014,6 +1039,56 @@ class AuditConfig(_Section):
             except ValueError as exc:
                 raise ValueError(f"{exc} ({_q(_mask_url_password(value))})") from None
         return value
+
+
+class RecordsPushConfig(_Section):
+    """How records and events reach tenants[].records_url / events_url."""
+
+    enabled: Bool = True  # in worker 0 of `sip700 run` (or `sip700 records push` alone)
+    group: TokenStr = "push"  # the consumer group on the streams
+    consumer: TokenStr | None = None  # null: the host name
+    batch_size: Annotated[int, Strict(), Field(ge=1, le=10_000)] = 100
+    batch_wait_ms: NonNegativeInt = 200
+    timeout_s: PositiveFloat = 5.0
+    max_attempts: Annotated[int, Strict(), Field(ge=1, le=1000)] = 8
+    backoff_ms: PositiveInt = 500
+    max_backoff_s: PositiveFloat = 60.0
+
+
+class RecordsConfig(_Section):
+    """Call records (one per call attempt) and call events: Redis Streams, spool, push."""
+
+    enabled: Bool = False
+    stream: TokenStr = "sip700:records"
+    events_stream: TokenStr = "sip700:call_events"
+    dead_letter_stream: TokenStr = "sip700:records_dead"
+    redis_url: Str | None = None  # null: store.redis_url (required with the memory store)
+    key_prefix: TokenStr | None = None  # live calls and batch marks; null: store.key_prefix
+    retention_days: PositiveInt = 90
+    max_len: PositiveInt | None = None
+    events_max_len: PositiveInt = 1_000_000
+    flush_ms: Annotated[int, Strict(), Field(ge=1, le=10_000)] = 50
+    spool_dir: Path = Field(default=Path("records-spool"), validate_default=True)
+    spool_max_mb: PositiveInt = 512
+    dedupe_window_s: PositiveInt = 3600
+    instance: TokenStr | None = None  # null: the host name
+    search_scan_max: PositiveInt = 200_000
+    push: RecordsPushConfig = RecordsPushConfig()
+
+    @field_validator("redis_url")
+    @classmethod
+    def _valid_redis_url(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                _check_redis_url(value)
+            except ValueError as exc:
+                raise ValueError(f"{exc} ({_q(_mask_url_password(value))})") from None
+        return value
+
+    @field_validator("spool_dir")
+    @classmethod
+    def _relative_to_config(cls, value: Path, info: ValidationInfo) -> Path:
+        return (_base_dir(info) / value).resolve()
 
 
 class Config(_Section):
@@ -1050,6 +1125,7 @@ class Config(_Section):
     # and `sip700 run --takeover`; null: $SIP700_RUNTIME_DIR, $XDG_RUNTIME_DIR/sip700 or
     # /tmp/sip700-<uid>
     runtime_dir: Path | None = None
+    records: RecordsConfig = Field(default_factory=dict, validate_default=True)  # type: ignore[arg-type]
 
     @field_validator("listen")
     @classmethod
@@ -1208,6 +1284,17 @@ class Config(_Section):
             problems.append(("audit.redis_url", "only for the memory store: with the Redis store "
                                                 "the audit entry is written by the same script "
                                                 "as the change, in the store's Redis"))
+        if self.records.enabled and self.records.redis_url is None:
+            if self.store.backend == "memory":
+                problems.append(("records.redis_url", "required with the memory store (records "
+                                                      "live in a Redis Stream)"))
+            elif self.store.cluster is not None:
+                problems.append(("records.redis_url", "required with store.cluster: records "
+                                                      "are written in one transaction per "
+                                                      "batch, on a standalone Redis"))
+        if any(t.records_url or t.events_url for t in self.tenants) and not self.records.enabled:
+            problems.append(("records.enabled", "tenants push records or events "
+                                                "(records_url / events_url): set it to true"))
         if self.api.listen is not None and self.store.cluster is not None:
             problems.append(("api.listen", "the binding API allocates in one Lua script over "
                                            "a pool's numbers: it needs standalone Redis or "

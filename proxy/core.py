@@ -50,6 +50,7 @@ from proxy.privacy import (
     call_id_digest,
     uri_number,
 )
+from proxy.records.model import call_key
 from proxy.sip.address import parse_name_addr
 from proxy.sip.errors import ParseError
 from proxy.sip.message import SipMessage, build_response, parse_message
@@ -168,6 +169,7 @@ class Relay:
 
     __slots__ = (
         "branch_deadline",
+        "call",
         "caller",
         "cancel_client",
         "cancel_pending",
@@ -228,6 +230,7 @@ class Relay:
         self.candidates: list[tuple[Gateway, tuple[str, int]]] = []  # gateway, address
         self.gateway: Gateway | None = None
         self.branch_deadline: float | None = None
+        self.call: Any = None  # the call record in the making (proxy/records/tracker.py)
 
     def next_deadline(self) -> float | None:
         deadlines = [d for d in (
@@ -275,8 +278,12 @@ class ProxyCore:
         settings: CoreSettings,
         sealer: DialogSealer,
         log: Callable[..., None] | None = None,
+        calls: Any = None,
     ) -> None:
         self.settings = settings
+        # call records (proxy/records/tracker.py), None when records are off: one hook per
+        # event of a call (INVITE, forwarded, first 18x, answer, release, refusal)
+        self.calls = calls
         self.sealer = sealer
         self.privacy = Privacy(sealer, settings.privacy, settings.advertise_host)
         self.log = log or (lambda event, **kw: None)
@@ -551,8 +558,10 @@ class ProxyCore:
             port == s.advertise_port or port in s.our_ports)
 
     def _refuse_untrusted(self, msg: SipMessage, source: Address, transport: str,
-                          what: str) -> None:
+                          what: str, now: float | None = None) -> None:
         self._count("rejected_untrusted")
+        if now is not None:
+            self._record_refused(msg, "untrusted_peer", self.settings.untrusted_peer.code, now)
         self.log("rejected", reason=f"untrusted peer ({what})",
                  source=f"{source[0]}:{source[1]}", method=msg.method)
         r = self.settings.untrusted_peer
@@ -564,7 +573,8 @@ class ProxyCore:
     ) -> None:
         s = self.settings
         if not s.is_trusted(source[0]):
-            self._refuse_untrusted(msg, source, transport, "initial request")
+            self._refuse_untrusted(msg, source, transport, "initial request",
+                                   now if msg.method == "INVITE" else None)
             return
         if msg.to.tag is not None:  # in-dialog, but not through us: we hold no such dialog
             self._reply(msg, 481, "Call/Transaction Does Not Exist", source, transport)
@@ -583,6 +593,8 @@ class ProxyCore:
             self.log("rejected", reason="not a middle number", method=msg.method,
                      ruri_user=self._mask(x or str(msg.uri.user or "")))
             r = s.not_middle_number
+            if msg.method == "INVITE":
+                self._record_refused(msg, "not_middle_number", r.code, now, x or "")
             self._reply(msg, r.code, r.reason, source, transport, reason_header=True)
             return
         if msg.method != "INVITE":
@@ -597,6 +609,7 @@ class ProxyCore:
         if self.overloaded:
             self._count("calls_shed")
             r = s.overloaded
+            self._record_refused(msg, "overloaded", r.code, now, x)
             self._reply(msg, r.code, r.reason, source, transport, reason_header=True,
                         headers=[("Retry-After", str(s.overload_retry_after_s))])
             return
@@ -608,6 +621,8 @@ class ProxyCore:
         relay.caller = caller or ""
         relay.started = now
         relay.life_deadline = now + s.max_invite_lifetime
+        if self.calls is not None:
+            relay.call = self.calls.invite(msg, x, relay.caller, now)
         self.server_txs[key] = relay
         self._server_events(relay, server.receive_request(now), now)
         trying = build_response(msg, 100, "Trying").serialize()
@@ -619,6 +634,18 @@ class ProxyCore:
         relay.lookup_deadline = now + s.lookup_deadline
         self.lookups.append((relay, x, caller))
         self._rearm(relay)
+
+    def _record_refused(self, msg: SipMessage, refusal: str, code: int, now: float,
+                        x: str = "") -> None:
+        """The record of an INVITE refused before it had a transaction."""
+        if self.calls is None:
+            return
+        try:
+            caller = self._caller_number(msg) or ""
+            x = x or uri_number(msg.uri) or ""
+        except ParseError:
+            caller = ""
+        self.calls.refused_early(msg, x, caller, refusal, code, now)
 
     def _caller_number(self, msg: SipMessage) -> str | None:
         """The caller: P-Asserted-Identity (the peer is trusted to assert it), else From."""
@@ -654,6 +681,8 @@ class ProxyCore:
         if relay.final_sent:  # cancelled (or timed out) while we were looking up
             return
         s = self.settings
+        if relay.call is not None:
+            self.calls.resolved(relay.call, resolution)
         try:
             if resolution.outcome is Outcome.NO_BINDING:
                 self._final(relay, s.no_binding, now, outcome="no binding")
@@ -776,6 +805,8 @@ class ProxyCore:
         relay.downstream = hop
         relay.gateway = gw
         relay.provisional = False
+        if relay.call is not None:
+            self.calls.forwarded(relay.call, relay.rule.callee, gw.uri, now)
         client = ClientInviteTransaction(
             data, lambda resp, o=out: self._build_ack(o, resp),
             reliable=hop.transport != "udp", settings=s.timer_settings,
@@ -1008,6 +1039,9 @@ class ProxyCore:
             return
         if scrubbed:
             self._count("leaks_scrubbed", scrubbed)
+        if method == "BYE" and self.calls is not None:  # the end of the call's record
+            self.calls.bye(call_key(msg.call_id if rule.side == CALLER else out.call_id),
+                           "caller" if rule.side == CALLER else "callee", msg, now)
         hop = self._next_hop(out, rule.peer)
         if hop is None:
             if not stateless:
@@ -1211,6 +1245,8 @@ class ProxyCore:
         self._reply(msg, 200, "OK", source, transport)  # hop-by-hop (RFC 3261 §16.10)
         if relay.final_sent:
             return
+        if relay.call is not None:
+            relay.call.cancelled = True
         if relay.client is None:  # still looking up the binding: nothing went downstream
             self._final(relay, FinalResponse(487, "Request Terminated"), now,
                         outcome="cancelled")
@@ -1368,6 +1404,16 @@ class ProxyCore:
                                              relay.token_swap)
             if scrubbed:
                 self._count("leaks_scrubbed", scrubbed)
+        if relay.call is not None:  # the INVITE's record: first 18x, answer, failure
+            call = relay.call
+            if status < 200:
+                self.calls.provisional(call, status, now)
+            elif status < 300:
+                relay.call = None
+                self.calls.answered(call, now)
+            elif not relay.final_sent:
+                relay.call = None
+                self.calls.final(call, status, msg, now)
         if relay.is_invite:
             if status < 200:
                 relay.provisional = True
@@ -1422,6 +1468,9 @@ class ProxyCore:
     ) -> None:
         relay.final_sent = True
         relay.timer_c = None
+        if relay.call is not None:
+            call, relay.call = relay.call, None
+            self.calls.refused(call, outcome, response.code, now)
         headers = [("Reason", f'SIP;cause={response.code};text="{response.reason}"')]
         if extra:
             headers.extend(extra)

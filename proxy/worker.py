@@ -137,8 +137,15 @@ def build_core(cfg: Config, key: bytes, index: int = 0, count: int = 1, *,
     call_log = structlog.get_logger("sip700.calls").info
     if metrics is not None:
         call_log = metrics.call_log(call_log)
-    return ProxyCore(core_settings(cfg, index, count, port_range), DialogSealer(key),
+    core = ProxyCore(core_settings(cfg, index, count, port_range), DialogSealer(key),
                      log=call_log)
+    if cfg.records.enabled:  # call records: the tracker the core feeds (proxy/records)
+        from proxy.records.tracker import CallTracker
+        from proxy.records.writer import event_tenants, instance_name
+
+        core.calls = CallTracker(instance_name(cfg, index), event_tenants=event_tenants(cfg))
+        core.calls.stats = core.stats  # its counters are the worker's
+    return core
 
 
 def build_router(cfg: Config) -> Any:
@@ -330,6 +337,19 @@ class Worker:
                 api_server = await start_api(cfg, self.store, journal_dir)
             elif journal_dir:
                 follower = journal_follower(cfg, self.store, journal_dir)
+        writer = pusher = None
+        if self.core.calls is not None:
+            from proxy.records.writer import build_writer
+
+            writer = build_writer(cfg, self.core.calls, self.index)
+            writer.start()
+            if self.index == 0 and cfg.records.push.enabled and any(
+                    t.records_url or t.events_url for t in cfg.tenants):
+                from proxy.records.push import RecordPusher
+
+                pusher = RecordPusher.from_config(cfg)
+                pusher.stats = self.core.stats
+                pusher.start()
         try:
             await self.server.start()  # last: an open SIP port means everything else is ready
         except OSError as exc:
@@ -356,13 +376,17 @@ class Worker:
             self.ready_fd = None
         await self._stop.wait()
         await _drain_logs(1.0)  # room for the stopping line, if stdout is being read at all
+        await self.server.close()
+        if writer is not None:  # the last records written (or spooled) before the counters
+            await writer.close()
         stats = dict(self.core.stats)
         if records_dropped():
             stats["log_records_dropped"] = records_dropped()
         log.info("stopping", stats=stats, worker=self.index)
         for task in self._tasks:
             task.cancel()
-        await self.server.close()
+        if pusher is not None:
+            await pusher.close()
         if api_server is not None:
             await api_server.close()
         if follower is not None:

@@ -105,7 +105,7 @@ def numbers(i: int) -> tuple[str, str, str]:
 
 # ---- setup: config, store, logging, as `sip700 run` --------------------------------------------
 
-def write_config(directory: Path, n: int) -> Path:
+def write_config(directory: Path, n: int, records: bool = False) -> Path:
     """config/proxy.yaml with the harness's addresses, a bindings file of n AXB bindings and a
     dialog key; returns the config's path."""
     bindings = directory / "bindings.yaml"
@@ -124,6 +124,9 @@ def write_config(directory: Path, n: int) -> Path:
     privacy = data.setdefault("privacy", {})
     privacy.pop("dialog_key_file", None)
     privacy["dialog_key"] = base64.b64encode(os.urandom(32)).decode()
+    if records:  # never connected: the bench encodes the batches, it does not send them
+        data["records"] = {"enabled": True, "redis_url": "redis://127.0.0.1:1/0",
+                           "spool_dir": str(directory / "spool")}
     path = directory / "proxy.yaml"
     path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
     return path
@@ -512,6 +515,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--hold-ms", type=float, default=100.0)
     p.add_argument("--check-every", type=int, default=50)
     p.add_argument("--warmup", type=int, default=200)
+    p.add_argument("--records", action="store_true",
+                   help="call records on (records.enabled): the tracker's hooks in the core, "
+                        "and the writer's encoding of each round's Redis batch, timed apart")
     p.add_argument("--profile", action="store_true")
     p.add_argument("--sort", default="cumulative", help="pstats order with --profile")
     p.add_argument("--cumulative", action="store_const", const="cumulative", dest="sort",
@@ -549,6 +555,32 @@ def report(args: argparse.Namespace, result: Result) -> None:
           f"{result.privacy_checked_calls} calls ({result.privacy_checked_messages} messages)")
 
 
+def encode_records(tracker: Any) -> float:
+    """CPU µs to turn the tracker's ops into the writer's Redis commands (one MULTI per
+    batch, as proxy/records/writer.py sends them), without a socket."""
+    from redis.connection import Connection
+
+    conn = Connection()
+    ops, tracker.out = tracker.out, []
+    t0 = time.process_time()
+    for at in range(0, len(ops), 500):  # one batch per flush under load
+        commands: list[tuple[Any, ...]] = [("MULTI",)]
+        for op in ops[at:at + 500]:
+            if op[0] == "record":
+                args = [a for kv in op[1].items() for a in kv]
+                commands.append(("XADD", "sip700:records", "MINID", "~", "0-0", "*", *args))
+            elif op[0] == "open":
+                args = [a for kv in op[2].items() for a in kv]
+                commands.append(("HSET", f"sip700:call:{op[1]}", *args))
+                commands.append(("EXPIRE", f"sip700:call:{op[1]}", 46800))
+            elif op[0] == "close":
+                commands.append(("DEL", f"sip700:call:{op[1]}"))
+        commands.append(("SET", "sip700:records:batch:x", 1, "EX", 3600))
+        commands.append(("EXEC",))
+        conn.pack_commands(commands)
+    return (time.process_time() - t0) * 1e6
+
+
 def main(argv: list[str] | None = None) -> Result:
     """Run the bench and print its figures; BenchError if the flow or a privacy check broke,
     or a transaction outlived the drain."""
@@ -557,7 +589,7 @@ def main(argv: list[str] | None = None) -> Result:
     prof = cProfile.Profile() if args.profile else None
     gc_threshold = gc.get_threshold()
     with tempfile.TemporaryDirectory(prefix="bench-core-") as tmp:
-        cfg = load_config(write_config(Path(tmp), args.bindings))
+        cfg = load_config(write_config(Path(tmp), args.bindings, args.records))
         with DevNullLogging(cfg.logging.level, cfg.logging.format):
             try:
                 key = dialog_key(cfg)  # the configured one: no warning
@@ -568,14 +600,23 @@ def main(argv: list[str] | None = None) -> Result:
                 if args.warmup:
                     bench.run_round(args.warmup)
                 bench.prof = prof
+                if core.calls is not None:
+                    core.calls.out.clear()
+                records_us: list[float] = []
                 for _ in range(1 if prof is not None else args.rounds):
                     result.rounds.append(bench.run_round(args.calls))
+                    if core.calls is not None:
+                        records_us.append(encode_records(core.calls) / args.calls)
                 bench.prof = None
                 result.stats = dict(core.stats)
             finally:
                 gc.set_threshold(*gc_threshold)
                 gc.unfreeze()
     report(args, result)
+    if args.records:
+        print(f"  records: the writer's encoding of the batches (RESP, off the message path) "
+              f"{min(records_us):.1f} / {statistics.median(records_us):.1f} µs per call "
+              f"(best / median), {result.stats.get('records_made', 0)} records made")
     if prof is not None:
         pstats.Stats(prof).sort_stats(args.sort).print_stats(40)
     if result.transactions_left:

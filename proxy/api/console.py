@@ -200,7 +200,35 @@ async def search(request: web.Request) -> web.Response:
                      principal, status=exc.status)
     found = (f"<p id='count'>{len(records)} live binding(s)</p>" + _binding_rows(records)
              if records else "<p id='count'>No live binding.</p>")
+    if kind in ("number", "x"):
+        found += await _call_records(request, principal, number)
     return _page("Look up", form + found, principal)
+
+
+async def _call_records(request: web.Request, principal: Principal, number: str) -> str:
+    """The newest call records of a number (caller, callee or X), numbers masked; a tenant's
+    key sees its own tenant's records only. Empty when records are off."""
+    client = request.app.get(_RECORDS_KEY)
+    if client is None:
+        return ""
+    from proxy.api.app import APP_STATE
+    from proxy.records.reading import find, masked
+
+    cfg = request.app[APP_STATE].cfg
+    try:
+        rows = await find(client, cfg.records.stream, number=number, tenant=principal.tenant,
+                          limit=50, scan_max=cfg.records.search_scan_max)
+    except Exception:
+        return "<p class='error' id='records-error'>Call records unavailable.</p>"
+    cells = ("invite_at", "direction", "caller", "x", "callee", "sip_status", "refusal",
+             "release_dir", "talk_s", "tenant")
+    body = "".join(
+        "<tr class='record'>" + "".join(
+            f"<td class='{c}'>{html.escape(masked(f).get(c, ''))}</td>" for c in cells)
+        + "</tr>" for _id, f in rows)
+    head = "".join(f"<th>{c}</th>" for c in cells)
+    return (f"<h2>Call records</h2><p id='records-count'>{len(rows)} record(s)</p>"
+            f"<table id='records'><tr>{head}</tr>{body}</table>")
 
 
 async def _visible(request: web.Request, principal: Principal, binding_id: str
@@ -277,10 +305,23 @@ async def reveal(request: web.Request) -> web.Response:
     return _page("Revealed", body, principal)
 
 
+_RECORDS_KEY: web.AppKey[Any] = web.AppKey("sip700_console_records", object)
+
+
 def add_console(app: web.Application) -> None:
     from proxy.api.app import APP_STATE
 
-    app[_SECRET_KEY] = _secret(app[APP_STATE].cfg)
+    cfg = app[APP_STATE].cfg
+    app[_SECRET_KEY] = _secret(cfg)
+    records = getattr(cfg, "records", None)
+    if records is not None and records.enabled:  # the call records of a looked-up number
+        import redis.asyncio as aioredis
+
+        from proxy.records.writer import records_url
+
+        app[_RECORDS_KEY] = aioredis.Redis.from_url(records_url(cfg), decode_responses=True,
+                                                    socket_timeout=2.0,
+                                                    socket_connect_timeout=1.0)
     app.router.add_get("/console", index)
     app.router.add_post("/console/login", login)
     app.router.add_post("/console/logout", logout)

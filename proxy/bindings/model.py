@@ -24,6 +24,7 @@ BOTH = "both"
 A_TO_B = "a_to_b"
 B_TO_A = "b_to_a"
 DIRECTIONS = (BOTH, A_TO_B, B_TO_A)
+N_TO_A = "n_to_a"  # AXN: anyone but A calling X reaches A (a call's leg, not a binding's)
 
 
 class Outcome(enum.Enum):
@@ -109,22 +110,31 @@ class Resolution:
     out_id: str | None = None
     order_id: str | None = None
     user_data: str | None = None
+    # which way a routed call goes (call records): a_to_b, b_to_a, n_to_a; '' when unknown
+    leg: str = ""
+
+
+def call_leg(binding: Binding, callee: str | None) -> str:
+    """Which way a call routed to `callee` on `binding` goes: a_to_b, b_to_a or n_to_a."""
+    if binding.kind == AXN:
+        return N_TO_A if callee == binding.a else A_TO_B
+    return B_TO_A if callee == binding.a else A_TO_B
 
 
 def resolution_for(binding: Binding, outcome: Outcome, callee: str | None) -> Resolution:
     """The answer a call on `binding` gets, carrying the binding's optional fields."""
     return Resolution(outcome, callee, binding.expires_at, binding.id, binding.tenant,
                       binding.direction, binding.max_call_s, binding.out_id, binding.order_id,
-                      binding.user_data)
+                      binding.user_data, call_leg(binding, callee) if callee else "")
 
 
 def resolution_from_meta(outcome: Outcome, callee: str | None, expires_at: float,
-                         meta: dict[str, object]) -> Resolution:
+                         meta: dict[str, object], leg: str = "") -> Resolution:
     """A Resolution from a binding's stored optional fields (the Redis store's form)."""
     return Resolution(outcome, callee, expires_at, meta.get("id"),  # type: ignore[arg-type]
                       meta.get("tenant"), meta.get("direction") or BOTH,  # type: ignore[arg-type]
                       meta.get("max_call_s"), meta.get("out_id"),  # type: ignore[arg-type]
-                      meta.get("order_id"), meta.get("user_data"))  # type: ignore[arg-type]
+                      meta.get("order_id"), meta.get("user_data"), leg)  # type: ignore[arg-type]
 
 
 class StoreUnavailable(Exception):

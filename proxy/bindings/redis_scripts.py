@@ -64,10 +64,11 @@ end
 """
 
 # KEYS: hash, zset. ARGV: caller, now_ms.
-# Returns {code, callee, exp_ms, meta}: code 1 ROUTE, 2 NOT_PARTY, 0 NO_BINDING,
+# Returns {code, callee, exp_ms, meta, leg}: code 1 ROUTE, 2 NOT_PARTY, 0 NO_BINDING,
 # 3 DIRECTION_RESTRICTED (a one-way binding called the other way); meta: the binding's optional
-# fields as stored ("<d>|<B>|<json>"), or ''. One HMGET more than a plain lookup, only when the
-# caller is routed.
+# fields as stored ("<d>|<B>|<json>"), or ''; leg (routed calls, for the call record): 'a' the
+# caller is A, 'b' the caller is B, 'n' anyone calling an AXN's A. One HMGET more than a plain
+# lookup, only when the caller is routed (and one ZSCORE for an AXB without optional fields).
 RESOLVE = r"""
 local now = tonumber(ARGV[2])
 local caller = ARGV[1]
@@ -79,31 +80,32 @@ if v[1] then
     if m[1] then  -- the caller is the binding's A when its B is the other party
       local d, b = string.match(m[1], '^(%a)|(%d*)|')
       if b == other then
-        if d == 'r' then return {3, '', exp, m[1]} end
-        return {1, other, exp, m[1]}
+        if d == 'r' then return {3, '', exp, m[1], ''} end
+        return {1, other, exp, m[1], 'a'}
       end
     end
     if m[2] then
       local d, b = string.match(m[2], '^(%a)|(%d*)|')
       if b == caller then
-        if d == 'a' then return {3, '', exp, m[2]} end
-        return {1, other, exp, m[2]}
+        if d == 'a' then return {3, '', exp, m[2], ''} end
+        return {1, other, exp, m[2], 'b'}
       end
     end
-    return {1, other, exp, ''}
+    if redis.call('ZSCORE', KEYS[2], caller) then return {1, other, exp, '', 'a'} end
+    return {1, other, exp, '', 'b'}
   end
 end
 if v[2] then
   local a, b, exp = string.match(v[2], '^(%d+):(%d*):(%d+)$')
   if a and tonumber(exp) > now then
     local meta = redis.call('HGET', KEYS[1], 'm:*') or ''
-    if ARGV[1] ~= a then return {1, a, exp, meta} end
-    if b ~= '' then return {1, b, exp, meta} end
-    return {2, '', exp, meta}
+    if ARGV[1] ~= a then return {1, a, exp, meta, 'n'} end
+    if b ~= '' then return {1, b, exp, meta, 'a'} end
+    return {2, '', exp, meta, ''}
   end
 end
-if redis.call('ZCOUNT', KEYS[2], '(' .. ARGV[2], '+inf') > 0 then return {2, '', '0', ''} end
-return {0, '', '0', ''}
+if redis.call('ZCOUNT', KEYS[2], '(' .. ARGV[2], '+inf') > 0 then return {2, '', '0', '', ''} end
+return {0, '', '0', '', ''}
 """
 
 # KEYS: hash, zset. ARGV: kind, a, b ('' for none), exp_ms, now_ms, channel ('' = no publish),

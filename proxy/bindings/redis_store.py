@@ -31,6 +31,7 @@ from proxy.bindings.model import (
     A_TO_B,
     B_TO_A,
     BOTH,
+    N_TO_A,
     Binding,
     BindingConflict,
     Outcome,
@@ -50,6 +51,8 @@ _OUTCOME_BY_CODE = {1: Outcome.ROUTE, 2: Outcome.NOT_PARTY, 0: Outcome.NO_BINDIN
 # direction as stored with a binding's optional fields (see redis_scripts)
 _DIRECTION_CODE = {BOTH: "b", A_TO_B: "a", B_TO_A: "r"}
 _DIRECTION_BY_CODE = {code: name for name, code in _DIRECTION_CODE.items()}
+# the resolve script's leg of a routed call (for call records)
+_LEGS = {"a": A_TO_B, "b": B_TO_A, "n": N_TO_A}
 
 
 def meta_value(binding: Binding) -> str:
@@ -247,17 +250,19 @@ class RedisStore:
                 # a restarted Redis forgot the script: redis-py's call below loads it again
         if reply is None:
             reply = await self._call(self._resolve_script(keys=keys, args=[caller, _ms(now)]), now)
-        code, callee, exp_ms, meta = reply
+        code, callee, exp_ms, meta, leg = reply
         outcome = _OUTCOME_BY_CODE[int(code)]
+        leg = _LEGS.get(leg.decode() if isinstance(leg, bytes) else leg, "")
         if meta:  # only bindings made with optional fields (the API's) carry any
             fields = parse_meta_value(meta.decode() if isinstance(meta, bytes) else meta)
             if isinstance(callee, bytes):
                 callee = callee.decode()
-            return resolution_from_meta(outcome, callee or None, int(exp_ms) / 1000.0, fields)
+            return resolution_from_meta(outcome, callee or None, int(exp_ms) / 1000.0, fields,
+                                        leg)
         if outcome is Outcome.ROUTE:
             if isinstance(callee, bytes):
                 callee = callee.decode()
-            return Resolution(outcome, callee, int(exp_ms) / 1000.0)
+            return Resolution(outcome, callee, int(exp_ms) / 1000.0, leg=leg)
         return Resolution(outcome, None, now)
 
     async def _call(self, command: Any, now: float, timeout_s: float | None = None) -> Any:
