@@ -106,10 +106,15 @@ def check_bindings_file(cfg: Config) -> BindingsCheck:
     loaded, problems = store.load_file(path)
     result.store, result.loaded = store, loaded
     result.problems = [str(p) for p in problems]
-    if loaded == 0:
+    if loaded == 0 and (problems or cfg.api.listen is None):
+        # an empty file is fine when the binding API fills the store (api.listen); a file
+        # whose every row was skipped never is
         why = f"{len(problems)} row(s) skipped, see above" if problems else "it lists none"
         result.fatal = (f"{path}: store.bindings_file loads no binding ({why}); the proxy "
                         "would refuse every call")
+    elif loaded == 0:
+        result.warnings.append(f"{path}: no binding yet: the binding API (api.listen) makes "
+                               "them")
     pattern = cfg.middle_number_regex
     unreachable = sorted(x for x in store_xs(store) if pattern.search(x) is None)
     for x in unreachable[:MAX_WARNED_X]:
