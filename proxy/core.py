@@ -606,6 +606,7 @@ class ProxyCore:
             self._count("rejected_draining")
             self._reply(msg, s.draining.code, s.draining.reason, source, transport,
                         headers=[("Retry-After", str(s.draining_retry_after_s))])
+            return
         if self.overloaded:
             self._count("calls_shed")
             r = s.overloaded
