@@ -816,7 +816,9 @@ class ProxyCore:
         relay.client_key = (branch, "INVITE")
         self.client_txs[relay.client_key] = relay
         relay.timer_c = now + s.timer_c
-        relay.branch_deadline = now + s.branch_timeout
+        # silence costs a branch only when there is another gateway to try: the last one is
+        # waited for (Timer B / C end it), a slow answer beats none under load
+        relay.branch_deadline = now + s.branch_timeout if relay.candidates else None
         self._client_events(relay, client.start(now), now)
         self._rearm(relay)
         return True

@@ -155,6 +155,17 @@ def test_silence_fails_over_after_the_branch_timeout() -> None:
     assert not sent(core, GW1)  # the silent branch is no longer retransmitted
 
 
+def test_the_last_gateway_is_waited_for_beyond_the_branch_timeout() -> None:
+    core = make_core(Router(GatewayGroup("d", [gw(GW1)])), branch_timeout=2.0)
+    invite(core)
+    (first,) = sent(core, GW1)
+    core.outbox.clear()
+    tick(core, 5.0)
+    assert not [m for m in sent(core, CALLER) if m.status >= 200]  # still waiting for it
+    answer(core, first, 180, GW1, 5.0)
+    assert [m.status for m in sent(core, CALLER)] == [180]
+
+
 def test_a_provisional_answer_keeps_the_branch() -> None:
     core = failover_core(branch_timeout=2.0)
     invite(core)
