@@ -32,48 +32,17 @@ never pays for that bookkeeping).
 
 from __future__ import annotations
 
-_HELPERS = r"""
+from proxy.bindings.redis_scripts import BINDING_LUA
+
+_HELPERS = (
+    r"""
 local P = ARGV[1]
 local now = tonumber(ARGV[2])
 local function xkeys(x) return P .. '{' .. x .. '}', P .. '{' .. x .. '}:e' end
-local function exp_of(v) return tonumber(string.match(v, ':(%d+)$')) end
-local function other_of(v) return string.match(v, '^(%d*):') end
+"""
+    + BINDING_LUA
+    + r"""
 local function live(v) return v and exp_of(v) > now end
-
-local function drop_axb(h, z, f, v)
-  local other = other_of(v)
-  redis.call('HDEL', h, f, 'm:' .. f, 'm:' .. other)
-  redis.call('ZREM', z, f)
-  local ov = redis.call('HGET', h, other)
-  if ov and other_of(ov) == f then
-    redis.call('HDEL', h, other)
-    redis.call('ZREM', z, other)
-  end
-end
-
-local function collect(h, z, limit)
-  local dead = redis.call('ZRANGEBYSCORE', z, '-inf', now, 'LIMIT', 0, limit)
-  for _, m in ipairs(dead) do
-    if m == '*' then
-      redis.call('HDEL', h, '*', 'm:*')
-      redis.call('ZREM', z, '*')
-    else
-      local v = redis.call('HGET', h, m)
-      if v then drop_axb(h, z, m, v) else redis.call('ZREM', z, m) end
-    end
-  end
-  return #dead
-end
-
-local function set_expiry(h, z)
-  local last = redis.call('ZRANGE', z, -1, -1, 'WITHSCORES')
-  if last[2] then
-    redis.call('PEXPIREAT', h, last[2])
-    redis.call('PEXPIREAT', z, last[2])
-  else
-    redis.call('DEL', h, z)
-  end
-end
 
 local function raise_expiry(key, exp)
   if redis.call('PEXPIRETIME', key) < tonumber(exp) then redis.call('PEXPIREAT', key, exp) end
@@ -108,7 +77,7 @@ local function release(pk, cap, which, limit)
   local due = redis.call('ZRANGEBYSCORE', pk .. which, '-inf', now, 'LIMIT', 0, limit)
   for _, x in ipairs(due) do
     local h, z = xkeys(x)
-    if collect(h, z, 1000) > 0 then set_expiry(h, z) end
+    if collect(h, z, now, 1000) > 0 then set_expiry(h, z) end
     reclassify(pk, x, h, z, cap)
   end
   return #due
@@ -116,7 +85,7 @@ end
 
 -- Can A and B (b may be '') take X? Returns ok, full (full: X has no room for any pair).
 local function fits_axb(h, z, a, b, cap)
-  collect(h, z, 64)
+  collect(h, z, now, 64)
   local cur = redis.call('HMGET', h, '*', a, b)
   local star, va, vb = cur[1], cur[2], cur[3]
   if live(star) then return false, true end
@@ -128,7 +97,7 @@ local function fits_axb(h, z, a, b, cap)
 end
 
 local function fits_axn(h, z)
-  collect(h, z, 64)
+  collect(h, z, now, 64)
   return redis.call('ZCOUNT', z, '(' .. now, '+inf') == 0
 end
 
@@ -197,6 +166,7 @@ local function audit(a, id, fields)
   return eid
 end
 """
+)
 
 # ARGV: 1 prefix, 2 now_ms, 3 tenant, 4 request_id ('' none), 5 id, 6 kind, 7 a, 8 b ('' none),
 # 9 exp_ms, 10 x ('' = allocate), 11 areas to try, space separated, in order ('-' = no area),
@@ -329,7 +299,7 @@ if not cur then return {0, 'not_found'} end
 if cur ~= old then return {0, 'retry'} end
 local h, z = xkeys(x)
 local pk = P .. 'p:' .. tenant .. ':' .. ARGV[15] .. ':'
-collect(h, z, 64)
+collect(h, z, now, 64)
 if new ~= '' and kind == 'axb' then
   for _, p in ipairs({na, nb}) do
     if p ~= oa and p ~= ob and live(redis.call('HGET', h, p)) then

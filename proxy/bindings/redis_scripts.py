@@ -18,15 +18,15 @@ Times are unix milliseconds supplied by the client.
 
 from __future__ import annotations
 
-# Shared helpers, prepended to the scripts that write.
-_HELPERS = r"""
-local h, z = KEYS[1], KEYS[2]
+# The binding hash's housekeeping, shared with the binding API's scripts
+# (proxy/api/redis_scripts.py): h and z are X's hash and zset, times unix milliseconds.
+BINDING_LUA = r"""
 local function exp_of(v) return tonumber(string.match(v, ':(%d+)$')) end
 local function other_of(v) return string.match(v, '^(%d*):') end
 
 -- Remove the AXB binding whose field `f` holds `v`, and its partner field if it points back.
 -- Its optional fields live under "m:" and its A, which is f or the partner: both go.
-local function drop_axb(f, v)
+local function drop_axb(h, z, f, v)
   local other = other_of(v)
   redis.call('HDEL', h, f, 'm:' .. f, 'm:' .. other)
   redis.call('ZREM', z, f)
@@ -37,8 +37,9 @@ local function drop_axb(f, v)
   end
 end
 
--- Collect up to `limit` expired bindings (oldest first) so X's hash does not grow forever.
-local function collect(now, limit)
+-- Collect up to `limit` expired bindings (oldest first) so X's hash does not grow forever;
+-- returns how many.
+local function collect(h, z, now, limit)
   local dead = redis.call('ZRANGEBYSCORE', z, '-inf', now, 'LIMIT', 0, limit)
   for _, m in ipairs(dead) do
     if m == '*' then
@@ -46,13 +47,14 @@ local function collect(now, limit)
       redis.call('ZREM', z, '*')
     else
       local v = redis.call('HGET', h, m)
-      if v then drop_axb(m, v) else redis.call('ZREM', z, m) end
+      if v then drop_axb(h, z, m, v) else redis.call('ZREM', z, m) end
     end
   end
+  return #dead
 end
 
 -- Both keys live exactly as long as the longest-lived binding on X.
-local function set_expiry()
+local function set_expiry(h, z)
   local last = redis.call('ZRANGE', z, -1, -1, 'WITHSCORES')
   if last[2] then
     redis.call('PEXPIREAT', h, last[2])
@@ -62,6 +64,9 @@ local function set_expiry()
   end
 end
 """
+
+# Prepended to the scripts that write: their KEYS are X's hash and zset.
+_HELPERS = "local h, z = KEYS[1], KEYS[2]\n" + BINDING_LUA
 
 # KEYS: hash, zset. ARGV: caller, now_ms.
 # Returns {code, callee, exp_ms, meta, leg}: code 1 ROUTE, 2 NOT_PARTY, 0 NO_BINDING,
@@ -116,7 +121,7 @@ BIND = (
     _HELPERS
     + r"""
 local kind, a, b, exp, now, channel = ARGV[1], ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5]), ARGV[6]
-collect(now, 64)
+collect(h, z, now, 64)
 local result = 1
 local cur = redis.call('HMGET', h, '*', a, b)
 local star, va, vb = cur[1], cur[2], cur[3]
@@ -140,8 +145,12 @@ if kind == 'axn' then
   else redis.call('HDEL', h, 'm:*') end
 else
   if star then return redis.error_reply('CONFLICT x carries an axn binding') end
-  if va and exp_of(va) <= now then drop_axb(a, va); va = nil; vb = redis.call('HGET', h, b) end
-  if vb and exp_of(vb) <= now then drop_axb(b, vb); vb = nil; va = redis.call('HGET', h, a) end
+  if va and exp_of(va) <= now then
+    drop_axb(h, z, a, va); va = nil; vb = redis.call('HGET', h, b)
+  end
+  if vb and exp_of(vb) <= now then
+    drop_axb(h, z, b, vb); vb = nil; va = redis.call('HGET', h, a)
+  end
   if va or vb then
     if not (va and vb and other_of(va) == b and other_of(vb) == a) then
       return redis.error_reply('CONFLICT a party is already bound on x')
@@ -177,7 +186,7 @@ local removed = 0
 local v = redis.call('HGET', h, number)
 if v then
   if exp_of(v) > now then removed = 1 end
-  drop_axb(number, v)
+  drop_axb(h, z, number, v)
 else
   local star = redis.call('HGET', h, '*')
   if star and string.match(star, '^(%d+):') == number then
@@ -187,7 +196,7 @@ else
   end
 end
 if removed == 1 then
-  set_expiry()
+  set_expiry(h, z)
   if channel ~= '' then redis.call('PUBLISH', channel, ARGV[4]) end
 end
 return removed
