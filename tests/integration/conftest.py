@@ -30,6 +30,16 @@ def _sipp_installed() -> None:
         pytest.fail("sipp is not installed: run scripts/test, which installs sip-tester")
 
 
+@pytest.fixture
+def proxies() -> Iterator[list[ProxyProcess]]:
+    """Proxies a test started itself (appended to this list); stopped and checked for crashes
+    afterwards."""
+    started: list[ProxyProcess] = []
+    yield started
+    for proxy in started:
+        proxy.assert_clean_exit(proxy.stop())
+
+
 @pytest.fixture(params=["memory", "redis"])
 def start_sip700(request: pytest.FixtureRequest, tmp_path: Path
                  ) -> Iterator[Callable[..., ProxyProcess]]:

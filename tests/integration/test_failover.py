@@ -15,7 +15,6 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -45,14 +44,6 @@ from tests.integration.test_privacy_headers import (
 )
 
 BRANCH_TIMEOUT_MS = 500
-
-
-@pytest.fixture
-def proxies(tmp_path: Path) -> Iterator[list[ProxyProcess]]:
-    started: list[ProxyProcess] = []
-    yield started
-    for proxy in started:
-        proxy.assert_clean_exit(proxy.stop())
 
 
 def start(proxies: list[ProxyProcess], tmp_path: Path, carrier: dict,

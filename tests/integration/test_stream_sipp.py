@@ -46,14 +46,6 @@ SCENARIOS = {"caller": ("uac_reinvite.xml", "uas_reinvite.xml"),
              "callee": ("uac_reinvite_callee_bye.xml", "uas_reinvite_callee_bye.xml")}
 
 
-@pytest.fixture
-def proxies(tmp_path: Path) -> Iterator[list[ProxyProcess]]:
-    started: list[ProxyProcess] = []
-    yield started
-    for proxy in started:
-        proxy.assert_clean_exit(proxy.stop())
-
-
 def start(tmp_path: Path, started: list[ProxyProcess], *, listen: str, gateway: str,
           overrides: dict | None = None) -> ProxyProcess:
     port = free_port()

@@ -15,10 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import socket
-from collections.abc import Iterator
 from pathlib import Path
-
-import pytest
 
 from proxy.sip.address import parse_name_addr
 from tests.integration.procs import ProxyProcess, free_port, start_proxy, write_config
@@ -37,15 +34,6 @@ from tests.integration.test_transport_limits import (
 )
 
 CALLS = 50
-
-
-@pytest.fixture
-def proxies(tmp_path: Path) -> Iterator[list[ProxyProcess]]:
-    """Proxies a test started; stopped (and checked for crashes) afterwards."""
-    started: list[ProxyProcess] = []
-    yield started
-    for proxy in started:
-        proxy.assert_clean_exit(proxy.stop())
 
 
 def start(tmp_path: Path, proxies: list[ProxyProcess], workers: int, gateway_port: int
