@@ -83,7 +83,7 @@ return 1
 # KEYS: hold keys; ARGV[1]: the new lease end (ms), ARGV[2]: lease (ms), ARGV[2 + i]: members.
 # Returns the (1-based) indexes of calls no longer held (released elsewhere, or expired).
 REFRESH = """
-local until, lease = tonumber(ARGV[1]), tonumber(ARGV[2])
+local expiry, lease = tonumber(ARGV[1]), tonumber(ARGV[2])
 local gone = {}
 for i, hold in ipairs(KEYS) do
   local held = redis.call('GET', hold)
@@ -92,7 +92,7 @@ for i, hold in ipairs(KEYS) do
   else
     redis.call('PEXPIRE', hold, lease)
     for key in string.gmatch(held, '[^\\n]+') do
-      redis.call('ZADD', key, 'XX', until, ARGV[2 + i])
+      redis.call('ZADD', key, 'XX', expiry, ARGV[2 + i])
       redis.call('PEXPIRE', key, lease * 2)
     end
   end
