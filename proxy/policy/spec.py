@@ -124,6 +124,14 @@ def _scope(p: Any) -> Scope:
     )
 
 
+def policy_key_prefix(cfg: Any) -> str:
+    return cfg.policy.key_prefix or f"{cfg.store.key_prefix}policy:"
+
+
+def policy_redis_url(cfg: Any) -> str:
+    return str(cfg.policy.redis_url or cfg.store.redis_url)
+
+
 def compile_policy(cfg: Any) -> PolicySpec | None:
     """The policy of a Config, or None when it is off (the core then skips the step)."""
     if not cfg.policy_enabled:
@@ -132,8 +140,7 @@ def compile_policy(cfg: Any) -> PolicySpec | None:
     tenants = {t.id: _scope(t.policy) for t in cfg.tenants if t.policy is not None}
     return PolicySpec(
         glob=_scope(p), tenants=tenants,
-        key_prefix=p.key_prefix or f"{cfg.store.key_prefix}policy:",
-        redis_url=p.redis_url or cfg.store.redis_url,
+        key_prefix=policy_key_prefix(cfg), redis_url=policy_redis_url(cfg),
         timeout_s=p.timeout_ms / 1000, lease_ms=p.concurrency_lease_s * 1000,
         poll_s=p.blocklist_poll_ms / 1000, on_error=p.on_error,
         error_refusal=Refusal(p.error_refusal.code, p.error_refusal.reason))
