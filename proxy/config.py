@@ -1065,7 +1065,8 @@ class PolicyConfig(_PolicyRules):
     # null: on when a rule is configured here or in a tenant; true: also for the blocklists
     # managed in Redis alone (sip700 block, the API); false: off whatever is configured
     enabled: Bool | None = None
-    redis_url: Str | None = None  # null: store.redis_url
+    # null: store.redis_url (required with the memory store and with store.cluster)
+    redis_url: Str | None = None
     key_prefix: TokenStr | None = None  # null: <store.key_prefix>policy:
     timeout_ms: Annotated[int, Strict(), Field(ge=10, le=5000)] = 200
     on_error: Literal["connect", "refuse"] = "connect"  # Redis down: let calls through or not
@@ -1482,6 +1483,15 @@ class Config(_Section):
                 problems.append(("records.redis_url", "required with store.cluster: records "
                                                       "are written in one transaction per "
                                                       "batch, on a standalone Redis"))
+        if self.policy_enabled and self.policy.redis_url is None:
+            if self.store.backend == "memory":
+                problems.append(("policy.redis_url", "required with the memory store (the "
+                                                     "policy's caps, concurrency and "
+                                                     "blocklists are shared through Redis)"))
+            elif self.store.cluster is not None:
+                problems.append(("policy.redis_url", "required with store.cluster: the "
+                                                     "policy's scripts need a standalone "
+                                                     "Redis (or Sentinel)"))
         if any(t.records_url or t.events_url for t in self.tenants) and not self.records.enabled:
             problems.append(("records.enabled", "tenants push records or events "
                                                 "(records_url / events_url): set it to true"))
