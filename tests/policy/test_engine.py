@@ -206,3 +206,12 @@ def test_webhook_url_must_be_http() -> None:
     with pytest.raises(ConfigError) as exc:
         config(tenant_policy={"webhook": {"url": "ftp://x"}})
     assert any("tenants[0].policy.webhook.url" in p for p in exc.value.problems)
+
+
+def test_the_example_policy_config_loads() -> None:
+    from proxy.config import check_config, load_config
+
+    path = Path(__file__).parents[2] / "config" / "proxy-policy.yaml"
+    assert check_config(path) == []
+    spec = compile_policy(load_config(path))
+    assert spec is not None and spec.has_concurrency and "shop1" in spec.webhooks
