@@ -41,7 +41,7 @@ class Blocklist:
     callees: set[str] = field(default_factory=set)
     x: set[str] = field(default_factory=set)
     prefixes: set[str] = field(default_factory=set)
-    _max_prefix: int = 0
+    _lengths: tuple[int, ...] = ()  # the lengths of the prefixes, shortest first
 
     @classmethod
     def of(cls, entries: Iterable[str]) -> Blocklist:
@@ -60,7 +60,7 @@ class Blocklist:
             self.x.add(value)
         elif kind == "prefix":
             self.prefixes.add(value)
-            self._max_prefix = max(self._max_prefix, len(value))
+            self._lengths = tuple(sorted({*self._lengths, len(value)}))
 
     def __bool__(self) -> bool:
         return bool(self.callers or self.callees or self.x or self.prefixes)
@@ -79,8 +79,8 @@ class Blocklist:
         if x in self.x:
             return "x"
         if self.prefixes:
-            for number in (caller, callee, x):
-                for n in range(1, min(len(number), self._max_prefix) + 1):
-                    if number[:n] in self.prefixes:
-                        return "prefix"
+            prefixes = self.prefixes
+            for n in self._lengths:
+                if caller[:n] in prefixes or callee[:n] in prefixes or x[:n] in prefixes:
+                    return "prefix"
         return None

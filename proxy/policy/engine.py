@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, NamedTuple
 
 from proxy.numbers import normalize_number
 from proxy.policy.blocklist import Blocklist
@@ -21,8 +21,7 @@ from proxy.policy.spec import PolicySpec, Refusal, Scope, WebhookSpec
 MAX_CALL_S_LIMIT = 86_400  # a webhook's max_call_s above a day is a mistake: ignored
 
 
-@dataclass(frozen=True, slots=True)
-class CallFacts:
+class CallFacts(NamedTuple):
     """What the policy knows of a call once its binding is found."""
 
     call_key: str  # the call's id in Redis (records' call_key of the caller's Call-ID)
@@ -53,8 +52,7 @@ class Decision:
 CONNECT = Decision(True)
 
 
-@dataclass(frozen=True, slots=True)
-class Counter:
+class Counter(NamedTuple):
     kind: str  # rate | conc | bulk
     rule: str
     key: str
@@ -64,8 +62,7 @@ class Counter:
     scope: str  # "" global, else the tenant
 
 
-@dataclass(frozen=True, slots=True)
-class CounterPlan:
+class CounterPlan(NamedTuple):
     """The counters one script checks and, when all pass, updates."""
 
     rates: tuple[Counter, ...]
@@ -81,6 +78,7 @@ class PolicyEngine:
         self.spec = spec
         self.middle_number = middle_number
         self.redis_blocklists: dict[str, Blocklist] = {}  # "" global, else tenant id
+        self._counters: dict[str, tuple[list, list, Any]] = {}  # owner → compiled counters
 
     def _tenant(self, facts: CallFacts) -> Scope | None:
         return self.spec.tenants.get(facts.tenant) if facts.tenant else None
@@ -125,33 +123,47 @@ class PolicyEngine:
         return None
 
     # ---- step 2: the counters in Redis -------------------------------------------------------
+    def _compile_counters(self, owner: str, scope: Scope) -> tuple[list, list, Any]:
+        """A scope's counters with their key prefixes made once: (per, key base, fields)."""
+        p = self.spec.key_prefix
+        rates = [(r.per, f"{p}r:{owner}:{r.name}:", r.name, r.max_calls, r.window_ms,
+                  r.refusal) for r in scope.rates]
+        conc = [(c.per, f"{p}c:{owner}:{c.name}:", c.name, c.max_calls, 0, c.refusal)
+                for c in scope.concurrency]
+        b = scope.bulk
+        bulk = (f"{p}b:{owner}:", b.max_distinct, b.window_ms, b.refusal) if b else None
+        return rates, conc, bulk
+
     def plan(self, facts: CallFacts) -> CounterPlan | None:
         """The counters this call touches, or None when no rule applies."""
-        p = self.spec.key_prefix
         subjects = {"caller": facts.caller, "callee": facts.callee, "x": facts.x,
                     "tenant": facts.tenant or ""}
         rates: list[Counter] = []
         conc: list[Counter] = []
         bulk = None
-        scopes: list[tuple[str, Scope]] = [("", self.spec.glob)]
-        t = self._tenant(facts)
-        if t is not None and facts.tenant:
-            scopes.append((facts.tenant, t))
-        for owner, scope in scopes:
-            for r in scope.rates:
-                subject = subjects[r.per]
+        owners = [""]
+        if facts.tenant and facts.tenant in self.spec.tenants:
+            owners.append(facts.tenant)
+        for owner in owners:
+            compiled = self._counters.get(owner)
+            if compiled is None:
+                scope = self.spec.tenants[owner] if owner else self.spec.glob
+                compiled = self._counters[owner] = self._compile_counters(owner, scope)
+            scope_rates, scope_conc, scope_bulk = compiled
+            for per, base, name, limit, window, refusal in scope_rates:
+                subject = subjects[per]
                 if subject:
-                    rates.append(Counter("rate", r.name, f"{p}r:{owner}:{r.name}:{subject}",
-                                         r.max_calls, r.window_ms, r.refusal, owner))
-            for c in scope.concurrency:
-                subject = subjects[c.per]
+                    rates.append(Counter("rate", name, base + subject, limit, window, refusal,
+                                         owner))
+            for per, base, name, limit, window, refusal in scope_conc:
+                subject = subjects[per]
                 if subject:
-                    conc.append(Counter("conc", c.name, f"{p}c:{owner}:{c.name}:{subject}",
-                                        c.max_calls, 0, c.refusal, owner))
-            if scope.bulk is not None:  # the tenant's detector replaces the global one
-                b = scope.bulk
-                bulk = Counter("bulk", "bulk", f"{p}b:{owner}:{facts.caller}", b.max_distinct,
-                               b.window_ms, b.refusal, owner)
+                    conc.append(Counter("conc", name, base + subject, limit, window, refusal,
+                                        owner))
+            if scope_bulk is not None:  # the tenant's detector replaces the global one
+                base, limit, window, refusal = scope_bulk
+                bulk = Counter("bulk", "bulk", base + facts.caller, limit, window, refusal,
+                               owner)
         if not (rates or conc or bulk):
             return None
         return CounterPlan(tuple(rates), tuple(conc), bulk, facts.callee)

@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from zoneinfo import ZoneInfo
 
 
-@dataclass(frozen=True)
+@dataclass
 class TimeWindow:
     """[start, end) in minutes after local midnight; end <= start spans midnight."""
 
     start_min: int
     end_min: int
     tz: ZoneInfo
+    # the answer changes once a minute at most (zone offsets are whole minutes): the last
+    # minute asked and its answer
+    _minute: int = field(default=-1, repr=False, compare=False)
+    _allowed: bool = field(default=False, repr=False, compare=False)
 
     @classmethod
     def parse(cls, start: str, end: str, tz: str) -> TimeWindow:
@@ -21,6 +25,13 @@ class TimeWindow:
 
     def allows(self, wall: float) -> bool:
         """Whether `wall` (unix seconds) falls inside the window, in the window's zone."""
+        minute = int(wall // 60)
+        if minute != self._minute:
+            self._allowed = self._compute(wall)
+            self._minute = minute
+        return self._allowed
+
+    def _compute(self, wall: float) -> bool:
         local = datetime.fromtimestamp(wall, self.tz)
         minute = local.hour * 60 + local.minute
         if self.start_min < self.end_min:
