@@ -141,3 +141,19 @@ def test_an_unanswered_policy_step_ends_in_503() -> None:
     queued(core)
     core.handle_timers(0.6)
     assert [parse_message(o.data).status for o in core.outbox if o.dest == CALLER] == [503]
+
+
+def test_refusals_by_rule_are_one_labelled_metric() -> None:
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from proxy.metrics import WorkerCollector
+
+    registry = CollectorRegistry()
+    registry.register(WorkerCollector(
+        lambda: {"policy_refused:caller-per-minute": 2, "policy_refused:bulk": 1,
+                 "calls_policy_refused": 3}, lambda: {}))
+    text = generate_latest(registry).decode()
+    assert 'sip700_policy_refused_total{rule="caller-per-minute"} 2.0' in text
+    assert 'sip700_policy_refused_total{rule="bulk"} 1.0' in text
+    assert "sip700_calls_policy_refused_total 3.0" in text
+    assert "policy_refused:" not in text
