@@ -48,7 +48,7 @@ class PolicyRunner:
         self.blocklists = BlocklistStore(self.client, spec.key_prefix)
         self.webhooks = WebhookClient()
         self.breaker = CircuitBreaker(5, 2.0, name="policy redis")
-        self.held: dict[str, None] = {}  # answered calls whose concurrency this worker renews
+        self.held: dict[str, None] = {}  # calls whose concurrency lease this worker renews
         self._tasks: set[asyncio.Task[Any]] = set()
         self._background: list[asyncio.Task[Any]] = []
         self._version = ""
@@ -124,6 +124,10 @@ class PolicyRunner:
             decision = replace(verdict, slot=decision.slot)
         if decision.connect and decision.callee is None:
             decision = replace(decision, callee=facts.callee)
+        if decision.connect and decision.slot:
+            # renewed from now on, ringing included (an INVITE may ring longer than a lease);
+            # its end (core.policy_out) stops the renewal
+            self.held[decision.slot] = None
         self.core.complete_policy(relay, decision, time.monotonic())
         self.flush()
 
