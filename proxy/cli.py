@@ -1,7 +1,8 @@
 """sip700: a SIP proxy for 700 middle numbers (AXB number protection).
 
-Commands: run, check-config, reload, health, and the binding admin commands (bind, unbind,
-bindings). Every command takes its config as --config PATH (or a plain PATH).
+Commands: run, check-config, reload, health, the binding admin commands (bind, unbind,
+bindings), records, and block (the call policy's blocklists). Every command takes its config
+as --config PATH (or a plain PATH).
 """
 
 from __future__ import annotations
@@ -241,6 +242,9 @@ def make_parser() -> argparse.ArgumentParser:
     from proxy.records.commands import add_commands as add_records_commands
 
     add_records_commands(sub)
+    from proxy.policy.commands import add_commands as add_policy_commands
+
+    add_policy_commands(sub)
     return parser
 
 

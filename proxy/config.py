@@ -899,6 +899,195 @@ class MetricsConfig(_Section):
 
 
 # ---------------------------------------------------------------------------------------------
+# Anti-fraud call policy (proxy/policy): caps, blocklists, time windows, bulk calling, webhook.
+# ---------------------------------------------------------------------------------------------
+
+RuleName = Annotated[Str, StringConstraints(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
+PolicyStatus = Annotated[int, Strict(), Field(ge=400, le=699)]
+ReasonStr = Annotated[Str, AfterValidator(_check_reason)]
+WindowSeconds = Annotated[int, Strict(), Field(ge=1, le=2_592_000)]  # up to 30 days
+_CLOCK = re.compile(r"([01][0-9]|2[0-3]):([0-5][0-9])")
+
+
+def _check_number_entry(value: str) -> str:
+    from proxy.numbers import normalize_number
+
+    number = normalize_number(value)
+    if number is None:
+        raise ValueError(f"not a phone number ({_q(value)})")
+    return number
+
+
+def _check_number_prefix(value: str) -> str:
+    if not (value.isascii() and value.isdigit() and 1 <= len(value) <= 20):
+        raise ValueError(f"a prefix is 1-20 digits of a national-format number ({_q(value)})")
+    return value
+
+
+def _check_clock(value: str) -> str:
+    if not _CLOCK.fullmatch(value):
+        raise ValueError(f"a time of day is HH:MM, 00:00 to 23:59 ({_q(value)})")
+    return value
+
+
+def _check_time_zone(value: str) -> str:
+    from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+    try:
+        ZoneInfo(value)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ValueError(f"not an IANA time zone such as Asia/Shanghai ({_q(value)})") from None
+    return value
+
+
+NumberEntry = Annotated[Str, AfterValidator(_check_number_entry)]
+NumberPrefix = Annotated[Str, AfterValidator(_check_number_prefix)]
+
+
+class _PolicyRule(_Section):
+    """What every rule may set: the SIP status and reason of its refusals (null: the default
+    refusal, policy.refusal or the tenant's)."""
+
+    code: PolicyStatus | None = None
+    reason: ReasonStr | None = None
+
+
+class PolicyRefusalConfig(_Section):
+    code: PolicyStatus = 403
+    reason: ReasonStr = "Call Policy"
+
+
+class RateLimitConfig(_PolicyRule):
+    """At most max_calls calls in any window_s seconds (a sliding window) per caller, callee,
+    X or tenant."""
+
+    name: RuleName
+    per: Literal["caller", "callee", "x", "tenant"]
+    max_calls: PositiveInt
+    window_s: WindowSeconds
+
+
+class ConcurrencyConfig(_PolicyRule):
+    """At most max_calls calls at once per X or per tenant (ringing and answered)."""
+
+    name: RuleName
+    per: Literal["x", "tenant"]
+    max_calls: PositiveInt
+
+
+class BlocklistConfig(_PolicyRule):
+    """Numbers refused outright: as caller, as callee, as X, or any party by prefix."""
+
+    callers: tuple[NumberEntry, ...] = ()
+    callees: tuple[NumberEntry, ...] = ()
+    x: tuple[NumberEntry, ...] = ()
+    prefixes: tuple[NumberPrefix, ...] = ()
+
+
+class TimeWindowConfig(_PolicyRule):
+    """Calls are taken from start to end (local time in tz); end before start spans midnight."""
+
+    start: Annotated[Str, AfterValidator(_check_clock)]
+    end: Annotated[Str, AfterValidator(_check_clock)]
+    tz: Annotated[Str, AfterValidator(_check_time_zone)] = "Asia/Shanghai"
+
+    @model_validator(mode="after")
+    def _not_empty(self) -> TimeWindowConfig:
+        if self.start == self.end:
+            raise ValueError("start and end are the same time: the window would be empty "
+                             "(remove time_window to allow calls at any time)")
+        return self
+
+
+class BulkConfig(_PolicyRule):
+    """A caller reaching more than max_distinct_callees different callees through middle
+    numbers within window_s is refused (and flagged: log bulk_caller)."""
+
+    max_distinct_callees: PositiveInt
+    window_s: WindowSeconds
+
+
+class WebhookConfig(_PolicyRule):
+    """The tenant's per-call decision endpoint (POST JSON; see README)."""
+
+    url: Annotated[Str, AfterValidator(_check_http_url)]
+    timeout_ms: Annotated[int, Strict(), Field(ge=10, le=5000)] = 300
+    fallback: Literal["connect", "refuse"] = "connect"
+    secret: Annotated[Str, Field(min_length=16)] | None = None  # X-Sip700-Signature
+    max_connections: Annotated[int, Strict(), Field(ge=1, le=10_000)] = 100
+    circuit_breaker: CircuitBreakerConfig = CircuitBreakerConfig()
+
+
+def _unique_names(rules: tuple[Any, ...]) -> tuple[Any, ...]:
+    seen: set[str] = set()
+    for rule in rules:
+        if rule.name in seen:
+            raise ValueError(f"duplicate rule name {_q(rule.name)} (records say "
+                             f"policy:<name>: each must be unique)")
+        seen.add(rule.name)
+    return rules
+
+
+class _PolicyRules(_Section):
+    """The rules a policy may hold, globally or per tenant."""
+
+    rate_limits: tuple[RateLimitConfig, ...] = ()
+    concurrency: tuple[ConcurrencyConfig, ...] = ()
+    blocklist: BlocklistConfig = BlocklistConfig()
+    time_window: TimeWindowConfig | None = None
+    bulk: BulkConfig | None = None
+    max_call_s: PositiveInt | None = None  # maximum call duration (enforced elsewhere)
+
+    @field_validator("rate_limits", "concurrency")
+    @classmethod
+    def _unique(cls, value: tuple[Any, ...]) -> tuple[Any, ...]:
+        return _unique_names(value)
+
+    def has_rules(self) -> bool:
+        b = self.blocklist
+        return bool(self.rate_limits or self.concurrency or self.time_window or self.bulk
+                    or getattr(self, "webhook", None) or b.callers or b.callees or b.x
+                    or b.prefixes)
+
+
+class TenantPolicyConfig(_PolicyRules):
+    """A tenant's own policy: its rules apply to its calls on top of the global ones; its
+    time_window and refusal replace the global ones for its calls."""
+
+    webhook: WebhookConfig | None = None
+    refusal: PolicyRefusalConfig | None = None
+
+
+class PolicyConfig(_PolicyRules):
+    """The global policy, and where its shared state lives (Redis)."""
+
+    refusal: PolicyRefusalConfig = PolicyRefusalConfig()
+    # null: on when a rule is configured here or in a tenant; true: also for the blocklists
+    # managed in Redis alone (sip700 block, the API); false: off whatever is configured
+    enabled: Bool | None = None
+    # null: store.redis_url (required with the memory store and with store.cluster)
+    redis_url: Str | None = None
+    key_prefix: TokenStr | None = None  # null: <store.key_prefix>policy:
+    timeout_ms: Annotated[int, Strict(), Field(ge=10, le=5000)] = 200
+    on_error: Literal["connect", "refuse"] = "connect"  # Redis down: let calls through or not
+    error_refusal: PolicyRefusalConfig = PolicyRefusalConfig(code=503,
+                                                             reason="Call Policy Unavailable")
+    concurrency_lease_s: Annotated[int, Strict(), Field(ge=10, le=86_400)] = 120
+    blocklist_poll_ms: Annotated[int, Strict(), Field(ge=50, le=1000)] = 500
+    flood: dict[str, Any] | None = None  # flood protection (parsed elsewhere)
+
+    @field_validator("redis_url")
+    @classmethod
+    def _valid_redis_url(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                _check_redis_url(value)
+            except ValueError as exc:
+                raise ValueError(f"{exc} ({_q(_mask_url_password(value))})") from None
+        return value
+
+
+# ---------------------------------------------------------------------------------------------
 # The binding API: tenants, their keys and number pools, the audit trail.
 # ---------------------------------------------------------------------------------------------
 
@@ -1013,6 +1202,7 @@ class TenantConfig(_Section):
     # call-status events (start, ring, answer, end), signed with the same secret
     events_url: HttpUrlStr | None = None
     events: tuple[Literal["start", "ring", "answer", "end"], ...] = CALL_EVENTS
+    policy: TenantPolicyConfig | None = None  # anti-fraud rules for this tenant's calls
 
     @model_validator(mode="after")
     def _secret_for_push(self) -> TenantConfig:
@@ -1126,6 +1316,7 @@ class Config(_Section):
     # /tmp/sip700-<uid>
     runtime_dir: Path | None = None
     records: RecordsConfig = Field(default_factory=dict, validate_default=True)  # type: ignore[arg-type]
+    policy: PolicyConfig = PolicyConfig()
 
     @field_validator("listen")
     @classmethod
@@ -1292,6 +1483,15 @@ class Config(_Section):
                 problems.append(("records.redis_url", "required with store.cluster: records "
                                                       "are written in one transaction per "
                                                       "batch, on a standalone Redis"))
+        if self.policy_enabled and self.policy.redis_url is None:
+            if self.store.backend == "memory":
+                problems.append(("policy.redis_url", "required with the memory store (the "
+                                                     "policy's caps, concurrency and "
+                                                     "blocklists are shared through Redis)"))
+            elif self.store.cluster is not None:
+                problems.append(("policy.redis_url", "required with store.cluster: the "
+                                                     "policy's scripts need a standalone "
+                                                     "Redis (or Sentinel)"))
         if any(t.records_url or t.events_url for t in self.tenants) and not self.records.enabled:
             problems.append(("records.enabled", "tenants push records or events "
                                                 "(records_url / events_url): set it to true"))
@@ -1359,6 +1559,14 @@ class Config(_Section):
     def is_gateway_address(self, address: str) -> bool:
         """Whether an IP is one of the carrier gateways' (the far end of the trunk)."""
         return address in {t.host for t in self.carrier.targets}
+
+    @property
+    def policy_enabled(self) -> bool:
+        """Whether each call goes through the anti-fraud policy (proxy/policy)."""
+        if self.policy.enabled is not None:
+            return self.policy.enabled
+        return self.policy.has_rules() or any(
+            t.policy is not None and t.policy.has_rules() for t in self.tenants)
 
     @cached_property
     def middle_number_regex(self) -> re.Pattern[str]:

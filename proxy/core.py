@@ -3,8 +3,10 @@
 A transaction-stateful, record-routing proxy (RFC 3261 §16). Each proxied transaction is a
 `Relay`: the upstream server transaction and the downstream client transaction. The binding
 lookup of an initial INVITE is an explicit step: the core queues it in `lookups`, the shell
-resolves it (cache, then the store) and calls `complete_lookup`. The dialog's rule travels in our
-Record-Route token, so in-dialog requests need no memory of the INVITE.
+resolves it (cache, then the store) and calls `complete_lookup`. With an anti-fraud policy
+(proxy/policy) a second step follows: the core queues the call in `policy_checks`, the shell
+decides and calls `complete_policy`. The dialog's rule travels in our Record-Route token, so
+in-dialog requests need no memory of the INVITE.
 """
 
 from __future__ import annotations
@@ -151,6 +153,12 @@ class CoreSettings:
     # set while the worker drains (shutdown.mode reject): new calls get it with Retry-After
     draining: FinalResponse | None = None
     draining_retry_after_s: int = 0
+    # the anti-fraud policy step (proxy/policy): off, the INVITE is forwarded on its lookup;
+    # `policy_deadline` bounds the shell's answer; `policy_holds`: concurrency caps are on, so
+    # the end of each call is reported (policy_out) for their release
+    policy: bool = False
+    policy_deadline: float = 2.0
+    policy_holds: bool = False
 
 
 INVALID_TOKEN = FinalResponse(403, "Invalid Dialog Token")
@@ -183,7 +191,9 @@ class Relay:
         "life_deadline",
         "lookup_at",
         "lookup_deadline",
+        "max_call_s",
         "out",
+        "policy_slot",
         "provisional",
         "receiver",
         "request",
@@ -231,6 +241,8 @@ class Relay:
         self.gateway: Gateway | None = None
         self.branch_deadline: float | None = None
         self.call: Any = None  # the call record in the making (proxy/records/tracker.py)
+        self.max_call_s: int | None = None  # the policy's cap on the call's duration
+        self.policy_slot: str | None = None  # concurrency the policy holds for this call
 
     def next_deadline(self) -> float | None:
         deadlines = [d for d in (
@@ -289,6 +301,10 @@ class ProxyCore:
         self.log = log or (lambda event, **kw: None)
         self.outbox: list[Outgoing] = []
         self.lookups: list[tuple[Relay, str, str]] = []
+        # calls waiting for the policy step (settings.policy), and what the policy's shell
+        # must do as calls end: ("answered" | "end", call key)
+        self.policy_checks: list[tuple[Relay, Resolution]] = []
+        self.policy_out: list[tuple[str, str]] = []
         self.server_txs: dict[tuple, Relay] = {}
         self.client_txs: dict[tuple[str, str], Relay] = {}
         self.wheel: TimerWheel[Relay] = TimerWheel()
@@ -694,12 +710,69 @@ class ProxyCore:
             if resolution.outcome is Outcome.NOT_PARTY or resolution.callee is None:
                 self._final(relay, s.not_party, now, outcome="not a party")
                 return
+            if s.policy:  # the shell decides (proxy/policy) and calls complete_policy
+                relay.lookup_deadline = now + s.policy_deadline
+                self.policy_checks.append((relay, resolution))
+                self._rearm(relay)
+                return
             self._forward_initial(relay, resolution.callee, now)
         except Exception as exc:
             self._count("internal_errors")
             self.log("internal_error", error=self._describe(exc),
                      where="forward initial INVITE")
             self._abort(relay, now)
+
+    def complete_policy(self, relay: Relay, decision: Any, now: float) -> None:
+        """Resume an INVITE once the shell has the policy's decision (proxy/policy/engine.py):
+        forward it to `decision.callee`, or refuse it with the rule's status and reason."""
+        relay.lookup_deadline = None
+        if relay.final_sent:  # cancelled or timed out meanwhile: give back what it holds
+            if decision.slot:
+                self.policy_out.append(("end", decision.slot))
+            return
+        try:
+            if not decision.connect:
+                if decision.slot:  # counted in, then refused (the webhook): given back
+                    self.policy_out.append(("end", decision.slot))
+                self._policy_refused(relay, decision, now)
+                return
+            relay.policy_slot = decision.slot
+            if decision.max_call_s is not None and (relay.max_call_s is None
+                                                    or decision.max_call_s < relay.max_call_s):
+                relay.max_call_s = decision.max_call_s
+            self._forward_initial(relay, decision.callee, now)
+            if relay.final_sent:  # refused on the way (route, gateways, body)
+                self._policy_release(relay)
+        except Exception as exc:
+            self._count("internal_errors")
+            self.log("internal_error", error=self._describe(exc),
+                     where="forward initial INVITE")
+            self._abort(relay, now)
+
+    def _policy_refused(self, relay: Relay, decision: Any, now: float) -> None:
+        rule = decision.rule
+        self._count(f"policy_refused:{rule}")
+        fields = {"call_id": self._mask_text(relay.request.call_id), "x": relay.x,
+                  "caller": self._mask(relay.caller), "rule": rule, "code": decision.code}
+        if decision.detail:
+            fields["detail"] = decision.detail
+        if decision.flag:  # the pattern the regulator watches for: its own line and counter
+            self._count(decision.flag)
+            self.log(decision.flag, **fields)
+        self.log("policy_refused", **fields)
+        self._final(relay, FinalResponse(decision.code, decision.reason), now,
+                    outcome=f"policy:{rule}")
+
+    def _policy_release(self, relay: Relay) -> None:
+        """The INVITE ended unanswered: the concurrency it held is given back."""
+        slot, relay.policy_slot = relay.policy_slot, None
+        if slot:
+            self.policy_out.append(("end", slot))
+
+    def policy_call_ended(self, key: str) -> None:
+        """An answered call ended (a BYE, or the proxy ending it): release its concurrency."""
+        if self.settings.policy_holds:
+            self.policy_out.append(("end", key))
 
     def fail_lookup(self, relay: Relay, now: float) -> None:
         """The store could not answer: 503 with Retry-After, never a hang."""
@@ -1042,9 +1115,13 @@ class ProxyCore:
             return
         if scrubbed:
             self._count("leaks_scrubbed", scrubbed)
-        if method == "BYE" and self.calls is not None:  # the end of the call's record
-            self.calls.bye(call_key(msg.call_id if rule.side == CALLER else out.call_id),
-                           "caller" if rule.side == CALLER else "callee", msg, now)
+        if method == "BYE":
+            if self.calls is not None:  # the end of the call's record
+                self.calls.bye(call_key(msg.call_id if rule.side == CALLER else out.call_id),
+                               "caller" if rule.side == CALLER else "callee", msg, now)
+            if s.policy_holds:  # the concurrency the call held (any instance may hold it)
+                self.policy_out.append(("end", call_key(
+                    msg.call_id if rule.side == CALLER else out.call_id)))
         hop = self._next_hop(out, rule.peer)
         if hop is None:
             if not stateless:
@@ -1428,6 +1505,12 @@ class ProxyCore:
                 relay.timer_c = None
         if status >= 200:
             relay.final_sent = True
+            if relay.policy_slot is not None:  # unanswered: released; answered: kept alive
+                if status >= 300:
+                    self._policy_release(relay)
+                else:
+                    slot, relay.policy_slot = relay.policy_slot, None
+                    self.policy_out.append(("answered", slot))
         data = msg.serialize()
         try:
             events = relay.server.send_response(status, data, now)
@@ -1471,6 +1554,8 @@ class ProxyCore:
     ) -> None:
         relay.final_sent = True
         relay.timer_c = None
+        if relay.policy_slot is not None:
+            self._policy_release(relay)
         if relay.call is not None:
             call, relay.call = relay.call, None
             self.calls.refused(call, outcome, response.code, now)
@@ -1479,7 +1564,8 @@ class ProxyCore:
             headers.extend(extra)
         resp = build_response(relay.request, response.code, response.reason,
                               to_tag=os.urandom(6).hex(), headers=headers)
-        self._count(f"calls_{outcome.replace(' ', '_')}")
+        self._count("calls_policy_refused" if outcome.startswith("policy:")
+                    else f"calls_{outcome.replace(' ', '_')}")
         if relay.is_invite and relay.rule is None:
             self.log("call", call_id=self._mask_text(relay.request.call_id), x=relay.x,
                      caller=self._mask(relay.caller), outcome=outcome, code=response.code,

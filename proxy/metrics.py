@@ -36,8 +36,12 @@ KNOWN_COUNTERS = (
     "rejected_refer", "rejected_token_call_id", "rejected_untrusted", "relay_dropped",
     "relay_errors", "relayed", "responses_dropped", "retransmissions_absorbed", "send_errors",
     "tcp_output_overflow", "tcp_paused", "tcp_pending_dropped", "tcp_refused", "timer_c_fired",
-    "udp_errors",
+    "udp_errors", "calls_policy_refused", "bulk_caller", "policy_unavailable",
+    "policy_webhook_failures",
 )
+# counters the core keeps as "<family>:<label value>": one labelled family each
+LABELLED_COUNTERS = {"policy_refused": ("rule", "calls refused by the anti-fraud policy, by "
+                                                "rule")}
 # the outcomes of the call log (`outcome` of each `call` line)
 CALL_OUTCOMES = ("routed", "no binding", "not a party", "no caller number", "store unavailable",
                  "unreadable body", "internal error")
@@ -165,9 +169,17 @@ class WorkerCollector(Collector):
                                   | HistogramMetricFamily]:
         stats = dict.fromkeys(KNOWN_COUNTERS, 0)
         stats.update(self._stats())
+        labelled = {family: CounterMetricFamily(f"sip700_{family}", doc, labels=[label])
+                    for family, (label, doc) in LABELLED_COUNTERS.items()}
         for name, value in sorted(stats.items()):
+            family, sep, label = name.partition(":")
+            if sep:
+                if family in labelled:
+                    labelled[family].add_metric([label], value)
+                continue
             yield CounterMetricFamily(f"sip700_{name}", f"sip700 {name.replace('_', ' ')}",
                                       value=value)
+        yield from labelled.values()
         for name, value in sorted(self._gauges().items()):
             yield GaugeMetricFamily(f"sip700_{name}", f"sip700 {name.replace('_', ' ')}",
                                     value=value)

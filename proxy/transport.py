@@ -404,6 +404,7 @@ class ProxyServer:
         tls_server_names: dict[tuple[str, int], str] | None = None,
     ) -> None:
         self.core = core
+        self.policy: Any = None  # the policy's shell (PolicyRunner) when a policy is on
         # overload control (config `overload:`, None: off): the loop's lag, measured on the
         # tick, and the lookups waiting for the store decide whether new INVITEs are shed
         self.overload = overload
@@ -728,7 +729,7 @@ class ProxyServer:
     # ---- output and lookups -----------------------------------------------------------------
     def flush(self) -> None:
         core = self.core
-        while core.outbox or core.lookups:
+        while core.outbox or core.lookups or core.policy_checks:
             if core.outbox:
                 out, core.outbox = core.outbox, []
                 for item in out:
@@ -750,6 +751,9 @@ class ProxyServer:
                         task = self.loop.create_task(self._lookup(relay, x, caller))
                         self._tasks.add(task)
                         task.add_done_callback(self._tasks.discard)
+            if core.policy_checks:  # the anti-fraud policy step (proxy/policy/runner.py)
+                checks, core.policy_checks = core.policy_checks, []
+                self.policy.submit(checks)
 
     async def _lookup(self, relay: Relay, x: str, caller: str) -> None:
         try:

@@ -120,7 +120,21 @@ def core_settings(cfg: Config, index: int = 0, count: int = 1, port_range: int =
         transport_ports={k: v for k, v in tport.items() if k != "udp"},
         large_request_bytes=cfg.transport.large_request_bytes,
         takes_tcp=lambda host, port: all_take_tcp or (host, port) in tcp_gateways,
+        **policy_settings(cfg),
     )
+
+
+def policy_settings(cfg: Config) -> dict[str, Any]:
+    """The core's view of the anti-fraud policy: on or off, its deadline, concurrency."""
+    from proxy.policy.spec import compile_policy
+
+    spec = compile_policy(cfg)
+    if spec is None:
+        return {}
+    hooks = [h.timeout_s for h in spec.webhooks.values()]
+    # the shell bounds both steps itself (Redis time-out, webhook time-out): this is a net
+    return {"policy": True, "policy_holds": spec.has_concurrency,
+            "policy_deadline": 1.0 + spec.timeout_s + max(hooks, default=0.0)}
 
 
 def build_core(cfg: Config, key: bytes, index: int = 0, count: int = 1, *,
@@ -326,6 +340,7 @@ class Worker:
             tls_handshake_timeout=cfg.transport.tls.handshake_timeout_s,
             tls_server_names=tls_names,
         )
+        await self._start_policy(cfg)
         metrics_server = await self._serve_metrics()
         api_server = follower = None
         if cfg.api.listen is not None:  # the binding API: in worker 0 (see proxy/api/server.py)
@@ -387,6 +402,8 @@ class Worker:
             task.cancel()
         if pusher is not None:
             await pusher.close()
+        if self.server.policy is not None:
+            await self.server.policy.close()
         if api_server is not None:
             await api_server.close()
         if follower is not None:
@@ -397,6 +414,23 @@ class Worker:
         if self.names is not None:
             self.names.close()
         await _drain_logs(1.0)
+
+    async def _start_policy(self, cfg: Config) -> None:
+        """The anti-fraud policy's shell, when the config has a policy (or a reload adds one):
+        the rules of a reloaded config apply to new calls; its Redis stays the running one."""
+        from proxy.policy.runner import PolicyRunner
+        from proxy.policy.spec import compile_policy
+
+        spec = compile_policy(cfg)
+        runner = self.server.policy
+        if spec is None:
+            return
+        if runner is not None:
+            runner.update(spec)
+            return
+        runner = PolicyRunner(self.core, spec, self.server.flush)
+        await runner.start()
+        self.server.policy = runner
 
     def _watch(self, coro: Any) -> asyncio.Task[Any]:
         task = asyncio.get_running_loop().create_task(coro)
@@ -610,6 +644,7 @@ class Worker:
         core = self.core
         names = await resolve_gateway_names(new, settings.router, core.refresh_gateway_ips,
                                             fatal=False)
+        await self._start_policy(new)
         core.settings = settings
         core.privacy.policy = settings.privacy
         # new calls choose among the new gateways; calls in progress keep the gateway objects

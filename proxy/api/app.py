@@ -323,6 +323,9 @@ def build_app(cfg: Any, backend: Any, audit: Any) -> web.Application:
     app.router.add_get("/v1/bindings/{id}", get_binding)
     app.router.add_patch("/v1/bindings/{id}", update_binding)
     app.router.add_delete("/v1/bindings/{id}", delete_binding)
+    from proxy.api.blocklist import add_routes as add_blocklist_routes
+
+    add_blocklist_routes(app, cfg)  # the call policy's blocklists
     app.router.add_get("/v1/openapi.json", openapi)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)

@@ -10,13 +10,15 @@ from pydantic.json_schema import models_json_schema
 from proxy.api.schemas import (
     BindingList,
     BindingOut,
+    BlockEntry,
     CreateBinding,
     ErrorOut,
     Health,
     UpdateBinding,
 )
 
-_MODELS = (CreateBinding, UpdateBinding, BindingOut, BindingList, ErrorOut, Health)
+_MODELS = (CreateBinding, UpdateBinding, BlockEntry, BindingOut, BindingList, ErrorOut,
+           Health)
 
 
 def _ref(name: str) -> dict[str, str]:
@@ -39,12 +41,14 @@ def _errors(*codes: int) -> dict[str, Any]:
 @functools.cache
 def openapi_document() -> dict[str, Any]:
     """The whole document (built once)."""
-    _, schemas = models_json_schema([(m, "validation") for m in _MODELS[:2]]
-                                    + [(m, "serialization") for m in _MODELS[2:]],
+    _, schemas = models_json_schema([(m, "validation") for m in _MODELS[:3]]
+                                    + [(m, "serialization") for m in _MODELS[3:]],
                                     ref_template="#/components/schemas/{model}")
     binding_id = {"name": "id", "in": "path", "required": True,
                   "schema": {"type": "string", "pattern": "^[0-9a-f]{32}$"}}
     common = (401, 429, 503)
+    tenant_param = {"name": "tenant", "in": "query", "required": False,
+                    "schema": {"type": "string"}}
     return {
         "openapi": "3.1.0",
         "info": {"title": "sip700 binding API", "version": "1"},
@@ -97,6 +101,36 @@ def openapi_document() -> dict[str, Any]:
                     "responses": {"204": {"description": "deleted"},
                                   **_errors(403, 404, 409, *common)},
                 },
+            },
+            "/v1/blocklist": {
+                "get": {
+                    "operationId": "listBlocklist",
+                    "summary": "The call policy's blocklist: yours (tenant key), the global one "
+                               "or a tenant's (operator key, ?tenant=)",
+                    "parameters": [tenant_param],
+                    "responses": {"200": {"description": "{tenant, entries: [kind:value]}"},
+                                  **_errors(403, 422, *common)},
+                },
+                "post": {
+                    "operationId": "addBlocklistEntry",
+                    "summary": "Refuse calls of a number (caller, callee, x) or of a prefix",
+                    "requestBody": {"required": True, "content": {
+                        "application/json": {"schema": _ref("BlockEntry")}}},
+                    "responses": {"201": {"description": "added: {tenant, entry}"},
+                                  "200": {"description": "already on the list"},
+                                  **_errors(400, 403, 413, 415, 422, *common)},
+                },
+            },
+            "/v1/blocklist/{kind}/{value}": {
+                "parameters": [
+                    {"name": "kind", "in": "path", "required": True,
+                     "schema": {"enum": ["caller", "callee", "x", "prefix"]}},
+                    {"name": "value", "in": "path", "required": True,
+                     "schema": {"type": "string"}}, tenant_param],
+                "delete": {"operationId": "removeBlocklistEntry",
+                           "summary": "Take an entry off the list",
+                           "responses": {"204": {"description": "removed"},
+                                         **_errors(403, 404, 422, *common)}},
             },
             "/healthz": {"get": {"operationId": "health", "security": [],
                                  "responses": {"200": _json("Health", "the process is up")}}},

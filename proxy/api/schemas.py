@@ -94,3 +94,12 @@ class ErrorOut(BaseModel):
 
 class Health(BaseModel):
     status: str
+
+
+class BlockEntry(_Body):
+    """POST /v1/blocklist: refuse calls of a number (as caller, callee or X) or of a prefix.
+    A tenant's key changes its own list; an operator's the global one, or a tenant's."""
+
+    kind: Literal["caller", "callee", "x", "prefix"]
+    value: Annotated[StrictStr, Field(min_length=1, max_length=32)]
+    tenant: Annotated[StrictStr, Field(max_length=32)] | None = None

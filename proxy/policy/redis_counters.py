@@ -1,0 +1,148 @@
+"""The policy's counters in Redis: one Lua script per call checks and updates them atomically.
+
+- rate limits: a sorted set per (rule, subject) of the calls let through, scored by time (ms);
+  entries older than the window are trimmed first: a sliding window, exact.
+- concurrency: a sorted set per (rule, subject) of the calls holding a place, scored by the
+  end of their lease; a call's hold key lists the sets it is in. The worker that let the call
+  through refreshes the lease of its answered calls every lease/3; the end of the call (its
+  final response >= 300, or a BYE on any instance) releases it. A call whose instance died
+  drops out when its lease runs out: the count heals itself.
+- bulk calling: a sorted set per caller of the distinct callees reached, scored by time.
+
+Every check happens before any update: a refused call counts nowhere. Keys named in the hold
+list are read by the release script; this layout assumes one Redis (or Sentinel), not Cluster.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from proxy.policy.engine import CallFacts, CounterPlan
+
+CHECK = """
+local now = tonumber(ARGV[1])
+local member = ARGV[2]
+local lease = tonumber(ARGV[3])
+local nr, nc, nb = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
+local a = 7
+for i = 1, nr do
+  local key, max, win = KEYS[i], tonumber(ARGV[a]), tonumber(ARGV[a + 1])
+  a = a + 2
+  redis.call('ZREMRANGEBYSCORE', key, '-inf', now - win)
+  if redis.call('ZCARD', key) >= max then return {'rate', i} end
+end
+for i = 1, nc do
+  local key, max = KEYS[nr + i], tonumber(ARGV[a])
+  a = a + 1
+  redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
+  if redis.call('ZCARD', key) >= max then return {'conc', i} end
+end
+local callee = ARGV[a + 2]
+if nb == 1 then
+  local key, max, win = KEYS[nr + nc + 1], tonumber(ARGV[a]), tonumber(ARGV[a + 1])
+  redis.call('ZREMRANGEBYSCORE', key, '-inf', now - win)
+  if not redis.call('ZSCORE', key, callee) and redis.call('ZCARD', key) >= max then
+    return {'bulk', 1}
+  end
+end
+a = 7
+for i = 1, nr do
+  local key, win = KEYS[i], tonumber(ARGV[a + 1])
+  a = a + 2
+  redis.call('ZADD', key, now, member .. '@' .. now)
+  redis.call('PEXPIRE', key, win)
+end
+local held = {}
+for i = 1, nc do
+  local key = KEYS[nr + i]
+  a = a + 1
+  redis.call('ZADD', key, now + lease, member)
+  redis.call('PEXPIRE', key, lease * 2)
+  held[#held + 1] = key
+end
+if nc > 0 then
+  redis.call('SET', KEYS[nr + nc + nb + 1], table.concat(held, '\\n'), 'PX', lease)
+end
+if nb == 1 then
+  local key, win = KEYS[nr + nc + 1], tonumber(ARGV[a + 1])
+  redis.call('ZADD', key, now, callee)
+  redis.call('PEXPIRE', key, win)
+end
+return {'ok', 0}
+"""
+
+# KEYS[1]: the call's hold key; ARGV[1]: the call's member
+RELEASE = """
+local held = redis.call('GET', KEYS[1])
+if not held then return 0 end
+for key in string.gmatch(held, '[^\\n]+') do redis.call('ZREM', key, ARGV[1]) end
+redis.call('DEL', KEYS[1])
+return 1
+"""
+
+# KEYS: hold keys; ARGV[1]: the new lease end (ms), ARGV[2]: lease (ms), ARGV[2 + i]: members.
+# Returns the (1-based) indexes of calls no longer held (released elsewhere, or expired).
+REFRESH = """
+local expiry, lease = tonumber(ARGV[1]), tonumber(ARGV[2])
+local gone = {}
+for i, hold in ipairs(KEYS) do
+  local held = redis.call('GET', hold)
+  if not held then
+    gone[#gone + 1] = i
+  else
+    redis.call('PEXPIRE', hold, lease)
+    for key in string.gmatch(held, '[^\\n]+') do
+      redis.call('ZADD', key, 'XX', expiry, ARGV[2 + i])
+      redis.call('PEXPIRE', key, lease * 2)
+    end
+  end
+end
+return gone
+"""
+
+
+class RedisCounters:
+    """The three scripts on one client (str or bytes replies both work)."""
+
+    def __init__(self, client: Any, hold_prefix: str, lease_ms: int) -> None:
+        self.client = client
+        self.hold_prefix = hold_prefix  # <key_prefix>h:
+        self.lease_ms = lease_ms
+        self._check = client.register_script(CHECK)
+        self._release = client.register_script(RELEASE)
+        self._refresh = client.register_script(REFRESH)
+
+    async def check(self, plan: CounterPlan, facts: CallFacts, now_ms: int) -> Any:
+        keys: list[str] = [c.key for c in plan.rates]
+        keys += [c.key for c in plan.concurrency]
+        args: list[Any] = [now_ms, facts.call_key, self.lease_ms, len(plan.rates),
+                           len(plan.concurrency), 1 if plan.bulk is not None else 0]
+        for c in plan.rates:
+            args += [c.limit, c.window_ms]
+        for c in plan.concurrency:
+            args.append(c.limit)
+        if plan.bulk is not None:
+            keys.append(plan.bulk.key)
+            args += [plan.bulk.limit, plan.bulk.window_ms]
+        else:
+            args += [0, 0]
+        args.append(plan.callee)
+        keys.append(self.hold_prefix + facts.call_key)
+        return await self._check(keys=keys, args=args)
+
+    async def release(self, members: list[str]) -> None:
+        if len(members) == 1:
+            await self._release(keys=[self.hold_prefix + members[0]], args=[members[0]])
+            return
+        async with self.client.pipeline(transaction=False) as pipe:
+            for m in members:
+                await self._release(keys=[self.hold_prefix + m], args=[m], client=pipe)
+            await pipe.execute()
+
+    async def refresh(self, members: list[str], now_ms: int) -> list[str]:
+        """Extend the leases of `members`; returns those no longer held anywhere."""
+        if not members:
+            return []
+        gone = await self._refresh(keys=[self.hold_prefix + m for m in members],
+                                   args=[now_ms + self.lease_ms, self.lease_ms, *members])
+        return [members[int(i) - 1] for i in gone]

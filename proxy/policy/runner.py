@@ -1,0 +1,209 @@
+"""The policy's shell: takes the calls the core queued in `policy_checks`, decides with the
+engine (at most one Redis round trip, then the tenant's webhook if it has one), and calls
+`core.complete_policy`. Background tasks keep the Redis blocklists in sync, release the
+concurrency of ended calls and refresh the leases of answered ones.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from typing import Any
+
+import structlog
+
+from proxy.bindings.breaker import CircuitBreaker
+from proxy.policy.blocklist_store import BlocklistStore
+from proxy.policy.engine import CONNECT, CallFacts, CounterPlan, Decision, PolicyEngine
+from proxy.policy.redis_counters import RedisCounters
+from proxy.policy.spec import PolicySpec, WebhookSpec
+from proxy.policy.webhook import WebhookClient
+from proxy.records.model import call_key
+
+log = structlog.get_logger("sip700.policy")
+OUT_DRAIN_S = 0.05  # ended calls' releases go out in batches this often
+
+
+def redis_client(spec: PolicySpec) -> Any:
+    import redis.asyncio as aioredis
+
+    return aioredis.Redis.from_url(spec.redis_url, socket_timeout=spec.timeout_s,
+                                   socket_connect_timeout=spec.timeout_s,
+                                   client_name="sip700-policy")
+
+
+class PolicyRunner:
+    def __init__(self, core: Any, spec: PolicySpec, flush: Callable[[], None],
+                 client: Any = None, wall: Callable[[], float] = time.time) -> None:
+        self.core = core
+        self.spec = spec
+        self.flush = flush
+        self.wall = wall
+        self.engine = PolicyEngine(spec, core.settings.middle_number)
+        self.client = client if client is not None else redis_client(spec)
+        self.counters = RedisCounters(self.client, f"{spec.key_prefix}h:", spec.lease_ms)
+        self.blocklists = BlocklistStore(self.client, spec.key_prefix)
+        self.webhooks = WebhookClient()
+        self.breaker = CircuitBreaker(5, 2.0, name="policy redis")
+        self.held: dict[str, None] = {}  # calls whose concurrency lease this worker renews
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._background: list[asyncio.Task[Any]] = []
+        self._version = ""
+        self._last_error = 0.0
+
+    def _count(self, name: str) -> None:
+        stats = self.core.stats
+        stats[name] = stats.get(name, 0) + 1
+
+    # ---- life --------------------------------------------------------------------------------
+    async def start(self) -> None:
+        with contextlib.suppress(Exception):  # a Redis down now is retried by the poller
+            await self.sync_blocklists()
+        loop = asyncio.get_running_loop()
+        self._background = [loop.create_task(self._poll_blocklists()),
+                            loop.create_task(self._drain_out())]
+        if self.spec.has_concurrency:
+            self._background.append(loop.create_task(self._refresh_leases()))
+
+    def update(self, spec: PolicySpec) -> None:
+        """A reloaded config's rules, for new calls (Redis, prefix and lease stay as started)."""
+        spec.key_prefix, spec.redis_url, spec.lease_ms = (
+            self.spec.key_prefix, self.spec.redis_url, self.spec.lease_ms)
+        blocklists = self.engine.redis_blocklists
+        self.spec = spec
+        self.engine = PolicyEngine(spec, self.core.settings.middle_number)
+        self.engine.redis_blocklists = blocklists
+
+    async def close(self) -> None:
+        for task in self._background:
+            task.cancel()
+        with contextlib.suppress(Exception):
+            await self._send_out()
+        await self.webhooks.close()
+        with contextlib.suppress(Exception):
+            await self.client.aclose()
+
+    # ---- per call ----------------------------------------------------------------------------
+    def submit(self, checks: list[tuple[Any, Any]]) -> None:
+        """The calls the core queued: decided at once when no I/O is needed, else in a task."""
+        wall = self.wall()
+        engine, core = self.engine, self.core
+        for relay, resolution in checks:
+            facts = CallFacts(call_key(relay.request.call_id), relay.x, relay.caller,
+                              resolution.callee, resolution.tenant, resolution.binding_id,
+                              resolution.out_id, resolution.leg)
+            decision = engine.local(facts, wall)
+            plan = hook = None
+            if decision is None:
+                plan = engine.plan(facts)
+                hook = engine.webhook_for(facts)
+                if plan is None and hook is None:
+                    decision = replace(CONNECT, callee=facts.callee)
+            if decision is not None:
+                core.complete_policy(relay, decision, time.monotonic())
+                continue
+            task = asyncio.get_running_loop().create_task(
+                self._decide(relay, facts, plan, hook))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _decide(self, relay: Any, facts: CallFacts, plan: CounterPlan | None,
+                      hook: WebhookSpec | None) -> None:
+        decision = CONNECT
+        if plan is not None:
+            decision = await self._counters(facts, plan)
+        if decision.connect and hook is not None:
+            reply, failure = await self.webhooks.ask(hook, self.engine.webhook_payload(facts))
+            if failure:
+                self._count("policy_webhook_failures")
+                self._log_error("policy_webhook_failed", failure, tenant=facts.tenant)
+            verdict = self.engine.webhook_verdict(facts, hook, reply, failure)
+            decision = replace(verdict, slot=decision.slot)
+        if decision.connect and decision.callee is None:
+            decision = replace(decision, callee=facts.callee)
+        if decision.connect and decision.slot:
+            # renewed from now on, ringing included (an INVITE may ring longer than a lease);
+            # its end (core.policy_out) stops the renewal
+            self.held[decision.slot] = None
+        self.core.complete_policy(relay, decision, time.monotonic())
+        self.flush()
+
+    async def _counters(self, facts: CallFacts, plan: CounterPlan) -> Decision:
+        now = time.monotonic()
+        if self.breaker.allow(now):
+            try:
+                reply = await self.counters.check(plan, facts, int(self.wall() * 1000))
+            except Exception as exc:  # redis errors, time-outs: the configured fallback
+                self.breaker.record_failure(time.monotonic(), type(exc).__name__)
+                self._log_error("policy_redis_failed", type(exc).__name__)
+            else:
+                self.breaker.record_success()
+                return self.engine.counter_verdict(facts, plan, reply)
+        self._count("policy_unavailable")
+        if self.spec.on_error == "refuse":
+            r = self.spec.error_refusal
+            return Decision(False, "unavailable", r.code, r.reason, "policy Redis unavailable")
+        return CONNECT
+
+    def _log_error(self, event: str, error: str, **fields: Any) -> None:
+        now = time.monotonic()
+        if now - self._last_error >= 1.0:  # one line a second at most, never one per call
+            self._last_error = now
+            log.warning(event, error=error, **fields)
+
+    # ---- background --------------------------------------------------------------------------
+    async def sync_blocklists(self) -> bool:
+        """Reload the Redis blocklists if their version moved; True when it did."""
+        version = await self.blocklists.version()
+        if version == self._version:
+            return False
+        self.engine.redis_blocklists = await self.blocklists.load_all()
+        self._version = version
+        return True
+
+    async def _poll_blocklists(self) -> None:
+        while True:
+            await asyncio.sleep(self.spec.poll_s)
+            try:
+                await self.sync_blocklists()
+            except Exception as exc:
+                self._log_error("policy_blocklist_sync_failed", type(exc).__name__)
+
+    async def _drain_out(self) -> None:
+        while True:
+            await asyncio.sleep(OUT_DRAIN_S)
+            try:
+                await self._send_out()
+            except Exception as exc:
+                self._log_error("policy_release_failed", type(exc).__name__)
+
+    async def _send_out(self) -> None:
+        out = self.core.policy_out
+        if not out:
+            return
+        self.core.policy_out = []
+        ended = []
+        for op, key in out:
+            if op == "answered":
+                self.held[key] = None
+            else:
+                self.held.pop(key, None)
+                ended.append(key)
+        if ended:
+            await self.counters.release(ended)
+
+    async def _refresh_leases(self) -> None:
+        while True:
+            await asyncio.sleep(self.spec.lease_ms / 3000)
+            try:
+                members = list(self.held)
+                for i in range(0, len(members), 500):
+                    gone = await self.counters.refresh(members[i:i + 500],
+                                                       int(self.wall() * 1000))
+                    for key in gone:
+                        self.held.pop(key, None)
+            except Exception as exc:
+                self._log_error("policy_refresh_failed", type(exc).__name__)

@@ -1,0 +1,137 @@
+"""The policy's Redis side against the machine's Redis (no SIP): the counter script's sliding
+windows, concurrency leases and their release / refresh / self-healing, the bulk detector,
+two clients sharing the caps, and the Redis blocklists with their version counter."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import redis.asyncio as aioredis
+import yaml
+
+from proxy.config import load_config_text
+from proxy.policy.blocklist_store import BlocklistStore
+from proxy.policy.engine import CallFacts, PolicyEngine
+from proxy.policy.redis_counters import RedisCounters
+from proxy.policy.spec import compile_policy
+from tests.integration.procs import REDIS_URL, delete_redis_prefix
+
+X, A, B = "700100000000001", "13800000001", "13900000001"
+
+
+@pytest.fixture
+async def prefix() -> AsyncIterator[str]:
+    p = f"sip700test:{uuid.uuid4().hex[:12]}:policy:"
+    yield p
+    delete_redis_prefix(p)
+
+
+@pytest.fixture
+async def client() -> AsyncIterator[aioredis.Redis]:
+    c = aioredis.Redis.from_url(REDIS_URL)
+    yield c
+    await c.aclose()
+
+
+def engine(prefix: str, policy: dict) -> PolicyEngine:
+    cfg = load_config_text(yaml.safe_dump({
+        "carrier": {"gateways": ["sip:127.0.0.1:5090"]}, "store": {"backend": "redis"},
+        "policy": {"key_prefix": prefix, **policy}}), Path("/tmp/p.yaml"))
+    spec = compile_policy(cfg)
+    assert spec is not None
+    return PolicyEngine(spec, lambda n: n.startswith("700"))
+
+
+def facts(n: int, caller: str = A, callee: str = B) -> CallFacts:
+    return CallFacts(f"call{n}", X, caller, callee, "shop1")
+
+
+async def decide(e: PolicyEngine, counters: RedisCounters, f: CallFacts, now_ms: int):
+    plan = e.plan(f)
+    assert plan is not None
+    return e.counter_verdict(f, plan, await counters.check(plan, f, now_ms))
+
+
+async def test_sliding_window_allows_n_calls_then_refuses_until_one_ages_out(
+        prefix: str, client: aioredis.Redis) -> None:
+    e = engine(prefix, {"rate_limits": [{"name": "caller-min", "per": "caller", "max_calls": 3,
+                                         "window_s": 60, "code": 486, "reason": "Over"}]})
+    counters = RedisCounters(client, prefix + "h:", 120_000)
+    t0 = 1_000_000_000
+    results = [await decide(e, counters, facts(i), t0 + i * 10_000) for i in range(4)]
+    assert [d.connect for d in results] == [True, True, True, False]
+    assert (results[3].rule, results[3].code) == ("caller-min", 486)
+    # the refused call counted nowhere; the first call leaves the window at t0 + 60 s
+    assert not (await decide(e, counters, facts(5), t0 + 59_999)).connect
+    assert (await decide(e, counters, facts(6), t0 + 60_001)).connect
+    # another caller has its own window
+    assert (await decide(e, counters, facts(7, caller="13800000002"), t0 + 60_002)).connect
+
+
+async def test_two_clients_share_one_cap(prefix: str) -> None:
+    e = engine(prefix, {"rate_limits": [{"name": "x-day", "per": "x", "max_calls": 5,
+                                         "window_s": 86400}]})
+    clients = [aioredis.Redis.from_url(REDIS_URL) for _ in range(2)]
+    try:
+        counters = [RedisCounters(c, prefix + "h:", 120_000) for c in clients]
+        allowed = 0
+        for i in range(12):
+            d = await decide(e, counters[i % 2], facts(i), 2_000_000_000 + i)
+            allowed += d.connect
+        assert allowed == 5
+    finally:
+        for c in clients:
+            await c.aclose()
+
+
+async def test_concurrency_release_refresh_and_self_healing(prefix: str,
+                                                            client: aioredis.Redis) -> None:
+    e = engine(prefix, {"concurrency": [{"name": "x-conc", "per": "x", "max_calls": 2}]})
+    counters = RedisCounters(client, prefix + "h:", 30_000)
+    t0 = 3_000_000_000
+    first = await decide(e, counters, facts(1), t0)
+    second = await decide(e, counters, facts(2), t0)
+    third = await decide(e, counters, facts(3), t0)
+    assert (first.connect, second.connect, third.connect) == (True, True, False)
+    assert first.slot == "call1" and third.rule == "x-conc"
+    await counters.release(["call1"])
+    await counters.release(["call1"])  # a second BYE: nothing more
+    assert (await decide(e, counters, facts(4), t0 + 1)).connect
+    assert not (await decide(e, counters, facts(5), t0 + 2)).connect
+    # call2's lease is renewed, call4's instance "died": its place frees when the lease ends
+    gone = await counters.refresh(["call2", "call1"], t0 + 20_000)
+    assert gone == ["call1"]  # released already: the holder stops renewing it
+    assert not (await decide(e, counters, facts(6), t0 + 29_000)).connect
+    assert (await decide(e, counters, facts(7), t0 + 30_001)).connect  # call4 expired
+    assert not (await decide(e, counters, facts(8), t0 + 30_002)).connect  # call2 renewed
+
+
+async def test_bulk_detector_counts_distinct_callees(prefix: str,
+                                                     client: aioredis.Redis) -> None:
+    e = engine(prefix, {"bulk": {"max_distinct_callees": 2, "window_s": 600}})
+    counters = RedisCounters(client, prefix + "h:", 120_000)
+    t0 = 4_000_000_000
+    callees = ["13900000001", "13900000002", "13900000001", "13900000003"]
+    got = [await decide(e, counters, facts(i, callee=c), t0 + i) for i, c in enumerate(callees)]
+    assert [d.connect for d in got] == [True, True, True, False]
+    assert (got[3].rule, got[3].flag) == ("bulk", "bulk_caller")
+    assert (await decide(e, counters, facts(9, callee="13900000003"), t0 + 600_002)).connect
+
+
+async def test_redis_blocklists_and_their_version(prefix: str, client: aioredis.Redis) -> None:
+    store = BlocklistStore(client, prefix)
+    v0 = await store.version()
+    assert await store.add(None, "caller:13800000009")
+    assert not await store.add(None, "caller:13800000009")
+    assert await store.add("shop1", "prefix:170")
+    assert await store.version() != v0
+    lists = await store.load_all()
+    assert lists[""].match("13800000009", B, X) == "caller"
+    assert lists["shop1"].match("17000000000", B, X) == "prefix"
+    assert await store.entries("shop1") == ["prefix:170"]
+    assert await store.remove("shop1", "prefix:170")
+    assert not await store.remove("shop1", "prefix:170")
+    assert "shop1" not in await store.load_all()
