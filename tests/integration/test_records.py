@@ -8,6 +8,9 @@ back from the Redis Stream and checks every field the flow determines.
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -16,9 +19,11 @@ from pathlib import Path
 import pytest
 import redis
 
+from proxy.numbers import mask_number
 from proxy.records.model import FIELDS, parse_iso
 from tests.integration.procs import (
     REDIS_URL,
+    ROOT,
     ProxyProcess,
     delete_redis_prefix,
     free_port,
@@ -218,3 +223,41 @@ def test_other_refusals_are_recorded(recorded, tmp_path: Path) -> None:
     assert failed["gateway"] == f"sip:127.0.0.1:{proxy.gateway_port}"
     assert "answer_at" not in failed and "talk_s" not in failed
     times_in_order(failed, ("invite_at", "forwarded_at", "release_at"))
+
+
+def records_cli(proxy: ProxyProcess, *args: str) -> list[dict]:
+    """`sip700 records …` against the proxy's config: its JSON lines."""
+    done = subprocess.run([sys.executable, "-m", "proxy", "records", *args, "--config",
+                           str(proxy.config_path)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=30, check=False)
+    assert done.returncode == 0, done.stderr
+    return [json.loads(line) for line in done.stdout.splitlines()]
+
+
+def test_records_commands_show_numbers_masked_unless_full(recorded, tmp_path: Path) -> None:
+    """`sip700 records tail` and `get --number|--call-id [--tenant] [--full]` for support."""
+    start, read = recorded
+    proxy = start()
+    outcome = run_flow(proxy, tmp_path, caller="uac_basic.xml", callee="uas_basic.xml",
+                       plans=[CallPlan(A1, X1, B1, 1)], caller_extra=["-d", "100"])
+    assert_all_succeeded(outcome, 1)
+    outcome = run_flow(proxy, tmp_path, caller="uac_not_party.xml", callee="uas_basic.xml",
+                       plans=[CallPlan(STRANGER, X1, B1, 2)], callee_calls=0)
+    assert outcome.caller.returncode == 0, str(outcome)
+    answered, refused = read(2)
+
+    tail = records_cli(proxy, "tail", "-n", "5")
+    assert [r["record_id"] for r in tail] == [answered["record_id"], refused["record_id"]]
+    assert tail[0]["caller"] == mask_number(A1) and tail[0]["callee"] == mask_number(B1)
+    assert tail[1]["caller"] == mask_number(STRANGER) and tail[0]["x"] == X1
+    assert isinstance(tail[0]["sip_status"], int) and isinstance(tail[0]["talk_s"], int)
+    assert not [r for r in tail if A1 in json.dumps(r) or STRANGER in json.dumps(r)]
+
+    newest_first = records_cli(proxy, "get", "--number", X1)
+    assert [r["record_id"] for r in newest_first] == [refused["record_id"],
+                                                      answered["record_id"]]
+    (by_b,) = records_cli(proxy, "get", "--number", f"+86 {B1}", "--full")
+    assert (by_b["caller"], by_b["callee"]) == (A1, B1)
+    assert records_cli(proxy, "get", "--number", STRANGER, "--tenant", "shop1") == []
+    (by_call_id,) = records_cli(proxy, "get", "--call-id", refused["call_id"], "--full")
+    assert by_call_id["caller"] == STRANGER and by_call_id["refusal"] == "not_party"
