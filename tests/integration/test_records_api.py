@@ -92,6 +92,9 @@ def proxy(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[ProxyProce
                          "console_reveal_records": "operators"},
                  "tenants": tenant_list, "operator_keys": [hash_key(OPERATOR_KEY)],
                  "store": {"key_prefix": prefix},
+                 # on a busy test machine the API's work can lag the loop of worker 0: no call
+                 # of these tests is to be shed
+                 "overload": {"enabled": False},
                  **records_overrides(f"{prefix}rec:", tmp_path,
                                      push={"batch_wait_ms": 50, "backoff_ms": 100})}
     path, config = write_config(tmp_path, port=port, gateway_port=gateway_port, bindings=[],
@@ -148,7 +151,7 @@ def test_records_and_events_of_an_api_binding(proxy: ProxyProcess, tmp_path: Pat
     plans = [CallPlan(A, X, B, i) for i in range(1, 9)] + [
         CallPlan(B, X, A, i) for i in range(9, 13)]
     outcome = run_flow(proxy, tmp_path, caller="uac_basic.xml", callee="uas_basic.xml",
-                       plans=plans, rate=20, caller_extra=["-d", "100"], trace_messages=False)
+                       plans=plans, rate=10, caller_extra=["-d", "100"], trace_messages=False)
     assert_all_succeeded(outcome, 12)
     records = [f for _id, f in stream(proxy, "records", 12)]
     assert len(records) == 12, records
