@@ -90,3 +90,34 @@ async def test_spool_stays_within_its_bound_and_the_next_process_replays_it(
     assert ids[-1] == f"{999:032x}"  # the spool first, in order
     assert not spool_path.exists() and up.stats["records_spool_replayed"] == kept
     await up.close()
+
+
+async def test_a_call_completed_from_its_redis_hash_gets_its_end_event(
+        redis_prefix: tuple[aioredis.Redis, str], tmp_path: Path) -> None:
+    """A BYE for a call answered by another process (or before a restart) makes the record
+    from the call's Redis hash, and the tenant's `end` event with it."""
+    client, prefix = redis_prefix
+    answered_here = writer(REDIS_URL, prefix, Spool(tmp_path / "a.jsonl", 1 << 20))
+    answered_here.tracker.event_tenants = frozenset({"shop1"})
+    fields = {"record_id": "ab" * 16, "call_id": "c-1", "tenant": "shop1", "x": "700100000000001",
+              "caller": "13800000001", "callee": "13900000001", "direction": "a_to_b",
+              "invite_at": "2026-12-02T00:00:00.000Z", "forwarded_at": "2026-12-02T00:00:00.010Z",
+              "answer_at": "2026-12-02T00:00:01.000Z", "sip_status": "200",
+              "instance": "test/0"}
+    answered_here.tracker.out.append(("open", "k1", fields))
+    await answered_here.flush()
+    await answered_here.close()
+
+    released_here = writer(REDIS_URL, prefix, Spool(tmp_path / "b.jsonl", 1 << 20))
+    released_here.tracker.event_tenants = frozenset({"shop1"})
+    release_at = 1_796_169_605.5  # 2026-12-02T00:00:05.500Z
+    released_here.tracker.out.append(("release", "k1", {
+        "release_at": release_at, "release_dir": "callee", "q850_cause": None}))
+    await released_here.flush()
+    await released_here.close()
+    (rec,) = [f for _id, f in await client.xrange(f"{prefix}records")]
+    assert (rec["record_id"], rec["release_dir"], rec["talk_s"]) == ("ab" * 16, "callee", "5")
+    (end,) = [f for _id, f in await client.xrange(f"{prefix}events")]
+    assert (end["event"], end["record_id"], end["at"]) == ("end", "ab" * 16,
+                                                           rec["release_at"])
+    assert not await client.exists(f"{prefix}call:k1")
