@@ -383,6 +383,11 @@ def add_console(app: web.Application) -> None:
         app[_RECORDS_KEY] = aioredis.Redis.from_url(records_url(cfg), decode_responses=True,
                                                     socket_timeout=2.0,
                                                     socket_connect_timeout=1.0)
+
+        async def close_records(app: web.Application) -> None:
+            await app[_RECORDS_KEY].aclose()
+
+        app.on_cleanup.append(close_records)
     app.router.add_get("/console", index)
     app.router.add_post("/console/login", login)
     app.router.add_post("/console/logout", logout)
