@@ -1126,6 +1126,9 @@ class ApiConfig(_Section):
     listen: HostPortStr | None = None
     require_order_id: Bool = True
     max_ttl_s: Annotated[int, Strict(), Field(ge=60)] = 2592000
+    # who may reveal the real numbers of a call record in the console (an audited action);
+    # everyone else sees them masked
+    console_reveal_records: Literal["none", "operators", "all"] = "none"
 
 
 class PoolConfig(_Section):

@@ -13,6 +13,7 @@ import hmac
 import html
 import json
 import os
+import re
 import time
 from datetime import UTC, datetime
 from typing import Any
@@ -205,6 +206,18 @@ async def search(request: web.Request) -> web.Response:
     return _page("Look up", form + found, principal)
 
 
+def may_reveal_records(cfg: Any, principal: Principal) -> bool:
+    """`api.console_reveal_records`: full numbers of call records only for whom the config
+    names (none by default); a tenant's key then sees its own tenant's records only."""
+    allowed = cfg.api.console_reveal_records
+    return allowed == "all" or (allowed == "operators" and principal.is_operator)
+
+
+_RECORD_CELLS = ("invite_at", "direction", "caller", "x", "callee", "sip_status", "refusal",
+                 "release_dir", "talk_s", "tenant")
+_ENTRY_ID = re.compile(r"[0-9]{1,20}-[0-9]{1,20}")
+
+
 async def _call_records(request: web.Request, principal: Principal, number: str) -> str:
     """The newest call records of a number (caller, callee or X), numbers masked; a tenant's
     key sees its own tenant's records only. Empty when records are off."""
@@ -220,15 +233,63 @@ async def _call_records(request: web.Request, principal: Principal, number: str)
                           limit=50, scan_max=cfg.records.search_scan_max)
     except Exception:
         return "<p class='error' id='records-error'>Call records unavailable.</p>"
-    cells = ("invite_at", "direction", "caller", "x", "callee", "sip_status", "refusal",
-             "release_dir", "talk_s", "tenant")
+    reveal = may_reveal_records(cfg, principal)
     body = "".join(
-        "<tr class='record'>" + "".join(
-            f"<td class='{c}'>{html.escape(masked(f).get(c, ''))}</td>" for c in cells)
-        + "</tr>" for _id, f in rows)
-    head = "".join(f"<th>{c}</th>" for c in cells)
+        f"<tr class='record' data-entry='{html.escape(entry_id)}'>" + "".join(
+            f"<td class='{c}'>{html.escape(masked(f).get(c, ''))}</td>" for c in _RECORD_CELLS)
+        + ("<td><form class='inline' method='post' action='/console/records/reveal'>"
+           f"<input type='hidden' name='entry' value='{html.escape(entry_id)}'>"
+           "<button class='reveal-record'>Reveal</button></form></td>" if reveal else "")
+        + "</tr>" for entry_id, f in rows)
+    head = "".join(f"<th>{c}</th>" for c in _RECORD_CELLS) + ("<th></th>" if reveal else "")
     return (f"<h2>Call records</h2><p id='records-count'>{len(rows)} record(s)</p>"
             f"<table id='records'><tr>{head}</tr>{body}</table>")
+
+
+async def reveal_record(request: web.Request) -> web.Response:
+    """One call record with its numbers in full: only with `api.console_reveal_records`, and
+    only once the reveal is in the audit trail (`action: reveal_record`)."""
+    from proxy.api.app import APP_STATE
+
+    principal = _require(request)
+    state = request.app[APP_STATE]
+    if not may_reveal_records(state.cfg, principal):
+        return _page("Not allowed", "<p class='error' id='error'>This key may not reveal "
+                     "call records (api.console_reveal_records).</p>", principal, 403)
+    form = await request.post()
+    entry_id = str(form.get("entry", ""))
+    client = request.app.get(_RECORDS_KEY)
+    if client is None or not _ENTRY_ID.fullmatch(entry_id):
+        return _page("Not found", "<p class='error'>No such call record.</p>", principal, 404)
+    try:
+        rows = await client.xrange(state.cfg.records.stream, entry_id, entry_id)
+    except Exception:
+        return _page("Unavailable", "<p class='error'>Call records unavailable.</p>",
+                     principal, 503)
+    record = rows[0][1] if rows else None
+    if record is None or (principal.tenant is not None
+                          and record.get("tenant") != principal.tenant):
+        return _page("Not found", "<p class='error'>No such call record.</p>", principal, 404)
+    if state.audit is None:
+        return _page("Unavailable", "<p class='error'>No audit trail: cannot reveal.</p>",
+                     principal, 503)
+    binding_id = record.get("binding_id", "")
+    try:
+        await state.audit.append({"action": "reveal_record", "tenant": record.get("tenant", ""),
+                                  "key": principal.key_id, "src": request.remote or "",
+                                  "rid": "", "record_id": record.get("record_id", ""),
+                                  "before": "", "after": ""},
+                                 binding_id if is_binding_id(binding_id) else "")
+    except Exception:
+        return _page("Unavailable", "<p class='error'>The audit trail cannot be written: "
+                     "numbers stay hidden.</p>", principal, 503)
+    cells = ("record_id", "invite_at", "direction", "x", "caller", "callee", "sip_status",
+             "refusal", "release_dir", "talk_s", "tenant", "binding_id", "order_id")
+    body = ("<p>Revealed (this is recorded in the audit trail).</p><table id='revealed'><tr>"
+            + "".join(f"<th>{c}</th>" for c in cells) + "</tr><tr>"
+            + "".join(f"<td class='{c}'>{html.escape(record.get(c, ''))}</td>" for c in cells)
+            + "</tr></table><p><a href='/console'>back</a></p>")
+    return _page("Revealed", body, principal)
 
 
 async def _visible(request: web.Request, principal: Principal, binding_id: str
@@ -322,12 +383,18 @@ def add_console(app: web.Application) -> None:
         app[_RECORDS_KEY] = aioredis.Redis.from_url(records_url(cfg), decode_responses=True,
                                                     socket_timeout=2.0,
                                                     socket_connect_timeout=1.0)
+
+        async def close_records(app: web.Application) -> None:
+            await app[_RECORDS_KEY].aclose()
+
+        app.on_cleanup.append(close_records)
     app.router.add_get("/console", index)
     app.router.add_post("/console/login", login)
     app.router.add_post("/console/logout", logout)
     app.router.add_get("/console/search", search)
     app.router.add_get("/console/bindings/{id}", binding_page)
     app.router.add_post("/console/reveal", reveal)
+    app.router.add_post("/console/records/reveal", reveal_record)
 
 
 __all__ = ["add_console", "json"]

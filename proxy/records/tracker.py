@@ -192,9 +192,17 @@ class CallTracker:
     def _emit_record(self, record: dict[str, str]) -> None:
         self.out.append(("record", record))
         self._count("records_made")
+        event = self.end_event(record)
+        if event is not None:
+            self.out.append(event)
+
+    def end_event(self, record: dict[str, str]) -> tuple[str, dict[str, str]] | None:
+        """The `end` event of a finished record, for a tenant that asked for events (also for
+        a record the shell completes from a call's Redis hash)."""
         if record.get("tenant") in self.event_tenants and record.get("forwarded_at"):
-            self.out.append(("event", {**_event_base(record), "event": "end",
-                                       "at": record["release_at"]}))
+            return ("event", {**_event_base(record), "event": "end",
+                              "at": record["release_at"]})
+        return None
 
     def _fields(self, call: CallAttempt, status: int) -> dict[str, str]:
         f = {"record_id": call.record_id, "call_id": call.call_id, "x": call.x,

@@ -307,8 +307,12 @@ class RecordWriter:
             if isinstance(reply, list):
                 fields = dict(zip(reply[::2], reply[1::2], strict=True))
                 fields.pop("_r", None)
-                out.append(("record", finish(fields, op[2])))
+                record = finish(fields, op[2])
+                out.append(("record", record))
                 out.append(("close", op[1]))
+                event = self.tracker.end_event(record)
+                if event is not None:  # as when the call ends where it was answered
+                    out.append(event)
                 self._count("records_made")
                 continue
             if reply == 1:  # another BYE of this call made its record

@@ -8,6 +8,9 @@ back from the Redis Stream and checks every field the flow determines.
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -16,8 +19,17 @@ from pathlib import Path
 import pytest
 import redis
 
+from proxy.numbers import mask_number
 from proxy.records.model import FIELDS, parse_iso
-from tests.integration.procs import REDIS_URL, ProxyProcess, delete_redis_prefix
+from tests.integration.procs import (
+    REDIS_URL,
+    ROOT,
+    ProxyProcess,
+    delete_redis_prefix,
+    free_port,
+    run_sipp,
+    sipp_server,
+)
 from tests.integration.test_call_flows import (
     A1,
     A2,
@@ -38,6 +50,9 @@ BINDINGS = [
     {"type": "axb", "x": X1, "a": A1, "b": B1, "ttl": 3600, "id": "b1" * 16,
      "tenant": "shop1", "out_id": "out-1", "order_id": "order-1", "user_data": "ud-1"},
     {"type": "axb", "x": X2, "a": A2, "b": B2, "ttl": 3600},
+    # one way only; B outside 139…, which uac_expect_reject refuses to see in a response
+    {"type": "axb", "x": "700100000000003", "a": "13800000003", "b": "13700000003",
+     "ttl": 3600, "direction": "a_to_b", "tenant": "shop1"},
 ]
 
 
@@ -171,3 +186,78 @@ def test_refusals_are_recorded(recorded, tmp_path: Path) -> None:
     for rec in (not_party, no_binding):
         assert "callee" not in rec and "forwarded_at" not in rec
         assert rec["q850_cause"] in ("21", "1")
+
+
+def expect_reject(proxy: ProxyProcess, tmp_path: Path, x: str, caller: str, status: str,
+                  local_ip: str = "127.0.0.1") -> None:
+    """One INVITE from `caller` to `x` that the proxy must answer with `status` itself."""
+    result = run_sipp("uac_expect_reject.xml", f"127.0.0.1:{proxy.port}",
+                      free_port(host=local_ip), tmp_path, local_ip=local_ip,
+                      extra=["-key", "ruri", f"sip:{x}@127.0.0.1", "-key", "a", caller,
+                             "-key", "status", status])
+    assert result.returncode == 0 and result.successful == 1, str(result)
+
+
+def test_other_refusals_are_recorded(recorded, tmp_path: Path) -> None:
+    """Direction restricted, untrusted peer (127.0.0.2) and a gateway answering 503: each
+    gives one record with its `refusal`, who released it and the status."""
+    start, read = recorded
+    proxy = start()
+    expect_reject(proxy, tmp_path, "700100000000003", "13700000003", "403 Direction Restricted")
+    expect_reject(proxy, tmp_path, X1, A1, "403 Untrusted Peer", local_ip="127.0.0.2")
+    with sipp_server("uas_503.xml", proxy.gateway_port, tmp_path):
+        expect_reject(proxy, tmp_path, X1, A1, "503 No Gateway Available")
+    restricted, untrusted, failed = read(3)
+    assert (restricted["refusal"], restricted["sip_status"], restricted["direction"],
+            restricted["release_dir"], restricted["caller"], restricted["tenant"]) == (
+        "direction_restricted", "403", "refused", "proxy", "13700000003", "shop1"), restricted
+    assert (untrusted["refusal"], untrusted["sip_status"], untrusted["direction"],
+            untrusted["release_dir"], untrusted["caller"], untrusted["x"]) == (
+        "untrusted_peer", "403", "refused", "proxy", A1, X1), untrusted
+    for rec in (restricted, untrusted):
+        assert "callee" not in rec and "forwarded_at" not in rec, rec
+    # the only gateway answers 503: forwarded, then the proxy's own 503 No Gateway ends it
+    assert (failed["refusal"], failed["sip_status"], failed["direction"], failed["callee"],
+            failed["q850_cause"], failed["release_dir"]) == (
+        "gateway_failure", "503", "a_to_b", B1, "41", "proxy"), failed
+    assert failed["gateway"] == f"sip:127.0.0.1:{proxy.gateway_port}"
+    assert "answer_at" not in failed and "talk_s" not in failed
+    times_in_order(failed, ("invite_at", "forwarded_at", "release_at"))
+
+
+def records_cli(proxy: ProxyProcess, *args: str) -> list[dict]:
+    """`sip700 records …` against the proxy's config: its JSON lines."""
+    done = subprocess.run([sys.executable, "-m", "proxy", "records", *args, "--config",
+                           str(proxy.config_path)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=30, check=False)
+    assert done.returncode == 0, done.stderr
+    return [json.loads(line) for line in done.stdout.splitlines()]
+
+
+def test_records_commands_show_numbers_masked_unless_full(recorded, tmp_path: Path) -> None:
+    """`sip700 records tail` and `get --number|--call-id [--tenant] [--full]` for support."""
+    start, read = recorded
+    proxy = start()
+    outcome = run_flow(proxy, tmp_path, caller="uac_basic.xml", callee="uas_basic.xml",
+                       plans=[CallPlan(A1, X1, B1, 1)], caller_extra=["-d", "100"])
+    assert_all_succeeded(outcome, 1)
+    outcome = run_flow(proxy, tmp_path, caller="uac_not_party.xml", callee="uas_basic.xml",
+                       plans=[CallPlan(STRANGER, X1, B1, 2)], callee_calls=0)
+    assert outcome.caller.returncode == 0, str(outcome)
+    answered, refused = read(2)
+
+    tail = records_cli(proxy, "tail", "-n", "5")
+    assert [r["record_id"] for r in tail] == [answered["record_id"], refused["record_id"]]
+    assert tail[0]["caller"] == mask_number(A1) and tail[0]["callee"] == mask_number(B1)
+    assert tail[1]["caller"] == mask_number(STRANGER) and tail[0]["x"] == X1
+    assert isinstance(tail[0]["sip_status"], int) and isinstance(tail[0]["talk_s"], int)
+    assert not [r for r in tail if A1 in json.dumps(r) or STRANGER in json.dumps(r)]
+
+    newest_first = records_cli(proxy, "get", "--number", X1)
+    assert [r["record_id"] for r in newest_first] == [refused["record_id"],
+                                                      answered["record_id"]]
+    (by_b,) = records_cli(proxy, "get", "--number", f"+86 {B1}", "--full")
+    assert (by_b["caller"], by_b["callee"]) == (A1, B1)
+    assert records_cli(proxy, "get", "--number", STRANGER, "--tenant", "shop1") == []
+    (by_call_id,) = records_cli(proxy, "get", "--call-id", refused["call_id"], "--full")
+    assert by_call_id["caller"] == STRANGER and by_call_id["refusal"] == "not_party"
