@@ -37,7 +37,8 @@ KNOWN_COUNTERS = (
     "relay_errors", "relayed", "responses_dropped", "retransmissions_absorbed", "send_errors",
     "tcp_output_overflow", "tcp_paused", "tcp_pending_dropped", "tcp_refused", "timer_c_fired",
     "udp_errors", "calls_policy_refused", "bulk_caller", "policy_unavailable",
-    "policy_webhook_failures",
+    "policy_webhook_failures", "records_made", "records_written", "records_spooled",
+    "records_lost_spool_full",
 )
 # counters the core keeps as "<family>:<label value>": one labelled family each
 LABELLED_COUNTERS = {"policy_refused": ("rule", "calls refused by the anti-fraud policy, by "

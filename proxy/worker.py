@@ -286,6 +286,7 @@ class Worker:
         self.generation = generation
         self.config_path = config_path
         self.draining = False
+        self.records_writer: Any = None  # proxy/records/writer.py, when records are on
         self.handover = False  # another instance is taking over: release ports, then drain
         self.core: Any = None
         self.server: Any = None
@@ -358,6 +359,7 @@ class Worker:
 
             writer = build_writer(cfg, self.core.calls, self.index)
             writer.start()
+            self.records_writer = writer
             if self.index == 0 and cfg.records.push.enabled and any(
                     t.records_url or t.events_url for t in cfg.tenants):
                 from proxy.records.push import RecordPusher
@@ -461,7 +463,8 @@ class Worker:
                      **self.server.overload_gauges(),
                      "draining": int(self.draining),
                      "ready": int(self.ready()[0]),
-                     **store_gauges(self.store)},
+                     **store_gauges(self.store),
+                     **(self.records_writer.gauges() if self.records_writer else {})},
             self.metrics, self._gateway_states))
         # one endpoint per worker (port + worker index): each reports its own counters
         try:

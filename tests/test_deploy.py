@@ -21,7 +21,8 @@ DEPLOY = ROOT / "deploy"
 
 
 def exposed_names() -> set[str]:
-    """Every sample name a worker exposes (memory store; the Redis store's gauges added)."""
+    """Every sample name a worker exposes (memory store; the Redis store's gauges and the
+    records writer's added)."""
 
     class FakeRedisStore:
         class breaker:  # stands in for the store's attribute of that name
@@ -34,11 +35,27 @@ def exposed_names() -> set[str]:
         lambda: {}, lambda: {"server_transactions": 0, "client_transactions": 0,
                              "tcp_connections": 0, "config_generation": 1, "draining": 0,
                              "ready": 1, **store_gauges(MemoryStore()),
-                             **store_gauges(FakeRedisStore())},
+                             **store_gauges(FakeRedisStore()), **records_gauges()},
         WorkerMetrics(), lambda: [("sip:127.0.0.1:5090;transport=udp", True)]))
     text = generate_latest(registry).decode()
     return {line.split("{")[0].split(" ")[0] for line in text.splitlines()
             if line and not line.startswith("#")}
+
+
+def records_gauges() -> dict[str, float]:
+    """A real records writer's gauges (its client is never used here)."""
+    import tempfile
+
+    import redis
+
+    from proxy.records.tracker import CallTracker
+    from proxy.records.writer import RecordWriter, Spool
+
+    with tempfile.TemporaryDirectory() as tmp:
+        writer = RecordWriter(CallTracker(instance="test"), redis.Redis(), stream="s",
+                              events_stream="e", prefix="p:",
+                              spool=Spool(Path(tmp) / "spool.jsonl", 1 << 20))
+        return writer.gauges()
 
 
 def used_names(text: str) -> set[str]:

@@ -131,6 +131,13 @@ class RecordWriter:
     def _count(self, name: str, n: int = 1) -> None:
         self.stats[name] = self.stats.get(name, 0) + n
 
+    def gauges(self) -> dict[str, float]:
+        """For the metrics endpoint: the spool's size (0 while Redis takes every batch), whether
+        Redis took the last batch, and the records waiting for the next flush."""
+        return {"records_spool_bytes": self.spool.size(),
+                "records_redis_up": int(self.redis_ok),
+                "records_pending": len(self.tracker.out)}
+
     def start(self) -> None:
         if self.spool.size():
             self.redis_ok = False  # replay what an earlier run left before anything new
