@@ -126,6 +126,8 @@ class RecordWriter:
         self._retry_at = 0.0
         self._retries: list[tuple[float, int, tuple[Any, ...]]] = []  # due, attempt, op
         self._task: asyncio.Task[None] | None = None
+        self._lost_logged_at = -1e9  # the spool-full log line: at most one per 10 s
+        self._lost_unlogged = 0
         self.stats = tracker.stats
 
     def _count(self, name: str, n: int = 1) -> None:
@@ -225,7 +227,13 @@ class RecordWriter:
         else:
             lost = sum(1 for op in ops if op[0] == "record")
             self._count("records_lost_spool_full", lost)
-            log.error("records_spool_full", path=str(self.spool.path), records_lost=lost)
+            self._lost_unlogged += lost
+            now = time.monotonic()
+            if now >= self._lost_logged_at + 10.0:  # one line per 10 s, not one per batch
+                self._lost_logged_at = now
+                log.error("records_spool_full", path=str(self.spool.path),
+                          records_lost=self._lost_unlogged, max_bytes=self.spool.max_bytes)
+                self._lost_unlogged = 0
 
     async def _replay(self) -> bool:
         """Write the spool back to Redis; True when it is empty afterwards."""

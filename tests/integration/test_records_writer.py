@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import redis.asyncio as aioredis
+from structlog.testing import capture_logs
 
 from proxy.records.tracker import CallTracker
 from proxy.records.writer import RecordWriter, Spool
@@ -70,12 +71,16 @@ async def test_spool_stays_within_its_bound_and_the_next_process_replays_it(
     client, prefix = redis_prefix
     spool_path = tmp_path / "spool-0.jsonl"
     down = writer(f"redis://127.0.0.1:{free_port()}/0", prefix, Spool(spool_path, 4096))
-    for i in range(200):  # one batch per record: a ~130-byte line each
-        down.tracker.out.append(record(i))
-        down._retry_at = 0.0  # no 1 s wait between attempts in a test
-        await down.flush()
+    with capture_logs() as logs:
+        for i in range(200):  # one batch per record: a ~130-byte line each
+            down.tracker.out.append(record(i))
+            down._retry_at = 0.0  # no 1 s wait between attempts in a test
+            await down.flush()
     kept = down.stats["records_spooled"]
     assert 0 < kept < 200 and down.stats["records_lost_spool_full"] == 200 - kept
+    # every lost record counted, but one log line (at most one per 10 s), not one per batch
+    full = [line for line in logs if line["event"] == "records_spool_full"]
+    assert len(full) == 1 and full[0]["records_lost"] == 1
     assert spool_path.stat().st_size <= 4096
     await down.close()
 
