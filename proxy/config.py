@@ -899,6 +899,34 @@ class MetricsConfig(_Section):
 
 
 # ---------------------------------------------------------------------------------------------
+# Call policy (issue 11): the keys of `policy:` this part of the proxy reads.
+# ---------------------------------------------------------------------------------------------
+
+MaxCallSeconds = Annotated[int, Strict(), Field(ge=1, le=86400)]
+
+
+class FloodConfig(_Section):
+    """Pike-style flood protection per source address (proxy/flood.py): counted per worker."""
+
+    enabled: Bool = False
+    # a source sending more requests than this in one second is blocked for cooldown_s
+    max_requests_per_s: Annotated[int, Strict(), Field(ge=1, le=10_000_000)] = 200
+    cooldown_s: Annotated[float, Strict(), Field(gt=0, le=86400)] = 10.0
+    # reply: 503 with Retry-After: cooldown_s; drop: no answer at all
+    action: Literal["reply", "drop"] = "reply"
+    # trusted_peers and carrier gateways: null exempts them, a number is their own limit
+    trusted_limit: Annotated[int, Strict(), Field(ge=1, le=10_000_000)] | None = None
+
+
+class PolicyConfig(_Section):
+    """`policy:`: the maximum call duration and flood protection (the rest of the call
+    policy adds its own keys here)."""
+
+    max_call_s: MaxCallSeconds | None = None  # global cap; bindings and tenants may set lower
+    flood: FloodConfig = FloodConfig()
+
+
+# ---------------------------------------------------------------------------------------------
 # The binding API: tenants, their keys and number pools, the audit trail.
 # ---------------------------------------------------------------------------------------------
 
@@ -1007,6 +1035,9 @@ class TenantConfig(_Section):
     pools: tuple[PoolConfig, ...] = ()
     max_pairs_per_x: Annotated[int, Strict(), Field(ge=1, le=100_000)] = 200
     rate_limit_per_s: PositiveInt = 1000
+    # default maximum call duration of the tenant's calls (a binding's own max_call_s and
+    # policy.max_call_s may be lower: the lowest wins)
+    max_call_s: MaxCallSeconds | None = None
     # call records: POSTed as JSON arrays, signed with HMAC-SHA256 of records_secret
     records_url: HttpUrlStr | None = None
     records_secret: Annotated[Str, Field(min_length=16)] | None = None
@@ -1118,6 +1149,7 @@ class Config(_Section):
     api: ApiConfig = ApiConfig()
     operator_keys: tuple[KeyHashStr, ...] = ()
     tenants: tuple[TenantConfig, ...] = ()
+    policy: PolicyConfig = PolicyConfig()
     audit: AuditConfig = AuditConfig()
     shutdown: ShutdownConfig = ShutdownConfig()
     health: HealthConfig = HealthConfig()

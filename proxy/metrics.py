@@ -37,6 +37,9 @@ KNOWN_COUNTERS = (
     "relay_errors", "relayed", "responses_dropped", "retransmissions_absorbed", "send_errors",
     "tcp_output_overflow", "tcp_paused", "tcp_pending_dropped", "tcp_refused", "timer_c_fired",
     "udp_errors",
+    # maximum call duration (proxy/calltime.py)
+    "calls_limited", "calls_ended_max_duration", "proxy_byes_sent", "proxy_byes_answered",
+    "proxy_byes_refused", "proxy_bye_timeouts", "proxy_bye_unroutable", "rejected_call_ended",
 )
 # the outcomes of the call log (`outcome` of each `call` line)
 CALL_OUTCOMES = ("routed", "no binding", "not a party", "no caller number", "store unavailable",

@@ -120,6 +120,8 @@ def core_settings(cfg: Config, index: int = 0, count: int = 1, port_range: int =
         transport_ports={k: v for k, v in tport.items() if k != "udp"},
         large_request_bytes=cfg.transport.large_request_bytes,
         takes_tcp=lambda host, port: all_take_tcp or (host, port) in tcp_gateways,
+        max_call_s=cfg.policy.max_call_s,
+        tenant_max_call_s={t.id: t.max_call_s for t in cfg.tenants if t.max_call_s},
     )
 
 
