@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import ipaddress
+import math
 import os
 import re
 import time
@@ -30,6 +31,7 @@ from proxy.calltime import (
     lowest_limit,
     with_tag,
 )
+from proxy.flood import ALLOWED, NEWLY_BLOCKED, FloodGuard, FloodSettings
 from proxy.gateways import (
     Gateway,
     GatewayGroup,
@@ -164,6 +166,8 @@ class CoreSettings:
     # binding's own and a per-call decision's may be lower (the lowest wins)
     max_call_s: float | None = None
     tenant_max_call_s: dict[str, float] = field(default_factory=dict)
+    # flood protection per source address (policy.flood; None: off, costs nothing)
+    flood: FloodSettings | None = None
 
 
 INVALID_TOKEN = FinalResponse(403, "Invalid Dialog Token")
@@ -354,6 +358,10 @@ class ProxyCore:
         self._limit_wheel: TimerWheel[LimitedCall] = TimerWheel()
         # the BYEs the proxy sent to end such calls, by branch: (call, receiving side)
         self._proxy_byes: dict[str, tuple[LimitedCall, str]] = {}
+        # flood protection (proxy/flood.py): the shell asks `refuse_flood` for each request
+        # before anything else, only while this is set
+        self.flood: FloodGuard | None = None
+        self.configure_flood()
 
     # ---- bookkeeping -------------------------------------------------------------------------
     def _count(self, name: str, n: int = 1) -> None:
@@ -398,6 +406,47 @@ class ProxyCore:
             if due is not None and (deadline is None or due < deadline):
                 deadline = due
         return deadline
+
+    # ---- flood protection (proxy/flood.py) ------------------------------------------------------
+    def configure_flood(self) -> None:
+        """(Re)build the flood guard from the settings (at start and after a reload: the
+        trusted peers and gateways may have changed)."""
+        fs = self.settings.flood
+        if fs is None:
+            self.flood = None
+            return
+        is_trusted = self.settings.is_trusted
+        self.flood = FloodGuard(fs.max_requests_per_s, fs.cooldown_s, fs.trusted_limit,
+                                lambda ip: is_trusted(ip) or self.is_gateway_ip(ip))
+
+    def refuse_flood(self, source: Address, transport: str, now: float, *,
+                     data: bytes | None = None, msg: SipMessage | None = None) -> bool:
+        """Count a request from `source` (never a response); True when flood protection
+        refuses it: answered 503 with Retry-After (action reply) or dropped (action drop).
+        Call only while `self.flood` is set."""
+        assert self.flood is not None
+        verdict = self.flood.check(source[0], now)
+        if verdict == ALLOWED:
+            return False
+        fs = self.settings.flood
+        assert fs is not None
+        self._count("flood_blocked")
+        if verdict == NEWLY_BLOCKED:  # once per cool-down per source
+            self._count("flood_sources_blocked")
+            self.log("flood_blocked", source=source[0], transport=transport,
+                     max_requests_per_s=self.flood.trusted_limit if self.flood.is_trusted(
+                         source[0]) else fs.max_requests_per_s,
+                     cooldown_s=fs.cooldown_s, action=fs.action)
+        if fs.action == "reply":
+            try:
+                if msg is None:
+                    assert data is not None
+                    msg = parse_message(data, stream=transport != "udp")
+                self._reply(msg, 503, "Service Unavailable", source, transport,
+                            headers=[("Retry-After", str(math.ceil(fs.cooldown_s)))])
+            except ParseError:
+                pass  # unreadable: nothing to answer
+        return True
 
     # ---- entry points --------------------------------------------------------------------------
     def receive_datagram(self, data: bytes, source: Address, transport: str, now: float) -> None:

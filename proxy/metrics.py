@@ -40,6 +40,8 @@ KNOWN_COUNTERS = (
     # maximum call duration (proxy/calltime.py)
     "calls_limited", "calls_ended_max_duration", "proxy_byes_sent", "proxy_byes_answered",
     "proxy_byes_refused", "proxy_bye_timeouts", "proxy_bye_unroutable", "rejected_call_ended",
+    # flood protection (proxy/flood.py)
+    "flood_blocked", "flood_sources_blocked",
 )
 # the outcomes of the call log (`outcome` of each `call` line)
 CALL_OUTCOMES = ("routed", "no binding", "not a party", "no caller number", "store unavailable",
