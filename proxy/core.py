@@ -1617,15 +1617,18 @@ class ProxyCore:
                                    stateless=stateless)
             return False
         side = rule.side
-        num = msg.cseq[0]
-        if num > call.cseq[side]:
-            call.cseq[side] = num
-        if method == "BYE":  # the call ends anyway: nothing left to limit
-            self._forget_limited(call)
-        elif method in ("INVITE", "UPDATE"):  # a target refresh (RFC 3261 §12.2.1.2)
-            contacts = msg.name_addrs("contact")
-            if contacts:
-                call.legs[side] = call.legs[side]._replace(target=str(contacts[0].uri))
+        try:
+            num = msg.cseq[0]
+            if num > call.cseq[side]:
+                call.cseq[side] = num
+            if method == "BYE":  # the call ends anyway: nothing left to limit
+                self._forget_limited(call)
+            elif method in ("INVITE", "UPDATE"):  # a target refresh (RFC 3261 §12.2.1.2)
+                contacts = msg.name_addrs("contact")
+                if contacts:
+                    call.legs[side] = call.legs[side]._replace(target=str(contacts[0].uri))
+        except ParseError:
+            pass  # what is unreadable is the forwarding's to refuse, as for any call
         return True
 
     def _forget_limited(self, call: LimitedCall) -> None:
