@@ -217,3 +217,32 @@ def test_logs_mask_the_call_and_name_the_reason() -> None:
     (ended,) = [kw for event, kw in lines if event == "call_ended"]
     assert ended["reason"] == "max_call_duration" and ended["max_call_s"] == 3.0
     assert "13800000001" not in repr(ended)
+
+
+def test_a_caller_on_tcp_gets_its_bye_down_its_own_connection() -> None:
+    core = make_core(max_call_s=3.0)
+    core.receive_datagram(request([
+        f"INVITE sip:{X}@127.0.0.1:5060;transport=tcp SIP/2.0",
+        "Via: SIP/2.0/TCP 127.0.0.1:5070;branch=z9hG4bK-t-1",
+        f"From: <sip:{A}@127.0.0.1>;tag=atag", f"To: <sip:{X}@127.0.0.1>",
+        "Call-ID: tcp-1", "CSeq: 1 INVITE",
+        f"Contact: <sip:{A}@127.0.0.1:5070;transport=tcp>", "Max-Forwards: 70",
+    ]), CALLER, "tcp", 0.0)
+    relay, _x, _caller = core.lookups.pop()
+    core.complete_lookup(relay, route(), 0.0)
+    (invite,) = [parse_message(o.data) for o in core.outbox if o.dest == GATEWAY]
+    core.outbox.clear()
+    ok = build_response(invite, 200, "OK", to_tag="btag",
+                        headers=[("Record-Route", v) for v in invite.header_values("record-route")]
+                        + [("Contact", f"<sip:{B}@127.0.0.1:5090>")])
+    core.receive_datagram(ok.serialize(), GATEWAY, "udp", 0.1)
+    core.outbox.clear()
+    core.handle_timers(3.2)
+    legs = {o.dest: o for o in core.outbox}
+    assert set(legs) == {CALLER, GATEWAY}
+    assert legs[CALLER].transport == "tcp" and legs[CALLER].flow is not None
+    assert legs[CALLER].flow[1:] == CALLER  # the connection A opened to us
+    assert b"Via: SIP/2.0/TCP " in legs[CALLER].data
+    assert legs[GATEWAY].transport == "udp"
+    core.handle_timers(3.8)  # reliable: no retransmission towards A, one towards B (Timer E)
+    assert [o.dest for o in core.outbox[2:]] == [GATEWAY]
