@@ -1036,7 +1036,6 @@ class _PolicyRules(_Section):
     blocklist: BlocklistConfig = BlocklistConfig()
     time_window: TimeWindowConfig | None = None
     bulk: BulkConfig | None = None
-    max_call_s: PositiveInt | None = None  # maximum call duration (enforced elsewhere)
 
     @field_validator("rate_limits", "concurrency")
     @classmethod
@@ -1048,6 +1047,22 @@ class _PolicyRules(_Section):
         return bool(self.rate_limits or self.concurrency or self.time_window or self.bulk
                     or getattr(self, "webhook", None) or b.callers or b.callees or b.x
                     or b.prefixes)
+
+
+MaxCallSeconds = Annotated[int, Strict(), Field(ge=1, le=86400)]
+
+
+class FloodConfig(_Section):
+    """Pike-style flood protection per source address (proxy/flood.py): counted per worker."""
+
+    enabled: Bool = False
+    # a source sending more requests than this in one second is blocked for cooldown_s
+    max_requests_per_s: Annotated[int, Strict(), Field(ge=1, le=10_000_000)] = 200
+    cooldown_s: Annotated[float, Strict(), Field(gt=0, le=86400)] = 10.0
+    # reply: 503 with Retry-After: cooldown_s; drop: no answer at all
+    action: Literal["reply", "drop"] = "reply"
+    # trusted_peers and carrier gateways: null exempts them, a number is their own limit
+    trusted_limit: Annotated[int, Strict(), Field(ge=1, le=10_000_000)] | None = None
 
 
 class TenantPolicyConfig(_PolicyRules):
@@ -1074,7 +1089,8 @@ class PolicyConfig(_PolicyRules):
                                                              reason="Call Policy Unavailable")
     concurrency_lease_s: Annotated[int, Strict(), Field(ge=10, le=86_400)] = 120
     blocklist_poll_ms: Annotated[int, Strict(), Field(ge=50, le=1000)] = 500
-    flood: dict[str, Any] | None = None  # flood protection (parsed elsewhere)
+    max_call_s: MaxCallSeconds | None = None  # global cap; bindings and tenants may set lower
+    flood: FloodConfig = FloodConfig()
 
     @field_validator("redis_url")
     @classmethod
@@ -1199,6 +1215,9 @@ class TenantConfig(_Section):
     pools: tuple[PoolConfig, ...] = ()
     max_pairs_per_x: Annotated[int, Strict(), Field(ge=1, le=100_000)] = 200
     rate_limit_per_s: PositiveInt = 1000
+    # default maximum call duration of the tenant's calls (a binding's own max_call_s and
+    # policy.max_call_s may be lower: the lowest wins)
+    max_call_s: MaxCallSeconds | None = None
     # call records: POSTed as JSON arrays, signed with HMAC-SHA256 of records_secret
     records_url: HttpUrlStr | None = None
     records_secret: Annotated[Str, Field(min_length=16)] | None = None
@@ -1311,6 +1330,7 @@ class Config(_Section):
     api: ApiConfig = ApiConfig()
     operator_keys: tuple[KeyHashStr, ...] = ()
     tenants: tuple[TenantConfig, ...] = ()
+    policy: PolicyConfig = PolicyConfig()
     audit: AuditConfig = AuditConfig()
     shutdown: ShutdownConfig = ShutdownConfig()
     health: HealthConfig = HealthConfig()

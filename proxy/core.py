@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import ipaddress
+import math
 import os
 import re
 import time
@@ -23,6 +24,16 @@ from typing import Any, NamedTuple
 
 from proxy.bindings.model import Outcome, Resolution
 from proxy.bodies import BodyRefused
+from proxy.calltime import (
+    ENDED_MEMORY_S,
+    RELEASE_REASON,
+    Leg,
+    LimitedCall,
+    build_bye,
+    lowest_limit,
+    with_tag,
+)
+from proxy.flood import ALLOWED, NEWLY_BLOCKED, FloodGuard, FloodSettings
 from proxy.gateways import (
     Gateway,
     GatewayGroup,
@@ -52,7 +63,7 @@ from proxy.privacy import (
     call_id_digest,
     uri_number,
 )
-from proxy.records.model import call_key
+from proxy.records.model import BY_PROXY, call_key
 from proxy.sip.address import parse_name_addr
 from proxy.sip.errors import ParseError
 from proxy.sip.message import SipMessage, build_response, parse_message
@@ -159,6 +170,12 @@ class CoreSettings:
     policy: bool = False
     policy_deadline: float = 2.0
     policy_holds: bool = False
+    # maximum call duration (proxy/calltime.py): policy.max_call_s, tenants[].max_call_s; a
+    # binding's own and a per-call decision's may be lower (the lowest wins)
+    max_call_s: float | None = None
+    tenant_max_call_s: dict[str, float] = field(default_factory=dict)
+    # flood protection per source address (policy.flood; None: off, costs nothing)
+    flood: FloodSettings | None = None
 
 
 INVALID_TOKEN = FinalResponse(403, "Invalid Dialog Token")
@@ -167,6 +184,7 @@ DIALOG_EXPIRED = FinalResponse(403, "Dialog Expired")
 NEXT_HOP_REFUSED = FinalResponse(403, "Next Hop Not Allowed")
 REFER_REFUSED = FinalResponse(403, "REFER Not Allowed")
 BODY_REFUSED = FinalResponse(415, "Unsupported Media Type")
+CALL_ENDED = FinalResponse(481, "Call/Transaction Does Not Exist")
 INTERNAL_ERROR = FinalResponse(500, "Internal Server Error")
 # methods that end or acknowledge a dialog: they pass after its token's deadline
 _TEARDOWN = frozenset(("ACK", "BYE", "CANCEL"))
@@ -189,6 +207,7 @@ class Relay:
         "gateway",
         "is_invite",
         "life_deadline",
+        "limit_s",
         "lookup_at",
         "lookup_deadline",
         "max_call_s",
@@ -241,7 +260,10 @@ class Relay:
         self.gateway: Gateway | None = None
         self.branch_deadline: float | None = None
         self.call: Any = None  # the call record in the making (proxy/records/tracker.py)
-        self.max_call_s: int | None = None  # the policy's cap on the call's duration
+        # maximum duration once answered: binding / tenant / policy (set at the lookup), and a
+        # per-call decision's (a webhook sets it before forwarding); the lower one applies
+        self.limit_s: float | None = None
+        self.max_call_s: float | None = None
         self.policy_slot: str | None = None  # concurrency the policy holds for this call
 
     def next_deadline(self) -> float | None:
@@ -344,6 +366,16 @@ class ProxyCore:
         self._stateless: dict[str, Forwarded] = {}
         # INVITEs answered 2xx, by server key → expiry: their retransmissions are absorbed
         self._accepted: dict[tuple, float] = {}
+        # answered calls with a maximum duration, by each side's Call-ID (both name the same
+        # LimitedCall); empty unless a limit applies, so other calls never look further
+        self._limited: dict[str, LimitedCall] = {}
+        self._limit_wheel: TimerWheel[LimitedCall] = TimerWheel()
+        # the BYEs the proxy sent to end such calls, by branch: (call, receiving side)
+        self._proxy_byes: dict[str, tuple[LimitedCall, str]] = {}
+        # flood protection (proxy/flood.py): the shell asks `refuse_flood` for each request
+        # before anything else, only while this is set
+        self.flood: FloodGuard | None = None
+        self.configure_flood()
 
     # ---- bookkeeping -------------------------------------------------------------------------
     def _count(self, name: str, n: int = 1) -> None:
@@ -383,7 +415,52 @@ class ProxyCore:
         due = self._probe_due
         if due is not None and (deadline is None or due < deadline):
             deadline = due
+        if self._limited:
+            due = self._limit_wheel.next_deadline()
+            if due is not None and (deadline is None or due < deadline):
+                deadline = due
         return deadline
+
+    # ---- flood protection (proxy/flood.py) ------------------------------------------------------
+    def configure_flood(self) -> None:
+        """(Re)build the flood guard from the settings (at start and after a reload: the
+        trusted peers and gateways may have changed)."""
+        fs = self.settings.flood
+        if fs is None:
+            self.flood = None
+            return
+        is_trusted = self.settings.is_trusted
+        self.flood = FloodGuard(fs.max_requests_per_s, fs.cooldown_s, fs.trusted_limit,
+                                lambda ip: is_trusted(ip) or self.is_gateway_ip(ip))
+
+    def refuse_flood(self, source: Address, transport: str, now: float, *,
+                     data: bytes | None = None, msg: SipMessage | None = None) -> bool:
+        """Count a request from `source` (never a response); True when flood protection
+        refuses it: answered 503 with Retry-After (action reply) or dropped (action drop).
+        Call only while `self.flood` is set."""
+        assert self.flood is not None
+        verdict = self.flood.check(source[0], now)
+        if verdict == ALLOWED:
+            return False
+        fs = self.settings.flood
+        assert fs is not None
+        self._count("flood_blocked")
+        if verdict == NEWLY_BLOCKED:  # once per cool-down per source
+            self._count("flood_sources_blocked")
+            self.log("flood_blocked", source=source[0], transport=transport,
+                     max_requests_per_s=self.flood.trusted_limit if self.flood.is_trusted(
+                         source[0]) else fs.max_requests_per_s,
+                     cooldown_s=fs.cooldown_s, action=fs.action)
+        if fs.action == "reply":
+            try:
+                if msg is None:
+                    assert data is not None
+                    msg = parse_message(data, stream=transport != "udp")
+                self._reply(msg, 503, "Service Unavailable", source, transport,
+                            headers=[("Retry-After", str(math.ceil(fs.cooldown_s)))])
+            except ParseError:
+                pass  # unreadable: nothing to answer
+        return True
 
     # ---- entry points --------------------------------------------------------------------------
     def receive_datagram(self, data: bytes, source: Address, transport: str, now: float) -> None:
@@ -459,6 +536,8 @@ class ProxyCore:
             self._expire_stateless(now)
         if self._probe_due is not None and self._probe_due <= now:
             self._probe_tick(now)
+        if self._limited:
+            self._limit_timers(now)
         for relay in self.wheel.due(now):
             try:
                 self._relay_timers(relay, now)
@@ -710,6 +789,11 @@ class ProxyCore:
             if resolution.outcome is Outcome.NOT_PARTY or resolution.callee is None:
                 self._final(relay, s.not_party, now, outcome="not a party")
                 return
+            if resolution.max_call_s is not None or s.max_call_s is not None or (
+                    s.tenant_max_call_s):
+                relay.limit_s = lowest_limit(
+                    resolution.max_call_s, s.max_call_s,
+                    s.tenant_max_call_s.get(resolution.tenant or ""))
             if s.policy:  # the shell decides (proxy/policy) and calls complete_policy
                 relay.lookup_deadline = now + s.policy_deadline
                 self.policy_checks.append((relay, resolution))
@@ -1085,6 +1169,11 @@ class ProxyCore:
                                    "dialog token bound to another Call-ID", stateless=stateless)
             return
         method = msg.method
+        if self._limited:
+            limited = self._limited.get(msg.call_id)
+            if limited is not None and not self._track_limited(limited, msg, rule, method,
+                                                               source, transport, stateless):
+                return
         if method not in _TEARDOWN and s.wall_clock() > rule.deadline:
             self._refuse_in_dialog(msg, source, transport, DIALOG_EXPIRED,
                                    "rejected_dialog_expired",
@@ -1393,6 +1482,9 @@ class ProxyCore:
         if relay is None:
             if method == "OPTIONS" and self._probe_response(branch, msg.status, now):
                 return
+            if method == "BYE" and branch in self._proxy_byes:
+                self._proxy_bye_response(branch, msg.status, data, now)
+                return
             old = self._old_branches.get((branch, method))
             if old is not None:
                 self._old_branch_response(old, msg, data)
@@ -1475,6 +1567,8 @@ class ProxyCore:
             return
         if relay.final_sent and status >= 200 and not (200 <= status < 300):
             return
+        if (relay.limit_s is not None or relay.max_call_s is not None) and 200 <= status < 300:
+            self._limit_call(relay, msg, now)  # before the rewrite: the callee's own rows
         msg.pop_via()
         if not msg.has("via"):  # RFC 3261 §16.7 step 3: it was meant for us alone
             self._count("responses_dropped")
@@ -1546,6 +1640,172 @@ class ProxyCore:
                 relay.request, relay.rule, relay.receiver, relay.upstream, expires,
                 relay.token_swap, True)
         self._count("invites_retired")
+
+    # ---- maximum call duration (proxy/calltime.py) ----------------------------------------------
+    def _limit_call(self, relay: Relay, resp: SipMessage, now: float) -> None:
+        """An INVITE with a limit is answered: remember what ending the call needs. `resp` is
+        the 2xx as the callee side sent it (its To tag, Contact and Record-Route)."""
+        limit = lowest_limit(relay.limit_s, relay.max_call_s)
+        if limit is None or relay.out is None or relay.downstream is None:
+            return
+        if relay.request.call_id in self._limited:
+            return  # another 2xx of the same INVITE (a fork): the first one's limit runs
+        try:
+            legs = self._call_legs(relay, resp)
+        except (ParseError, ValueError) as exc:
+            self._count("internal_errors")
+            self.log("internal_error", error=self._describe(exc), where="max_call_s")
+            return
+        call = LimitedCall(legs, relay.request.cseq[0], limit, now, relay.x)
+        for leg in legs.values():
+            self._limited[leg.call_id] = call
+        self._limit_wheel.schedule(call, call.deadline)
+        self._count("calls_limited")
+
+    def _call_legs(self, relay: Relay, resp: SipMessage) -> dict[str, Leg]:
+        """Each side's view of the dialog the 2xx `resp` opens (RFC 3261 §12.1)."""
+        request, out, hop, up = relay.request, relay.out, relay.downstream, relay.upstream
+        assert out is not None and hop is not None
+        callee_tag = resp.to.tag
+        callee_to, caller_to, caller_from = resp.header("to"), request.header("to"), \
+            request.header("from")
+        if callee_tag is None or not (callee_to and caller_to and caller_from):
+            raise ValueError("2xx without a To tag, or a dialog row missing")
+        contacts = resp.name_addrs("contact")
+        records = resp.header_values("record-route")
+        ours = next((i for i, r in enumerate(records)
+                     if TOKEN_PARAM in r and self._is_our_route(r)), len(records))
+        # the callee side's route set: the entries its side of us added, nearest first
+        callee = Leg(out.call_id, out.header("from") or "", callee_to,
+                     str(contacts[0].uri) if contacts else out.uri_text,
+                     tuple(reversed(records[:ours])), encode_peer(hop.transport))
+        contacts = request.name_addrs("contact")
+        target = str(contacts[0].uri) if contacts else f"sip:{_host(up.dest[0])}:{up.dest[1]}"
+        peer = "" if up.transport == "udp" else encode_peer(
+            up.transport, Flow(self.settings.worker_index, *up.dest))
+        # the caller sees the callee as its own To row with the callee's tag: X, never B
+        caller = Leg(request.call_id, with_tag(caller_to, callee_tag), caller_from, target,
+                     tuple(request.header_values("record-route")), peer)
+        return {CALLER: caller, CALLEE: callee}
+
+    def _track_limited(self, call: LimitedCall, msg: SipMessage, rule: DialogRule, method: str,
+                       source: Address, transport: str, stateless: bool) -> bool:
+        """An in-dialog request of a limited call: its CSeq and Contact are noted; False when
+        the proxy ended the call already (481, RFC 3261 §12.2.2)."""
+        if call.ended:
+            self._refuse_in_dialog(msg, source, transport, CALL_ENDED, "rejected_call_ended",
+                                   f"call ended by the proxy ({RELEASE_REASON})",
+                                   stateless=stateless)
+            return False
+        side = rule.side
+        try:
+            num = msg.cseq[0]
+            if num > call.cseq[side]:
+                call.cseq[side] = num
+            if method == "BYE":  # the call ends anyway: nothing left to limit
+                self._forget_limited(call)
+            elif method in ("INVITE", "UPDATE"):  # a target refresh (RFC 3261 §12.2.1.2)
+                contacts = msg.name_addrs("contact")
+                if contacts:
+                    call.legs[side] = call.legs[side]._replace(target=str(contacts[0].uri))
+        except ParseError:
+            pass  # what is unreadable is the forwarding's to refuse, as for any call
+        return True
+
+    def _forget_limited(self, call: LimitedCall) -> None:
+        for leg in call.legs.values():
+            if self._limited.get(leg.call_id) is call:
+                del self._limited[leg.call_id]
+        for branch in call.byes:
+            self._proxy_byes.pop(branch, None)
+        call.byes.clear()
+        self._limit_wheel.cancel(call)
+
+    def _limit_timers(self, now: float) -> None:
+        for call in self._limit_wheel.due(now):
+            try:
+                if call.deadline <= now:
+                    if call.ended:  # its 481 memory is over
+                        self._forget_limited(call)
+                        continue
+                    self._end_call(call, now)
+                for branch, (tx, hop) in list(call.byes.items()):
+                    self._proxy_bye_events(call, branch, hop, tx.handle_timer(now))
+            except Exception as exc:
+                self._count("internal_errors")
+                self.log("internal_error", error=self._describe(exc), where="max_call_s")
+                self._forget_limited(call)
+                continue
+            self._limit_wheel.schedule(call, call.next_deadline())
+
+    def _end_call(self, call: LimitedCall, now: float) -> None:
+        """The limit is reached: BYE to both sides, the record says the proxy released."""
+        call.ended = True
+        call.deadline = now + ENDED_MEMORY_S
+        for side in (CALLEE, CALLER):
+            self._send_proxy_bye(call, side, now)
+        self._count("calls_ended_max_duration")
+        caller_call_id = call.legs[CALLER].call_id
+        self.log("call_ended", reason=RELEASE_REASON, call_id=self._mask_text(caller_call_id),
+                 x=call.x, max_call_s=call.limit_s,
+                 talk_s=round(now - call.answered_at, 3))
+        if self.calls is not None:  # released at the limit (the tick may be a little late)
+            self.calls.bye(call_key(caller_call_id), BY_PROXY, None,
+                           min(now, call.answered_at + call.limit_s))
+        self.policy_call_ended(call_key(caller_call_id))  # its concurrency is free again
+
+    def _send_proxy_bye(self, call: LimitedCall, side: str, now: float) -> None:
+        leg = call.legs[side]
+        cseq = call.bye_cseq(side)
+        probe = parse_message(build_bye(leg, cseq, "SIP/2.0/UDP 0.0.0.0"))
+        hop = self._next_hop(probe, leg.peer)
+        if hop is not None and not self._may_send_to(hop, side):
+            flow = hop.flow
+            hop = (Hop(flow.host, flow.port, hop.transport, flow) if flow is not None and
+                   self._may_send_to(Hop(flow.host, flow.port, hop.transport), side) else None)
+        if hop is None:
+            self._count("proxy_bye_unroutable")
+            self.log("proxy_bye_failed", side="caller" if side == CALLER else "callee",
+                     why="next hop unusable", call_id=self._mask_text(call.legs[CALLER].call_id))
+            return
+        branch = self._new_branch()
+        data = build_bye(leg, cseq, f"SIP/2.0/{hop.transport.upper()} "
+                                    f"{self._sent_by[hop.transport]};branch={branch};rport")
+        tx = ClientNonInviteTransaction(data, reliable=hop.transport != "udp",
+                                        settings=self.settings.timer_settings)
+        call.byes[branch] = (tx, hop)
+        self._proxy_byes[branch] = (call, side)
+        self._count("proxy_byes_sent")
+        self._proxy_bye_events(call, branch, hop, tx.start(now))
+
+    def _proxy_bye_events(self, call: LimitedCall, branch: str, hop: Hop, events: list) -> None:
+        for ev in events:
+            if isinstance(ev, Send):  # the BYE, or its retransmission (RFC 3261 §17.1.2.2)
+                self.outbox.append(Outgoing(ev.data, (hop.host, hop.port), hop.transport,
+                                            hop.flow))
+            elif isinstance(ev, TimedOut | TransportFailed):
+                self._count("proxy_bye_timeouts")
+                self.log("proxy_bye_failed", why="no answer", gateway=f"{hop.host}:{hop.port}",
+                         call_id=self._mask_text(call.legs[CALLER].call_id))
+                call.byes.pop(branch, None)
+                self._proxy_byes.pop(branch, None)
+            elif isinstance(ev, Terminated):
+                call.byes.pop(branch, None)
+                self._proxy_byes.pop(branch, None)
+
+    def _proxy_bye_response(self, branch: str, status: int, data: bytes, now: float) -> None:
+        """A response to the proxy's own BYE: absorbed here, never forwarded."""
+        call, _side = self._proxy_byes[branch]
+        entry = call.byes.get(branch)
+        if entry is None:
+            return
+        tx, hop = entry
+        self._proxy_bye_events(call, branch, hop, tx.receive_response(status, data, now))
+        if status >= 200:
+            call.byes.pop(branch, None)
+            self._proxy_byes.pop(branch, None)
+            self._count("proxy_byes_answered" if status < 300 else "proxy_byes_refused")
+        self._limit_wheel.schedule(call, call.next_deadline())
 
     # ---- local responses ------------------------------------------------------------------------
     def _final(

@@ -39,6 +39,11 @@ KNOWN_COUNTERS = (
     "udp_errors", "calls_policy_refused", "bulk_caller", "policy_unavailable",
     "policy_webhook_failures", "records_made", "records_written", "records_spooled",
     "records_lost_spool_full",
+    # maximum call duration (proxy/calltime.py)
+    "calls_limited", "calls_ended_max_duration", "proxy_byes_sent", "proxy_byes_answered",
+    "proxy_byes_refused", "proxy_bye_timeouts", "proxy_bye_unroutable", "rejected_call_ended",
+    # flood protection (proxy/flood.py)
+    "flood_blocked", "flood_sources_blocked",
 )
 # counters the core keeps as "<family>:<label value>": one labelled family each
 LABELLED_COUNTERS = {"policy_refused": ("rule", "calls refused by the anti-fraud policy, by "

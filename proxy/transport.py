@@ -623,6 +623,10 @@ class ProxyServer:
             return
         if not data.strip(b"\r\n"):
             return  # keep-alive
+        if self.core.flood is not None and not data.startswith(b"SIP/2.0 ") and \
+                self.core.refuse_flood(source, "udp", time.monotonic(), data=data):
+            self.flush()  # policy.flood: counted here, before any relay to another worker
+            return
         owner = self._owner(data, source, shared) if self.worker_count > 1 else None
         if owner is not None and owner != self.worker_index:
             self._relay_to(owner, data, source)
@@ -711,6 +715,9 @@ class ProxyServer:
             try:
                 if isinstance(item, Exception):
                     self.core.reject_malformed(item, conn.peer, conn.kind)  # type: ignore[arg-type]
+                    continue
+                if item.is_request and self.core.flood is not None and \
+                        self.core.refuse_flood(conn.peer, conn.kind, now, msg=item):
                     continue
                 raw = item.serialize()
                 if relay and not item.is_request:

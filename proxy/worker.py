@@ -54,6 +54,7 @@ def core_settings(cfg: Config, index: int = 0, count: int = 1, port_range: int =
     requests of the calls set up through them.
     """
     from proxy.core import CoreSettings, FinalResponse, Hop
+    from proxy.flood import FloodSettings
     from proxy.gateways import ProbeSettings
     from proxy.privacy import PrivacyPolicy
     from proxy.sip.transaction import TimerSettings
@@ -70,6 +71,7 @@ def core_settings(cfg: Config, index: int = 0, count: int = 1, port_range: int =
     # on its address, or to any next hop with transport.large_requests_over_tcp
     tcp_gateways = {(g.host, g.port) for g in cfg.carrier.targets if g.transport == "tcp"}
     all_take_tcp = cfg.transport.large_requests_over_tcp
+    flood = cfg.policy.flood
     return CoreSettings(
         advertise_host=adv.host,
         advertise_port=ports[index] if several else adv.port,
@@ -121,6 +123,10 @@ def core_settings(cfg: Config, index: int = 0, count: int = 1, port_range: int =
         large_request_bytes=cfg.transport.large_request_bytes,
         takes_tcp=lambda host, port: all_take_tcp or (host, port) in tcp_gateways,
         **policy_settings(cfg),
+        max_call_s=cfg.policy.max_call_s,
+        tenant_max_call_s={t.id: t.max_call_s for t in cfg.tenants if t.max_call_s},
+        flood=FloodSettings(flood.max_requests_per_s, flood.cooldown_s, flood.action,
+                            flood.trusted_limit) if flood.enabled else None,
     )
 
 
@@ -650,6 +656,7 @@ class Worker:
         await self._start_policy(new)
         core.settings = settings
         core.privacy.policy = settings.privacy
+        core.configure_flood()
         # new calls choose among the new gateways; calls in progress keep the gateway objects
         # (and the candidates) they were set up with
         core.set_router(settings.router)

@@ -274,8 +274,9 @@ def finish(fields: dict[str, str], release: dict[str, Any]) -> dict[str, str]:
     if ring:
         end = parse_iso(answer) if answer else release_at
         out["ring_ms"] = str(max(0, round((end - parse_iso(ring)) * 1000)))
-    if answer:
-        out["talk_s"] = str(max(0, math.ceil(release_at - parse_iso(answer) - 1e-9)))
+    if answer:  # from the times as the record shows them (ms): a 3 s call says 3, not 4
+        shown = parse_iso(out["release_at"]) - parse_iso(answer)
+        out["talk_s"] = str(max(0, math.ceil(shown - 1e-6)))
     return out
 
 
