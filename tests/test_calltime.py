@@ -246,3 +246,11 @@ def test_a_caller_on_tcp_gets_its_bye_down_its_own_connection() -> None:
     assert legs[GATEWAY].transport == "udp"
     core.handle_timers(3.8)  # reliable: no retransmission towards A, one towards B (Timer E)
     assert [o.dest for o in core.outbox[2:]] == [GATEWAY]
+
+
+def test_a_call_the_proxy_ends_frees_its_place_under_the_concurrency_caps() -> None:
+    core = make_core(max_call_s=3.0, policy_holds=True)
+    Dialog(core)
+    core.policy_out.clear()
+    core.handle_timers(3.2)
+    assert [kind for kind, _key in core.policy_out] == ["end"]

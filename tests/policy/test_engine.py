@@ -197,9 +197,13 @@ def test_bad_policy_config_names_the_key(policy: dict, problem: str) -> None:
     assert any(problem in p for p in exc.value.problems), exc.value.problems
 
 
-def test_other_policy_keys_are_accepted() -> None:
-    cfg = config({"max_call_s": 7200, "flood": {"max_per_s": 50}})
+def test_max_call_s_and_flood_sit_with_the_rules() -> None:
+    cfg = config({"max_call_s": 7200, "flood": {"enabled": True, "max_requests_per_s": 50}})
     assert cfg.policy.max_call_s == 7200
+    assert cfg.policy.flood.enabled and cfg.policy.flood.max_requests_per_s == 50
+    with pytest.raises(ConfigError) as exc:
+        config({"flood": {"max_per_s": 50}})
+    assert any("policy.flood.max_per_s" in p for p in exc.value.problems)
 
 
 def test_webhook_url_must_be_http() -> None:
