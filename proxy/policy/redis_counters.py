@@ -15,8 +15,10 @@ list are read by the release script; this layout assumes one Redis (or Sentinel)
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
+from proxy.bindings.redis_lookup import LookupReplyError
 from proxy.policy.engine import CallFacts, CounterPlan
 
 CHECK = """
@@ -104,13 +106,29 @@ return gone
 class RedisCounters:
     """The three scripts on one client (str or bytes replies both work)."""
 
-    def __init__(self, client: Any, hold_prefix: str, lease_ms: int) -> None:
+    def __init__(self, client: Any, hold_prefix: str, lease_ms: int, *, lean: Any = None,
+                 timeout_s: float | None = None) -> None:
         self.client = client
         self.hold_prefix = hold_prefix  # <key_prefix>h:
         self.lease_ms = lease_ms
+        # the per-call scripts (check, release) go over the store's lean pipelined connection
+        # when there is one (proxy/bindings/redis_lookup.py: redis-py costs ~250 µs of Python
+        # a command); redis-py loads a script Redis does not know and does everything else
+        self.lean = lean
+        self.timeout_s = timeout_s
         self._check = client.register_script(CHECK)
         self._release = client.register_script(RELEASE)
         self._refresh = client.register_script(REFRESH)
+
+    async def _eval(self, script: Any, keys: list[str], args: list[Any]) -> Any:
+        if self.lean is not None and script.sha:
+            try:
+                async with asyncio.timeout(self.timeout_s):
+                    return await self.lean.call("EVALSHA", script.sha, len(keys), *keys, *args)
+            except LookupReplyError as exc:
+                if not str(exc).startswith("NOSCRIPT"):
+                    raise
+        return await script(keys=keys, args=args)
 
     async def check(self, plan: CounterPlan, facts: CallFacts, now_ms: int) -> Any:
         keys: list[str] = [c.key for c in plan.rates]
@@ -128,11 +146,11 @@ class RedisCounters:
             args += [0, 0]
         args.append(plan.callee)
         keys.append(self.hold_prefix + facts.call_key)
-        return await self._check(keys=keys, args=args)
+        return await self._eval(self._check, keys, args)
 
     async def release(self, members: list[str]) -> None:
         if len(members) == 1:
-            await self._release(keys=[self.hold_prefix + members[0]], args=[members[0]])
+            await self._eval(self._release, [self.hold_prefix + members[0]], [members[0]])
             return
         async with self.client.pipeline(transaction=False) as pipe:
             for m in members:

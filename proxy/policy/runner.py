@@ -16,6 +16,7 @@ from typing import Any
 import structlog
 
 from proxy.bindings.breaker import CircuitBreaker
+from proxy.bindings.redis_lookup import LeanConnection, lean_target
 from proxy.policy.blocklist_store import BlocklistStore
 from proxy.policy.engine import CONNECT, CallFacts, CounterPlan, Decision, PolicyEngine
 from proxy.policy.redis_counters import RedisCounters
@@ -44,7 +45,10 @@ class PolicyRunner:
         self.wall = wall
         self.engine = PolicyEngine(spec, core.settings.middle_number)
         self.client = client if client is not None else redis_client(spec)
-        self.counters = RedisCounters(self.client, f"{spec.key_prefix}h:", spec.lease_ms)
+        target = lean_target(spec.redis_url, None, None) if client is None else None
+        self.lean = LeanConnection(target) if target is not None else None
+        self.counters = RedisCounters(self.client, f"{spec.key_prefix}h:", spec.lease_ms,
+                                      lean=self.lean, timeout_s=spec.timeout_s)
         self.blocklists = BlocklistStore(self.client, spec.key_prefix)
         self.webhooks = WebhookClient()
         self.breaker = CircuitBreaker(5, 2.0, name="policy redis")
@@ -83,6 +87,8 @@ class PolicyRunner:
         with contextlib.suppress(Exception):
             await self._send_out()
         await self.webhooks.close()
+        if self.lean is not None:
+            self.lean.close()
         with contextlib.suppress(Exception):
             await self.client.aclose()
 
