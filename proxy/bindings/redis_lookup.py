@@ -112,7 +112,7 @@ class LeanConnection:
             await waiter
         return protocol
 
-    async def call(self, *args: str | bytes | int) -> Any:
+    async def _ready(self) -> _Protocol:
         protocol = self._protocol
         if protocol is None or protocol.lost:
             if self._connecting is None:
@@ -123,11 +123,30 @@ class LeanConnection:
                 if self._connecting is not None and self._connecting.done():
                     self._connecting = None
             self._protocol = protocol
+        return protocol
+
+    async def call(self, *args: str | bytes | int) -> Any:
+        protocol = await self._ready()
         waiter = asyncio.get_running_loop().create_future()
         protocol.waiters.append(waiter)
         assert protocol.transport is not None
         protocol.transport.write(_pack(*args))
         return await waiter
+
+    async def call_many(self, commands: list[tuple[str | bytes | int, ...]]) -> list[Any]:
+        """Several commands in one write; their replies in order. An error reply raises
+        LookupReplyError once every reply is in (the first one's)."""
+        protocol = await self._ready()
+        loop = asyncio.get_running_loop()
+        waiters = [loop.create_future() for _ in commands]
+        protocol.waiters.extend(waiters)
+        assert protocol.transport is not None
+        protocol.transport.write(b"".join(_pack(*c) for c in commands))
+        replies = await asyncio.gather(*waiters, return_exceptions=True)
+        for reply in replies:
+            if isinstance(reply, BaseException):
+                raise reply
+        return replies
 
     def close(self) -> None:
         if self._protocol is not None and self._protocol.transport is not None:

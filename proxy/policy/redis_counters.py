@@ -149,9 +149,20 @@ class RedisCounters:
         return await self._eval(self._check, keys, args)
 
     async def release(self, members: list[str]) -> None:
+        """Give back the places of ended calls (idempotent: a released call holds none)."""
         if len(members) == 1:
             await self._eval(self._release, [self.hold_prefix + members[0]], [members[0]])
             return
+        sha = self._release.sha
+        if self.lean is not None and sha:
+            try:
+                async with asyncio.timeout(self.timeout_s):
+                    await self.lean.call_many(
+                        [("EVALSHA", sha, 1, self.hold_prefix + m, m) for m in members])
+                return
+            except LookupReplyError as exc:
+                if not str(exc).startswith("NOSCRIPT"):
+                    raise
         async with self.client.pipeline(transaction=False) as pipe:
             for m in members:
                 await self._release(keys=[self.hold_prefix + m], args=[m], client=pipe)

@@ -12,6 +12,7 @@ import pytest
 import redis.asyncio as aioredis
 import yaml
 
+from proxy.bindings.redis_lookup import LeanConnection, lean_target
 from proxy.config import load_config_text
 from proxy.policy.blocklist_store import BlocklistStore
 from proxy.policy.engine import CallFacts, PolicyEngine
@@ -135,3 +136,29 @@ async def test_redis_blocklists_and_their_version(prefix: str, client: aioredis.
     assert await store.remove("shop1", "prefix:170")
     assert not await store.remove("shop1", "prefix:170")
     assert "shop1" not in await store.load_all()
+
+
+@pytest.mark.parametrize("fresh_redis", [False, True], ids=["scripts-loaded", "noscript"])
+async def test_the_lean_connection_checks_and_releases_many_at_once(
+        prefix: str, client: aioredis.Redis, fresh_redis: bool) -> None:
+    """The per-call path over the store's lean connection (raw RESP, what the proxy uses):
+    checks, then one write releasing several calls; a Redis that forgot the scripts
+    (NOSCRIPT) is served through redis-py, which loads them again."""
+    target = lean_target(REDIS_URL, None, None)
+    assert target is not None
+    lean = LeanConnection(target)
+    try:
+        e = engine(prefix, {"concurrency": [{"name": "x-conc", "per": "x", "max_calls": 3}]})
+        counters = RedisCounters(client, prefix + "h:", 30_000, lean=lean, timeout_s=2.0)
+        t0 = 3_000_000_000
+        if fresh_redis:
+            await client.script_flush()
+        verdicts = [await decide(e, counters, facts(n), t0) for n in (1, 2, 3, 4)]
+        assert [v.connect for v in verdicts] == [True, True, True, False]
+        if fresh_redis:
+            await client.script_flush()
+        await counters.release(["call1", "call2", "call3"])
+        verdicts = [await decide(e, counters, facts(n), t0 + 1) for n in (5, 6, 7, 8)]
+        assert [v.connect for v in verdicts] == [True, True, True, False]
+    finally:
+        lean.close()
