@@ -51,6 +51,8 @@ from proxy.legs import (
     uri_transport,
 )
 from proxy.numbers import mask_number
+from proxy.policy.engine import Decision
+from proxy.policy.windows import TimeWindow
 from proxy.privacy import (
     CALLEE,
     CALLER,
@@ -170,6 +172,8 @@ class CoreSettings:
     policy: bool = False
     policy_deadline: float = 2.0
     policy_holds: bool = False
+    # policy.refusal: also the answer to a call outside its binding's own time window
+    policy_refusal: FinalResponse = FinalResponse(403, "Call Policy")
     # maximum call duration (proxy/calltime.py): policy.max_call_s, tenants[].max_call_s; a
     # binding's own and a per-call decision's may be lower (the lowest wins)
     max_call_s: float | None = None
@@ -327,6 +331,7 @@ class ProxyCore:
         # must do as calls end: ("answered" | "end", call key)
         self.policy_checks: list[tuple[Relay, Resolution]] = []
         self.policy_out: list[tuple[str, str]] = []
+        self._windows: dict[str, TimeWindow] = {}  # bindings' time windows, parsed
         self.server_txs: dict[tuple, Relay] = {}
         self.client_txs: dict[tuple[str, str], Relay] = {}
         self.wheel: TimerWheel[Relay] = TimerWheel()
@@ -789,6 +794,12 @@ class ProxyCore:
             if resolution.outcome is Outcome.NOT_PARTY or resolution.callee is None:
                 self._final(relay, s.not_party, now, outcome="not a party")
                 return
+            if resolution.time_window is not None and not self._window_allows(
+                    resolution.time_window):
+                self._policy_refused(relay, Decision(
+                    False, "time_window", s.policy_refusal.code, s.policy_refusal.reason,
+                    "outside the binding's time window"), now)
+                return
             if resolution.max_call_s is not None or s.max_call_s is not None or (
                     s.tenant_max_call_s):
                 relay.limit_s = lowest_limit(
@@ -805,6 +816,21 @@ class ProxyCore:
             self.log("internal_error", error=self._describe(exc),
                      where="forward initial INVITE")
             self._abort(relay, now)
+
+    def _window_allows(self, text: str) -> bool:
+        """Whether now is inside a binding's own time window (enforced here, policy on or
+        off: it needs no shared state). Parsed windows are kept (a few distinct ones)."""
+        window = self._windows.get(text)
+        if window is None:
+            try:
+                window = TimeWindow.from_binding(text)
+            except (ValueError, KeyError):  # the stores check it: a bad one refuses nothing
+                self._count("bad_time_window")
+                return True
+            if len(self._windows) >= 1024:
+                self._windows.clear()
+            self._windows[text] = window
+        return window.allows(self.settings.wall_clock())
 
     def complete_policy(self, relay: Relay, decision: Any, now: float) -> None:
         """Resume an INVITE once the shell has the policy's decision (proxy/policy/engine.py):

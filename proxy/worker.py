@@ -132,14 +132,17 @@ def core_settings(cfg: Config, index: int = 0, count: int = 1, port_range: int =
 
 def policy_settings(cfg: Config) -> dict[str, Any]:
     """The core's view of the anti-fraud policy: on or off, its deadline, concurrency."""
+    from proxy.core import FinalResponse
     from proxy.policy.spec import compile_policy
 
+    refusal = cfg.policy.refusal
+    answer = {"policy_refusal": FinalResponse(refusal.code, refusal.reason)}
     spec = compile_policy(cfg)
     if spec is None:
-        return {}
+        return answer  # a binding's own time window is checked all the same (in the core)
     hooks = [h.timeout_s for h in spec.webhooks.values()]
     # the shell bounds both steps itself (Redis time-out, webhook time-out): this is a net
-    return {"policy": True, "policy_holds": spec.has_concurrency,
+    return {**answer, "policy": True, "policy_holds": spec.has_concurrency,
             "policy_deadline": 1.0 + spec.timeout_s + max(hooks, default=0.0)}
 
 

@@ -185,7 +185,7 @@ async def create_binding(request: web.Request) -> web.Response:
                          b=b, exp_ms=exp, direction=req.direction, area=req.area,
                          max_call_s=req.max_call_s, out_id=req.out_id, order_id=req.order_id,
                          user_data=req.user_data, request_id=req.request_id,
-                         now_ms=int(now * 1000))
+                         now_ms=int(now * 1000), time_window=req.time_window)
     created, stored = await state.backend.create(
         record, tags, context(request, principal, req.request_id), strict)
     return web.json_response(record_out(stored), status=201 if created else 200)

@@ -100,12 +100,14 @@ class AuditContext:
 def make_record(*, binding_id: str, tenant: str, kind: str, x: str, a: str, b: str | None,
                 exp_ms: int, direction: str, area: str | None, max_call_s: int | None,
                 out_id: str | None, order_id: str | None, user_data: str | None,
-                request_id: str | None, now_ms: int) -> dict[str, Any]:
+                request_id: str | None, now_ms: int,
+                time_window: str | None = None) -> dict[str, Any]:
     """A new record; `x` may be '' until the allocation fills it in."""
     return {"x": x, "id": binding_id, "tenant": tenant, "type": kind, "a": a, "b": b,
             "exp_ms": exp_ms, "direction": direction, "area": area, "max_call_s": max_call_s,
             "out_id": out_id, "order_id": order_id, "user_data": user_data,
-            "request_id": request_id, "created_ms": now_ms, "updated_ms": now_ms}
+            "time_window": time_window, "request_id": request_id, "created_ms": now_ms,
+            "updated_ms": now_ms}
 
 
 def dump_record(record: dict[str, Any]) -> str:
@@ -119,7 +121,8 @@ def record_binding(record: dict[str, Any]) -> Binding:
                    record["exp_ms"] / 1000.0, id=record["id"], tenant=record["tenant"],
                    direction=record.get("direction") or BOTH,
                    max_call_s=record.get("max_call_s"), out_id=record.get("out_id"),
-                   order_id=record.get("order_id"), user_data=record.get("user_data"))
+                   order_id=record.get("order_id"), user_data=record.get("user_data"),
+                   time_window=record.get("time_window"))
 
 
 def _iso(ms: int) -> str:
@@ -133,7 +136,8 @@ def record_out(record: dict[str, Any]) -> dict[str, Any]:
     out = {"id": record["id"], "tenant": record["tenant"], "type": record["type"],
            "x": record["x"], "a": record["a"], "b": record["b"],
            "expires_at": _iso(record["exp_ms"]), "direction": record.get("direction") or BOTH}
-    for name in ("area", "max_call_s", "out_id", "order_id", "user_data", "request_id"):
+    for name in ("area", "max_call_s", "out_id", "order_id", "user_data", "time_window",
+                 "request_id"):
         if record.get(name) is not None:
             out[name] = record[name]
     out["created_at"] = _iso(record["created_ms"])

@@ -9,13 +9,33 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Literal
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StrictInt, StrictStr
+from pydantic import (
+    AfterValidator,
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictInt,
+    StrictStr,
+)
 
 _PRINTABLE = r"^[^\x00-\x1f\x7f]*$"
 Number = Annotated[StrictStr, Field(min_length=1, max_length=32,
                                     description="national, +86, 0086 or with separators")]
 Text128 = Annotated[StrictStr, Field(max_length=128, pattern=_PRINTABLE)]
 Direction = Literal["both", "a_to_b", "b_to_a"]
+
+
+def _time_window(value: str) -> str:
+    from proxy.bindings.model import InvalidBinding, check_time_window
+
+    try:
+        return check_time_window(value)
+    except InvalidBinding as exc:
+        raise ValueError(str(exc)) from None
+
+
+TimeWindowText = Annotated[StrictStr, Field(max_length=64), AfterValidator(_time_window)]
 
 
 class _Body(BaseModel):
@@ -42,6 +62,9 @@ class CreateBinding(_Body):
     order_id: Annotated[StrictStr, Field(min_length=1, max_length=128,
                                          pattern=_PRINTABLE)] | None = None
     user_data: Annotated[StrictStr, Field(max_length=1024, pattern=_PRINTABLE)] | None = None
+    time_window: TimeWindowText | None = Field(
+        default=None, description="calls only between two local times, e.g. '08:00-22:00' "
+        "(Asia/Shanghai) or '08:00-22:00 Europe/Berlin'; end before start spans midnight")
     request_id: Annotated[StrictStr, Field(min_length=1, max_length=128,
                                            pattern=r"^[\x21-\x7e]+$")] | None = Field(
         default=None, description="retries with the same request_id get the same binding")
@@ -75,6 +98,7 @@ class BindingOut(BaseModel):
     out_id: str | None = None
     order_id: str | None = None
     user_data: str | None = None
+    time_window: str | None = None
     request_id: str | None = None
     created_at: datetime
     updated_at: datetime

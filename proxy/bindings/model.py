@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import re
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -57,6 +58,9 @@ class Binding:
     out_id: str | None = None
     order_id: str | None = None
     user_data: str | None = None
+    # calls only between two local times: "08:00-22:00" (Asia/Shanghai) or
+    # "08:00-22:00 Europe/Berlin"; end before start spans midnight (proxy/policy/windows.py)
+    time_window: str | None = None
 
     def is_live(self, now: float) -> bool:
         return now < self.expires_at
@@ -89,7 +93,7 @@ class Binding:
 
 
 # Optional binding fields a call's Resolution carries (direction aside, which decides routing).
-META_FIELDS = ("id", "tenant", "max_call_s", "out_id", "order_id", "user_data")
+META_FIELDS = ("id", "tenant", "max_call_s", "out_id", "order_id", "user_data", "time_window")
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,6 +116,7 @@ class Resolution:
     user_data: str | None = None
     # which way a routed call goes (call records): a_to_b, b_to_a, n_to_a; '' when unknown
     leg: str = ""
+    time_window: str | None = None  # the binding's own (calls outside it are refused)
 
 
 def call_leg(binding: Binding, callee: str | None) -> str:
@@ -125,7 +130,8 @@ def resolution_for(binding: Binding, outcome: Outcome, callee: str | None) -> Re
     """The answer a call on `binding` gets, carrying the binding's optional fields."""
     return Resolution(outcome, callee, binding.expires_at, binding.id, binding.tenant,
                       binding.direction, binding.max_call_s, binding.out_id, binding.order_id,
-                      binding.user_data, call_leg(binding, callee) if callee else "")
+                      binding.user_data, call_leg(binding, callee) if callee else "",
+                      binding.time_window)
 
 
 def resolution_from_meta(outcome: Outcome, callee: str | None, expires_at: float,
@@ -134,7 +140,8 @@ def resolution_from_meta(outcome: Outcome, callee: str | None, expires_at: float
     return Resolution(outcome, callee, expires_at, meta.get("id"),  # type: ignore[arg-type]
                       meta.get("tenant"), meta.get("direction") or BOTH,  # type: ignore[arg-type]
                       meta.get("max_call_s"), meta.get("out_id"),  # type: ignore[arg-type]
-                      meta.get("order_id"), meta.get("user_data"), leg)  # type: ignore[arg-type]
+                      meta.get("order_id"), meta.get("user_data"), leg,  # type: ignore[arg-type]
+                      meta.get("time_window"))  # type: ignore[arg-type]
 
 
 class StoreUnavailable(Exception):
@@ -180,7 +187,8 @@ def make_binding(
     return Binding(kind, x, a, b, now + ttl_s, **fields)
 
 
-OPTIONAL_FIELDS = ("id", "tenant", "direction", "max_call_s", "out_id", "order_id", "user_data")
+OPTIONAL_FIELDS = ("id", "tenant", "direction", "max_call_s", "out_id", "order_id", "user_data",
+                   "time_window")
 _TEXT_LIMITS = {"id": 64, "tenant": 64, "out_id": 128, "order_id": 128, "user_data": 1024}
 
 
@@ -202,6 +210,8 @@ def _optional_fields(optional: dict[str, Any]) -> dict[str, Any]:
             out[name] = seconds
         elif name == "direction":
             out[name] = str(value).strip().lower()
+        elif name == "time_window":
+            out[name] = check_time_window(str(value))
         else:
             text = str(value)
             if len(text) > _TEXT_LIMITS[name] or any(ord(c) < 32 for c in text):
@@ -210,6 +220,32 @@ def _optional_fields(optional: dict[str, Any]) -> dict[str, Any]:
                     "characters")
             out[name] = text
     return out
+
+
+TIME_WINDOW = re.compile(r"([01][0-9]|2[0-3]):([0-5][0-9])-([01][0-9]|2[0-3]):([0-5][0-9])"
+                         r"(?: ([A-Za-z][A-Za-z0-9_+-]*(?:/[A-Za-z0-9_+-]+)*))?")
+DEFAULT_WINDOW_TZ = "Asia/Shanghai"
+
+
+def check_time_window(text: str) -> str:
+    """A binding's time window, "HH:MM-HH:MM" with an optional IANA zone after a space
+    (default Asia/Shanghai); InvalidBinding says what is wrong."""
+    text = text.strip()
+    m = TIME_WINDOW.fullmatch(text)
+    if m is None:
+        raise InvalidBinding(f"time_window {text!r} is not HH:MM-HH:MM [zone], e.g. "
+                             "'08:00-22:00' or '08:00-22:00 Asia/Shanghai'")
+    if m.group(1, 2) == m.group(3, 4):
+        raise InvalidBinding(f"time_window {text!r}: start and end are the same time")
+    zone = m.group(5)
+    if zone is not None:
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+        try:
+            ZoneInfo(zone)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise InvalidBinding(f"time_window {text!r}: unknown time zone {zone!r}") from None
+    return text
 
 
 def validate_binding(binding: Binding) -> Binding:

@@ -23,6 +23,14 @@ class TimeWindow:
     def parse(cls, start: str, end: str, tz: str) -> TimeWindow:
         return cls(_minutes(start), _minutes(end), ZoneInfo(tz))
 
+    @classmethod
+    def from_binding(cls, text: str) -> TimeWindow:
+        """A binding's `time_window` ("08:00-22:00" or "08:00-22:00 Europe/Berlin", checked
+        by proxy.bindings.model.check_time_window; default zone Asia/Shanghai)."""
+        span, _, zone = text.strip().partition(" ")
+        start, _, end = span.partition("-")
+        return cls.parse(start, end, zone or "Asia/Shanghai")
+
     def allows(self, wall: float) -> bool:
         """Whether `wall` (unix seconds) falls inside the window, in the window's zone."""
         minute = int(wall // 60)

@@ -123,3 +123,19 @@ async def test_a_bug_answers_500_as_json_and_the_next_request_works(client, monk
     monkeypatch.setattr(backend, "find", original)
     r = await client.get("/v1/bindings", params={"number": "13800000001"}, headers=auth(K1))
     assert r.status == 200
+
+
+async def test_a_binding_may_carry_its_own_time_window(client) -> None:
+    r = await client.post("/v1/bindings", headers=auth(K1), json={
+        "a": "13800000002", "b": "13900000002", "ttl_s": 600,
+        "time_window": "08:00-22:00 Asia/Shanghai"})
+    assert r.status == 201, await r.text()
+    binding = await r.json()
+    assert binding["time_window"] == "08:00-22:00 Asia/Shanghai"
+    answer = client.store.resolve_cached(binding["x"], "13800000002", time.time())
+    assert answer.time_window == "08:00-22:00 Asia/Shanghai"  # what the core checks
+    for bad in ("8-22", "08:00-22:00 Nowhere/Land", "08:00-08:00"):
+        r = await client.post("/v1/bindings", headers=auth(K1), json={
+            "a": "13800000003", "b": "13900000003", "ttl_s": 600, "time_window": bad})
+        assert r.status == 422, bad  # the API's answer to a well-formed body with a bad field
+        assert "time_window" in await r.text()

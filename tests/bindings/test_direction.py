@@ -75,6 +75,10 @@ def test_plain_resolutions_keep_their_old_shape() -> None:
     ({"max_call_s": 0}, "max_call_s"),
     ({"out_id": "x" * 129}, "out_id"),
     ({"colour": "red"}, "unknown field"),
+    ({"time_window": "8:00-22:00"}, "time_window"),
+    ({"time_window": "08:00-24:00"}, "time_window"),
+    ({"time_window": "08:00-08:00"}, "same time"),
+    ({"time_window": "08:00-22:00 Mars/Olympus"}, "unknown time zone"),
 ])
 def test_bad_optional_fields_are_refused(optional: dict, message: str) -> None:
     with pytest.raises(InvalidBinding, match=message):
@@ -108,3 +112,22 @@ def test_bindings_file_accepts_the_optional_fields(tmp_path) -> None:
     loaded, problems = store.load_file(path, NOW)
     assert (loaded, problems) == (2, [])
     assert store.resolve_cached("700100000000002", B, NOW).outcome is Outcome.DIRECTION_RESTRICTED
+
+
+def test_a_time_window_travels_with_the_binding_to_the_resolution(tmp_path) -> None:
+    from proxy.bindings.model import resolution_from_meta
+    from proxy.bindings.redis_store import meta_value, parse_meta_value
+
+    binding = make_binding(AXB, X, A, B, 60, NOW, time_window=" 08:00-22:00 Europe/Berlin ")
+    assert binding.time_window == "08:00-22:00 Europe/Berlin"
+    assert resolve_among([binding], A, NOW).time_window == "08:00-22:00 Europe/Berlin"
+    # the Redis store's form: the optional fields in the X hash, back into a Resolution
+    meta = parse_meta_value(meta_value(binding))
+    assert resolution_from_meta(Outcome.ROUTE, B, NOW + 60, meta).time_window == (
+        "08:00-22:00 Europe/Berlin")
+    path = tmp_path / "bindings.yaml"
+    path.write_text("bindings:\n"
+                    f'  - {{type: axb, x: "{X}", a: "{A}", b: "{B}", ttl: 60, '
+                    'time_window: "22:00-06:00"}\n')
+    [(_, loaded)] = list(read_bindings(path, NOW))
+    assert loaded.time_window == "22:00-06:00"

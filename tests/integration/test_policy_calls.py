@@ -385,3 +385,23 @@ def test_webhook_connect_refuse_override_timeout_and_endpoint_down(
         assert stats(hook_slow).get("policy_webhook_failures") == 1
     finally:
         hook.close()
+
+
+def test_a_bindings_own_time_window_refuses_outside_it_with_no_policy_configured(
+        proxies: list[ProxyProcess], tmp_path: Path) -> None:
+    """time_window on a binding (bindings file here; the API takes the same field) is checked
+    by the core on its lookup: no policy section, no Redis for it."""
+    now = datetime.now(ZoneInfo("Europe/Berlin"))
+    closed = f"{(now + timedelta(hours=2)):%H:%M}-{(now + timedelta(hours=3)):%H:%M} Europe/Berlin"
+    open_now = f"{(now - timedelta(hours=1)):%H:%M}-{(now + timedelta(hours=1)):%H:%M}"
+    open_now += " Europe/Berlin"
+    port, gateway_port = free_port(), free_port()
+    path, config = write_config(tmp_path, port=port, gateway_port=gateway_port, bindings=[
+        {"type": "axb", "x": X1, "a": A1, "b": B1, "ttl": 3600, "time_window": closed},
+        {"type": "axb", "x": X2, "a": A2, "b": B2, "ttl": 3600, "time_window": open_now}],
+        overrides={"policy": {"refusal": {"code": 480, "reason": "Outside Hours"}}})
+    proxy = start_proxy(path, port, gateway_port, tmp_path / "proxy.log", config)
+    proxies.append(proxy)
+    refused(proxy, tmp_path, X1, A1, "480 Outside Hours")
+    connects(proxy, tmp_path, CallPlan(A2, X2, B2, 1))
+    assert stats(proxy).get("policy_refused:time_window") == 1

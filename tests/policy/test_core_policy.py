@@ -157,3 +157,35 @@ def test_refusals_by_rule_are_one_labelled_metric() -> None:
     assert 'sip700_policy_refused_total{rule="bulk"} 1.0' in text
     assert "sip700_calls_policy_refused_total 3.0" in text
     assert "policy_refused:" not in text
+
+
+def test_a_bindings_own_time_window_is_enforced_with_the_policy_off() -> None:
+    """A binding's time_window needs no shared state: the core checks it on its lookup, with
+    policy.refusal's status, whether a policy is configured or not."""
+    from tests.test_core import WALL
+
+    core = make_core(wall_clock=lambda: WALL[0])
+    core.calls = CallTracker("test-1", wall_offset=0.0)
+    lines: list[tuple[str, dict]] = []
+    core.log = lambda event, **kw: lines.append((event, kw))
+    # WALL[0] is 2027-01-15 08:00:00 UTC = 16:00 in Shanghai, 09:00 in Berlin
+    for n, (window, forwarded) in enumerate((("08:00-22:00", True), ("17:00-08:00", False),
+                                             ("08:30-12:00 Europe/Berlin", True),
+                                             ("09:30-12:00 Europe/Berlin", False))):
+        core.outbox.clear()
+        core.calls.out.clear()
+        core.receive_datagram(invite(branch=f"w{n}"), CALLER, "udp", 0.0)
+        relay, _x, _caller = core.lookups.pop()
+        core.complete_lookup(relay, replace(RESOLVED, time_window=window), 0.0)
+        sent = [parse_message(o.data) for o in core.outbox]
+        to_gateway = [o for o in core.outbox if o.dest == GATEWAY]
+        if forwarded:
+            assert to_gateway, window
+            continue
+        assert not to_gateway, window
+        final = sent[-1]
+        assert (final.status, final.reason) == (403, "Call Policy"), window
+        (record,) = [op[1] for op in core.calls.out if op[0] == "record"]
+        assert record["refusal"] == "policy:time_window"
+    assert core.stats["policy_refused:time_window"] == 2
+    assert all(B not in repr(kw) for _, kw in lines)
