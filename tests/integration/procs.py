@@ -79,8 +79,11 @@ def config_workers(config: dict) -> int:
     return max(1, os.cpu_count() or 1) if workers == "auto" else int(workers)
 
 
-def wait_udp_bound(port: int, host: str = "127.0.0.1", timeout: float = 20.0) -> None:
-    """Wait until something is bound to udp host:port (bind fails once it is)."""
+def wait_udp_bound(port: int, host: str = "127.0.0.1", timeout: float = 20.0,
+                   proc: subprocess.Popen[bytes] | None = None, output: Path | None = None,
+                   ) -> None:
+    """Wait until something is bound to udp host:port (bind fails once it is). With `proc`
+    (the process that should bind it): fail at once, with its output, if it exits first."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
@@ -88,6 +91,10 @@ def wait_udp_bound(port: int, host: str = "127.0.0.1", timeout: float = 20.0) ->
                 s.bind((host, port))
             except OSError:
                 return
+        if proc is not None and proc.poll() is not None:
+            said = output.read_text(errors="replace")[-2000:] if output else ""
+            raise RuntimeError(f"exited with {proc.returncode} before binding udp "
+                               f"{host}:{port}: {said}")
         time.sleep(0.05)
     raise TimeoutError(f"nothing bound udp {host}:{port} within {timeout}s")
 
@@ -322,10 +329,14 @@ def sipp_server(scenario: str, port: int, workdir: Path, *, calls: int = 0,
     args = sipp_args(scenario, remote=None, local_port=port, calls=calls or 1000000,
                      csv=csv, transport=transport, extra=extra, workdir=workdir,
                      local_ip=local_ip)
-    out = (workdir / f"{scenario}.{port}.out").open("wb")
+    out_path = workdir / f"{scenario}.{port}.out"
+    out = out_path.open("wb")
     proc = subprocess.Popen(args, cwd=workdir, stdout=out, stderr=subprocess.STDOUT)
     try:
-        wait_udp_bound(port, local_ip) if transport.startswith("u") else time.sleep(0.5)
+        if transport.startswith("u"):
+            wait_udp_bound(port, local_ip, proc=proc, output=out_path)
+        else:
+            time.sleep(0.5)
         yield proc
     finally:
         if proc.poll() is None:
