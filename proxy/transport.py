@@ -44,7 +44,6 @@ from proxy.tls import TlsClosed, TlsLayer
 log = structlog.get_logger("sip700.transport")
 
 TICK_S = 0.01
-OVERLOAD_TICKS = 2  # ticks in a row with the lag over overload.max_loop_lag_ms to shed calls
 # The core's clock is time.monotonic(): the loop's own clock is cached per iteration at
 # millisecond resolution, too coarse for the latencies the call log reports.
 # Call-ID row at the start of a line, long or compact form, any case (RFC 3261 §7.3.3)
@@ -409,7 +408,6 @@ class ProxyServer:
         # overload control (config `overload:`, None: off): the loop's lag, measured on the
         # tick, and the lookups waiting for the store decide whether new INVITEs are shed
         self.overload = overload
-        self._lagging = 0  # consecutive ticks with the loop's lag over the limit
         self.loop_lag = 0.0
         self.store = store
         self.listen = listen
@@ -883,11 +881,8 @@ class ProxyServer:
         limit = o.max_loop_lag_ms / 1000
         pending = len(self._tasks)
         core = self.core
-        # one late tick is a stall (a garbage collection, a page fault, the host), not
-        # overload: the lag must be over the limit on OVERLOAD_TICKS ticks in a row
-        self._lagging = self._lagging + 1 if lag > limit else 0
         if not core.overloaded:
-            if self._lagging >= OVERLOAD_TICKS or pending > o.max_pending_lookups:
+            if lag > limit or pending > o.max_pending_lookups:
                 core.overloaded = True
                 self.count("overload_entered")
                 log.warning("overloaded", loop_lag_ms=round(lag * 1000),
