@@ -55,8 +55,10 @@ def _bindable(port: int, host: str) -> bool:
     return True
 
 
-def free_port_range(count: int, host: str = "127.0.0.1") -> int:
-    """The first of `count` consecutive ports free for both UDP and TCP on `host`.
+def free_port_range(count: int, host: str = "127.0.0.1", avoid: tuple[int, ...] = ()) -> int:
+    """The first of `count` consecutive ports free for both UDP and TCP on `host`, none of
+    them in `avoid` (ports handed out already but not bound yet: a proxy's listen port and its
+    gateway's, or the proxy would take them as its workers' own ports).
 
     Drawn at random outside the kernel's ephemeral range, so that no port free_port (or any
     client socket) picks later can fall into it before the proxy binds it, and tests running
@@ -69,7 +71,7 @@ def free_port_range(count: int, host: str = "127.0.0.1") -> int:
     while True:
         lo, hi = random.choice(spans)
         base = random.randrange(lo, hi - count)
-        if all(_bindable(p, host) for p in range(base, base + count)):
+        if all(p not in avoid and _bindable(p, host) for p in range(base, base + count)):
             return base
 
 
@@ -207,7 +209,8 @@ def write_config(
     if isinstance(transport, dict) and "worker_port_base" not in transport:
         # each worker's own ports (a range in use and the spare one for a hand-over): a free
         # range of their own, or tests side by side collide
-        transport["worker_port_base"] = free_port_range(2 * config_workers(config))
+        transport["worker_port_base"] = free_port_range(2 * config_workers(config),
+                                                        avoid=(port, gateway_port))
     path = tmp / "proxy.yaml"
     path.write_text(yaml.safe_dump(config))
     if redis_prefix is not None:
