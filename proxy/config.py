@@ -601,6 +601,16 @@ def _mask_url_password(url: str) -> str:
     return SplitResult(parts.scheme, netloc, parts.path, parts.query, parts.fragment).geturl()
 
 
+def _optional_redis_url(value: str | None) -> str | None:
+    """An optional `redis_url` key: checked, its password masked in the error."""
+    if value is not None:
+        try:
+            _check_redis_url(value)
+        except ValueError as exc:
+            raise ValueError(f"{exc} ({_q(_mask_url_password(value))})") from None
+    return value
+
+
 def _check_redis_url(url: str) -> None:
     parts = urlsplit(url)
     if parts.scheme not in ("redis", "rediss", "unix"):
@@ -1095,12 +1105,7 @@ class PolicyConfig(_PolicyRules):
     @field_validator("redis_url")
     @classmethod
     def _valid_redis_url(cls, value: str | None) -> str | None:
-        if value is not None:
-            try:
-                _check_redis_url(value)
-            except ValueError as exc:
-                raise ValueError(f"{exc} ({_q(_mask_url_password(value))})") from None
-        return value
+        return _optional_redis_url(value)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1245,12 +1250,7 @@ class AuditConfig(_Section):
     @field_validator("redis_url")
     @classmethod
     def _valid_redis_url(cls, value: str | None) -> str | None:
-        if value is not None:
-            try:
-                _check_redis_url(value)
-            except ValueError as exc:
-                raise ValueError(f"{exc} ({_q(_mask_url_password(value))})") from None
-        return value
+        return _optional_redis_url(value)
 
 
 class RecordsPushConfig(_Section):
@@ -1290,12 +1290,7 @@ class RecordsConfig(_Section):
     @field_validator("redis_url")
     @classmethod
     def _valid_redis_url(cls, value: str | None) -> str | None:
-        if value is not None:
-            try:
-                _check_redis_url(value)
-            except ValueError as exc:
-                raise ValueError(f"{exc} ({_q(_mask_url_password(value))})") from None
-        return value
+        return _optional_redis_url(value)
 
     @field_validator("spool_dir")
     @classmethod
