@@ -10,6 +10,7 @@ first event.
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import time
 from bisect import bisect_left
@@ -54,6 +55,7 @@ CALL_OUTCOMES = ("routed", "no binding", "not a party", "no caller number", "sto
 # seconds; the proxy's own decision time is sub-millisecond when all is well
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0)
 LAG_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+GC_PAUSE_LOG_S = 0.05  # a collection longer than this is logged (`gc_pause`)
 
 
 class Histogram:
@@ -87,7 +89,35 @@ class WorkerMetrics:
         self.lookup = Histogram(LATENCY_BUCKETS)  # binding lookup, cache hits included
         self.store_resolve = Histogram(LATENCY_BUCKETS)  # lookups the store had to answer
         self.loop_lag = Histogram(LAG_BUCKETS)
+        self.gc_pause = Histogram(LAG_BUCKETS)  # each cyclic-collector pass, every generation
         self.outcomes: dict[str, int] = dict.fromkeys(CALL_OUTCOMES, 0)
+        self._gc_started = 0.0
+        self._gc_log: Callable[..., None] | None = None
+        self._gc_long_s = GC_PAUSE_LOG_S
+
+    def watch_gc(self, log: Callable[..., None], long_s: float = GC_PAUSE_LOG_S) -> None:
+        """Time every pass of the cyclic collector (a pause of the whole loop): a histogram,
+        and a `gc_pause` log line for a long one, so a latency spike can be told from one."""
+        self._gc_log = log
+        self._gc_long_s = long_s
+        if self._on_gc not in gc.callbacks:
+            gc.callbacks.append(self._on_gc)
+
+    def unwatch_gc(self) -> None:
+        if self._on_gc in gc.callbacks:
+            gc.callbacks.remove(self._on_gc)
+
+    def _on_gc(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._gc_started = time.perf_counter()
+            return
+        pause = time.perf_counter() - self._gc_started
+        self.gc_pause.observe(pause)
+        if pause >= self._gc_long_s and self._gc_log is not None:
+            self._gc_log("gc_pause", ms=round(pause * 1000, 1),
+                         generation=info.get("generation"), collected=info.get("collected"),
+                         tracked=len(gc.get_objects(info.get("generation", 2))),
+                         frozen=gc.get_freeze_count())
 
     def call_log(self, log: Callable[..., None]) -> Callable[..., None]:
         """Wrap the core's log function: each `call` line also feeds the histograms."""
@@ -204,6 +234,8 @@ class WorkerCollector(Collector):
                                          "lookups the store answered itself (cache misses)")
             yield m.loop_lag.family("sip700_event_loop_lag_seconds",
                                     "how late the event loop wakes up (sampled every 0.25 s)")
+            yield m.gc_pause.family("sip700_gc_pause_seconds",
+                                    "each pass of Python's cyclic garbage collector")
         if self._gateways is not None:
             up = GaugeMetricFamily("sip700_gateway_up", "1 unless the gateway is marked down "
                                    "after a failure", labels=["gateway"])

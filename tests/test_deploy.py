@@ -117,3 +117,25 @@ def test_the_compose_file_mounts_configs_that_exist() -> None:
             source = volume.split(":")[0]
             if source.startswith("."):
                 assert (DEPLOY / source).exists(), f"{name}: {source}"
+
+
+def test_a_long_collector_pass_is_timed_and_logged() -> None:
+    """Every pass of the cyclic collector lands in sip700_gc_pause_seconds; a long one (made
+    long by a threshold of 0 here) is logged as `gc_pause` with its generation."""
+    import gc
+
+    metrics = WorkerMetrics()
+    lines: list[tuple[str, dict[str, object]]] = []
+    metrics.watch_gc(lambda event, **fields: lines.append((event, fields)), long_s=0.0)
+    try:
+        gc.collect()
+    finally:
+        metrics.unwatch_gc()
+    assert sum(metrics.gc_pause.counts) >= 1
+    assert metrics.gc_pause.sum > 0
+    assert metrics._on_gc not in gc.callbacks
+    long = [fields for event, fields in lines if event == "gc_pause"]
+    assert long and long[-1]["generation"] == 2 and "tracked" in long[-1]
+    registry = CollectorRegistry()
+    registry.register(WorkerCollector(lambda: {}, lambda: {}, metrics, lambda: []))
+    assert "sip700_gc_pause_seconds_count" in generate_latest(registry).decode()

@@ -79,6 +79,29 @@ class _Protocol(asyncio.Protocol):
                 waiter.set_exception(ConnectionError("redis connection lost"))
 
 
+class _Batch:
+    """Stands in the reply queue for each of a batch's commands: one future for all their
+    replies (no future, gather or callback per command)."""
+
+    __slots__ = ("future", "left", "replies")
+
+    def __init__(self, future: asyncio.Future[list[Any]], n: int) -> None:
+        self.future = future
+        self.replies: list[Any] = []
+        self.left = n
+
+    def done(self) -> bool:
+        return self.future.done()  # given up (timed out): its replies are skipped
+
+    def set_result(self, reply: Any) -> None:
+        self.replies.append(reply)
+        self.left -= 1
+        if not self.left:
+            self.future.set_result(self.replies)
+
+    set_exception = set_result  # an error reply takes its command's place
+
+
 class LookupReplyError(Exception):
     """Redis answered with an error (NOSCRIPT, BUSY, …)."""
 
@@ -136,17 +159,23 @@ class LeanConnection:
     async def call_many(self, commands: list[tuple[str | bytes | int, ...]]) -> list[Any]:
         """Several commands in one write; their replies in order. An error reply raises
         LookupReplyError once every reply is in (the first one's)."""
-        protocol = await self._ready()
-        loop = asyncio.get_running_loop()
-        waiters = [loop.create_future() for _ in commands]
-        protocol.waiters.extend(waiters)
-        assert protocol.transport is not None
-        protocol.transport.write(b"".join(_pack(*c) for c in commands))
-        replies = await asyncio.gather(*waiters, return_exceptions=True)
+        replies = await self.call_each(commands)
         for reply in replies:
             if isinstance(reply, BaseException):
                 raise reply
         return replies
+
+    async def call_each(self, commands: list[tuple[str | bytes | int, ...]]) -> list[Any]:
+        """Several commands in one write; their replies in order, an error reply (or a lost
+        connection) as its exception, in its place: one command's error is not the others'."""
+        if not commands:
+            return []
+        protocol = await self._ready()
+        batch = _Batch(asyncio.get_running_loop().create_future(), len(commands))
+        protocol.waiters.extend([batch] * len(commands))  # type: ignore[list-item]
+        assert protocol.transport is not None
+        protocol.transport.write(b"".join(_pack(*c) for c in commands))
+        return await batch.future
 
     def close(self) -> None:
         if self._protocol is not None and self._protocol.transport is not None:

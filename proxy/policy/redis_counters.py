@@ -130,7 +130,8 @@ class RedisCounters:
                     raise
         return await script(keys=keys, args=args)
 
-    async def check(self, plan: CounterPlan, facts: CallFacts, now_ms: int) -> Any:
+    def _check_args(self, plan: CounterPlan, facts: CallFacts, now_ms: int
+                    ) -> tuple[list[str], list[Any]]:
         keys: list[str] = [c.key for c in plan.rates]
         keys += [c.key for c in plan.concurrency]
         args: list[Any] = [now_ms, facts.call_key, self.lease_ms, len(plan.rates),
@@ -146,7 +147,41 @@ class RedisCounters:
             args += [0, 0]
         args.append(plan.callee)
         keys.append(self.hold_prefix + facts.call_key)
+        return keys, args
+
+    async def check(self, plan: CounterPlan, facts: CallFacts, now_ms: int) -> Any:
+        keys, args = self._check_args(plan, facts, now_ms)
         return await self._eval(self._check, keys, args)
+
+    async def check_many(self, calls: list[tuple[CounterPlan, CallFacts]], now_ms: int
+                         ) -> list[Any]:
+        """One script run per call, all in one write: each call's reply, or its exception in
+        its place (one call's script error is not the others')."""
+        sha = self._check.sha
+        if self.lean is None or not sha or len(calls) == 1:
+            replies: list[Any] = []
+            for plan, facts in calls:
+                try:
+                    replies.append(await self.check(plan, facts, now_ms))
+                except Exception as exc:
+                    replies.append(exc)
+            return replies
+        commands = []
+        for plan, facts in calls:
+            keys, args = self._check_args(plan, facts, now_ms)
+            commands.append(("EVALSHA", sha, len(keys), *keys, *args))
+        async with asyncio.timeout(self.timeout_s):
+            replies = await self.lean.call_each(commands)
+        for i, reply in enumerate(replies):
+            # Redis restarted or flushed its scripts: those calls again, through redis-py
+            # (which loads the script); the calls whose script ran are not counted twice
+            if isinstance(reply, LookupReplyError) and str(reply).startswith("NOSCRIPT"):
+                plan, facts = calls[i]
+                try:
+                    replies[i] = await self.check(plan, facts, now_ms)
+                except Exception as exc:
+                    replies[i] = exc
+        return replies
 
     async def release(self, members: list[str]) -> None:
         """Give back the places of ended calls (idempotent: a released call holds none)."""

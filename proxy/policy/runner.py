@@ -94,40 +94,58 @@ class PolicyRunner:
 
     # ---- per call ----------------------------------------------------------------------------
     def submit(self, checks: list[tuple[Any, Any]]) -> None:
-        """The calls the core queued: decided at once when no I/O is needed, else in a task."""
+        """The calls the core queued: decided at once when no I/O is needed; the counters of
+        the others go to Redis in one write for the whole batch (one task, not one a call);
+        a tenant's webhook call has a task of its own."""
         wall = self.wall()
         engine, core = self.engine, self.core
+        batch: list[tuple[Any, CallFacts, CounterPlan]] = []
         for relay, resolution in checks:
             facts = CallFacts(call_key(relay.request.call_id), relay.x, relay.caller,
                               resolution.callee, resolution.tenant, resolution.binding_id,
                               resolution.out_id, resolution.leg)
             decision = engine.local(facts, wall)
-            plan = hook = None
             if decision is None:
                 plan = engine.plan(facts)
                 hook = engine.webhook_for(facts)
-                if plan is None and hook is None:
-                    decision = replace(CONNECT, callee=facts.callee)
-            if decision is not None:
-                core.complete_policy(relay, decision, time.monotonic())
-                continue
-            task = asyncio.get_running_loop().create_task(
-                self._decide(relay, facts, plan, hook))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+                if hook is not None:
+                    self._spawn(self._decide(relay, facts, plan, hook))
+                    continue
+                if plan is not None:
+                    batch.append((relay, facts, plan))
+                    continue
+                decision = replace(CONNECT, callee=facts.callee)
+            core.complete_policy(relay, decision, time.monotonic())
+        if batch:
+            self._spawn(self._decide_batch(batch))
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _decide_batch(self, batch: list[tuple[Any, CallFacts, CounterPlan]]) -> None:
+        decisions = await self._counters_many([(facts, plan) for _, facts, plan in batch])
+        for (relay, facts, _), decision in zip(batch, decisions, strict=True):
+            self._complete(relay, facts, decision)
+        self.flush()
 
     async def _decide(self, relay: Any, facts: CallFacts, plan: CounterPlan | None,
-                      hook: WebhookSpec | None) -> None:
+                      hook: WebhookSpec) -> None:
         decision = CONNECT
         if plan is not None:
             decision = await self._counters(facts, plan)
-        if decision.connect and hook is not None:
+        if decision.connect:
             reply, failure = await self.webhooks.ask(hook, self.engine.webhook_payload(facts))
             if failure:
                 self._count("policy_webhook_failures")
                 self._log_error("policy_webhook_failed", failure, tenant=facts.tenant)
             verdict = self.engine.webhook_verdict(facts, hook, reply, failure)
             decision = replace(verdict, slot=decision.slot)
+        self._complete(relay, facts, decision)
+        self.flush()
+
+    def _complete(self, relay: Any, facts: CallFacts, decision: Decision) -> None:
         if decision.connect and decision.callee is None:
             decision = replace(decision, callee=facts.callee)
         if decision.connect and decision.slot:
@@ -135,19 +153,39 @@ class PolicyRunner:
             # its end (core.policy_out) stops the renewal
             self.held[decision.slot] = None
         self.core.complete_policy(relay, decision, time.monotonic())
-        self.flush()
 
     async def _counters(self, facts: CallFacts, plan: CounterPlan) -> Decision:
-        now = time.monotonic()
-        if self.breaker.allow(now):
+        return (await self._counters_many([(facts, plan)]))[0]
+
+    async def _counters_many(self, calls: list[tuple[CallFacts, CounterPlan]]
+                             ) -> list[Decision]:
+        """Each call's verdict from its counters; where Redis failed, the configured
+        fallback (and the breaker, as for the store, keeps calls from waiting on a dead
+        Redis)."""
+        replies: list[Any] = []
+        if self.breaker.allow(time.monotonic()):
             try:
-                reply = await self.counters.check(plan, facts, int(self.wall() * 1000))
-            except Exception as exc:  # redis errors, time-outs: the configured fallback
-                self.breaker.record_failure(time.monotonic(), type(exc).__name__)
-                self._log_error("policy_redis_failed", type(exc).__name__)
-            else:
-                self.breaker.record_success()
-                return self.engine.counter_verdict(facts, plan, reply)
+                replies = await self.counters.check_many(
+                    [(plan, facts) for facts, plan in calls], int(self.wall() * 1000))
+            except Exception as exc:  # time-out, connection: the whole batch
+                replies = [exc] * len(calls)
+        decisions = []
+        failed = ""
+        for (facts, plan), reply in zip(calls, replies or [None] * len(calls), strict=True):
+            if reply is not None and not isinstance(reply, BaseException):
+                decisions.append(self.engine.counter_verdict(facts, plan, reply))
+                continue
+            if reply is not None:
+                failed = type(reply).__name__
+            decisions.append(self._unavailable())
+        if failed:
+            self.breaker.record_failure(time.monotonic(), failed)
+            self._log_error("policy_redis_failed", failed)
+        elif replies:
+            self.breaker.record_success()
+        return decisions
+
+    def _unavailable(self) -> Decision:
         self._count("policy_unavailable")
         if self.spec.on_error == "refuse":
             r = self.spec.error_refusal

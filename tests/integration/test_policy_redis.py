@@ -12,7 +12,7 @@ import pytest
 import redis.asyncio as aioredis
 import yaml
 
-from proxy.bindings.redis_lookup import LeanConnection, lean_target
+from proxy.bindings.redis_lookup import LeanConnection, LookupReplyError, lean_target
 from proxy.config import load_config_text
 from proxy.policy.blocklist_store import BlocklistStore
 from proxy.policy.engine import CallFacts, PolicyEngine
@@ -160,5 +160,56 @@ async def test_the_lean_connection_checks_and_releases_many_at_once(
         await counters.release(["call1", "call2", "call3"])
         verdicts = [await decide(e, counters, facts(n), t0 + 1) for n in (5, 6, 7, 8)]
         assert [v.connect for v in verdicts] == [True, True, True, False]
+    finally:
+        lean.close()
+
+
+@pytest.mark.parametrize("fresh_redis", [False, True], ids=["scripts-loaded", "noscript"])
+async def test_one_write_checks_a_batch_of_calls_in_order(
+        prefix: str, client: aioredis.Redis, fresh_redis: bool) -> None:
+    """What the shell sends for one event-loop pass: every call's script in one write, the
+    replies in the calls' order (the cap lets the first three through, not any three); after
+    a script flush the batch is still decided, each call counted once."""
+    target = lean_target(REDIS_URL, None, None)
+    assert target is not None
+    lean = LeanConnection(target)
+    try:
+        e = engine(prefix, {"rate_limits": [{"name": "x-cap", "per": "x", "max_calls": 3,
+                                             "window_s": 60}]})
+        counters = RedisCounters(client, prefix + "h:", 30_000, lean=lean, timeout_s=2.0)
+        await counters.check(*_plan_and_facts(e, 0), 3_000_000_000)  # the script is loaded
+        await client.delete(*(await client.keys(prefix + "*")))
+        if fresh_redis:
+            await client.script_flush()
+        calls = [_plan_and_facts(e, n) for n in range(1, 6)]
+        replies = await counters.check_many(calls, 3_000_000_000)
+        verdicts = [e.counter_verdict(f, p, r) for (p, f), r in zip(calls, replies, strict=True)]
+        assert [v.connect for v in verdicts] == [True, True, True, False, False]
+        assert verdicts[3].rule == "x-cap"
+        (key,) = await client.keys(prefix + "r:*")
+        assert await client.zcard(key) == 3  # counted once each, NOSCRIPT retry or not
+    finally:
+        lean.close()
+
+
+def _plan_and_facts(e: PolicyEngine, n: int):
+    f = facts(n)
+    plan = e.plan(f)
+    assert plan is not None
+    return plan, f
+
+
+async def test_an_error_reply_stays_with_its_own_command() -> None:
+    """call_each: a batch where one command fails gives the others their replies."""
+    target = lean_target(REDIS_URL, None, None)
+    assert target is not None
+    lean = LeanConnection(target)
+    try:
+        replies = await lean.call_each([("ECHO", "a"), ("NOSUCHCOMMAND",), ("ECHO", "b")])
+        assert replies[0] == b"a" and replies[2] == b"b"
+        assert isinstance(replies[1], LookupReplyError)
+        assert await lean.call_each([]) == []
+        with pytest.raises(LookupReplyError):
+            await lean.call_many([("ECHO", "a"), ("NOSUCHCOMMAND",)])
     finally:
         lean.close()
