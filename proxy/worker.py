@@ -28,7 +28,9 @@ from proxy.logs import flush as flush_logs
 from proxy.logs import records_dropped
 
 log = structlog.get_logger("sip700")
-GC_YOUNG_THRESHOLD = 10_000
+GC_YOUNG_THRESHOLD = 100_000  # automatic passes: a backstop to `_collect_young`
+GC_YOUNG_EVERY_S = 0.1  # collect generation 0 this often
+GC_MIDDLE_EVERY = 20  # … and generation 1 every 20th time (2 s)
 
 PR_SET_PDEATHSIG = 1
 SPARE_POLL_S = 0.05  # how soon a worker takes the spare port range once it is free
@@ -269,6 +271,18 @@ def open_store_frozen(cfg: Config) -> Any:
     return store
 
 
+async def collect_young(every_s: float = GC_YOUNG_EVERY_S,
+                        middle_every: int = GC_MIDDLE_EVERY) -> None:
+    """Collect the young generations on a clock rather than on the allocation count: each
+    pass then walks only what was made since the last one (a millisecond or so), never a
+    backlog of every live call (see Worker.run)."""
+    n = 0
+    while True:
+        await asyncio.sleep(every_s)
+        n += 1
+        gc.collect(1 if n % middle_every == 0 else 0)
+
+
 def die_with_parent(sig: int = signal.SIGTERM) -> None:
     """Ask the kernel to send `sig` when the supervisor dies (Linux PR_SET_PDEATHSIG)."""
     with contextlib.suppress(OSError, AttributeError):
@@ -319,11 +333,13 @@ class Worker:
         if self.store is None:
             self.store = open_store_frozen(cfg)
         # Call state is freed by reference counting (the core breaks its one cycle when a
-        # transaction pair ends), so the older generations can be collected rarely: full
-        # passes over tens of thousands of live transactions were p99 spikes of hundreds of
-        # ms. The youngest is collected every 10,000 net new objects: a pass costs about 1 µs
-        # an object on this class of machine, and at 100,000 the Redis store's cache filling
-        # up made passes of 100 ms (logged as `gc_pause`; the soak of 2026-12-02 shed calls).
+        # transaction pair ends), so the oldest generation is never collected automatically:
+        # full passes over the live calls and the Redis store's cache were pauses of hundreds
+        # of ms. A pass over the young ones costs about 0.35 µs an object, but the automatic
+        # trigger counts net new objects only: in steady state it fires rarely, and then
+        # walks everything every call made since (100,000 objects and more, 40-600 ms in the
+        # Redis soak of 2026-12-02). So the worker collects the young generation itself,
+        # often and small (`_collect_young`).
         gc.set_threshold(GC_YOUNG_THRESHOLD, 1000, 1000)
         start = getattr(self.store, "start", None)
         if start is not None:
@@ -387,6 +403,7 @@ class Worker:
         loop = asyncio.get_running_loop()
         self._watch(self.metrics.watch_loop_lag())
         self.metrics.watch_gc(log.warning)
+        self._watch(collect_young())
         self._watch(self._watch_parent())
         spare = cfg.worker_port_range(1 - self.port_range)
         if worker_port is not None and spare:

@@ -139,3 +139,31 @@ def test_a_long_collector_pass_is_timed_and_logged() -> None:
     registry = CollectorRegistry()
     registry.register(WorkerCollector(lambda: {}, lambda: {}, metrics, lambda: []))
     assert "sip700_gc_pause_seconds_count" in generate_latest(registry).decode()
+
+
+async def test_workers_collect_the_young_generations_on_a_clock() -> None:
+    """collect_young passes over generation 0 at each tick and generation 1 every nth: the
+    young objects are walked while they are few, whatever the allocation count says."""
+    import asyncio
+    import gc
+
+    from proxy.worker import collect_young
+
+    passes: list[int] = []
+
+    def seen(phase: str, info: dict[str, int]) -> None:
+        if phase == "stop":
+            passes.append(info["generation"])
+
+    old = gc.get_threshold()
+    gc.set_threshold(1_000_000, 1000, 1000)  # no automatic pass during the test
+    gc.callbacks.append(seen)
+    try:
+        task = asyncio.ensure_future(collect_young(every_s=0.01, middle_every=3))
+        await asyncio.sleep(0.2)
+        task.cancel()
+    finally:
+        gc.callbacks.remove(seen)
+        gc.set_threshold(*old)
+    assert passes.count(0) >= 5 and passes.count(1) >= 2
+    assert 2 not in passes
