@@ -103,7 +103,9 @@ class RedisStore:
         self.key_prefix = key_prefix
         self.channel = f"{key_prefix}invalidate"
         self.timeout_s = float(timeout_ms) / 1000.0
-        self.cache = cache or ResolutionCache(100_000, 60.0, 1.0)
+        # `is None`, not `or`: an empty cache is falsy (it has a length), and `or` threw the
+        # configured one away (store.cache.* had no effect until 2026-12-02)
+        self.cache = cache if cache is not None else ResolutionCache(100_000, 60.0, 1.0)
         self.cache.trusted = False  # until the invalidation channel is up
         self.breaker = breaker or CircuitBreaker(5, 1.0)
         # the lean pipelined connection for lookups (standalone Redis only; see redis_lookup)

@@ -796,3 +796,18 @@ async def test_sentinel(redis_sentinel: tuple[str, int]) -> None:
         assert master.exists(*store.keys(X)) == 2  # written on the master Sentinel named
     finally:
         await store.close()
+
+
+def test_the_configured_cache_is_the_one_used() -> None:
+    """store.cache.* reach the store (an empty cache is falsy: `cache or default` once threw
+    the configured one away, so every setting there was silently ignored)."""
+    from proxy.config import load_config_text
+
+    cfg = load_config_text(
+        "carrier: {gateways: ['sip:127.0.0.1:5090']}\n"
+        "store: {backend: redis, redis_url: 'redis://127.0.0.1:6379/0',\n"
+        "        cache: {max_entries: 20000, max_ttl_s: 120, negative_ttl_s: 2.5}}\n",
+        Path("/tmp/cache.yaml"))
+    store = RedisStore.from_config(cfg.store)
+    assert (store.cache.max_entries, store.cache.max_ttl_s, store.cache.negative_ttl_s) == (
+        20000, 120.0, 2.5)
