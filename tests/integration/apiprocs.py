@@ -15,7 +15,7 @@ from pathlib import Path
 import yaml
 
 from proxy.api.keys import hash_key
-from tests.integration.procs import REDIS_URL, ROOT, TEST_DIALOG_KEY
+from tests.integration.procs import REDIS_URL, ROOT, TEST_DIALOG_KEY, stop_process
 
 KEYS = {"shop1": "s7k_test-key-shop1", "shop2": "s7k_test-key-shop2",
         "slow": "s7k_test-key-slow"}
@@ -86,14 +86,7 @@ class ApiProcess:
         return self.log_path.read_text(errors="replace")
 
     def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
+        return stop_process(self.proc)
 
 
 def start_api(config_path: Path, port: int, log_path: Path) -> ApiProcess:

@@ -152,14 +152,21 @@ class ProxyProcess:
         assert rc in (0, -15), f"proxy exited with {rc}"
 
     def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
+        return stop_process(self.proc)
+
+
+def stop_process(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM,
+                 timeout: float = 10.0) -> int:
+    """Send `sig` to a process still running, kill it if it has not ended within `timeout`
+    seconds; its exit code."""
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return proc.returncode
 
 
 def write_config(
@@ -342,13 +349,7 @@ def sipp_server(scenario: str, port: int, workdir: Path, *, calls: int = 0,
             time.sleep(0.5)
         yield proc
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGUSR1)  # SIPp: dump stats and quit
-            try:
-                proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_process(proc, signal.SIGUSR1, timeout=5)  # SIPp: dump stats and quit
 
 
 def server_counts(scenario: str, port: int, workdir: Path) -> tuple[int, int]:
