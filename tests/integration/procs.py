@@ -1,4 +1,5 @@
-"""Real processes for integration tests: the proxy (`python -m proxy run`) and SIPp.
+"""Real processes for integration tests: the proxy (`python -m proxy run`), SIPp and the
+redis-servers a test owns.
 
 Every helper here starts a real process on loopback and waits for it properly (port open, exit
 code), so a test asserts on what real SIP peers did.
@@ -10,6 +11,7 @@ import contextlib
 import json
 import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
@@ -241,6 +243,35 @@ def delete_redis_prefix(prefix: str) -> int:
         return len(keys)
     finally:
         client.close()
+
+
+def start_redis_server(port: int, workdir: Path, *options: str) -> subprocess.Popen[bytes]:
+    """A redis-server of the test's own on 127.0.0.1:`port` (no RDB snapshots, its files in
+    `workdir`, `options` besides), once it answers PING."""
+    proc = subprocess.Popen(
+        [shutil.which("redis-server") or "redis-server", "--port", str(port),
+         "--bind", "127.0.0.1", "--save", "", *options, "--dir", str(workdir)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_redis_ping(port)
+    except RuntimeError:
+        proc.kill()
+        proc.wait()
+        raise RuntimeError("redis-server did not start") from None
+    return proc
+
+
+def wait_redis_ping(port: int, timeout: float = 10.0) -> None:
+    """Until a Redis on 127.0.0.1:`port` answers PING."""
+    import redis
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(redis.RedisError):
+            if redis.Redis(port=port, socket_timeout=0.2).ping():
+                return
+        time.sleep(0.05)
+    raise RuntimeError(f"nothing answers on port {port}")
 
 
 def start_proxy(config_path: Path, port: int, gateway_port: int, log_path: Path,
