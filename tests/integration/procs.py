@@ -17,11 +17,16 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+import uuid
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
+
+if TYPE_CHECKING:
+    import redis.asyncio as aioredis
 
 ROOT = Path(__file__).resolve().parents[2]
 SCENARIOS = ROOT / "scripts" / "sipp"
@@ -243,6 +248,21 @@ def delete_redis_prefix(prefix: str) -> int:
         return len(keys)
     finally:
         client.close()
+
+
+@contextlib.asynccontextmanager
+async def redis_prefix_client(name: str) -> AsyncIterator[tuple[aioredis.Redis, str]]:
+    """An asyncio client of the machine's Redis and a key prefix of the test's own
+    (`sip700test:NAME:<random>:`), whose keys are deleted afterwards."""
+    import redis.asyncio as aioredis
+
+    prefix = f"sip700test:{name}:{uuid.uuid4().hex[:10]}:"
+    client = aioredis.Redis.from_url(REDIS_URL, decode_responses=True)
+    try:
+        yield client, prefix
+    finally:
+        await client.aclose()
+        delete_redis_prefix(prefix)
 
 
 def start_redis_server(port: int, workdir: Path, *options: str) -> subprocess.Popen[bytes]:
