@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import gc
 import os
+import signal
 import sys
 import time
 from collections.abc import Awaitable, Callable, Coroutine
@@ -104,8 +105,6 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 def cmd_reload(args: argparse.Namespace) -> int:
     """Check the file here, then SIGHUP the running supervisor and report what it did."""
-    import signal
-
     from proxy.reload import validate_file
     from proxy.supervisor import read_state, running_instance, state_path
 
@@ -245,6 +244,15 @@ async def report_unavailable(what: str, work: Awaitable[int],
         return 1
     finally:
         await close()
+
+
+async def until_stopped() -> None:
+    """For a command that serves until it is stopped: returns on SIGTERM or SIGINT."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
 
 
 def run_until_interrupted(main: Coroutine[Any, Any, int]) -> int:

@@ -132,11 +132,7 @@ async def _serve_api(cfg: Any, reuse_port: bool) -> None:
     from proxy.api.server import start_api
 
     server = await start_api(cfg, reuse_port=reuse_port)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+    await cli.until_stopped()
     await server.close()
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import signal
 import sys
 from typing import Any
 
@@ -102,11 +101,7 @@ def cmd_records_push(args: argparse.Namespace) -> int:
     async def run() -> None:
         pusher = RecordPusher.from_config(cfg)
         pusher.start()
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        await stop.wait()
+        await cli.until_stopped()
         await pusher.close()
 
     asyncio.run(run())
