@@ -8,10 +8,14 @@ as --config PATH (or a plain PATH).
 from __future__ import annotations
 
 import argparse
+import asyncio
 import gc
 import os
+import signal
 import sys
 import time
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any
 
 import structlog
 
@@ -101,8 +105,6 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 def cmd_reload(args: argparse.Namespace) -> int:
     """Check the file here, then SIGHUP the running supervisor and report what it did."""
-    import signal
-
     from proxy.reload import validate_file
     from proxy.supervisor import read_state, running_instance, state_path
 
@@ -199,6 +201,66 @@ class _Parser(argparse.ArgumentParser):
 def _config_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("config_pos", nargs="?", metavar="PATH", help="YAML config file")
     p.add_argument("--config", help="YAML config file (the same as PATH)")
+
+
+# -- the pieces the other modules' commands share (proxy/api, proxy/records, proxy/policy) --------
+
+
+def config_option(parser: argparse.ArgumentParser, help: str | None = None) -> None:
+    """`--config PATH`, required: the commands that add themselves take no plain PATH."""
+    parser.add_argument("--config", required=True, help=help)
+
+
+def add_tail_command(sub: Any, help: str, func: Callable[[argparse.Namespace], int]
+                     ) -> argparse.ArgumentParser:
+    """`… tail --config PATH [-n COUNT] [-f]`: the newest entries of a stream (and new ones)."""
+    p = sub.add_parser("tail", help=help)
+    config_option(p)
+    p.add_argument("-n", "--count", type=int, default=20)
+    p.add_argument("-f", "--follow", action="store_true")
+    p.set_defaults(func=func)
+    return p
+
+
+async def follow_stream(client: Any, stream: str, last: str,
+                        show: Callable[[str, dict[str, str]], str]) -> None:
+    """`tail --follow`: print each entry added to `stream` after `last`, until stopped."""
+    while True:
+        found = await client.xread({stream: last}, block=1000, count=100)
+        for _, rows in found:
+            for entry_id, fields in rows:
+                print(show(entry_id, fields), flush=True)
+                last = entry_id
+
+
+async def report_unavailable(what: str, work: Awaitable[int],
+                             close: Callable[[], Awaitable[object]]) -> int:
+    """A command's work on Redis: its exit code, or 1 with `error: WHAT unavailable (…)` on
+    stderr when it fails; `close` runs either way."""
+    try:
+        return await work
+    except Exception as exc:
+        print(f"error: {what} unavailable ({type(exc).__name__}: {exc})", file=sys.stderr)
+        return 1
+    finally:
+        await close()
+
+
+async def until_stopped() -> None:
+    """For a command that serves until it is stopped: returns on SIGTERM or SIGINT."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+
+
+def run_until_interrupted(main: Coroutine[Any, Any, int]) -> int:
+    """asyncio.run for a command that may follow a stream: Ctrl-C ends it, with exit 0."""
+    try:
+        return asyncio.run(main)
+    except KeyboardInterrupt:
+        return 0
 
 
 def make_parser() -> argparse.ArgumentParser:

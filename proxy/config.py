@@ -256,12 +256,7 @@ def _with_value(check: typing.Callable[[str], object]) -> typing.Callable[[str],
     return validate
 
 
-def _check_gateway(value: str) -> str:
-    try:
-        parse_sip_uri(value)
-    except ValueError as exc:
-        raise ValueError(f"{exc} ({_q(value)})") from None
-    return value
+_check_gateway = _with_value(parse_sip_uri)
 
 
 def _check_cidr(value: str) -> str:

@@ -13,10 +13,12 @@ import time
 from datetime import datetime
 from typing import Any
 
+from proxy import cli
+
 
 def add_commands(sub: Any) -> None:
     p = sub.add_parser("api", help="run the binding API alone (Redis store)")
-    p.add_argument("--config", required=True, help="YAML config file")
+    cli.config_option(p, "YAML config file")
     p.add_argument("--listen", default=None, help="host:port (default: api.listen)")
     p.add_argument("--processes", type=int, default=1,
                    help="API processes sharing the port (SO_REUSEPORT)")
@@ -32,13 +34,9 @@ def add_commands(sub: Any) -> None:
 
     audit = sub.add_parser("audit", help="read the audit trail")
     asub = audit.add_subparsers(dest="audit_command", required=True)
-    p = asub.add_parser("tail", help="the newest entries (and, with --follow, new ones)")
-    p.add_argument("--config", required=True)
-    p.add_argument("-n", "--count", type=int, default=20)
-    p.add_argument("-f", "--follow", action="store_true")
-    p.set_defaults(func=cmd_audit)
+    cli.add_tail_command(asub, "the newest entries (and, with --follow, new ones)", cmd_audit)
     p = asub.add_parser("query", help="entries matching filters, oldest first")
-    p.add_argument("--config", required=True)
+    cli.config_option(p)
     p.add_argument("--tenant")
     p.add_argument("--binding", help="a binding id: its whole history")
     p.add_argument("--action", help="create, update, delete, allocation_failed, reveal …")
@@ -134,11 +132,7 @@ async def _serve_api(cfg: Any, reuse_port: bool) -> None:
     from proxy.api.server import start_api
 
     server = await start_api(cfg, reuse_port=reuse_port)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+    await cli.until_stopped()
     await server.close()
 
 
@@ -152,54 +146,42 @@ def _stream_id(text: str | None, default: str) -> str:
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
-    from proxy.api.audit import AuditLog
+    from proxy.api.audit import AuditLog, entry
     from proxy.config import load_config_or_report
 
     cfg = load_config_or_report(args.config)
     if cfg is None:
         return 1
 
+    def show(eid: str, fields: dict[str, str]) -> str:
+        return json.dumps(entry(eid, fields), ensure_ascii=False)
+
+    async def read(audit: AuditLog) -> int:
+        if args.audit_command == "tail":
+            entries = await audit.latest(args.count)
+            for item in entries:
+                print(json.dumps(item, ensure_ascii=False), flush=True)
+            if args.follow:
+                last = entries[-1]["entry"] if entries else "$"
+                await cli.follow_stream(audit.client, audit.stream, last, show)
+            return 0
+        try:
+            start = _stream_id(args.since, "-")
+            end = _stream_id(args.until, "+")
+        except ValueError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        for item in await audit.query(start=start, end=end, tenant=args.tenant,
+                                      binding_id=args.binding, action=args.action,
+                                      limit=args.limit):
+            print(json.dumps(item, ensure_ascii=False))
+        return 0
+
     async def run() -> int:
         audit = AuditLog.from_config(cfg)
-        try:
-            if args.audit_command == "tail":
-                entries = await audit.latest(args.count)
-                for item in entries:
-                    print(json.dumps(item, ensure_ascii=False), flush=True)
-                last = entries[-1]["entry"] if entries else "$"
-                while args.follow:
-                    found = await audit.client.xread({audit.stream: last}, block=1000,
-                                                     count=100)
-                    for _, rows in found:
-                        for eid, fields in rows:
-                            from proxy.api.audit import entry
+        return await cli.report_unavailable("audit stream", read(audit), audit.close)
 
-                            print(json.dumps(entry(eid, fields), ensure_ascii=False),
-                                  flush=True)
-                            last = eid
-                return 0
-            try:
-                start = _stream_id(args.since, "-")
-                end = _stream_id(args.until, "+")
-            except ValueError as exc:
-                print(f"error: {exc}", file=sys.stderr)
-                return 1
-            for item in await audit.query(start=start, end=end, tenant=args.tenant,
-                                          binding_id=args.binding, action=args.action,
-                                          limit=args.limit):
-                print(json.dumps(item, ensure_ascii=False))
-            return 0
-        except Exception as exc:
-            print(f"error: audit stream unavailable ({type(exc).__name__}: {exc})",
-                  file=sys.stderr)
-            return 1
-        finally:
-            await audit.close()
-
-    try:
-        return asyncio.run(run())
-    except KeyboardInterrupt:
-        return 0
+    return cli.run_until_interrupted(run())
 
 
 __all__ = ["add_commands", "time"]

@@ -13,6 +13,7 @@ import json
 import sys
 from typing import Any
 
+from proxy import cli
 from proxy.policy.blocklist import KINDS
 
 
@@ -26,12 +27,12 @@ def add_commands(sub: Any) -> None:
                                                    "prefix (of any party's number)")
         p.add_argument("value", help="a number, or the digits of a prefix")
         p.add_argument("--tenant", help="this tenant's list (default: the global one)")
-        p.add_argument("--config", required=True)
+        cli.config_option(p)
         p.set_defaults(func=cmd_block)
     p = bsub.add_parser("list", help="the entries of a list")
     p.add_argument("--tenant", help="this tenant's list (default: the global one)")
     p.add_argument("--json", action="store_true", help="one JSON object")
-    p.add_argument("--config", required=True)
+    cli.config_option(p)
     p.set_defaults(func=cmd_block)
 
 
@@ -58,36 +59,32 @@ def cmd_block(args: argparse.Namespace) -> int:
             print(f"error: {args.kind} {args.value!r}: {exc}", file=sys.stderr)
             return 1
 
+    async def change(store: BlocklistStore) -> int:
+        if args.block_command == "list":
+            entries = await store.entries(tenant)
+            if args.json:
+                print(json.dumps({"tenant": tenant, "entries": entries}))
+            else:
+                for e in entries:
+                    print(e)
+            return 0
+        scope = f"tenant {tenant}" if tenant else "global"
+        if args.block_command == "add":
+            changed = await store.add(tenant, entry)
+            print(f"{entry}: {'added to' if changed else 'already on'} the {scope} list")
+        else:
+            changed = await store.remove(tenant, entry)
+            print(f"{entry}: {'removed from' if changed else 'was not on'} the {scope} "
+                  "list")
+        if changed:
+            await _audit(cfg, f"block_{args.block_command}", tenant, entry)
+        return 0
+
     async def run() -> int:
         client = aioredis.Redis.from_url(policy_redis_url(cfg), decode_responses=True,
                                          socket_timeout=5.0, socket_connect_timeout=2.0)
         store = BlocklistStore(client, policy_key_prefix(cfg))
-        scope = f"tenant {tenant}" if tenant else "global"
-        try:
-            if args.block_command == "list":
-                entries = await store.entries(tenant)
-                if args.json:
-                    print(json.dumps({"tenant": tenant, "entries": entries}))
-                else:
-                    for e in entries:
-                        print(e)
-                return 0
-            if args.block_command == "add":
-                changed = await store.add(tenant, entry)
-                print(f"{entry}: {'added to' if changed else 'already on'} the {scope} list")
-            else:
-                changed = await store.remove(tenant, entry)
-                print(f"{entry}: {'removed from' if changed else 'was not on'} the {scope} "
-                      "list")
-            if changed:
-                await _audit(cfg, f"block_{args.block_command}", tenant, entry)
-            return 0
-        except Exception as exc:
-            print(f"error: policy Redis unavailable ({type(exc).__name__}: {exc})",
-                  file=sys.stderr)
-            return 1
-        finally:
-            await client.aclose()
+        return await cli.report_unavailable("policy Redis", change(store), client.aclose)
 
     return asyncio.run(run())
 

@@ -5,22 +5,19 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import signal
 import sys
 from typing import Any
+
+from proxy import cli
 
 
 def add_commands(sub: Any) -> None:
     records = sub.add_parser("records", help="call records: read them, push them")
     rsub = records.add_subparsers(dest="records_command", required=True)
-    p = rsub.add_parser("tail", help="the newest records (and, with --follow, new ones)")
-    p.add_argument("--config", required=True)
-    p.add_argument("-n", "--count", type=int, default=20)
-    p.add_argument("-f", "--follow", action="store_true")
+    p = cli.add_tail_command(rsub, "the newest records (and, with --follow, new ones)", cmd_records)
     p.add_argument("--full", action="store_true", help="numbers in full (default: masked)")
-    p.set_defaults(func=cmd_records)
     p = rsub.add_parser("get", help="the records of a Call-ID or of a number, newest first")
-    p.add_argument("--config", required=True)
+    cli.config_option(p)
     who = p.add_mutually_exclusive_group(required=True)
     who.add_argument("--call-id", help="the Call-ID as the caller sent it")
     who.add_argument("--number", help="a caller, callee or middle number")
@@ -29,7 +26,7 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--full", action="store_true", help="numbers in full (default: masked)")
     p.set_defaults(func=cmd_records)
     p = rsub.add_parser("push", help="push records and events to tenants (without the proxy)")
-    p.add_argument("--config", required=True)
+    cli.config_option(p)
     p.set_defaults(func=cmd_records_push)
 
 
@@ -60,44 +57,35 @@ def cmd_records(args: argparse.Namespace) -> int:
         return 1
     stream = cfg.records.stream
 
+    def show(entry_id: str, fields: dict[str, str]) -> str:
+        return _show(entry_id, fields, args.full)
+
+    async def read(client: Any) -> int:
+        if args.records_command == "tail":
+            rows = await reading.latest(client, stream, args.count)
+            for entry_id, fields in rows:
+                print(show(entry_id, fields), flush=True)
+            if args.follow:
+                await cli.follow_stream(client, stream, rows[-1][0] if rows else "$", show)
+            return 0
+        number = None
+        if args.number is not None:
+            number = normalize_number(args.number)
+            if number is None:
+                print("error: --number is not a phone number", file=sys.stderr)
+                return 1
+        rows = await reading.find(client, stream, call_id=args.call_id, number=number,
+                                  tenant=args.tenant, limit=args.limit,
+                                  scan_max=cfg.records.search_scan_max)
+        for entry_id, fields in rows:
+            print(show(entry_id, fields))
+        return 0
+
     async def run() -> int:
         client = _client(cfg)
-        try:
-            if args.records_command == "tail":
-                rows = await reading.latest(client, stream, args.count)
-                for entry_id, fields in rows:
-                    print(_show(entry_id, fields, args.full), flush=True)
-                last = rows[-1][0] if rows else "$"
-                while args.follow:
-                    found = await client.xread({stream: last}, block=1000, count=100)
-                    for _, new in found:
-                        for entry_id, fields in new:
-                            print(_show(entry_id, fields, args.full), flush=True)
-                            last = entry_id
-                return 0
-            number = None
-            if args.number is not None:
-                number = normalize_number(args.number)
-                if number is None:
-                    print("error: --number is not a phone number", file=sys.stderr)
-                    return 1
-            rows = await reading.find(client, stream, call_id=args.call_id, number=number,
-                                      tenant=args.tenant, limit=args.limit,
-                                      scan_max=cfg.records.search_scan_max)
-            for entry_id, fields in rows:
-                print(_show(entry_id, fields, args.full))
-            return 0
-        except Exception as exc:
-            print(f"error: records stream unavailable ({type(exc).__name__}: {exc})",
-                  file=sys.stderr)
-            return 1
-        finally:
-            await client.aclose()
+        return await cli.report_unavailable("records stream", read(client), client.aclose)
 
-    try:
-        return asyncio.run(run())
-    except KeyboardInterrupt:
-        return 0
+    return cli.run_until_interrupted(run())
 
 
 def cmd_records_push(args: argparse.Namespace) -> int:
@@ -113,11 +101,7 @@ def cmd_records_push(args: argparse.Namespace) -> int:
     async def run() -> None:
         pusher = RecordPusher.from_config(cfg)
         pusher.start()
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        await stop.wait()
+        await cli.until_stopped()
         await pusher.close()
 
     asyncio.run(run())

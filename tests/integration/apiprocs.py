@@ -3,11 +3,13 @@ and waited for, an HTTP client."""
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +17,7 @@ from pathlib import Path
 import yaml
 
 from proxy.api.keys import hash_key
-from tests.integration.procs import REDIS_URL, ROOT, TEST_DIALOG_KEY
+from tests.integration.procs import REDIS_URL, ROOT, TEST_DIALOG_KEY, stop_process
 
 KEYS = {"shop1": "s7k_test-key-shop1", "shop2": "s7k_test-key-shop2",
         "slow": "s7k_test-key-slow"}
@@ -86,14 +88,7 @@ class ApiProcess:
         return self.log_path.read_text(errors="replace")
 
     def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
+        return stop_process(self.proc)
 
 
 def start_api(config_path: Path, port: int, log_path: Path) -> ApiProcess:
@@ -113,3 +108,18 @@ def start_api(config_path: Path, port: int, log_path: Path) -> ApiProcess:
 def bearer(tenant: str) -> dict[str, str]:
     key = OPERATOR_KEY if tenant == "operator" else KEYS[tenant]
     return {"Authorization": f"Bearer {key}"}
+
+
+def call_api(base_url: str, key: str, method: str, path: str, data: dict | None = None
+             ) -> tuple[int, dict]:
+    """One JSON request to the binding API with `key`: (status, the JSON answer or {})."""
+    request = urllib.request.Request(
+        base_url + path, method=method,
+        data=None if data is None else json.dumps(data).encode(),
+        headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            text = response.read()
+            return response.status, json.loads(text) if text else {}
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read() or b"{}")

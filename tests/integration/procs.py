@@ -1,4 +1,5 @@
-"""Real processes for integration tests: the proxy (`python -m proxy run`) and SIPp.
+"""Real processes for integration tests: the proxy (`python -m proxy run`), SIPp and the
+redis-servers a test owns.
 
 Every helper here starts a real process on loopback and waits for it properly (port open, exit
 code), so a test asserts on what real SIP peers did.
@@ -10,16 +11,22 @@ import contextlib
 import json
 import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+import uuid
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
+
+if TYPE_CHECKING:
+    import redis.asyncio as aioredis
 
 ROOT = Path(__file__).resolve().parents[2]
 SCENARIOS = ROOT / "scripts" / "sipp"
@@ -152,14 +159,21 @@ class ProxyProcess:
         assert rc in (0, -15), f"proxy exited with {rc}"
 
     def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
+        return stop_process(self.proc)
+
+
+def stop_process(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM,
+                 timeout: float = 10.0) -> int:
+    """Send `sig` to a process still running, kill it if it has not ended within `timeout`
+    seconds; its exit code."""
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return proc.returncode
 
 
 def write_config(
@@ -234,6 +248,50 @@ def delete_redis_prefix(prefix: str) -> int:
         return len(keys)
     finally:
         client.close()
+
+
+@contextlib.asynccontextmanager
+async def redis_prefix_client(name: str) -> AsyncIterator[tuple[aioredis.Redis, str]]:
+    """An asyncio client of the machine's Redis and a key prefix of the test's own
+    (`sip700test:NAME:<random>:`), whose keys are deleted afterwards."""
+    import redis.asyncio as aioredis
+
+    prefix = f"sip700test:{name}:{uuid.uuid4().hex[:10]}:"
+    client = aioredis.Redis.from_url(REDIS_URL, decode_responses=True)
+    try:
+        yield client, prefix
+    finally:
+        await client.aclose()
+        delete_redis_prefix(prefix)
+
+
+def start_redis_server(port: int, workdir: Path, *options: str) -> subprocess.Popen[bytes]:
+    """A redis-server of the test's own on 127.0.0.1:`port` (no RDB snapshots, its files in
+    `workdir`, `options` besides), once it answers PING."""
+    proc = subprocess.Popen(
+        [shutil.which("redis-server") or "redis-server", "--port", str(port),
+         "--bind", "127.0.0.1", "--save", "", *options, "--dir", str(workdir)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_redis_ping(port)
+    except RuntimeError:
+        proc.kill()
+        proc.wait()
+        raise RuntimeError("redis-server did not start") from None
+    return proc
+
+
+def wait_redis_ping(port: int, timeout: float = 10.0) -> None:
+    """Until a Redis on 127.0.0.1:`port` answers PING."""
+    import redis
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(redis.RedisError):
+            if redis.Redis(port=port, socket_timeout=0.2).ping():
+                return
+        time.sleep(0.05)
+    raise RuntimeError(f"nothing answers on port {port}")
 
 
 def start_proxy(config_path: Path, port: int, gateway_port: int, log_path: Path,
@@ -342,13 +400,7 @@ def sipp_server(scenario: str, port: int, workdir: Path, *, calls: int = 0,
             time.sleep(0.5)
         yield proc
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGUSR1)  # SIPp: dump stats and quit
-            try:
-                proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_process(proc, signal.SIGUSR1, timeout=5)  # SIPp: dump stats and quit
 
 
 def server_counts(scenario: str, port: int, workdir: Path) -> tuple[int, int]:

@@ -8,10 +8,8 @@ callees on loopback, the raw-socket test caller of sipclient.py, redis-server (R
 
 from __future__ import annotations
 
-import json
 import threading
 import time
-import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from proxy.api.keys import hash_key
-from tests.integration.apiprocs import KEYS, free_tcp_port, tenants, wait_http
+from tests.integration.apiprocs import KEYS, call_api, free_tcp_port, tenants, wait_http
 from tests.integration.procs import (
     ProxyProcess,
     delete_redis_prefix,
@@ -58,17 +56,7 @@ def proxy(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[ProxyProce
 
 def api(proxy: ProxyProcess, method: str, path: str, data: dict | None = None
         ) -> tuple[int, dict]:
-    request = urllib.request.Request(
-        proxy.api_url + path, method=method,  # type: ignore[attr-defined]
-        data=None if data is None else json.dumps(data).encode(),
-        headers={"Authorization": f"Bearer {KEYS['shop1']}",
-                 "Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(request, timeout=10) as response:
-            text = response.read()
-            return response.status, json.loads(text) if text else {}
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read() or b"{}")
+    return call_api(proxy.api_url, KEYS["shop1"], method, path, data)  # type: ignore[attr-defined]
 
 
 def create(proxy: ProxyProcess, **fields: object) -> dict:

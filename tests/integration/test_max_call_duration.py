@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from proxy.records.model import parse_iso
+from tests.integration.procs import ProxyProcess
 from tests.integration.test_api_calls import A as API_A
 from tests.integration.test_api_calls import B as API_B
 from tests.integration.test_api_calls import X as API_X
@@ -39,15 +40,20 @@ pytestmark = pytest.mark.integration
 LIMIT_S = 3
 
 
-def ended_by_proxy(start: Callable, read: Callable, tmp_path: Path, *,
-                   bindings: list[dict], overrides: dict | None = None) -> None:
-    sip700 = start(bindings=bindings, overrides=overrides or {})
+def call_the_proxy_ends(sip700: ProxyProcess, tmp_path: Path, plan: CallPlan) -> None:
+    """One call whose caller never hangs up: the proxy ends it after LIMIT_S."""
     began = time.monotonic()
     outcome = run_flow(sip700, tmp_path, caller="uac_max_duration.xml", callee="uas_basic.xml",
-                       plans=[CallPlan(A1, X1, B1, 1)], timeout=40)
+                       plans=[plan], timeout=40)
     took = time.monotonic() - began
     assert_all_succeeded(outcome, 1)
     assert LIMIT_S <= took < LIMIT_S + 10, took
+
+
+def ended_by_proxy(start: Callable, read: Callable, tmp_path: Path, *,
+                   bindings: list[dict], overrides: dict | None = None) -> None:
+    sip700 = start(bindings=bindings, overrides=overrides or {})
+    call_the_proxy_ends(sip700, tmp_path, CallPlan(A1, X1, B1, 1))
     (rec,) = read(1)
     assert rec["release_dir"] == "proxy" and rec["sip_status"] == "200", rec
     talk = parse_iso(rec["release_at"]) - parse_iso(rec["answer_at"])
@@ -77,12 +83,7 @@ def test_global_cap_policy_max_call_s(recorded, tmp_path: Path) -> None:  # noqa
 
 def test_binding_max_call_s_from_the_api(proxy, tmp_path: Path) -> None:  # noqa: F811
     create(proxy, max_call_s=LIMIT_S)
-    began = time.monotonic()
-    outcome = run_flow(proxy, tmp_path, caller="uac_max_duration.xml", callee="uas_basic.xml",
-                       plans=[CallPlan(API_A, API_X, API_B, 1)], timeout=40)
-    took = time.monotonic() - began
-    assert_all_succeeded(outcome, 1)
-    assert LIMIT_S <= took < LIMIT_S + 10, took
+    call_the_proxy_ends(proxy, tmp_path, CallPlan(API_A, API_X, API_B, 1))
     stats = proxy.stop_and_read_stats()
     assert stats.get("calls_ended_max_duration") == 1, stats
     assert stats.get("proxy_byes_answered") == 2, stats

@@ -7,12 +7,10 @@ loopback as a tenant's decision webhook."""
 from __future__ import annotations
 
 import asyncio
-import json
 import subprocess
 import sys
 import threading
 import time
-import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta
@@ -24,7 +22,7 @@ import redis
 from aiohttp import web
 
 from proxy.api.keys import hash_key
-from tests.integration.apiprocs import free_tcp_port, wait_http
+from tests.integration.apiprocs import call_api, free_tcp_port, wait_http
 from tests.integration.procs import (
     REDIS_URL,
     ROOT,
@@ -211,16 +209,7 @@ def block_cli(proxy: ProxyProcess, *args: str) -> str:
 
 def api(proxy: ProxyProcess, method: str, path: str, data: dict | None = None
         ) -> tuple[int, dict]:
-    request = urllib.request.Request(
-        proxy.api_url + path, method=method,  # type: ignore[attr-defined]
-        data=None if data is None else json.dumps(data).encode(),
-        headers={"Authorization": f"Bearer {TENANT_KEY}", "Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(request, timeout=10) as response:
-            text = response.read()
-            return response.status, json.loads(text) if text else {}
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read() or b"{}")
+    return call_api(proxy.api_url, TENANT_KEY, method, path, data)  # type: ignore[attr-defined]
 
 
 def test_blocklisted_caller_callee_and_x_are_refused_and_removal_takes_effect(

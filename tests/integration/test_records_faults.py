@@ -35,6 +35,7 @@ from tests.integration.procs import (
     sipp_args,
     sipp_server,
     start_proxy,
+    start_redis_server,
     write_config,
 )
 from tests.integration.test_call_flows import (
@@ -121,26 +122,15 @@ def test_calls_up_across_a_restart_get_complete_records(
 def own_redis(tmp_path: Path) -> Iterator[dict]:
     """A redis-server this test owns, with an append-only file in tmp_path so what it took
     before it was stopped is still there when it starts again."""
-    binary = shutil.which("redis-server")
-    assert binary is not None
+    assert shutil.which("redis-server") is not None
     port = free_port()
     state: dict = {"port": port, "proc": None, "url": f"redis://127.0.0.1:{port}/0"}
     data = tmp_path / "redis-data"
     data.mkdir()
 
     def start() -> None:
-        state["proc"] = subprocess.Popen(
-            [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "yes", "--appendfsync", "always", "--dir", str(data)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                redis.Redis(port=port).ping()
-                return
-            except redis.ConnectionError:
-                time.sleep(0.05)
-        raise RuntimeError("redis-server did not start")
+        state["proc"] = start_redis_server(port, data, "--appendonly", "yes",
+                                           "--appendfsync", "always")
 
     def stop() -> None:
         proc = state["proc"]

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
@@ -19,7 +18,7 @@ import redis.asyncio as aioredis
 from aiohttp import web
 
 from proxy.records.push import RecordPusher, Target, signature
-from tests.integration.procs import REDIS_URL, delete_redis_prefix
+from tests.integration.procs import REDIS_URL, redis_prefix_client
 
 pytestmark = pytest.mark.integration
 SECRET = "push-secret-0123456789"
@@ -27,11 +26,8 @@ SECRET = "push-secret-0123456789"
 
 @pytest.fixture
 async def streams() -> AsyncIterator[tuple[aioredis.Redis, str]]:
-    prefix = f"sip700test:push:{uuid.uuid4().hex[:10]}:"
-    client = aioredis.Redis.from_url(REDIS_URL, decode_responses=True)
-    yield client, prefix
-    await client.aclose()
-    delete_redis_prefix(prefix)
+    async with redis_prefix_client("push") as pair:
+        yield pair
 
 
 async def endpoint(status: int) -> tuple[web.AppRunner, str, list[tuple[dict, bytes]]]:

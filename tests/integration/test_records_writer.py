@@ -6,7 +6,6 @@ replayed by the next process.
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -16,18 +15,15 @@ from structlog.testing import capture_logs
 
 from proxy.records.tracker import CallTracker
 from proxy.records.writer import RecordWriter, Spool
-from tests.integration.procs import REDIS_URL, delete_redis_prefix, free_port
+from tests.integration.procs import REDIS_URL, free_port, redis_prefix_client
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
 async def redis_prefix() -> AsyncIterator[tuple[aioredis.Redis, str]]:
-    prefix = f"sip700test:writer:{uuid.uuid4().hex[:10]}:"
-    client = aioredis.Redis.from_url(REDIS_URL, decode_responses=True)
-    yield client, prefix
-    await client.aclose()
-    delete_redis_prefix(prefix)
+    async with redis_prefix_client("writer") as pair:
+        yield pair
 
 
 def writer(url: str, prefix: str, spool: Spool, **kw: object) -> RecordWriter:

@@ -23,6 +23,7 @@ from tests.integration.procs import (
     delete_redis_prefix,
     free_port,
     start_proxy,
+    start_redis_server,
     write_config,
 )
 from tests.integration.sipclient import Endpoint, place_call
@@ -101,27 +102,12 @@ def test_unbind_reaches_every_instance_within_a_second(
 @pytest.fixture
 def own_redis(tmp_path: Path) -> Iterator[dict]:
     """A redis-server this test owns (killed and restarted by the test)."""
-    binary = shutil.which("redis-server")
-    assert binary is not None, "redis-server missing: scripts/test installs it"
+    assert shutil.which("redis-server"), "redis-server missing: scripts/test installs it"
     port = free_port()
     state: dict = {"port": port, "proc": None}
 
     def start() -> None:
-        proc = subprocess.Popen(
-            [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(tmp_path)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        state["proc"] = proc
-        deadline = time.monotonic() + 10
-        import redis
-
-        while time.monotonic() < deadline:
-            try:
-                redis.Redis(port=port).ping()
-                return
-            except redis.ConnectionError:
-                time.sleep(0.05)
-        raise RuntimeError("redis-server did not start")
+        state["proc"] = start_redis_server(port, tmp_path, "--appendonly", "no")
 
     state["start"] = start
     start()

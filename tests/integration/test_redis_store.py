@@ -8,7 +8,6 @@ and a private redis-server on a free port that a test kills and restarts.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import multiprocessing
 import random
@@ -38,6 +37,7 @@ from proxy.bindings.model import (
     resolve_among,
 )
 from proxy.bindings.redis_store import RedisStore
+from tests.integration.procs import start_redis_server, wait_redis_ping
 
 pytestmark = pytest.mark.integration
 
@@ -517,30 +517,7 @@ class RedisProcess:
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
-        self.process = subprocess.Popen(
-            [
-                shutil.which("redis-server") or "redis-server",
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                str(self.workdir),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            with contextlib.suppress(redis.RedisError):
-                if redis.Redis(port=self.port, socket_timeout=0.2).ping():
-                    return
-            time.sleep(0.05)
-        raise RuntimeError("redis-server did not start")
+        self.process = start_redis_server(self.port, self.workdir, "--appendonly", "no")
 
     def kill(self) -> None:
         if self.process is not None:
@@ -626,24 +603,6 @@ async def test_redis_killed_mid_traffic_and_restarted(private_redis: RedisProces
 # -- Cluster and Sentinel ----------------------------------------------------------------------
 
 
-def start_daemon(args: list[str], workdir: Path) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        [shutil.which("redis-server") or "redis-server", *args, "--dir", str(workdir)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-
-
-def wait_ping(port: int) -> None:
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        with contextlib.suppress(redis.RedisError):
-            if redis.Redis(port=port, socket_timeout=0.2).ping():
-                return
-        time.sleep(0.05)
-    raise RuntimeError(f"nothing answers on port {port}")
-
-
 def cluster_ports(count: int) -> list[int]:
     """Free ports whose cluster-bus port (port + 10000) is free and valid as well."""
     rng = random.Random()
@@ -673,26 +632,17 @@ def redis_cluster(tmp_path: Path) -> Iterator[list[str]]:
             workdir = tmp_path / str(port)
             workdir.mkdir()
             procs.append(
-                start_daemon(
-                    [
-                        "--port",
-                        str(port),
-                        "--bind",
-                        "127.0.0.1",
-                        "--cluster-enabled",
-                        "yes",
-                        "--cluster-config-file",
-                        "nodes.conf",
-                        "--save",
-                        "",
-                        "--appendonly",
-                        "no",
-                    ],
+                start_redis_server(
+                    port,
                     workdir,
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    "nodes.conf",
+                    "--appendonly",
+                    "no",
                 )
             )
-        for port in ports:
-            wait_ping(port)
         nodes = [f"127.0.0.1:{port}" for port in ports]
         subprocess.run(
             [
@@ -763,18 +713,14 @@ def redis_sentinel(tmp_path: Path) -> Iterator[tuple[str, int]]:
         f"port {sentinel_port}\nbind 127.0.0.1\n"
         f"sentinel monitor sip700test 127.0.0.1 {master_port} 1\n"
     )
-    master = start_daemon(
-        ["--port", str(master_port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-        tmp_path,
-    )
+    master = start_redis_server(master_port, tmp_path, "--appendonly", "no")
     sentinel = subprocess.Popen(
         [shutil.which("redis-server") or "redis-server", str(conf), "--sentinel"],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
     try:
-        wait_ping(master_port)
-        wait_ping(sentinel_port)
+        wait_redis_ping(sentinel_port)
         yield f"127.0.0.1:{sentinel_port}", master_port
     finally:
         for proc in (sentinel, master):
