@@ -505,8 +505,9 @@ class ProxyCore:
                 self._count("malformed")
                 return
             self.reject_malformed(exc, source, transport)
-        except Exception as exc:  # a bug costs this transaction (500), never a stuck call
-            self._internal_error(exc, msg, source, transport, now)
+        except Exception as bug:  # a bug costs this transaction (500), never a stuck call
+            # (a name of its own: compiled, `exc` would be typed ParseError by the clause above)
+            self._internal_error(bug, msg, source, transport, now)
 
     def _internal_error(
         self, exc: Exception, msg: SipMessage, source: Address, transport: str, now: float
@@ -1226,9 +1227,9 @@ class ProxyCore:
             self._refuse_in_dialog(msg, source, transport, INVALID_TOKEN, "rejected_bad_token",
                                    str(exc), stateless=stateless)
             return
-        except BodyRefused as exc:
+        except BodyRefused as refused:
             self._refuse_in_dialog(msg, source, transport, BODY_REFUSED, "rejected_body",
-                                   f"unreadable body: {exc}", stateless=stateless)
+                                   f"unreadable body: {refused}", stateless=stateless)
             return
         if scrubbed:
             self._count("leaks_scrubbed", scrubbed)

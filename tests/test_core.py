@@ -157,6 +157,13 @@ def test_spoofed_from_tag_does_not_turn_the_direction() -> None:
     assert to_b.call_id == d.callee_call_id
 
 
+def test_an_unreadable_body_in_dialog_is_refused_when_configured() -> None:
+    d = Dialog(make_core(privacy=PrivacyPolicy(unreadable_body="reject")))
+    d.from_callee("INVITE", extra=("Content-Type: application/x-unknown",), body="opaque")
+    assert answers(d.core, GATEWAY)[-1] == 415 and d.sent(CALLER) == []
+    assert d.core.stats["rejected_body"] == 1 and not d.core.stats.get("internal_errors")
+
+
 def test_token_without_to_tag_is_an_initial_request() -> None:
     d = Dialog(make_core())
     d.core.receive_datagram(request([
