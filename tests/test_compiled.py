@@ -10,6 +10,7 @@ import ast
 import os
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 from proxy import __version__, compiled
@@ -25,6 +26,14 @@ def test_every_listed_module_is_a_source_file_of_the_package() -> None:
     for module in compiled.MODULES:
         assert source(module).is_file(), module
     assert "proxy.compiled" not in compiled.MODULES  # it tells the others' state
+
+
+def test_the_compiler_is_pinned() -> None:
+    """mypyc's output (and what it accepts) changes with mypy's version: CI builds with one."""
+    extra = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"]["compiled"]
+    (mypy,) = [r for r in extra if r.startswith("mypy")]
+    assert mypy.startswith("mypy==") and "," not in mypy, extra
 
 
 def test_this_run_tests_what_it_says() -> None:
