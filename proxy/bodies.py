@@ -112,7 +112,7 @@ def _make_safe_slow(msg: SipMessage, policy: _Policy) -> int:
         msg.header_values("content-encoding"), msg.header_values("content-transfer-encoding")
     )
     if len(ctypes) > 1:
-        new, count = _unreadable(policy, "more than one Content-Type"), 0
+        new, count = _unreadable(policy, "more than one Content-Type")
     else:
         new, count = _treat(ctype, coding, body, policy, 0, "body")
     if new is None:
@@ -143,11 +143,11 @@ def _coding(encodings: list[str], transfers: list[str]) -> str | None:
     return None
 
 
-def _unreadable(policy: _Policy, reason: str) -> None:
-    """The verdict on something we cannot read: None (drop it) or BodyRefused."""
+def _unreadable(policy: _Policy, reason: str) -> tuple[None, int]:
+    """The verdict on something we cannot read: (None, 0) (drop it) or BodyRefused."""
     if policy.unreadable == "reject":
         raise BodyRefused(reason)
-    return None
+    return None, 0
 
 
 def _treat(
@@ -159,10 +159,10 @@ def _treat(
     """
     if ctype is None:
         # RFC 3261 §20.15: a body must say what it is; what we cannot name we cannot read
-        return _unreadable(policy, f"{where}: no Content-Type"), 0
+        return _unreadable(policy, f"{where}: no Content-Type")
     parsed = parse_content_type(ctype)
     if parsed is None:
-        return _unreadable(policy, f"{where}: malformed Content-Type {ctype[:60]!r}"), 0
+        return _unreadable(policy, f"{where}: malformed Content-Type {ctype[:60]!r}")
     mtype, params = parsed
     if mtype == ISUP_TYPE:
         # ISUP never refuses a call: the SDP carries the session, the ISUP is a courtesy
@@ -174,17 +174,17 @@ def _treat(
         except IsupError:
             return None, 0
     if coding is not None:
-        return _unreadable(policy, f"{where}: {coding}"), 0
+        return _unreadable(policy, f"{where}: {coding}")
     if _is_readable(mtype):
         charset = params.get("charset", "").lower()
         if charset.startswith(_WIDE_CHARSETS):
-            return _unreadable(policy, f"{where}: charset {charset[:30]}"), 0
+            return _unreadable(policy, f"{where}: charset {charset[:30]}")
         return policy.scrub(content)
     if mtype.startswith("multipart/"):
         if depth >= MAX_MULTIPART_DEPTH:
-            return _unreadable(policy, f"{where}: multipart nested too deep"), 0
+            return _unreadable(policy, f"{where}: multipart nested too deep")
         return _multipart(content, params.get("boundary"), policy, depth, where)
-    return _unreadable(policy, f"{where}: unreadable type {mtype[:60]}"), 0
+    return _unreadable(policy, f"{where}: unreadable type {mtype[:60]}")
 
 
 def _is_readable(mtype: str) -> bool:
@@ -321,10 +321,10 @@ def _multipart(
     content: bytes, boundary: str | None, policy: _Policy, depth: int, where: str
 ) -> tuple[bytes | None, int]:
     if boundary is None or not _BOUNDARY.fullmatch(boundary):
-        return _unreadable(policy, f"{where}: multipart without a valid boundary"), 0
+        return _unreadable(policy, f"{where}: multipart without a valid boundary")
     split = split_multipart(content, boundary)
     if split is None:
-        return _unreadable(policy, f"{where}: multipart without its delimiters"), 0
+        return _unreadable(policy, f"{where}: multipart without its delimiters")
     raw_parts, changed = split
     # rebuilt delimiters must not carry the number either: a boundary holding it is replaced
     # here, and the header naming the boundary is scrubbed by whoever holds that header (the
@@ -339,7 +339,7 @@ def _multipart(
         label = f"{where} part {index}"
         part = _parse_part(raw)
         if part is None:
-            new_content, n = _unreadable(policy, f"{label}: malformed headers"), 0
+            new_content, n = _unreadable(policy, f"{label}: malformed headers")
         else:
             ctypes = _part_value(part.rows, "content-type")
             coding = _coding(
@@ -348,7 +348,7 @@ def _multipart(
                 _part_value(part.rows, "content-transfer-encoding"),
             )
             if len(ctypes) > 1:
-                new_content, n = _unreadable(policy, f"{label}: more than one Content-Type"), 0
+                new_content, n = _unreadable(policy, f"{label}: more than one Content-Type")
             else:
                 new_content, n = _treat(
                     ctypes[0] if ctypes else None, coding, part.content, policy, depth + 1, label

@@ -19,7 +19,7 @@ from typing import Any
 
 import structlog
 
-from proxy import __version__
+from proxy import __version__, compiled
 from proxy import worker as _worker
 from proxy.logs import configure_logging
 from proxy.logs import flush as flush_logs
@@ -266,7 +266,8 @@ def run_until_interrupted(main: Coroutine[Any, Any, int]) -> int:
 def make_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="sip700", description=__doc__,
                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--version", action="version", version=f"sip700 {__version__}")
+    parser.add_argument("--version", action="version",
+                        version=f"sip700 {__version__} (compiled: {compiled.status()})")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser,
                                 metavar="COMMAND")
     p = sub.add_parser("run", help="run the proxy (a supervisor and its workers)")

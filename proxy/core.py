@@ -20,6 +20,7 @@ import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, NamedTuple
 
 from proxy.bindings.model import Outcome, Resolution
@@ -90,7 +91,8 @@ from proxy.timers import TimerWheel
 Address = tuple[str, int]
 BRANCH_PREFIX = "z9hG4bKs7"
 _NUMBER_LIKE = re.compile(r"\d{7,}")  # long enough to be a phone number: masked in free text
-SUPPORTED_EXTENSIONS = frozenset()  # option-tags this proxy understands in Proxy-Require
+# option-tags this proxy understands in Proxy-Require
+SUPPORTED_EXTENSIONS: frozenset[str] = frozenset()
 
 
 class Outgoing(NamedTuple):
@@ -503,8 +505,9 @@ class ProxyCore:
                 self._count("malformed")
                 return
             self.reject_malformed(exc, source, transport)
-        except Exception as exc:  # a bug costs this transaction (500), never a stuck call
-            self._internal_error(exc, msg, source, transport, now)
+        except Exception as bug:  # a bug costs this transaction (500), never a stuck call
+            # (a name of its own: compiled, `exc` would be typed ParseError by the clause above)
+            self._internal_error(bug, msg, source, transport, now)
 
     def _internal_error(
         self, exc: Exception, msg: SipMessage, source: Address, transport: str, now: float
@@ -992,7 +995,7 @@ class ProxyCore:
         if relay.call is not None:
             self.calls.forwarded(relay.call, relay.rule.callee, gw.uri, now)
         client = ClientInviteTransaction(
-            data, lambda resp, o=out: self._build_ack(o, resp),
+            data, partial(self._build_ack, out),
             reliable=hop.transport != "udp", settings=s.timer_settings,
         )
         relay.client = client
@@ -1224,9 +1227,9 @@ class ProxyCore:
             self._refuse_in_dialog(msg, source, transport, INVALID_TOKEN, "rejected_bad_token",
                                    str(exc), stateless=stateless)
             return
-        except BodyRefused as exc:
+        except BodyRefused as refused:
             self._refuse_in_dialog(msg, source, transport, BODY_REFUSED, "rejected_body",
-                                   f"unreadable body: {exc}", stateless=stateless)
+                                   f"unreadable body: {refused}", stateless=stateless)
             return
         if scrubbed:
             self._count("leaks_scrubbed", scrubbed)
@@ -1303,7 +1306,7 @@ class ProxyCore:
         reliable = hop.transport != "udp"
         if relay.is_invite:
             relay.client = ClientInviteTransaction(
-                data, lambda resp, o=out: self._build_ack(o, resp), reliable=reliable,
+                data, partial(self._build_ack, out), reliable=reliable,
                 settings=s.timer_settings)
             relay.timer_c = now + s.timer_c
         else:
@@ -1381,8 +1384,8 @@ class ProxyCore:
             del accepted[key]
         old = self._old_branches
         while old:
-            key, branch = next(iter(old.items()))
-            if branch.expires > now:
+            key, forgotten = next(iter(old.items()))
+            if forgotten.expires > now:
                 break
             del old[key]
 

@@ -42,11 +42,11 @@ class TimerWheel(Generic[T]):
             self._slot_of.pop(owner, None)
             return
         self._slot_of[owner] = slot
-        bucket = self._buckets.get(slot)
-        if bucket is None:
+        target = self._buckets.get(slot)
+        if target is None:
             self._buckets[slot] = {owner}
         else:
-            bucket.add(owner)
+            target.add(owner)
         if self._next is None or slot < self._next:
             self._next = slot
 

@@ -23,6 +23,7 @@ from typing import Any
 
 import structlog
 
+from proxy import compiled
 from proxy.config import Config, load_config_text
 from proxy.logs import flush as flush_logs
 from proxy.logs import records_dropped
@@ -416,7 +417,12 @@ class Worker:
         log.info("listening", listen=[str(e) for e in cfg.listen_endpoints],
                  advertise=str(cfg.advertised), backend=cfg.store.backend,
                  worker=self.index, workers=self.count, worker_port=worker_port,
-                 config=self.config_path, generation=self.generation)
+                 config=self.config_path, generation=self.generation,
+                 compiled=compiled.status())
+        stale = compiled.stale_modules()
+        if stale:  # their .py changed after scripts/build-compiled: the old code is running
+            log.warning("compiled_stale", modules=stale,
+                        fix="scripts/build-compiled, or scripts/build-compiled --clean")
         if self.ready_fd is not None:
             with contextlib.suppress(OSError):
                 os.write(self.ready_fd, b"R")

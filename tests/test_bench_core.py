@@ -8,8 +8,6 @@ from pathlib import Path
 
 import pytest
 
-from proxy.privacy import Privacy
-
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "bench_core.py"
 
 
@@ -52,7 +50,15 @@ def test_bench_core_runs_calls_with_timers_logging_and_privacy_checks(bench, cap
 
 
 def test_bench_core_fails_when_the_rewrite_stops(bench, monkeypatch) -> None:
-    monkeypatch.setattr(Privacy, "initial_invite", lambda self, out, rule: 0)
+    # what the callee side gets is the caller's INVITE as it came in, unrewritten (patched in
+    # the bench's shell: the core itself may be compiled, scripts/build-compiled)
+    deliver = bench.Bench.deliver
+
+    def unrewritten(self, data, source):
+        return [o._replace(data=data) if o.dest == bench.UAS and data.startswith(b"INVITE")
+                else o for o in deliver(self, data, source)]
+
+    monkeypatch.setattr(bench.Bench, "deliver", unrewritten)
     with pytest.raises(bench.BenchError, match="callee"):
         bench.main(["3", "--bindings", "10", "--rounds", "1", "--warmup", "0",
                     "--check-every", "1"])

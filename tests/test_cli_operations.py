@@ -34,6 +34,7 @@ GOOD = ('bindings:\n'
 def test_version_and_both_config_forms(tmp_path: Path) -> None:
     done = sip700("--version")
     assert done.returncode == 0 and done.stdout.startswith("sip700 "), done
+    assert "(compiled: " in done.stdout, done  # scripts/build-compiled
     path = config(tmp_path, GOOD)
     for args in (("check-config", str(path)), ("check-config", "--config", str(path))):
         done = sip700(*args)

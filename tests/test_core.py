@@ -7,9 +7,11 @@ caller's real number (found by scripts/sipp/uas_reinvite.xml).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from proxy.bindings.model import Outcome, Resolution
 from proxy.core import CoreSettings, FinalResponse, Hop, ProxyCore
-from proxy.privacy import DialogSealer, Privacy, PrivacyPolicy
+from proxy.privacy import DialogSealer, PrivacyPolicy
 from proxy.sip.message import build_response, parse_message
 
 X, A, B = "700100000000001", "13800000001", "13900000001"
@@ -40,7 +42,8 @@ def request(lines: list[str], body: str = "") -> bytes:
 class Dialog:
     """An A→X→B call established through a core, with what each side saw."""
 
-    def __init__(self, core: ProxyCore, call_id: str = "call-1") -> None:
+    def __init__(self, core: ProxyCore, call_id: str = "call-1",
+                 complete_lookup: Callable[..., None] | None = None) -> None:
         self.core = core
         self.caller_call_id = call_id
         core.receive_datagram(request([
@@ -54,7 +57,8 @@ class Dialog:
             "Max-Forwards: 70",
         ]), CALLER, "udp", 0.0)
         relay, _x, _caller = core.lookups.pop()
-        core.complete_lookup(relay, Resolution(Outcome.ROUTE, B, 1e12), 0.0)
+        (complete_lookup or core.complete_lookup)(relay, Resolution(Outcome.ROUTE, B, 1e12),
+                                                  0.0)
         forwarded = [parse_message(o.data) for o in core.outbox if o.dest == GATEWAY]
         core.outbox.clear()
         assert len(forwarded) == 1
@@ -155,6 +159,13 @@ def test_spoofed_from_tag_does_not_turn_the_direction() -> None:
     (to_b,) = d.sent(GATEWAY)
     assert to_b.status == 200 and A.encode() not in to_b.serialize()
     assert to_b.call_id == d.callee_call_id
+
+
+def test_an_unreadable_body_in_dialog_is_refused_when_configured() -> None:
+    d = Dialog(make_core(privacy=PrivacyPolicy(unreadable_body="reject")))
+    d.from_callee("INVITE", extra=("Content-Type: application/x-unknown",), body="opaque")
+    assert answers(d.core, GATEWAY)[-1] == 415 and d.sent(CALLER) == []
+    assert d.core.stats["rejected_body"] == 1 and not d.core.stats.get("internal_errors")
 
 
 def test_token_without_to_tag_is_an_initial_request() -> None:
@@ -309,24 +320,37 @@ def test_a_stream_of_1xx_cannot_keep_an_invite_alive() -> None:
         "CANCEL"]
 
 
-def test_a_bug_ends_the_transaction_with_500(monkeypatch) -> None:
+class BuggyRecords:
+    """Call records (the core's `calls` hooks) whose `failing` hook raises: a bug in the
+    middle of the core's work on a call. Injected through a collaborator, not by patching the
+    core's own functions, which may be compiled (scripts/build-compiled)."""
+
+    def __init__(self, failing: str) -> None:
+        self.failing = failing
+
+    def __getattr__(self, hook: str):
+        def call(*_args, **_kw):
+            if hook == self.failing:
+                raise RuntimeError("bug")
+            return object()  # `invite`: the call record in the making
+
+        return call
+
+
+def test_a_bug_ends_the_transaction_with_500() -> None:
     core = make_core()
+    core.calls = BuggyRecords("forwarded")  # while forwarding the INVITE to the callee
     core.receive_datagram(invite(), CALLER, "udp", 0.0)
     relay, _x, _caller = core.lookups.pop()
     core.outbox.clear()
-
-    def broken(*_args, **_kw):
-        raise RuntimeError("bug")
-
-    monkeypatch.setattr(Privacy, "initial_invite", broken)
     core.complete_lookup(relay, Resolution(Outcome.ROUTE, B, 1e12), 0.1)
     assert answers(core) == [500] and core.stats["internal_errors"] == 1
     assert relay.final_sent and answers(core, GATEWAY) == []
     # and a bug on a request's own path: stateless 500 from the received request
-    monkeypatch.setattr(core, "_on_initial", broken)
+    core.calls = BuggyRecords("invite")
     core.outbox.clear()
     core.receive_datagram(invite(branch="b9"), CALLER, "udp", 0.2)
-    assert answers(core) == [500]
+    assert answers(core) == [500] and core.stats["internal_errors"] == 2
 
 
 # ---- request validation and refusals (RFC 3261 §16.3) ---------------------------------------

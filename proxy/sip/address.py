@@ -14,6 +14,7 @@ check that both agree). Parameter lists are split only when someone reads them.
 from __future__ import annotations
 
 import re
+from typing import Literal
 
 from proxy.sip.errors import ParseError
 from proxy.sip.uri import (
@@ -73,7 +74,6 @@ _ADDR_SPEC_FAST = re.compile(
 _UNESCAPE = re.compile(r"\\(.)", re.DOTALL)
 
 MAGIC_COOKIE = "z9hG4bK"
-_new = object.__new__  # builds parsed objects without re-validating what a regex just checked
 
 
 def parse_params(text: str, where: str) -> list[tuple[str, str | None]]:
@@ -120,12 +120,14 @@ class NameAddr:
         params: list[tuple[str, str | None]] | None = None,
         raw: str | None = None,
     ) -> None:
+        """`raw_params` must be a valid parameter list (`parse_params` checks one): with
+        `params` None it is split on first use, not checked here (the parsers' fast paths
+        hand over what their regex matched)."""
         self.display = display  # as written: quoted (with quotes) or token words; None if absent
         self.uri = uri
         self.raw_params = raw_params
-        if params is None and raw_params:
-            params = parse_params(raw_params, "name-addr")  # validates what callers hand us
-        self._params = params if params is not None else []
+        self._params: list[tuple[str, str | None]] | None = (
+            params if params is not None or raw_params else [])
         self._raw = raw
 
     @property
@@ -161,23 +163,16 @@ class NameAddr:
         self,
         *,
         uri: SipUri | OtherUri | None = None,
-        display: str | bool | None = False,
+        display: str | Literal[False] | None = False,
         raw_params: str | None = None,
     ) -> NameAddr:
         """A copy with some parts changed (display=None drops it; False keeps it)."""
+        new_display = self.display if display is False else display
+        new_uri = self.uri if uri is None else uri
         if raw_params is not None:
-            return NameAddr(
-                self.display if display is False else display,  # type: ignore[arg-type]
-                self.uri if uri is None else uri,
-                raw_params,
-            )
-        other = _new(NameAddr)
-        other.display = self.display if display is False else display
-        other.uri = self.uri if uri is None else uri
-        other.raw_params = self.raw_params
-        other._params = self._params
-        other._raw = None
-        return other
+            return NameAddr(new_display, new_uri, raw_params,
+                            parse_params(raw_params, "name-addr"))  # validates what we are given
+        return NameAddr(new_display, new_uri, self.raw_params, self._params)
 
     def with_tag(self, tag: str) -> NameAddr:
         kept = "".join(
@@ -207,26 +202,20 @@ def parse_name_addr(value: str, where: str = "header") -> NameAddr:
     m = _NAME_ADDR_FAST.fullmatch(s)
     if m is not None:
         quoted, tokens, scheme, user, host, port, uri_params, params = m.groups()
-        if port is None or 0 < int(port) < 65536:
-            na = _new(NameAddr)
-            na.display = quoted or tokens
-            na.uri = SipUri(scheme, user, host, port and int(port), uri_params)
-            na.raw_params = params
-            na._params = None if params else []
-            na._raw = s
-            return na
+        if port is None:
+            return NameAddr(quoted or tokens, SipUri(scheme, user, host, None, uri_params),
+                            params, None, s)
+        if 0 < int(port) < 65536:
+            return NameAddr(quoted or tokens, SipUri(scheme, user, host, int(port), uri_params),
+                            params, None, s)
     elif s[:3] == "sip":
         m = _ADDR_SPEC_FAST.fullmatch(s)
         if m is not None:
             scheme, user, host, port, params = m.groups()
-            if port is None or 0 < int(port) < 65536:
-                na = _new(NameAddr)
-                na.display = None
-                na.uri = SipUri(scheme, user, host, port and int(port), "")
-                na.raw_params = params
-                na._params = None if params else []
-                na._raw = s
-                return na
+            if port is None:
+                return NameAddr(None, SipUri(scheme, user, host, None, ""), params, None, s)
+            if 0 < int(port) < 65536:
+                return NameAddr(None, SipUri(scheme, user, host, int(port), ""), params, None, s)
     return _parse_name_addr_general(s, where)
 
 
@@ -283,15 +272,19 @@ class Via:
         transport: str,
         host: str,
         port: int | None,
-        params: list[tuple[str, str | None]],
+        params: list[tuple[str, str | None]] | None,
         raw: str | None = None,
         protocol: str = "SIP/2.0",
+        raw_params: str = "",
     ) -> None:
         self.transport = transport.upper()
         self.host = host
         self.port = port
+        # params None: raw_params (already matched by a fast-path regex) is split on first use
+        if params is None and not raw_params:
+            params = []
         self._params: list[tuple[str, str | None]] | None = params
-        self.raw_params = ""
+        self.raw_params = raw_params
         self._raw = raw
         # "SIP/2.0"; another version is legal Via syntax (RFC 4475 badvers)
         self.protocol = protocol
@@ -360,16 +353,10 @@ def parse_via(value: str) -> Via:
     m = _VIA_FAST.fullmatch(s)
     if m is not None:
         transport, host, port, params = m.groups()
-        if port is None or 0 < int(port) < 65536:
-            via = _new(Via)
-            via.transport = transport.upper()
-            via.host = host
-            via.port = port and int(port)
-            via._params = None if params else []
-            via.raw_params = params
-            via._raw = s
-            via.protocol = "SIP/2.0"
-            return via
+        if port is None:
+            return Via(transport, host, None, None, s, "SIP/2.0", params)
+        if 0 < int(port) < 65536:
+            return Via(transport, host, int(port), None, s, "SIP/2.0", params)
     return _parse_via_general(s)
 
 
@@ -385,9 +372,8 @@ def _parse_via_general(s: str) -> Via:
         raise ParseError(f"bad Via port: {port_number}")
     raw_params = s[m.end():]
     params = parse_params(raw_params, "Via")
-    via = Via(m.group(3), host, port_number, params, s, f"{m.group(1).upper()}/{m.group(2)}")
-    via.raw_params = raw_params
-    return via
+    return Via(m.group(3), host, port_number, params, s, f"{m.group(1).upper()}/{m.group(2)}",
+               raw_params)
 
 
 def parse_cseq(value: str) -> tuple[int, str]:

@@ -567,8 +567,8 @@ def parse_message(data: bytes, *, stream: bool = False) -> SipMessage:
         if not start.startswith(b"SIP/"):
             msg.method = start.split(b" ", 1)[0].decode("latin-1")
             try:
-                rows = _split_rows(lines)
-                msg.rows = rows if clean else [r for r in rows if _no_stray_cr_lf(r[1])]
+                readable = _split_rows(lines)
+                msg.rows = readable if clean else [r for r in readable if _no_stray_cr_lf(r[1])]
                 exc.message = msg
             except ParseError:
                 pass

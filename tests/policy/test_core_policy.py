@@ -128,8 +128,7 @@ def test_an_answered_call_is_held_until_its_bye() -> None:
                                             slot=call_key(r.request.call_id)), now)
         core.policy_checks.clear()
 
-    core.complete_lookup = through_policy  # type: ignore[method-assign]
-    d = Dialog(core)
+    d = Dialog(core, complete_lookup=through_policy)
     key = call_key(d.caller_call_id)
     assert core.policy_out == [("answered", key)]
     d.from_callee("BYE")

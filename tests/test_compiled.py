@@ -1,0 +1,78 @@
+"""The optional compiled build (scripts/build-compiled, the module list in proxy/compiled.py).
+
+scripts/test runs the suite against the pure-Python modules (SIP700_EXPECT_COMPILED=0), then
+builds and runs it again against the compiled ones (=1): each run checks it tested what it says.
+"""
+
+from __future__ import annotations
+
+import ast
+import os
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+from proxy import __version__, compiled
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def source(module: str) -> Path:
+    return (ROOT / Path(*module.split("."))).with_suffix(".py")
+
+
+def test_every_listed_module_is_a_source_file_of_the_package() -> None:
+    for module in compiled.MODULES:
+        assert source(module).is_file(), module
+    assert "proxy.compiled" not in compiled.MODULES  # it tells the others' state
+
+
+def test_the_compiler_is_pinned() -> None:
+    """mypyc's output (and what it accepts) changes with mypy's version: CI builds with one."""
+    extra = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"]["compiled"]
+    (mypy,) = [r for r in extra if r.startswith("mypy")]
+    assert mypy.startswith("mypy==") and "," not in mypy, extra
+
+
+def test_this_run_tests_what_it_says() -> None:
+    state = compiled.status()
+    assert not state.startswith("partial"), (
+        f"compiled: {state}: run scripts/build-compiled, or remove the build with --clean")
+    assert compiled.stale_modules() == [], "edited after the build: scripts/build-compiled"
+    expected = os.environ.get("SIP700_EXPECT_COMPILED")
+    if expected is not None:
+        assert state == ("true" if expected == "1" else "false"), state
+
+
+def test_the_proxy_run_from_the_checkout_says_whether_it_is_compiled() -> None:
+    done = subprocess.run([sys.executable, "-m", "proxy", "--version"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60, check=True)
+    assert done.stdout.strip() == f"sip700 {__version__} (compiled: {compiled.status()})"
+
+
+def _reused_exception_names(tree: ast.AST) -> list[str]:
+    found = []
+    for fn in ast.walk(tree):
+        if not isinstance(fn, ast.FunctionDef | ast.AsyncFunctionDef):
+            continue
+        types: dict[str, set[str]] = {}
+        for node in ast.walk(fn):
+            if isinstance(node, ast.ExceptHandler) and node.name and node.type is not None:
+                types.setdefault(node.name, set()).add(ast.unparse(node.type))
+        found += [f"{fn.name} (line {fn.lineno}): {name} as {sorted(t)}"
+                  for name, t in types.items() if len(t) > 1]
+    return found
+
+
+def test_no_compiled_function_binds_one_name_to_two_exception_types() -> None:
+    """Compiled, a local variable has one type. After `except ParseError as exc:`, a later
+    `except Exception as exc:` in the same function types `exc` as ParseError, and any other
+    exception reaching that clause raises TypeError instead of being handled (this hid the
+    core's catch-all for bugs: receive_message)."""
+    found = []
+    for module in compiled.MODULES:
+        for problem in _reused_exception_names(ast.parse(source(module).read_text())):
+            found.append(f"{module}.{problem}")
+    assert found == []
