@@ -115,9 +115,7 @@ class WorkerMetrics:
         self.gc_pause.observe(pause)
         if pause >= self._gc_long_s and self._gc_log is not None:
             self._gc_log("gc_pause", ms=round(pause * 1000, 1),
-                         generation=info.get("generation"), collected=info.get("collected"),
-                         tracked=len(gc.get_objects(info.get("generation", 2))),
-                         frozen=gc.get_freeze_count())
+                         generation=info.get("generation"), collected=info.get("collected"))
 
     def call_log(self, log: Callable[..., None]) -> Callable[..., None]:
         """Wrap the core's log function: each `call` line also feeds the histograms."""

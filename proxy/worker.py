@@ -29,7 +29,7 @@ from proxy.logs import flush as flush_logs
 from proxy.logs import records_dropped
 
 log = structlog.get_logger("sip700")
-GC_YOUNG_THRESHOLD = 100_000  # automatic passes: a backstop to `_collect_young`
+GC_YOUNG_THRESHOLD = 100_000  # automatic passes: a backstop to `collect_young`
 GC_YOUNG_EVERY_S = 0.1  # collect generation 0 this often
 GC_MIDDLE_EVERY = 20  # … and generation 1 every 20th time (2 s)
 
@@ -340,7 +340,7 @@ class Worker:
         # trigger counts net new objects only: in steady state it fires rarely, and then
         # walks everything every call made since (100,000 objects and more, 40-600 ms in the
         # Redis soak of 2026-12-02). So the worker collects the young generation itself,
-        # often and small (`_collect_young`).
+        # often and small (`collect_young`).
         gc.set_threshold(GC_YOUNG_THRESHOLD, 1000, 1000)
         start = getattr(self.store, "start", None)
         if start is not None:
