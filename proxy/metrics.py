@@ -39,7 +39,7 @@ KNOWN_COUNTERS = (
     "tcp_output_overflow", "tcp_paused", "tcp_pending_dropped", "tcp_refused", "timer_c_fired",
     "udp_errors", "calls_policy_refused", "bulk_caller", "policy_unavailable",
     "policy_webhook_failures", "records_made", "records_written", "records_spooled",
-    "records_lost_spool_full",
+    "records_lost_spool_full", "calls_shed", "overload_entered", "udp_receive_drops",
     # maximum call duration (proxy/calltime.py)
     "calls_limited", "calls_ended_max_duration", "proxy_byes_sent", "proxy_byes_answered",
     "proxy_byes_refused", "proxy_bye_timeouts", "proxy_bye_unroutable", "rejected_call_ended",

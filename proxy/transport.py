@@ -44,6 +44,10 @@ from proxy.tls import TlsClosed, TlsLayer
 log = structlog.get_logger("sip700.transport")
 
 TICK_S = 0.01
+# getsockopt(SO_MEMINFO) (Linux): u32 sk_meminfo[]; [0] rmem_alloc, [8] drops
+SO_MEMINFO = 55
+SK_MEMINFO_BYTES = 36
+_MEMINFO = struct.Struct("9I")
 # The core's clock is time.monotonic(): the loop's own clock is cached per iteration at
 # millisecond resolution, too coarse for the latencies the call log reports.
 # Call-ID row at the start of a line, long or compact form, any case (RFC 3261 §7.3.3)
@@ -409,6 +413,12 @@ class ProxyServer:
         # tick, and the lookups waiting for the store decide whether new INVITEs are shed
         self.overload = overload
         self.loop_lag = 0.0
+        # the kernel's receive queues of every UDP socket (SO_MEMINFO): with a large
+        # udp_rcvbuf, datagrams wait there for seconds while the loop's lag stays small
+        # (uvloop reads a few dozen per turn), so the queue is the overload signal for UDP
+        self._udp_sockets: list[Any] = []
+        self.receive_queue_bytes = 0
+        self._receive_drops = 0
         self.store = store
         self.listen = listen
         self.udp_rcvbuf = udp_rcvbuf
@@ -549,6 +559,7 @@ class ProxyServer:
             raise
         udp, _ = await self.loop.create_datagram_endpoint(
             lambda: (_OwnUdpEndpoint if own else _UdpEndpoint)(self), sock=sock)
+        self._udp_sockets.append(udp.get_extra_info("socket"))
         return family, udp
 
     async def bind_spare(self, port: int) -> None:
@@ -867,30 +878,63 @@ class ProxyServer:
         o = self.overload
         return {"loop_lag_ms": round(self.loop_lag * 1000),
                 "pending_lookups": len(self._tasks),
+                "udp_receive_queue_bytes": self.receive_queue_bytes,
                 "overloaded": int(self.core.overloaded),
                 "overload_max_loop_lag_ms": o.max_loop_lag_ms if o is not None else 0,
-                "overload_max_pending_lookups": o.max_pending_lookups if o is not None else 0}
+                "overload_max_pending_lookups": o.max_pending_lookups if o is not None else 0,
+                "overload_max_receive_queue_kb": (o.max_receive_queue_kb if o is not None
+                                                  else 0)}
+
+    def _read_receive_queues(self) -> tuple[int, int]:
+        """(bytes waiting in the fullest UDP receive queue, datagrams the kernel dropped for
+        a full queue since the last call); closed sockets are forgotten."""
+        queued = drops = 0
+        alive = []
+        for sock in self._udp_sockets:
+            try:
+                info = sock.getsockopt(socket.SOL_SOCKET, SO_MEMINFO, SK_MEMINFO_BYTES)
+            except OSError:
+                continue
+            alive.append(sock)
+            rmem_alloc, dropped = _MEMINFO.unpack_from(info)[0::8]
+            queued = max(queued, rmem_alloc)
+            drops += dropped
+        if len(alive) != len(self._udp_sockets):
+            self._udp_sockets = alive
+        new_drops = max(0, drops - self._receive_drops)
+        self._receive_drops = drops
+        return queued, new_drops
 
     def _check_overload(self, lag: float) -> None:
-        """Shed new calls above a threshold; take them again once the lag is below half of
-        it (hysteresis: no flapping at the edge)."""
+        """Shed new calls above a threshold (the loop's lag, lookups waiting for the store,
+        datagrams waiting in the kernel or dropped by it); take them again once each is
+        below half of its threshold (hysteresis: no flapping at the edge). Measured: a
+        longer hold after the last sign of overload only sheds calls the worker could take
+        (a burst at 2,000 CPS: 0.2 s of hold connected 329 calls of 6,000, none 1,431)."""
         o = self.overload
         self.loop_lag = lag
+        queued, drops = self._read_receive_queues() if self._udp_sockets else (0, 0)
+        self.receive_queue_bytes = queued
+        if drops:
+            self.count("udp_receive_drops", drops)
         if o is None:
             return
         limit = o.max_loop_lag_ms / 1000
+        queue_limit = o.max_receive_queue_kb * 1024
         pending = len(self._tasks)
         core = self.core
         if not core.overloaded:
-            if lag > limit or pending > o.max_pending_lookups:
+            if lag > limit or pending > o.max_pending_lookups or queued > queue_limit or drops:
                 core.overloaded = True
                 self.count("overload_entered")
                 log.warning("overloaded", loop_lag_ms=round(lag * 1000),
-                            pending_lookups=pending)
-        elif lag < limit / 2 and pending <= o.max_pending_lookups // 2:
+                            pending_lookups=pending, receive_queue_kb=queued // 1024,
+                            receive_drops=drops)
+        elif (lag < limit / 2 and pending <= o.max_pending_lookups // 2
+              and queued < queue_limit // 2 and not drops):
             core.overloaded = False
             log.info("overload_cleared", loop_lag_ms=round(lag * 1000),
-                     pending_lookups=pending)
+                     pending_lookups=pending, receive_queue_kb=queued // 1024)
 
     async def _tick(self) -> None:
         sweep_at = time.monotonic() + 5.0

@@ -6,6 +6,7 @@ writer with a real pipe that nobody reads.
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import json
 import os
@@ -15,10 +16,11 @@ import socket
 import pytest
 
 from proxy.bindings.model import Outcome, Resolution
+from proxy.config import OverloadConfig
 from proxy.core import CoreSettings, Hop, ProxyCore
 from proxy.logs import NonBlockingLineWriter
 from proxy.privacy import DialogSealer
-from proxy.transport import branch_worker, call_id_hasher, call_id_owner
+from proxy.transport import ProxyServer, branch_worker, call_id_hasher, call_id_owner
 
 
 def response(via_rows: list[str], status: str = "200 OK") -> bytes:
@@ -143,3 +145,54 @@ def test_log_writer_on_a_full_pipe_keeps_then_drops_whole_records(kind: str) -> 
     finally:
         os.close(read_fd)
         os.close(write_fd)
+
+
+# ---- overload: datagrams waiting in the kernel ----------------------------------------------
+
+def _server(rcvbuf: int, max_receive_queue_kb: int) -> ProxyServer:
+    settings = CoreSettings(
+        advertise_host="127.0.0.1", advertise_port=5060, is_trusted=lambda ip: True,
+        middle_number=lambda n: n.startswith("700"), gateways=[Hop("127.0.0.1", 5090, "udp")])
+    overload = OverloadConfig(max_loop_lag_ms=200, max_receive_queue_kb=max_receive_queue_kb)
+    return ProxyServer(ProxyCore(settings, DialogSealer(bytes(32))), None, listen=[],
+                       udp_rcvbuf=rcvbuf, overload=overload)
+
+
+def test_a_full_receive_queue_sheds_new_calls_until_it_drains() -> None:
+    """Datagrams the loop has not read yet (a real socket, the loop kept busy) put the worker
+    in overload although its lag is nil; once they are read, it clears."""
+    async def run() -> None:
+        server = _server(rcvbuf=4 << 20, max_receive_queue_kb=64)
+        server.loop = asyncio.get_running_loop()
+        _, udp = await server._open_udp("127.0.0.1", 0, own=True)
+        address = udp.get_extra_info("sockname")
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sender:
+            for _ in range(200):  # ~250 KiB of kernel memory: over 64 KiB
+                sender.sendto(b"OPTIONS sip:x SIP/2.0\r\n" + b"X" * 600, address)
+            server._check_overload(0.0)
+            assert server.core.overloaded
+            assert server.overload_gauges()["udp_receive_queue_bytes"] > 64 * 1024
+            server._check_overload(0.0)
+            assert server.core.overloaded  # still waiting: no turn of the loop yet
+            await asyncio.sleep(0.05)  # the loop reads them (and answers nothing: not SIP)
+            server._check_overload(0.0)
+            assert not server.core.overloaded
+            assert server.overload_gauges()["udp_receive_queue_bytes"] < 64 * 1024
+        udp.close()
+    asyncio.run(run())
+
+
+def test_datagrams_the_kernel_dropped_are_counted_and_shed_new_calls() -> None:
+    async def run() -> None:
+        server = _server(rcvbuf=4096, max_receive_queue_kb=1024)  # the kernel's minimum
+        server.loop = asyncio.get_running_loop()
+        _, udp = await server._open_udp("127.0.0.1", 0, own=True)
+        address = udp.get_extra_info("sockname")
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sender:
+            for _ in range(100):
+                sender.sendto(b"X" * 600, address)
+        server._check_overload(0.0)
+        assert server.core.overloaded  # the queue is far under 1 MiB: the drops decided
+        assert server.core.stats["udp_receive_drops"] > 50
+        udp.close()
+    asyncio.run(run())

@@ -44,6 +44,8 @@ from tests.integration.test_privacy_headers import (
 )
 
 BRANCH_TIMEOUT_MS = 500
+# the second binding of write_config's default bindings
+A2, B2, X2 = "13800000002", "13900000002", "700100000000002"
 
 
 def start(proxies: list[ProxyProcess], tmp_path: Path, carrier: dict,
@@ -257,14 +259,22 @@ def test_a_refused_prefix_is_answered_by_the_proxy(
 def test_overload_sheds_new_calls_and_spares_the_calls_in_progress(
         proxies: list[ProxyProcess], tmp_path: Path) -> None:
     """Calls set up before a burst far above capacity all end cleanly (their BYEs answered);
-    new calls beyond capacity get 503; the proxy takes calls again seconds after the burst."""
-    gateway = free_port()
-    proxy = start(proxies, tmp_path, {"gateways": [f"sip:127.0.0.1:{gateway}"]},
-                  overload={"max_loop_lag_ms": 30, "retry_after_s": 1},
+    new calls beyond capacity get 503; the proxy takes calls again seconds after the burst.
+
+    The burst calls X2 (A2 -> B2) and is routed to a gateway of its own, so a callee SIPp
+    swamped by the burst cannot lose the held calls' BYEs: what is tested is the proxy."""
+    gateway, burst_gateway = free_port(), free_port()
+    proxy = start(proxies, tmp_path, {"gateways": [f"sip:127.0.0.1:{gateway}"],
+                                      "groups": {"burst": [f"sip:127.0.0.1:{burst_gateway}"]},
+                                      "routes": [{"prefix": B2, "group": "burst"}]},
+                  overload={"max_loop_lag_ms": 30, "max_receive_queue_kb": 512,
+                            "retry_after_s": 1},
                   shutdown={"drain_s": 1})  # what the burst left unanswered: not waited for
     (tmp_path / "burst").mkdir()
     (tmp_path / "after").mkdir()
-    with sipp_server(CALLEE, gateway, tmp_path, extra=callee_keys(B, X)):
+    with sipp_server(CALLEE, gateway, tmp_path, extra=callee_keys(B, X)), \
+            sipp_server(CALLEE, burst_gateway, tmp_path / "burst",
+                        extra=["-key", "b", B2, "-key", "x", X2]):
         held_port = free_port()
         held = subprocess.Popen(sipp_args(
             CALLER, remote=f"127.0.0.1:{proxy.port}", local_port=held_port, calls=5,
@@ -275,7 +285,7 @@ def test_overload_sheds_new_calls_and_spares_the_calls_in_progress(
         time.sleep(1.0)  # the five calls are up, holding for 6 s
         burst = run_sipp("uac_burst.xml", f"127.0.0.1:{proxy.port}", free_port(),
                          tmp_path / "burst", calls=6000, rate=2000, timeout=90, extra=[
-                             "-key", "a", A, "-key", "x", X, "-d", "100", "-l", "3000",
+                             "-key", "a", A2, "-key", "x", X2, "-d", "100", "-l", "3000",
                              "-recv_timeout", "20000", "-trace_logs"])
         t_end = time.monotonic()
         held_rc = held.wait(timeout=60)
