@@ -860,7 +860,7 @@ class OverloadConfig(_Section):
     max_pending_lookups: Annotated[int, Strict(), Field(ge=1, le=10_000_000)] = 5000
     # datagrams waiting in the kernel's UDP receive queue (KiB of kernel memory, ~1.3 KiB
     # per small datagram, ~2.3 KiB per INVITE with SDP); drops by a full queue count too
-    max_receive_queue_kb: Annotated[int, Strict(), Field(ge=16, le=1_048_576)] = 512
+    max_receive_queue_kb: Annotated[int, Strict(), Field(ge=16, le=1_048_576)] = 2048
     retry_after_s: Annotated[int, Strict(), Field(ge=0, le=3600)] = 2
 
 
