@@ -46,6 +46,8 @@ Usage:
     --check-every K  privacy-check every K-th call (default 50; 1 = every call, 0 = the
                    first of each round only)
     --warmup W     calls of the unmeasured warm-up round (default 200)
+    --max-call-s S policy.max_call_s: each answered call is remembered for ending it at S
+                   (never reached in a round: what is measured is what every call pays)
     --profile      one round under cProfile (the core's entry points only), sorted by
                    cumulative time (--sort tottime for own time)
 """
@@ -105,7 +107,8 @@ def numbers(i: int) -> tuple[str, str, str]:
 
 # ---- setup: config, store, logging, as `sip700 run` --------------------------------------------
 
-def write_config(directory: Path, n: int, records: bool = False) -> Path:
+def write_config(directory: Path, n: int, records: bool = False,
+                 max_call_s: int | None = None) -> Path:
     """config/proxy.yaml with the harness's addresses, a bindings file of n AXB bindings and a
     dialog key; returns the config's path."""
     bindings = directory / "bindings.yaml"
@@ -127,6 +130,8 @@ def write_config(directory: Path, n: int, records: bool = False) -> Path:
     if records:  # never connected: the bench encodes the batches, it does not send them
         data["records"] = {"enabled": True, "redis_url": "redis://127.0.0.1:1/0",
                            "spool_dir": str(directory / "spool")}
+    if max_call_s is not None:  # every answered call gets a limit (policy.max_call_s)
+        data.setdefault("policy", {})["max_call_s"] = max_call_s
     path = directory / "proxy.yaml"
     path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
     return path
@@ -518,6 +523,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--records", action="store_true",
                    help="call records on (records.enabled): the tracker's hooks in the core, "
                         "and the writer's encoding of each round's Redis batch, timed apart")
+    p.add_argument("--max-call-s", type=int, default=None,
+                   help="policy.max_call_s: each answered call is remembered for ending it "
+                        "at its limit (the limit is never reached in a round)")
     p.add_argument("--profile", action="store_true")
     p.add_argument("--sort", default="cumulative", help="pstats order with --profile")
     p.add_argument("--cumulative", action="store_const", const="cumulative", dest="sort",
@@ -589,7 +597,8 @@ def main(argv: list[str] | None = None) -> Result:
     prof = cProfile.Profile() if args.profile else None
     gc_threshold = gc.get_threshold()
     with tempfile.TemporaryDirectory(prefix="bench-core-") as tmp:
-        cfg = load_config(write_config(Path(tmp), args.bindings, args.records))
+        cfg = load_config(write_config(Path(tmp), args.bindings, args.records,
+                                       args.max_call_s))
         with DevNullLogging(cfg.logging.level, cfg.logging.format):
             try:
                 key = dialog_key(cfg)  # the configured one: no warning

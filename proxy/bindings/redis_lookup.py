@@ -102,6 +102,47 @@ class _Batch:
     set_exception = set_result  # an error reply takes its command's place
 
 
+class _CallbackBatch:
+    """Like _Batch, but hands the replies to a function as the last one is read (no future,
+    no task): for a caller on the event loop's hot path that keeps no coroutine per request.
+    A lost connection, or the time-out's timer, hands it that exception instead; late replies
+    are skipped."""
+
+    __slots__ = ("done_fn", "finished", "left", "replies", "timer")
+
+    def __init__(self, done_fn: Any, n: int) -> None:
+        self.done_fn = done_fn
+        self.replies: list[Any] = []
+        self.left = n
+        self.finished = False
+        self.timer: asyncio.TimerHandle | None = None
+
+    def done(self) -> bool:
+        return self.finished
+
+    def set_result(self, reply: Any) -> None:
+        self.replies.append(reply)
+        self.left -= 1
+        if not self.left:
+            self.finished = True
+            if self.timer is not None:
+                self.timer.cancel()
+            self.done_fn(self.replies)
+
+    def set_exception(self, exc: BaseException) -> None:
+        if isinstance(exc, LookupReplyError):  # an error reply takes its command's place
+            self.set_result(exc)
+            return
+        self.fail(exc)  # connection lost: the rest will never come
+
+    def fail(self, exc: BaseException) -> None:
+        if not self.finished:
+            self.finished = True
+            if self.timer is not None:
+                self.timer.cancel()
+            self.done_fn(exc)
+
+
 class LookupReplyError(Exception):
     """Redis answered with an error (NOSCRIPT, BUSY, …)."""
 
@@ -176,6 +217,23 @@ class LeanConnection:
         assert protocol.transport is not None
         protocol.transport.write(b"".join(_pack(*c) for c in commands))
         return await batch.future
+
+    def send_each(self, commands: list[tuple[str | bytes | int, ...]],
+                  done: Any, timeout_s: float | None) -> bool:
+        """`call_each` without awaiting: `done(replies)` is called from the reader (an error
+        reply in its command's place), `done(exception)` on a lost connection or after
+        `timeout_s` (TimeoutError). False (nothing sent) while the connection is not up: use
+        `call_each`."""
+        protocol = self._protocol
+        if protocol is None or protocol.lost or protocol.transport is None or not commands:
+            return False
+        batch = _CallbackBatch(done, len(commands))
+        protocol.waiters.extend([batch] * len(commands))  # type: ignore[list-item]
+        protocol.transport.write(b"".join(_pack(*c) for c in commands))
+        if timeout_s is not None:
+            batch.timer = asyncio.get_running_loop().call_later(
+                timeout_s, batch.fail, TimeoutError())
+        return True
 
     def close(self) -> None:
         if self._protocol is not None and self._protocol.transport is not None:

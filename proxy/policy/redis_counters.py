@@ -183,6 +183,22 @@ class RedisCounters:
                     replies[i] = exc
         return replies
 
+    def send_checks(self, calls: list[tuple[CounterPlan, CallFacts]], now_ms: int,
+                    done: Any) -> bool:
+        """`check_many` without a task: the scripts go out in one write now and `done(replies)`
+        runs as the last reply is read (each reply, or its LookupReplyError, in its call's
+        place), `done(exception)` on a lost connection or a time-out. False, nothing sent, when
+        there is no lean connection up or no script hash: use `check_many`."""
+        sha = self._check.sha
+        lean = self.lean
+        if lean is None or not sha:
+            return False
+        commands = []
+        for plan, facts in calls:
+            keys, args = self._check_args(plan, facts, now_ms)
+            commands.append(("EVALSHA", sha, len(keys), *keys, *args))
+        return lean.send_each(commands, done, self.timeout_s)
+
     async def release(self, members: list[str]) -> None:
         """Give back the places of ended calls (idempotent: a released call holds none)."""
         if len(members) == 1:

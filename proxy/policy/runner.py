@@ -16,7 +16,7 @@ from typing import Any
 import structlog
 
 from proxy.bindings.breaker import CircuitBreaker
-from proxy.bindings.redis_lookup import LeanConnection, lean_target
+from proxy.bindings.redis_lookup import LeanConnection, LookupReplyError, lean_target
 from proxy.policy.blocklist_store import BlocklistStore
 from proxy.policy.engine import CONNECT, CallFacts, CounterPlan, Decision, PolicyEngine
 from proxy.policy.redis_counters import RedisCounters
@@ -117,7 +117,51 @@ class PolicyRunner:
                 decision = replace(CONNECT, callee=facts.callee)
             core.complete_policy(relay, decision, time.monotonic())
         if batch:
+            self._check_batch(batch)
+
+    def _check_batch(self, batch: list[tuple[Any, CallFacts, CounterPlan]]) -> None:
+        """The batch's counters in one write, answered from the Redis reader by callback
+        (no task, coroutine or future per batch: this is every call's path); through a task
+        when the connection is not up yet, or a script must be loaded."""
+        if not self.breaker.allow(time.monotonic()):
+            for relay, facts, _ in batch:
+                self._complete(relay, facts, self._unavailable())
+            return  # submit's caller (the transport's flush) sends what they produced
+        calls = [(plan, facts) for _, facts, plan in batch]
+
+        def done(replies: list[Any] | BaseException) -> None:
+            try:
+                self._checked(batch, replies)
+            except Exception as exc:  # never into the Redis reader: the calls fail alone
+                self._log_error("policy_internal_error", type(exc).__name__)
+                for relay, facts, _ in batch:
+                    if not relay.final_sent and relay.lookup_deadline is not None:
+                        self._complete(relay, facts, self._unavailable())
+            self.flush()
+
+        try:
+            sent = self.counters.send_checks(calls, int(self.wall() * 1000), done)
+        except Exception as exc:  # a write on a closing connection: as a failed round trip
+            self._log_error("policy_redis_failed", type(exc).__name__)
+            sent = False
+        if not sent:
             self._spawn(self._decide_batch(batch))
+
+    def _checked(self, batch: list[tuple[Any, CallFacts, CounterPlan]],
+                 replies: list[Any] | BaseException) -> None:
+        """The replies of `_check_batch` (or the lost connection's, the time-out's error)."""
+        if isinstance(replies, BaseException):
+            replies = [replies] * len(batch)
+        retry = [i for i, r in enumerate(replies)
+                 if isinstance(r, LookupReplyError) and str(r).startswith("NOSCRIPT")]
+        if retry:  # Redis restarted or flushed its scripts: those calls through redis-py
+            self._spawn(self._decide_batch([batch[i] for i in retry]))
+            skip = set(retry)
+            batch = [b for i, b in enumerate(batch) if i not in skip]
+            replies = [r for i, r in enumerate(replies) if i not in skip]
+        decisions = self._verdicts([(facts, plan) for _, facts, plan in batch], replies)
+        for (relay, facts, _), decision in zip(batch, decisions, strict=True):
+            self._complete(relay, facts, decision)
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -169,6 +213,12 @@ class PolicyRunner:
                     [(plan, facts) for facts, plan in calls], int(self.wall() * 1000))
             except Exception as exc:  # time-out, connection: the whole batch
                 replies = [exc] * len(calls)
+        return self._verdicts(calls, replies)
+
+    def _verdicts(self, calls: list[tuple[CallFacts, CounterPlan]], replies: list[Any]
+                  ) -> list[Decision]:
+        """Each call's decision from its script reply; an exception in its place (or no
+        replies at all: the breaker is open) gets the fallback, and feeds the breaker."""
         decisions = []
         failed = ""
         for (facts, plan), reply in zip(calls, replies or [None] * len(calls), strict=True):

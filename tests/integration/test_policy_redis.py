@@ -213,3 +213,87 @@ async def test_an_error_reply_stays_with_its_own_command() -> None:
             await lean.call_many([("ECHO", "a"), ("NOSUCHCOMMAND",)])
     finally:
         lean.close()
+
+
+async def test_send_each_answers_by_callback_in_order_and_gives_up_at_its_time_out(
+        prefix: str) -> None:
+    """The per-call path without a task: nothing is sent before the connection is up; then
+    the replies come to the callback in order (an error reply in its place); a reply later
+    than the time-out gives TimeoutError once and is skipped when it comes, and the next
+    command's reply still goes to its own callback; a lost connection gives ConnectionError."""
+    import asyncio
+
+    target = lean_target(REDIS_URL, None, None)
+    assert target is not None
+    lean = LeanConnection(target)
+    got: list = []
+    try:
+        assert not lean.send_each([("ECHO", "a")], got.append, 1.0)  # not connected yet
+        await lean.call("PING")
+        assert lean.send_each([("ECHO", "a"), ("NOSUCHCOMMAND",), ("ECHO", "b")],
+                              got.append, 1.0)
+        await lean.call("PING")  # its reply comes after theirs
+        (replies,) = got
+        assert replies[0] == b"a" and replies[2] == b"b"
+        assert isinstance(replies[1], LookupReplyError)
+        got.clear()
+        # BLPOP holds the connection 0.5 s: past the 0.1 s time-out
+        assert lean.send_each([("BLPOP", prefix + "nothing", "0.5")], got.append, 0.1)
+        assert lean.send_each([("ECHO", "after")], got.append, 2.0)
+        await asyncio.sleep(0.3)
+        assert len(got) == 1 and isinstance(got[0], TimeoutError)
+        await asyncio.sleep(0.5)
+        assert got[1:] == [[b"after"]]  # the late nil went nowhere
+        got.clear()
+        assert lean.send_each([("BLPOP", prefix + "nothing", "1")], got.append, 5.0)
+        lean.close()
+        await asyncio.sleep(0.1)
+        assert len(got) == 1 and isinstance(got[0], ConnectionError)
+    finally:
+        lean.close()
+
+
+async def test_the_shell_decides_by_callback_over_the_lean_connection(prefix: str) -> None:
+    """PolicyRunner.submit: the first batch goes through a task (the connection is opened),
+    the next ones by callback from the Redis reader; the cap holds either way and the flush
+    runs after each answered batch."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from proxy.bindings.model import Outcome, Resolution
+    from proxy.policy.runner import PolicyRunner
+
+    e = engine(prefix, {"redis_url": REDIS_URL, "rate_limits": [
+        {"name": "x-cap", "per": "x", "max_calls": 3, "window_s": 60}]})
+    decided: list = []
+    flushes: list = []
+    core = SimpleNamespace(settings=SimpleNamespace(middle_number=lambda n: n[:3] == "700"),
+                           stats={}, policy_out=[],
+                           complete_policy=lambda relay, d, now: decided.append((relay.n, d)))
+    runner = PolicyRunner(core, e.spec, lambda: flushes.append(1))
+
+    def call(n: int) -> tuple:
+        relay = SimpleNamespace(n=n, request=SimpleNamespace(call_id=f"c{n}@h"), x=X,
+                                caller=A, final_sent=False, lookup_deadline=1.0)
+        return relay, Resolution(Outcome.ROUTE, B, 1e12)
+
+    try:
+        runner.submit([call(1)])
+        for _ in range(100):
+            if decided:
+                break
+            await asyncio.sleep(0.01)
+        assert runner.lean is not None and runner.lean._protocol is not None  # now up
+        tasks_before = len(runner._tasks)
+        runner.submit([call(2), call(3), call(4)])
+        assert len(runner._tasks) == tasks_before  # no task: a callback
+        for _ in range(100):
+            if len(decided) == 4:
+                break
+            await asyncio.sleep(0.01)
+        assert [(n, d.connect) for n, d in decided] == [(1, True), (2, True), (3, True),
+                                                        (4, False)]
+        assert decided[3][1].rule == "x-cap"
+        assert len(flushes) == 2
+    finally:
+        await runner.close()
