@@ -29,6 +29,7 @@ from proxy.calltime import (
     ENDED_MEMORY_S,
     RELEASE_REASON,
     Leg,
+    LegSource,
     LimitedCall,
     build_bye,
     lowest_limit,
@@ -69,7 +70,7 @@ from proxy.privacy import (
 from proxy.records.model import BY_PROXY, call_key
 from proxy.sip.address import parse_name_addr
 from proxy.sip.errors import ParseError
-from proxy.sip.message import SipMessage, build_response, parse_message
+from proxy.sip.message import SipMessage, build_response, parse_message, split_list
 from proxy.sip.transaction import (
     ClientInviteTransaction,
     ClientNonInviteTransaction,
@@ -1680,42 +1681,57 @@ class ProxyCore:
         if relay.request.call_id in self._limited:
             return  # another 2xx of the same INVITE (a fork): the first one's limit runs
         try:
-            legs = self._call_legs(relay, resp)
+            sources = self._leg_sources(relay, resp)
         except (ParseError, ValueError) as exc:
             self._count("internal_errors")
             self.log("internal_error", error=self._describe(exc), where="max_call_s")
             return
-        call = LimitedCall(legs, relay.request.cseq[0], limit, now, relay.x)
-        for leg in legs.values():
-            self._limited[leg.call_id] = call
+        call = LimitedCall(sources, relay.request.cseq[0], limit, now, relay.x)
+        for call_id in call.call_ids:
+            self._limited[call_id] = call
         self._limit_wheel.schedule(call, call.deadline)
         self._count("calls_limited")
 
-    def _call_legs(self, relay: Relay, resp: SipMessage) -> dict[str, Leg]:
-        """Each side's view of the dialog the 2xx `resp` opens (RFC 3261 §12.1)."""
+    def _leg_sources(self, relay: Relay, resp: SipMessage) -> dict[str, LegSource]:
+        """Each side's view of the dialog the 2xx `resp` opens (RFC 3261 §12.1), as rows: one
+        pass over each message, nothing parsed (`_legs` does that if the limit is reached)."""
         request, out, hop, up = relay.request, relay.out, relay.downstream, relay.upstream
         assert out is not None and hop is not None
-        callee_tag = resp.to.tag
-        callee_to, caller_to, caller_from = resp.header("to"), request.header("to"), \
-            request.header("from")
-        if callee_tag is None or not (callee_to and caller_to and caller_from):
-            raise ValueError("2xx without a To tag, or a dialog row missing")
-        contacts = resp.name_addrs("contact")
-        records = resp.header_values("record-route")
-        ours = next((i for i, r in enumerate(records)
-                     if TOKEN_PARAM in r and self._is_our_route(r)), len(records))
-        # the callee side's route set: the entries its side of us added, nearest first
-        callee = Leg(out.call_id, out.header("from") or "", callee_to,
-                     str(contacts[0].uri) if contacts else out.uri_text,
-                     tuple(reversed(records[:ours])), encode_peer(hop.transport))
-        contacts = request.name_addrs("contact")
-        target = str(contacts[0].uri) if contacts else f"sip:{_host(up.dest[0])}:{up.dest[1]}"
+        answer, asked = resp.rows_of(_ANSWER_ROWS), request.rows_of(_ASKED_ROWS)
+        callee_to, caller_to, caller_from = answer.get("to"), asked.get("to"), asked.get("from")
+        if not (callee_to and caller_to and caller_from):
+            raise ValueError("a dialog row missing")
+        callee = LegSource(out.call_id, out.header("from") or "", callee_to[0],
+                           tuple(answer.get("contact", ())), out.uri_text,
+                           tuple(answer.get("record-route", ())), encode_peer(hop.transport))
         peer = "" if up.transport == "udp" else encode_peer(
             up.transport, Flow(self.settings.worker_index, *up.dest))
-        # the caller sees the callee as its own To row with the callee's tag: X, never B
-        caller = Leg(request.call_id, with_tag(caller_to, callee_tag), caller_from, target,
-                     tuple(request.header_values("record-route")), peer)
+        # `remote` is the caller's own To row: `_legs` adds the callee's tag (X, never B)
+        caller = LegSource(request.call_id, caller_to[0], caller_from[0],
+                           tuple(asked.get("contact", ())),
+                           f"sip:{_host(up.dest[0])}:{up.dest[1]}",
+                           tuple(asked.get("record-route", ())), peer)
         return {CALLER: caller, CALLEE: callee}
+
+    def _legs(self, call: LimitedCall) -> dict[str, Leg]:
+        """The legs of a limited call, made from its sources the first time (ParseError)."""
+        legs = call.legs
+        if legs is None:
+            caller, callee = call.sources[CALLER], call.sources[CALLEE]
+            callee_tag = parse_name_addr(callee.local, "To").tag
+            if callee_tag is None:
+                raise ValueError("the 2xx has no To tag")
+            records = _split_rows(callee.records)
+            ours = next((i for i, r in enumerate(records)
+                         if TOKEN_PARAM in r and self._is_our_route(r)), len(records))
+            legs = call.legs = {
+                # the callee side's route set: the entries its side of us added, nearest first
+                CALLEE: Leg(callee.call_id, callee.remote, callee.local, _target(callee),
+                            tuple(reversed(records[:ours])), callee.peer),
+                CALLER: Leg(caller.call_id, with_tag(caller.remote, callee_tag), caller.local,
+                            _target(caller),
+                            tuple(_split_rows(caller.records)), caller.peer)}
+        return legs
 
     def _track_limited(self, call: LimitedCall, msg: SipMessage, rule: DialogRule, method: str,
                        source: Address, transport: str, stateless: bool) -> bool:
@@ -1734,17 +1750,20 @@ class ProxyCore:
             if method == "BYE":  # the call ends anyway: nothing left to limit
                 self._forget_limited(call)
             elif method in ("INVITE", "UPDATE"):  # a target refresh (RFC 3261 §12.2.1.2)
-                contacts = msg.name_addrs("contact")
-                if contacts:
-                    call.legs[side] = call.legs[side]._replace(target=str(contacts[0].uri))
+                contacts = msg.raw_values("contact")
+                if contacts:  # read as the 2xx's are: when the proxy ends the call
+                    call.sources[side] = call.sources[side]._replace(contacts=tuple(contacts))
+                    if call.legs is not None:
+                        call.legs[side] = call.legs[side]._replace(
+                            target=_target(call.sources[side]))
         except ParseError:
             pass  # what is unreadable is the forwarding's to refuse, as for any call
         return True
 
     def _forget_limited(self, call: LimitedCall) -> None:
-        for leg in call.legs.values():
-            if self._limited.get(leg.call_id) is call:
-                del self._limited[leg.call_id]
+        for call_id in call.call_ids:
+            if self._limited.get(call_id) is call:
+                del self._limited[call_id]
         for branch in call.byes:
             self._proxy_byes.pop(branch, None)
         call.byes.clear()
@@ -1769,12 +1788,13 @@ class ProxyCore:
 
     def _end_call(self, call: LimitedCall, now: float) -> None:
         """The limit is reached: BYE to both sides, the record says the proxy released."""
+        self._legs(call)  # a side's row unreadable (ParseError): no BYE to either, forgotten
         call.ended = True
         call.deadline = now + ENDED_MEMORY_S
         for side in (CALLEE, CALLER):
             self._send_proxy_bye(call, side, now)
         self._count("calls_ended_max_duration")
-        caller_call_id = call.legs[CALLER].call_id
+        caller_call_id = call.call_ids[0]
         self.log("call_ended", reason=RELEASE_REASON, call_id=self._mask_text(caller_call_id),
                  x=call.x, max_call_s=call.limit_s,
                  talk_s=round(now - call.answered_at, 3))
@@ -1784,7 +1804,7 @@ class ProxyCore:
         self.policy_call_ended(call_key(caller_call_id))  # its concurrency is free again
 
     def _send_proxy_bye(self, call: LimitedCall, side: str, now: float) -> None:
-        leg = call.legs[side]
+        leg = self._legs(call)[side]
         cseq = call.bye_cseq(side)
         probe = parse_message(build_bye(leg, cseq, "SIP/2.0/UDP 0.0.0.0"))
         hop = self._next_hop(probe, leg.peer)
@@ -1795,7 +1815,7 @@ class ProxyCore:
         if hop is None:
             self._count("proxy_bye_unroutable")
             self.log("proxy_bye_failed", side="caller" if side == CALLER else "callee",
-                     why="next hop unusable", call_id=self._mask_text(call.legs[CALLER].call_id))
+                     why="next hop unusable", call_id=self._mask_text(call.call_ids[0]))
             return
         branch = self._new_branch()
         data = build_bye(leg, cseq, f"SIP/2.0/{hop.transport.upper()} "
@@ -1815,7 +1835,7 @@ class ProxyCore:
             elif isinstance(ev, TimedOut | TransportFailed):
                 self._count("proxy_bye_timeouts")
                 self.log("proxy_bye_failed", why="no answer", gateway=f"{hop.host}:{hop.port}",
-                         call_id=self._mask_text(call.legs[CALLER].call_id))
+                         call_id=self._mask_text(call.call_ids[0]))
                 call.byes.pop(branch, None)
                 self._proxy_byes.pop(branch, None)
             elif isinstance(ev, Terminated):
@@ -1969,6 +1989,23 @@ def _response_address(msg: SipMessage, source: Address) -> Address:
 
 def _host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
+
+
+_ANSWER_ROWS = frozenset(("to", "contact", "record-route"))
+_ASKED_ROWS = frozenset(("to", "from", "contact", "record-route"))
+
+
+def _split_rows(rows: tuple[str, ...]) -> list[str]:
+    """The values of a list header's rows (Record-Route, Contact), in order."""
+    return [v for row in rows for v in split_list(row) if v]
+
+
+def _target(source: LegSource) -> str:
+    """A side's remote target: the URI of its first Contact (ParseError), else the default."""
+    contacts = _split_rows(source.contacts)
+    if not contacts:
+        return source.default_target
+    return str(parse_name_addr(contacts[0], "Contact").uri)
 
 
 def _quote_safe(text: str) -> str:

@@ -628,6 +628,8 @@ def main(argv: list[str] | None = None) -> Result:
               f"(best / median), {result.stats.get('records_made', 0)} records made")
     if prof is not None:
         pstats.Stats(prof).sort_stats(args.sort).print_stats(40)
+        if os.environ.get("BENCH_CORE_CALLEES"):  # who spends the time inside a function
+            pstats.Stats(prof).print_callees(os.environ["BENCH_CORE_CALLEES"])
     if result.transactions_left:
         raise BenchError(f"{result.transactions_left} transactions outlived the drain")
     if result.stats.get("internal_errors"):

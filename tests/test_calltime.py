@@ -254,3 +254,18 @@ def test_a_call_the_proxy_ends_frees_its_place_under_the_concurrency_caps() -> N
     core.policy_out.clear()
     core.handle_timers(3.2)
     assert [kind for kind, _key in core.policy_out] == ["end"]
+
+
+def test_a_dialog_the_proxy_cannot_read_at_the_limit_is_forgotten_without_a_bye() -> None:
+    """The 2xx's rows are read only when the limit is reached (most calls never are): a
+    Contact that does not parse then sends no BYE to either side, logs an internal error and
+    leaves no state; the core goes on."""
+    core = make_core(max_call_s=3.0)
+    d = Dialog(core)
+    call = core._limited[d.callee_call_id]
+    call.sources["b"] = call.sources["b"]._replace(contacts=("<sip:broken",))  # the callee
+    core.outbox.clear()
+    core.handle_timers(3.2)
+    assert byes(core) == {}
+    assert core.stats["internal_errors"] == 1
+    assert core._limited == {} and core._limit_wheel.next_deadline() is None

@@ -191,6 +191,24 @@ class SipMessage:
                 return _row_value(row)
         return None
 
+    def raw_values(self, name: str) -> list[str]:
+        """Each row's value of a header (unfolded, stripped), list headers not split."""
+        key = header_key(name)
+        return [_row_value(row) for n, row in self.rows if n == key]
+
+    def rows_of(self, keys: frozenset[str]) -> dict[str, list[str]]:
+        """`raw_values` of several headers (canonical keys: "to", "record-route") in one
+        pass over the rows; a header that is absent has no entry."""
+        out: dict[str, list[str]] = {}
+        for n, row in self.rows:
+            if n in keys:
+                found = out.get(n)
+                if found is None:
+                    out[n] = [_row_value(row)]
+                else:
+                    found.append(_row_value(row))
+        return out
+
     def header_values(self, name: str) -> list[str]:
         """Every value of a header, over all its rows; list headers split on their commas."""
         key = header_key(name)
