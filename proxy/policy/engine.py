@@ -175,8 +175,9 @@ class PolicyEngine:
     def counter_verdict(self, facts: CallFacts, plan: CounterPlan, reply: Any) -> Decision:
         """The script's answer: [b'ok', 0] or [b'rate'|b'conc'|b'bulk', index (1-based)]."""
         kind = _text(reply[0])
-        if kind == "ok":
-            return replace(CONNECT, slot=facts.call_key) if plan.concurrency else CONNECT
+        if kind == "ok":  # made here, not replace()d: this is every call's path
+            return Decision(True, callee=facts.callee,
+                            slot=facts.call_key if plan.concurrency else None)
         index = int(reply[1]) - 1
         if kind == "rate":
             c = plan.rates[index]
