@@ -236,10 +236,13 @@ def invite(k: int, a: str, x: str) -> bytes:
 
 def uas_reply(request: bytes, status: int, reason: str, k: int, b: str, body: bool) -> bytes:
     """The callee's answer: [last_Via:] [last_From:] [last_To:](;tag) [last_Call-ID:]
-    [last_CSeq:] [last_Record-Route:], Contact with B, SDP o= B on the 200 to the INVITE."""
+    [last_CSeq:] [last_Record-Route:], Contact with B, SDP o= B on the 200 to the INVITE.
+    SIPp's [last_Via:] gives every Via of the request in one row, comma-separated: so here."""
     rows = header_rows(request)
     out = [f"SIP/2.0 {status} {reason}".encode()]
-    for want in (b"via", b"from", b"to", b"call-id", b"cseq", b"record-route"):
+    vias = [header_value(row) for name, row in rows if name == b"via"]
+    out.append(b"Via: " + b", ".join(vias))
+    for want in (b"from", b"to", b"call-id", b"cseq", b"record-route"):
         for name, row in rows:
             if name != want:
                 continue

@@ -396,10 +396,21 @@ def split_list(value: str) -> list[str]:
 
 def _list_spans(value: str) -> list[tuple[int, int]]:
     """(start, end) of each comma-separated element of a header row."""
+    n = len(value)
+    if "," not in value:  # most rows: one element, no walk over the characters
+        return [(0, n)]
     out: list[tuple[int, int]] = []
     start = 0
+    if '"' not in value and "<" not in value:  # every comma separates
+        while True:
+            i = value.find(",", start)
+            if i < 0:
+                out.append((start, n))
+                return out
+            out.append((start, i))
+            start = i + 1
     quoted = angle = False
-    i, n = 0, len(value)
+    i = 0
     while i < n:
         c = value[i]
         if quoted:

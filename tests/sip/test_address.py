@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from proxy.sip.address import (
     NameAddr,
+    _list_spans,
     _parse_name_addr_general,
     find_param,
     parse_cseq,
@@ -200,3 +203,34 @@ def test_split_list_respects_quotes_and_angles() -> None:
     assert split_list('"a \\" , b" <sip:a@h>, <sip:c@h>') == [
         '"a \\" , b" <sip:a@h>', "<sip:c@h>"]
     assert split_list("a,,b") == ["a", "", "b"]
+
+
+def _walk_spans(value: str) -> list[tuple[int, int]]:
+    """The character walk split_list used for every row, as the reference for its fast paths
+    (no comma; commas but no quote or angle bracket)."""
+    out, start, quoted, angle, i = [], 0, False, False, 0
+    while i < len(value):
+        c = value[i]
+        if quoted:
+            if c == "\\":
+                i += 1
+            elif c == '"':
+                quoted = False
+        elif c == '"':
+            quoted = True
+        elif c == "<":
+            angle = True
+        elif c == ">":
+            angle = False
+        elif c == "," and not angle:
+            out.append((start, i))
+            start = i + 1
+        i += 1
+    out.append((start, len(value)))
+    return out
+
+
+@given(st.text(alphabet='ab ,;"<>\\=:', max_size=40))
+def test_split_list_fast_paths_agree_with_the_walk(value: str) -> None:
+    assert _list_spans(value) == _walk_spans(value)
+    assert split_list(value) == [value[a:b].strip(" \t") for a, b in _walk_spans(value)]
