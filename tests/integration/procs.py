@@ -62,6 +62,11 @@ def _bindable(port: int, host: str) -> bool:
     return True
 
 
+# its own generator: a test or library that seeds the global one (Hypothesis does, for its
+# tests) must not make two draws of one test come out the same (a gateway on the proxy's port)
+_RNG = random.SystemRandom()
+
+
 def free_port_range(count: int, host: str = "127.0.0.1", avoid: tuple[int, ...] = ()) -> int:
     """The first of `count` consecutive ports free for both UDP and TCP on `host`, none of
     them in `avoid` (ports handed out already but not bound yet: a proxy's listen port and its
@@ -76,8 +81,8 @@ def free_port_range(count: int, host: str = "127.0.0.1", avoid: tuple[int, ...] 
     if not spans:
         spans = [(20000, 65536)]
     while True:
-        lo, hi = random.choice(spans)
-        base = random.randrange(lo, hi - count)
+        lo, hi = _RNG.choice(spans)
+        base = _RNG.randrange(lo, hi - count)
         if all(p not in avoid and _bindable(p, host) for p in range(base, base + count)):
             return base
 

@@ -24,6 +24,7 @@ from tests.integration.procs import (
     ROOT,
     ProxyProcess,
     free_port,
+    free_port_range,
     run_sipp,
     server_counts,
     sipp_args,
@@ -50,7 +51,8 @@ A2, B2, X2 = "13800000002", "13900000002", "700100000000002"
 
 def start(proxies: list[ProxyProcess], tmp_path: Path, carrier: dict,
           **overrides: object) -> ProxyProcess:
-    port = free_port()
+    # not a port of its own gateways (drawn already, maybe not bound yet)
+    port = free_port_range(1, avoid=tuple(int(p) for p in re.findall(r":(\d+)", str(carrier))))
     cfg_dir = tmp_path / f"proxy-{port}"
     cfg_dir.mkdir()
     path, config = write_config(cfg_dir, port=port, gateway_port=0, overrides={
@@ -263,7 +265,8 @@ def test_overload_sheds_new_calls_and_spares_the_calls_in_progress(
 
     The burst calls X2 (A2 -> B2) and is routed to a gateway of its own, so a callee SIPp
     swamped by the burst cannot lose the held calls' BYEs: what is tested is the proxy."""
-    gateway, burst_gateway = free_port(), free_port()
+    gateway = free_port()
+    burst_gateway = free_port_range(1, avoid=(gateway,))
     proxy = start(proxies, tmp_path, {"gateways": [f"sip:127.0.0.1:{gateway}"],
                                       "groups": {"burst": [f"sip:127.0.0.1:{burst_gateway}"]},
                                       "routes": [{"prefix": B2, "group": "burst"}]},
