@@ -249,8 +249,12 @@ def test_stdout_nobody_reads_does_not_stall_the_proxy(tmp_path: Path) -> None:
     stopping line), and every line it wrote is whole JSON."""
     callee, caller = Endpoint(), Endpoint()
     port, mport = free_port(), free_port(socket.SOCK_STREAM)
+    # overload control off: 8,000 datagrams at once fill the receive queue (or overflow it)
+    # while a slow machine works through them, and new calls are rightly shed meanwhile
+    # (overload.max_receive_queue_kb, tested in test_failover.py); the subject here is stdout
     path, _ = write_config(tmp_path, port=port, gateway_port=callee.port, overrides={
-        "workers": 1, "metrics": {"listen": f"127.0.0.1:{mport}"}})
+        "workers": 1, "metrics": {"listen": f"127.0.0.1:{mport}"},
+        "overload": {"enabled": False}})
     err = (tmp_path / "stderr.log").open("wb")
     proc = subprocess.Popen([sys.executable, "-m", "proxy", "run", "--config", str(path)],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=err)
