@@ -409,8 +409,15 @@ def _list_spans(value: str) -> list[tuple[int, int]]:
                 return out
             out.append((start, i))
             start = i + 1
+    return _walk_spans(value)
+
+
+def _walk_spans(value: str) -> list[tuple[int, int]]:
+    """`_list_spans` the long way: a walk over each character, minding quotes and <…>."""
+    out: list[tuple[int, int]] = []
+    start = 0
     quoted = angle = False
-    i = 0
+    i, n = 0, len(value)
     while i < n:
         c = value[i]
         if quoted:

@@ -10,6 +10,7 @@ from proxy.sip.address import (
     NameAddr,
     _list_spans,
     _parse_name_addr_general,
+    _walk_spans,
     find_param,
     parse_cseq,
     parse_name_addr,
@@ -205,32 +206,8 @@ def test_split_list_respects_quotes_and_angles() -> None:
     assert split_list("a,,b") == ["a", "", "b"]
 
 
-def _walk_spans(value: str) -> list[tuple[int, int]]:
-    """The character walk split_list used for every row, as the reference for its fast paths
-    (no comma; commas but no quote or angle bracket)."""
-    out, start, quoted, angle, i = [], 0, False, False, 0
-    while i < len(value):
-        c = value[i]
-        if quoted:
-            if c == "\\":
-                i += 1
-            elif c == '"':
-                quoted = False
-        elif c == '"':
-            quoted = True
-        elif c == "<":
-            angle = True
-        elif c == ">":
-            angle = False
-        elif c == "," and not angle:
-            out.append((start, i))
-            start = i + 1
-        i += 1
-    out.append((start, len(value)))
-    return out
-
-
 @given(st.text(alphabet='ab ,;"<>\\=:', max_size=40))
 def test_split_list_fast_paths_agree_with_the_walk(value: str) -> None:
+    """The fast paths (no comma; commas but no quote or angle bracket) split as the walk."""
     assert _list_spans(value) == _walk_spans(value)
     assert split_list(value) == [value[a:b].strip(" \t") for a, b in _walk_spans(value)]
