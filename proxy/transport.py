@@ -416,7 +416,7 @@ class ProxyServer:
         # the kernel's receive queues of every UDP socket (SO_MEMINFO): with a large
         # udp_rcvbuf, datagrams wait there for seconds while the loop's lag stays small
         # (uvloop reads a few dozen per turn), so the queue is the overload signal for UDP
-        self._udp_sockets: list[Any] = []
+        self._udp_sockets: list[asyncio.DatagramTransport] = []
         self.receive_queue_bytes = 0
         self._receive_drops = 0
         self.store = store
@@ -559,7 +559,7 @@ class ProxyServer:
             raise
         udp, _ = await self.loop.create_datagram_endpoint(
             lambda: (_OwnUdpEndpoint if own else _UdpEndpoint)(self), sock=sock)
-        self._udp_sockets.append(udp.get_extra_info("socket"))
+        self._udp_sockets.append(udp)
         return family, udp
 
     async def bind_spare(self, port: int) -> None:
@@ -890,12 +890,17 @@ class ProxyServer:
         a full queue since the last call); closed sockets are forgotten."""
         queued = drops = 0
         alive = []
-        for sock in self._udp_sockets:
+        for udp in self._udp_sockets:
+            # a closed transport is forgotten before its descriptor can be reused by another
+            # socket (whose queue would then be read as this one's)
+            if udp.is_closing():
+                continue
             try:
-                info = sock.getsockopt(socket.SOL_SOCKET, SO_MEMINFO, SK_MEMINFO_BYTES)
+                info = udp.get_extra_info("socket").getsockopt(
+                    socket.SOL_SOCKET, SO_MEMINFO, SK_MEMINFO_BYTES)
             except OSError:
                 continue
-            alive.append(sock)
+            alive.append(udp)
             rmem_alloc, dropped = _MEMINFO.unpack_from(info)[0::8]
             queued = max(queued, rmem_alloc)
             drops += dropped

@@ -179,6 +179,8 @@ def test_a_full_receive_queue_sheds_new_calls_until_it_drains() -> None:
             assert not server.core.overloaded
             assert server.overload_gauges()["udp_receive_queue_bytes"] < 64 * 1024
         udp.close()
+        server._check_overload(0.0)  # a closed socket is read no more (its fd may be reused)
+        assert server._udp_sockets == []
     asyncio.run(run())
 
 
