@@ -33,7 +33,7 @@ from typing import Any
 
 import structlog
 
-from proxy import logs
+from proxy import logs, spread
 from proxy.bindings.model import StoreUnavailable
 from proxy.connections import SEND_FLAG, decode_send, destination_owner, encode_send
 from proxy.core import Outgoing, ProxyCore, Relay
@@ -54,6 +54,9 @@ _MEMINFO = struct.Struct("9I")
 _CALL_ID = re.compile(rb"\n(?:call-id|i)[ \t]*:[ \t]*([^\r\n]+)", re.IGNORECASE)
 # the top Via row of a message, long or compact form, any case
 _VIA = re.compile(rb"\n(?:via|v)[ \t]*:", re.IGNORECASE)
+# the port of the top Route row's URI (any case; our Route URIs carry no user part, an IPv6
+# host is bracketed, so the first ":port" before ";" or ">" is the port)
+_ROUTE_PORT = re.compile(rb"\n[Rr][Oo][Uu][Tt][Ee][ \t]*:[^\r\n]*?:(\d{1,5})[;>]")
 # the core's branches: z9hG4bKs7 + 3 lowercase hex digits of the worker index + salt + sequence
 _OUR_BRANCH = b"branch=z9hG4bKs7"
 _HEX = b"0123456789abcdef"
@@ -84,6 +87,16 @@ def call_id_owner(data: bytes, workers: int, hasher: Any) -> int:
     h = hasher.copy()
     h.update(m.group(1).strip())
     return int.from_bytes(h.digest(), "little") % workers
+
+
+def route_worker(data: bytes, base: int, workers: int) -> int | None:
+    """The worker whose own port (base + index) the top Route of a request names; None when
+    it names no port of that range (an initial request: no Route to us)."""
+    m = _ROUTE_PORT.search(data)
+    if m is None:
+        return None
+    worker = int(m.group(1)) - base
+    return worker if 0 <= worker < workers else None
 
 
 def branch_worker(data: bytes) -> int | None:
@@ -450,6 +463,12 @@ class ProxyServer:
         self.relay_group = relay_group
         # a random key unless the supervisor gives one (all workers must share it)
         self._call_id_hasher = call_id_hasher(relay_key or os.urandom(32))
+        # the kernel picks the worker of a datagram on the shared UDP port by its Call-ID
+        # (proxy/spread.py): set when the program is attached to every shared UDP socket
+        self.kernel_spread = False
+        self._spread_scan = 0
+        self._spread_keys = spread.keys_from(relay_key or os.urandom(32))
+        self._range_base = (worker_port - worker_index) if worker_port is not None else 0
         self._relay_server: asyncio.base_events.Server | None = None
         self._outboxes: dict[int, _RelayOutbox] = {}
         # TLS: accepted connections (tls: listen entries), connections we open (TLS gateways
@@ -524,10 +543,13 @@ class ProxyServer:
                         reuse_address=True)
                     self.tcp_servers.append(server)
                     self._own_tcp_servers.append(server)
+        spread_scans: list[int] = []
         for transport, host, port in self.listen:
             if transport == "udp":
                 family, udp = await self._open_udp(host, port, own=False)
                 self.udp.setdefault(family, udp)
+                if self.worker_count > 1:
+                    spread_scans.append(self._spread_scan)
             else:
                 # tls: a plain TCP accept, admitted under the caps, then the handshake;
                 # SO_REUSEPORT even with one worker: an instance taking over (`run
@@ -538,6 +560,11 @@ class ProxyServer:
                     reuse_address=True, reuse_port=True)
                 self.tcp_servers.append(server)
                 self.shared_tcp_servers.append(server)
+        if spread_scans:
+            self.kernel_spread = min(spread_scans) > 0
+            log.info("udp_spread", worker=self.worker_index,
+                     mode="kernel_call_id" if self.kernel_spread else "relay_call_id",
+                     scan_bytes=min(spread_scans))
         if self.worker_count > 1:
             self._relay_server = await self.loop.create_unix_server(
                 lambda: _RelayInbox(self), relay_address(self.relay_group, self.worker_index))
@@ -557,10 +584,21 @@ class ProxyServer:
         except OSError:
             sock.close()
             raise
+        if not own and self.worker_count > 1:
+            self._spread_scan = self._spread(sock)
         udp, _ = await self.loop.create_datagram_endpoint(
             lambda: (_OwnUdpEndpoint if own else _UdpEndpoint)(self), sock=sock)
         self._udp_sockets.append(udp)
         return family, udp
+
+    def _spread(self, sock: socket.socket) -> int:
+        """Attach the Call-ID program to the shared socket's group; the bytes it scans, or 0
+        where the kernel refuses it (the workers then pass requests by Call-ID themselves)."""
+        try:
+            return spread.attach(sock, self.worker_count, self._spread_keys)
+        except OSError as exc:
+            log.warning("udp_spread_unavailable", worker=self.worker_index, error=str(exc))
+            return 0
 
     async def bind_spare(self, port: int) -> None:
         """Also serve `port` (the spare worker-port range) like this worker's own port, without
@@ -656,8 +694,13 @@ class ProxyServer:
             owner = branch_worker(data)
             return owner if owner is not None and owner < self.worker_count else None
         if shared and self._relays_from(source[0]):
-            # a request on the shared port from a peer that may send us requests goes to its
-            # Call-ID's owner; from anyone else it is refused here, at no relay cost
+            # a request on the shared port from a peer that may send us requests: where the
+            # kernel spreads by Call-ID (proxy/spread.py) it is already at its call's worker,
+            # unless it is an in-dialog request naming another worker's port in its Route (the
+            # callee's, whose Call-ID differs, or one sent before a worker restarted); else it
+            # goes to its Call-ID's owner. From anyone else it is refused here, at no relay cost
+            if self.kernel_spread:
+                return route_worker(data, self._range_base, self.worker_count)
             return call_id_owner(data, self.worker_count, self._call_id_hasher)
         return None
 
