@@ -3,9 +3,12 @@ the binding-lookup step.
 
 With several workers, each binds the shared SIP port (SO_REUSEPORT) and a port of its own. Its
 Via and Record-Route name its own port, so responses to what it forwards and the in-dialog
-requests of its calls come straight to it; what lands on the shared port is passed to the worker
-that owns it (initial requests by a keyed hash of the Call-ID, responses by the worker index in
-the branch) over a unix socket.
+requests of its calls come straight to it. On the shared UDP port the kernel picks the worker
+by the Call-ID (proxy/spread.py), so every request a caller sends in a call reaches the worker
+that took its INVITE, even from a trunk that ignores the Record-Route; a worker passes on, over a
+unix socket, only what belongs elsewhere: a response by the worker index in its branch, an
+in-dialog request by the worker port its Route names. Where the kernel refuses the program,
+requests go to the owner of their Call-ID by a keyed hash instead.
 
 Everything protocol-shaped happens in `ProxyCore`; this module moves bytes, reads the clock and
 awaits the store. The per-datagram path is synchronous: parse, decide, send, with the binding

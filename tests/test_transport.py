@@ -20,7 +20,13 @@ from proxy.config import OverloadConfig
 from proxy.core import CoreSettings, Hop, ProxyCore
 from proxy.logs import NonBlockingLineWriter
 from proxy.privacy import DialogSealer
-from proxy.transport import ProxyServer, branch_worker, call_id_hasher, call_id_owner
+from proxy.transport import (
+    ProxyServer,
+    branch_worker,
+    call_id_hasher,
+    call_id_owner,
+    route_worker,
+)
 
 
 def response(via_rows: list[str], status: str = "200 OK") -> bytes:
@@ -79,6 +85,27 @@ def test_branch_the_core_writes_names_its_worker() -> None:
         assert len(forwarded) == 1
         top_via = next(row for row in forwarded[0].split(b"\r\n") if row.startswith(b"Via:"))
         assert branch_worker(response([top_via.decode()])) == index
+
+
+# ---- in-dialog requests on the shared port: by the worker port their top Route names -----------
+
+@pytest.mark.parametrize(("rows", "worker"), [
+    (["Route: <sip:127.0.0.1:5062;lr;s7t=abc>", "Route: <sip:10.0.0.9:5062;lr>"], 1),
+    (["route:<sip:127.0.0.1:5061;lr>"], 0),
+    (["ROUTE: <sip:[::1]:5063;lr;s7t=x>"], 2),
+    (["Route: <sip:127.0.0.1:5062;lr>, <sip:127.0.0.1:5061;lr>"], 1),
+    (["Route: \"p\" <sip:127.0.0.1:5061;transport=udp;lr>"], 0),
+    (["Record-Route: <sip:127.0.0.1:5062;lr>"], None),  # not a Route
+    (["Route: <sip:127.0.0.1:5064;lr>"], None),  # past the range
+    (["Route: <sip:127.0.0.1:5060;lr>"], None),  # the shared port: here
+    (["Route: <sip:127.0.0.1;lr>"], None),  # no port
+    ([], None),  # an initial request
+])
+def test_route_names_the_worker(rows: list[str], worker: int | None) -> None:
+    data = ("\r\n".join(["BYE sip:b@10.0.0.2 SIP/2.0", "Via: SIP/2.0/UDP h;branch=z9hG4bK1",
+                          *rows, "Call-ID: c1", "CSeq: 2 BYE", "Content-Length: 0"])
+            + "\r\n\r\n").encode()
+    assert route_worker(data, 5061, 3) == worker
 
 
 # ---- requests: by a keyed hash of the Call-ID ---------------------------------------------------

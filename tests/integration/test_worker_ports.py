@@ -5,15 +5,16 @@ A and B are plain UDP sockets driven byte by byte (tests/integration/rawsip.py),
 carrier gateway's port; plain TCP sockets for the TCP side of the worker ports.
 
 With `workers: 2`, worker i listens on transport.worker_port_base + i as well as on the shared
-port, and names its own port in its Via and Record-Route. Only an initial request that the
-kernel hands to the other worker crosses between workers (over the relay); its responses and
-the dialog's ACK and BYE, sent where the Via and the Record-Route say, are never relayed. Before
-worker ports, about half of all messages of a call crossed.
+port, and names its own port in its Via and Record-Route: the responses and the dialog's ACK and BYE,
+sent where the Via and the Record-Route say, are never relayed. On the shared port the kernel
+picks the worker by Call-ID (proxy/spread.py), so what one caller sends there stays with its
+call too. Before worker ports, about half of all messages of a call crossed.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import socket
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from tests.integration.rawsip import (
     Peer,
     answer_call,
     describe,
+    establish,
     is_request,
     is_response,
     start_call,
@@ -168,3 +170,42 @@ def test_one_worker_binds_no_port_of_its_own(tmp_path: Path, proxies: list[Proxy
     finally:
         a.close()
         b.close()
+
+
+def test_one_source_sending_everything_to_the_shared_port_is_spread_without_relay(
+    tmp_path: Path, proxies: list[ProxyProcess]
+) -> None:
+    """A sends its INVITEs, ACKs and BYEs all to the shared port from one socket, as SIPp does
+    (it ignores the Record-Route). The kernel hands each datagram to the worker its Call-ID
+    names (proxy/spread.py): both workers carry calls and nothing crosses between them. B's
+    BYE to the shared port (its Call-ID is the sealed one, so the kernel may pick the other
+    worker) is passed to the worker its Route names, and reaches A."""
+    b = Peer(name="B")
+    a = Peer(name="A")
+    try:
+        proxy, base = start(tmp_path, proxies, 2, b.port)
+        modes = [json.loads(ln)["mode"] for ln in proxy.log_lines() if '"udp_spread"' in ln]
+        assert modes == ["kernel_call_id", "kernel_call_id"], modes
+        used: set[int] = set()
+        for _ in range(CALLS):
+            dialog, _ = start_call(proxy.port, a, b)
+            answer_call(dialog, ack=False)
+            assert dialog.invite_at_b is not None
+            used.add(via_port(dialog.invite_at_b.msg.header_values("via")[0]))
+            dialog.ack_from_a()  # dialog.proxy is the shared port
+            dialog.bye_from_a()
+            assert a.log[-1].msg.status == 200, describe(dialog.a_received())
+        assert used == {base, base + 1}, f"the calls used worker ports {used}"
+        for _ in range(10):
+            dialog = establish(proxy.port, a, b)
+            dialog.request_from_b("BYE")
+            bye = a.wait(is_request("BYE"))
+            assert bye is not None, f"B's BYE never reached A; A got {describe(a.pending)}"
+            a.answer(bye, 200, "OK")
+            assert b.wait(is_response(200, "BYE")) is not None, describe(b.pending)
+    finally:
+        a.close()
+        b.close()
+    stats = proxy.stop_and_read_stats()
+    assert stats.get("calls_routed") == CALLS + 10, stats
+    assert stats.get("relayed", 0) <= 10, stats  # B's BYEs only, at most
