@@ -57,9 +57,9 @@ _MEMINFO = struct.Struct("9I")
 _CALL_ID = re.compile(rb"\n(?:call-id|i)[ \t]*:[ \t]*([^\r\n]+)", re.IGNORECASE)
 # the top Via row of a message, long or compact form, any case
 _VIA = re.compile(rb"\n(?:via|v)[ \t]*:", re.IGNORECASE)
-# the port of the top Route row's URI (any case; our Route URIs carry no user part, an IPv6
-# host is bracketed, so the first ":port" before ";" or ">" is the port)
-_ROUTE_PORT = re.compile(rb"\n[Rr][Oo][Uu][Tt][Ee][ \t]*:[^\r\n]*?:(\d{1,5})[;>]")
+# after a Route row's name (Route, route or ROUTE), the port of its URI: our Route URIs carry no
+# user part and an IPv6 host is bracketed, so the first ":port" before ";" or ">" is the port
+_ROUTE_PORT = re.compile(rb"[ \t]*:[^\r\n]*?:(\d{1,5})[;>]")
 # the core's branches: z9hG4bKs7 + 3 lowercase hex digits of the worker index + salt + sequence
 _OUR_BRANCH = b"branch=z9hG4bKs7"
 _HEX = b"0123456789abcdef"
@@ -95,7 +95,13 @@ def call_id_owner(data: bytes, workers: int, hasher: Any) -> int:
 def route_worker(data: bytes, base: int, workers: int) -> int | None:
     """The worker whose own port (base + index) the top Route of a request names; None when
     it names no port of that range (an initial request: no Route to us)."""
-    m = _ROUTE_PORT.search(data)
+    for name in (b"\nRoute", b"\nroute", b"\nROUTE"):  # a literal find: no regex over the
+        at = data.find(name)                             # whole of every INVITE
+        if at >= 0:
+            break
+    else:
+        return None
+    m = _ROUTE_PORT.match(data, at + 6)
     if m is None:
         return None
     worker = int(m.group(1)) - base
