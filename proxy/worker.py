@@ -420,8 +420,8 @@ class Worker:
                  config=self.config_path, generation=self.generation,
                  compiled=compiled.status())
         stale = compiled.stale_modules()
-        if stale:  # their .py changed after scripts/build-compiled: the old code is running
-            log.warning("compiled_stale", modules=stale,
+        if stale:  # their .py changed after scripts/build-compiled: the sources run instead
+            log.warning("compiled_stale", modules=stale, running="source",
                         fix="scripts/build-compiled, or scripts/build-compiled --clean")
         if self.ready_fd is not None:
             with contextlib.suppress(OSError):

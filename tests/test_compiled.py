@@ -7,6 +7,7 @@ builds and runs it again against the compiled ones (=1): each run checks it test
 from __future__ import annotations
 
 import ast
+import importlib.machinery
 import os
 import subprocess
 import sys
@@ -76,3 +77,27 @@ def test_no_compiled_function_binds_one_name_to_two_exception_types() -> None:
         for problem in _reused_exception_names(ast.parse(source(module).read_text())):
             found.append(f"{module}.{problem}")
     assert found == []
+
+
+def test_a_stale_build_is_not_used(tmp_path: Path) -> None:
+    """A copy of the package whose proxy/sip/uri has an extension file older than its source
+    (edited after the build): every listed module loads from source, and the process says so.
+    The extension here is not even a shared library: had it been loaded, the import would fail."""
+    import shutil
+
+    shutil.copytree(ROOT / "proxy", tmp_path / "proxy",
+                    ignore=shutil.ignore_patterns("*.so", "__pycache__"))
+    suffix = importlib.machinery.EXTENSION_SUFFIXES[0]
+    fake = tmp_path / "proxy" / "sip" / f"uri{suffix}"
+    fake.write_bytes(b"not a shared library")
+    old = (tmp_path / "proxy" / "sip" / "uri.py").stat().st_mtime - 60
+    os.utime(fake, (old, old))
+    script = ("import proxy.core, proxy.sip.uri as u; from proxy import compiled; "
+              "print(u.__file__); print(compiled.status()); print(compiled.stale_modules())")
+    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(tmp_path)})
+    assert done.returncode == 0, done.stderr
+    path, state, stale = done.stdout.splitlines()
+    assert path == str(tmp_path / "proxy" / "sip" / "uri.py")
+    assert state == "false (stale build ignored)"
+    assert stale == "['proxy.sip.uri']"

@@ -5,10 +5,10 @@ A and B are plain UDP sockets driven byte by byte (tests/integration/rawsip.py),
 carrier gateway's port; plain TCP sockets for the TCP side of the worker ports.
 
 With `workers: 2`, worker i listens on transport.worker_port_base + i as well as on the shared
-port, and names its own port in its Via and Record-Route: the responses and the dialog's ACK and BYE,
-sent where the Via and the Record-Route say, are never relayed. On the shared port the kernel
-picks the worker by Call-ID (proxy/spread.py), so what one caller sends there stays with its
-call too. Before worker ports, about half of all messages of a call crossed.
+port, and names its own port in its Via and Record-Route: the responses and the dialog's ACK
+and BYE, sent where the Via and the Record-Route say, are never relayed. On the shared port the
+kernel picks the worker by Call-ID (proxy/spread.py), so what one caller sends there stays
+with its call too. Before worker ports, about half of all messages of a call crossed.
 """
 
 from __future__ import annotations
