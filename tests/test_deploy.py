@@ -167,3 +167,21 @@ async def test_workers_collect_the_young_generations_on_a_clock() -> None:
         gc.set_threshold(*old)
     assert passes.count(0) >= 5 and passes.count(1) >= 2
     assert 2 not in passes
+
+
+def test_the_image_builds_with_the_compiler_the_suite_tests() -> None:
+    """The Dockerfile's compiled build installs deploy/build-constraints.txt: the same mypy (so
+    the same mypyc) as pyproject.toml's `compiled` extra, with which scripts/test builds."""
+    extra = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"]["compiled"]
+    (mypy,) = [Requirement(r) for r in extra if r.startswith("mypy")]
+    pins = {}
+    for line in (DEPLOY / "build-constraints.txt").read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            req = Requirement(line)
+            pins[req.name.lower()] = req
+    assert str(pins["mypy"].specifier) == str(mypy.specifier)
+    assert all(str(r.specifier).startswith("==") for r in pins.values()), pins
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert "-r /tmp/build-constraints.txt" in dockerfile and "ARG COMPILED=1" in dockerfile
