@@ -442,12 +442,13 @@ class ProxyCore:
                                 lambda ip: is_trusted(ip) or self.is_gateway_ip(ip))
 
     def refuse_flood(self, source: Address, transport: str, now: float, *,
-                     data: bytes | None = None, msg: SipMessage | None = None) -> bool:
-        """Count a request from `source` (never a response); True when flood protection
-        refuses it: answered 503 with Retry-After (action reply) or dropped (action drop).
-        Call only while `self.flood` is set."""
+                     data: bytes | None = None, msg: SipMessage | None = None,
+                     weight: int = 1) -> bool:
+        """Count a request from `source` (never a response) as `weight` requests (FloodGuard);
+        True when flood protection refuses it: answered 503 with Retry-After (action reply) or
+        dropped (action drop). Call only while `self.flood` is set."""
         assert self.flood is not None
-        verdict = self.flood.check(source[0], now)
+        verdict = self.flood.check(source[0], now, weight)
         if verdict == ALLOWED:
             return False
         fs = self.settings.flood

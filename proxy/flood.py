@@ -52,8 +52,12 @@ class FloodGuard:
     def __len__(self) -> int:
         return len(self._sources)
 
-    def check(self, ip: str, now: float) -> int:
-        """ALLOWED, BLOCKED, or NEWLY_BLOCKED (this request started a cool-down: log it)."""
+    def check(self, ip: str, now: float, weight: int = 1) -> int:
+        """ALLOWED, BLOCKED, or NEWLY_BLOCKED (this request started a cool-down: log it).
+
+        `weight`: how many of the source's requests this one stands for: the number of workers
+        when the kernel spreads a source's datagrams evenly over them (proxy/spread.py), so that
+        each worker, seeing its share, blocks the source at the limit for all of them."""
         entry = self._sources.get(ip)
         if entry is None:
             entry = self._track(ip, now)
@@ -67,9 +71,9 @@ class FloodGuard:
         second = int(now)
         if entry[0] != second:
             entry[0] = second
-            entry[1] = 1
+            entry[1] = weight
             return ALLOWED
-        entry[1] += 1
+        entry[1] += weight
         if entry[1] <= limit:
             return ALLOWED
         entry[2] = now + self.cooldown_s

@@ -476,6 +476,7 @@ class ProxyServer:
         # (proxy/spread.py): set when the program is attached to every shared UDP socket
         self.kernel_spread = False
         self._spread_scan = 0
+        self._flood_weight = 1  # what a UDP request counts for in policy.flood (FloodGuard)
         self._spread_keys = spread.keys_from(relay_key or os.urandom(32))
         self._range_base = (worker_port - worker_index) if worker_port is not None else 0
         self._relay_server: asyncio.base_events.Server | None = None
@@ -571,6 +572,8 @@ class ProxyServer:
                 self.shared_tcp_servers.append(server)
         if spread_scans:
             self.kernel_spread = min(spread_scans) > 0
+            # one source's datagrams are spread over every worker: each sees its share
+            self._flood_weight = self.worker_count if self.kernel_spread else 1
             log.info("udp_spread", worker=self.worker_index,
                      mode="kernel_call_id" if self.kernel_spread else "relay_call_id",
                      scan_bytes=min(spread_scans))
@@ -682,7 +685,8 @@ class ProxyServer:
         if not data.strip(b"\r\n"):
             return  # keep-alive
         if self.core.flood is not None and not data.startswith(b"SIP/2.0 ") and \
-                self.core.refuse_flood(source, "udp", time.monotonic(), data=data):
+                self.core.refuse_flood(source, "udp", time.monotonic(), data=data,
+                                       weight=self._flood_weight):
             self.flush()  # policy.flood: counted here, before any relay to another worker
             return
         owner = self._owner(data, source, shared) if self.worker_count > 1 else None

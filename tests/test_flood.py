@@ -28,6 +28,15 @@ def test_over_the_limit_in_one_second_blocks_for_the_cooldown() -> None:
     assert g.blocked_sources(110.5) == []
 
 
+def test_a_worker_seeing_its_share_blocks_at_the_limit_for_all() -> None:
+    """Two workers, each handed half of one source's datagrams by the kernel, count each as
+    two: a limit of 6 a second lets each worker pass 3, 6 in all, not 12."""
+    workers = [guard(limit=6), guard(limit=6)]
+    verdicts = [workers[i % 2].check("10.0.0.1", 100.1 + i * 0.05, weight=2) for i in range(10)]
+    assert verdicts.count(ALLOWED) == 6 and verdicts[6:] == [NEWLY_BLOCKED, NEWLY_BLOCKED,
+                                                            BLOCKED, BLOCKED]
+
+
 def test_the_window_is_per_second() -> None:
     g = guard()
     for second in range(10):  # 3 a second, every second: never blocked
