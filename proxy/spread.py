@@ -16,11 +16,12 @@ that names another worker's port in its Route is passed there (transport.py).
 How the program reads a datagram (the UDP payload, from its first byte): it looks for
 "\\nCal" at every offset below SCAN_BYTES (classic BPF has no loops: the scan is unrolled,
 4 instructions an offset), checks that the row is `Call-ID: ` (any case for "l-ID", one space),
-and hashes the 8 bytes after it with per-instance random keys. What it cannot read that way
-(compact form `i:`, no space, a Call-ID row past SCAN_BYTES) falls back to the kernel's own
-choice by addresses (consistent for a source); a datagram shorter than the place it reads goes
-to socket 0 (classic BPF ends the program with 0 on a load past the end). A Call-ID shorter than
-8 bytes hashes the bytes after it too: still one socket per datagram layout, not per call.
+and hashes the 8 bytes after it with keys derived from the instance's random secret. What it
+cannot read that way (compact form `i:`, no space, a Call-ID row past SCAN_BYTES) falls back
+to the kernel's own choice by addresses (consistent for a source); a datagram shorter than the
+place it reads goes to socket 0 (classic BPF ends the program with 0 on a load past the end).
+A Call-ID shorter than 8 bytes hashes the bytes after it too: still one socket per datagram
+layout, not per call.
 """
 
 from __future__ import annotations
@@ -32,7 +33,6 @@ import socket
 import struct
 
 SO_ATTACH_REUSEPORT_CBPF = 51
-SO_DETACH_REUSEPORT_BPF = 68
 SCAN_BYTES = 900  # offsets scanned for the Call-ID row: 4 instructions each
 MIN_SCAN_BYTES = 100  # below that, not worth it: the kernel's choice by addresses
 FALLBACK = 0xFFFFFFFF  # an index past the last socket: the kernel chooses by addresses
