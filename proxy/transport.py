@@ -471,13 +471,14 @@ class ProxyServer:
         self.worker_count = worker_count
         self.relay_group = relay_group
         # a random key unless the supervisor gives one (all workers must share it)
-        self._call_id_hasher = call_id_hasher(relay_key or os.urandom(32))
+        secret = relay_key or os.urandom(32)
+        self._call_id_hasher = call_id_hasher(secret)
         # the kernel picks the worker of a datagram on the shared UDP port by its Call-ID
         # (proxy/spread.py): set when the program is attached to every shared UDP socket
         self.kernel_spread = False
-        self._spread_scan = 0
+        self._spread_scans: list[int] = []  # per shared UDP socket: bytes scanned, 0: refused
         self._flood_weight = 1  # what a UDP request counts for in policy.flood (FloodGuard)
-        self._spread_keys = spread.keys_from(relay_key or os.urandom(32))
+        self._spread_keys = spread.keys_from(secret)
         self._range_base = (worker_port - worker_index) if worker_port is not None else 0
         self._relay_server: asyncio.base_events.Server | None = None
         self._outboxes: dict[int, _RelayOutbox] = {}
@@ -553,13 +554,10 @@ class ProxyServer:
                         reuse_address=True)
                     self.tcp_servers.append(server)
                     self._own_tcp_servers.append(server)
-        spread_scans: list[int] = []
         for transport, host, port in self.listen:
             if transport == "udp":
                 family, udp = await self._open_udp(host, port, own=False)
                 self.udp.setdefault(family, udp)
-                if self.worker_count > 1:
-                    spread_scans.append(self._spread_scan)
             else:
                 # tls: a plain TCP accept, admitted under the caps, then the handshake;
                 # SO_REUSEPORT even with one worker: an instance taking over (`run
@@ -570,13 +568,14 @@ class ProxyServer:
                     reuse_address=True, reuse_port=True)
                 self.tcp_servers.append(server)
                 self.shared_tcp_servers.append(server)
-        if spread_scans:
-            self.kernel_spread = min(spread_scans) > 0
+        if self._spread_scans:
+            scan = min(self._spread_scans)
+            self.kernel_spread = scan > 0
             # one source's datagrams are spread over every worker: each sees its share
             self._flood_weight = self.worker_count if self.kernel_spread else 1
             log.info("udp_spread", worker=self.worker_index,
                      mode="kernel_call_id" if self.kernel_spread else "relay_call_id",
-                     scan_bytes=min(spread_scans))
+                     scan_bytes=scan)
         if self.worker_count > 1:
             self._relay_server = await self.loop.create_unix_server(
                 lambda: _RelayInbox(self), relay_address(self.relay_group, self.worker_index))
@@ -597,7 +596,7 @@ class ProxyServer:
             sock.close()
             raise
         if not own and self.worker_count > 1:
-            self._spread_scan = self._spread(sock)
+            self._spread_scans.append(self._spread(sock))
         udp, _ = await self.loop.create_datagram_endpoint(
             lambda: (_OwnUdpEndpoint if own else _UdpEndpoint)(self), sock=sock)
         self._udp_sockets.append(udp)
