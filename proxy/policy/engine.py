@@ -126,7 +126,9 @@ class PolicyEngine:
     def _compile_counters(self, owner: str, scope: Scope) -> tuple[list, list, Any]:
         """A scope's counters with their key prefixes made once: (per, key base, fields)."""
         p = self.spec.key_prefix
-        rates = [(r.per, f"{p}r:{owner}:{r.name}:", r.name, r.max_calls, r.window_ms,
+        # "l:", the rate limits' lists ("r:" held sorted sets before 2026-12-03: other keys,
+        # so an older instance's counters never meet a newer one's type)
+        rates = [(r.per, f"{p}l:{owner}:{r.name}:", r.name, r.max_calls, r.window_ms,
                   r.refusal) for r in scope.rates]
         conc = [(c.per, f"{p}c:{owner}:{c.name}:", c.name, c.max_calls, 0, c.refusal)
                 for c in scope.concurrency]

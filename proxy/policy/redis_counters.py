@@ -1,7 +1,9 @@
 """The policy's counters in Redis: one Lua script per call checks and updates them atomically.
 
-- rate limits: a sorted set per (rule, subject) of the calls let through, scored by time (ms);
-  entries older than the window are trimmed first: a sliding window, exact.
+- rate limits: a list per (rule, subject) of the times (ms) of the last `max_calls` calls let
+  through, newest first: a call is refused while the oldest of them is still in the window. A
+  sliding window, exact, at two commands a check and one or two an update (a sorted set of
+  every call in the window took four, and more memory).
 - concurrency: a sorted set per (rule, subject) of the calls holding a place, scored by the
   end of their lease; a call's hold key lists the sets it is in. The worker that let the call
   through refreshes the lease of its answered calls every lease/3; the end of the call (its
@@ -30,8 +32,8 @@ local a = 7
 for i = 1, nr do
   local key, max, win = KEYS[i], tonumber(ARGV[a]), tonumber(ARGV[a + 1])
   a = a + 2
-  redis.call('ZREMRANGEBYSCORE', key, '-inf', now - win)
-  if redis.call('ZCARD', key) >= max then return {'rate', i} end
+  local nth = redis.call('LINDEX', key, max - 1)
+  if nth and now - tonumber(nth) < win then return {'rate', i} end
 end
 for i = 1, nc do
   local key, max = KEYS[nr + i], tonumber(ARGV[a])
@@ -49,9 +51,9 @@ if nb == 1 then
 end
 a = 7
 for i = 1, nr do
-  local key, win = KEYS[i], tonumber(ARGV[a + 1])
+  local key, max, win = KEYS[i], tonumber(ARGV[a]), tonumber(ARGV[a + 1])
   a = a + 2
-  redis.call('ZADD', key, now, member .. '@' .. now)
+  if redis.call('LPUSH', key, now) > max then redis.call('LTRIM', key, 0, max - 1) end
   redis.call('PEXPIRE', key, win)
 end
 local held = {}

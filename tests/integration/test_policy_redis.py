@@ -70,6 +70,28 @@ async def test_sliding_window_allows_n_calls_then_refuses_until_one_ages_out(
     assert (await decide(e, counters, facts(6), t0 + 60_001)).connect
     # another caller has its own window
     assert (await decide(e, counters, facts(7, caller="13800000002"), t0 + 60_002)).connect
+    # the caller's list keeps the last max_calls times only, newest first, and expires
+    key = (await client.keys(prefix + "l:*caller-min:" + A))[0]
+    assert [int(t) for t in await client.lrange(key, 0, -1)] == [
+        t0 + 60_001, t0 + 20_000, t0 + 10_000]
+    assert 0 < await client.pttl(key) <= 60_000
+    # the boundary: a call exactly one window after the oldest counted one is let through
+    assert (await decide(e, counters, facts(8), t0 + 70_000)).connect
+    assert not (await decide(e, counters, facts(9), t0 + 79_999)).connect
+
+
+async def test_a_lower_cap_after_a_reload_counts_the_calls_already_made(
+        prefix: str, client: aioredis.Redis) -> None:
+    rule = {"name": "caller-min", "per": "caller", "max_calls": 4, "window_s": 60}
+    counters = RedisCounters(client, prefix + "h:", 120_000)
+    t0 = 1_000_000_000
+    e = engine(prefix, {"rate_limits": [rule]})
+    assert all([(await decide(e, counters, facts(i), t0 + i)).connect for i in range(3)])
+    lower = engine(prefix, {"rate_limits": [{**rule, "max_calls": 2}]})
+    assert not (await decide(lower, counters, facts(3), t0 + 10)).connect
+    higher = engine(prefix, {"rate_limits": [{**rule, "max_calls": 4}]})
+    assert (await decide(higher, counters, facts(4), t0 + 11)).connect
+    assert not (await decide(higher, counters, facts(5), t0 + 12)).connect
 
 
 async def test_two_clients_share_one_cap(prefix: str) -> None:
@@ -186,8 +208,8 @@ async def test_one_write_checks_a_batch_of_calls_in_order(
         verdicts = [e.counter_verdict(f, p, r) for (p, f), r in zip(calls, replies, strict=True)]
         assert [v.connect for v in verdicts] == [True, True, True, False, False]
         assert verdicts[3].rule == "x-cap"
-        (key,) = await client.keys(prefix + "r:*")
-        assert await client.zcard(key) == 3  # counted once each, NOSCRIPT retry or not
+        (key,) = await client.keys(prefix + "l:*")
+        assert await client.llen(key) == 3  # counted once each, NOSCRIPT retry or not
     finally:
         lean.close()
 

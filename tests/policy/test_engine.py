@@ -119,8 +119,8 @@ def test_plan_names_one_counter_per_rule_and_subject() -> None:
     plan = e.plan(facts())
     assert plan is not None
     assert [c.key for c in plan.rates] == [
-        f"sip700:policy:r::caller-min:{A}", "sip700:policy:r::t-day:shop1",
-        f"sip700:policy:r:shop1:caller-min:{B}"]
+        f"sip700:policy:l::caller-min:{A}", "sip700:policy:l::t-day:shop1",
+        f"sip700:policy:l:shop1:caller-min:{B}"]
     assert [(c.key, c.limit) for c in plan.concurrency] == [(f"sip700:policy:c::x-conc:{X}", 2)]
     assert plan.bulk is not None and plan.bulk.key == f"sip700:policy:b:shop1:{A}"
     no_tenant = e.plan(facts(tenant=None))
