@@ -40,6 +40,9 @@ MODULES = (
     "proxy.legs",
     "proxy.calltime",
     "proxy.flood",
+    "proxy.policy.blocklist",
+    "proxy.policy.windows",
+    "proxy.policy.engine",
     "proxy.gateways",
     "proxy.core",
 )

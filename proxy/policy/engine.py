@@ -17,6 +17,7 @@ from typing import Any, NamedTuple
 from proxy.numbers import normalize_number
 from proxy.policy.blocklist import Blocklist
 from proxy.policy.spec import PolicySpec, Refusal, Scope, WebhookSpec
+from proxy.policy.windows import TimeWindow
 
 MAX_CALL_S_LIMIT = 86_400  # a webhook's max_call_s above a day is a mistake: ignored
 
@@ -101,7 +102,7 @@ class PolicyEngine:
     def local(self, facts: CallFacts, wall: float) -> Decision | None:
         """A refusal by blocklist or time window, or None (go on)."""
         g, t = self.spec.glob, self._tenant(facts)
-        lists = [(g.blocklist, g.block_refusal)]
+        lists: list[tuple[Blocklist | None, Refusal | None]] = [(g.blocklist, g.block_refusal)]
         if t is not None:
             lists.append((t.blocklist, t.block_refusal))
         redis_lists = self.redis_blocklists
@@ -114,6 +115,7 @@ class PolicyEngine:
                 kind = blocklist.match(facts.caller, facts.callee, facts.x)
                 if kind is not None:
                     return self.refuse(facts, "blocklist", refusal, detail=kind)
+        window: TimeWindow | None
         if t is not None and t.time_window is not None:
             window, refusal = t.time_window, t.window_refusal
         else:
@@ -224,7 +226,8 @@ class PolicyEngine:
             reason = reply.get("reason")
             refusal = Refusal(code if isinstance(code, int) and not isinstance(code, bool)
                               and 400 <= code <= 699 else 0,
-                              reason if _safe_reason(reason) else "")
+                              reason if isinstance(reason, str) and _safe_reason(reason)
+                              else "")
             return self.refuse(facts, "webhook", refusal if refusal.code or refusal.reason
                                else hook.refusal, detail="tenant refused"), ""
         if action != "connect":
