@@ -32,6 +32,7 @@ import socket
 import ssl
 import struct
 import time
+from functools import partial
 from typing import Any
 
 import structlog
@@ -203,7 +204,7 @@ class _TcpConnection(asyncio.Protocol):
             addr = transport.get_extra_info("peername")
             self.peer = (addr[0], addr[1])
             if not server.admit(self):
-                transport.abort()  # over a connection cap: closed at once
+                transport.abort()  # type: ignore[attr-defined]  # over a connection cap
                 return
         high = server.tcp_write_high
         self.transport.set_write_buffer_limits(high=high, low=high // 4)  # type: ignore[union-attr]
@@ -213,7 +214,7 @@ class _TcpConnection(asyncio.Protocol):
             ctx = server.tls_server if accepted else server.tls_client
             if ctx is None:  # no TLS configured for this direction: nothing to talk
                 server.count("tls_not_configured")
-                transport.abort()
+                transport.abort()  # type: ignore[attr-defined]
                 return
             try:
                 self.tls = TlsLayer(ctx, server_side=accepted,
@@ -564,7 +565,7 @@ class ProxyServer:
                 # --takeover`) binds next to this one (`run` refuses a port held otherwise)
                 tls = transport == "tls"
                 server = await self.loop.create_server(
-                    lambda tls=tls: _TcpConnection(self, tls=tls), host, port,
+                    partial(_TcpConnection, self, tls=tls), host, port,
                     reuse_address=True, reuse_port=True)
                 self.tcp_servers.append(server)
                 self.shared_tcp_servers.append(server)
