@@ -45,6 +45,7 @@ MODULES = (
     "proxy.policy.engine",
     "proxy.gateways",
     "proxy.core",
+    "proxy.transport",
 )
 SHARED_LIBRARY = "proxy._native"  # mypyc's group name: its library is proxy/_native__mypyc.*.so
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
