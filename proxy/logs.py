@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
+import json
 import logging
 import os
 import select
 import socket
 import stat
 import sys
+from collections.abc import Callable
+from typing import Any, cast
 
 import structlog
 
@@ -36,6 +40,7 @@ class NonBlockingLineWriter:
         self.pending = bytearray()
         self.dropped = 0
         self._scheduled = False
+        self._loop: asyncio.AbstractEventLoop | None = None  # the loop the flush waits on
         self._fd = fd
         self._sock: socket.socket | None = None
         self._write = self._plain_write
@@ -64,7 +69,11 @@ class NonBlockingLineWriter:
     def write_line(self, line: str) -> None:
         """Write one record (a line without its newline), or drop it whole."""
         data = (line + "\n").encode("utf-8", "replace")
-        loop = asyncio._get_running_loop()
+        scheduled = self._loop
+        if self._scheduled and scheduled is not None and scheduled.is_running():
+            loop: asyncio.AbstractEventLoop | None = scheduled  # (no getpid() a record)
+        else:
+            loop = asyncio._get_running_loop()
         if loop is not None:
             # inside an event loop: every record of this loop pass goes out in one write, at
             # the end of the pass (one syscall instead of one per record)
@@ -72,8 +81,9 @@ class NonBlockingLineWriter:
                 self.dropped += 1
                 return
             self.pending += data
-            if not self._scheduled:
+            if not self._scheduled or loop is not scheduled:
                 self._scheduled = True
+                self._loop = loop
                 loop.call_soon(self._flush_soon)
             return
         if self.pending and not self.flush():
@@ -131,6 +141,7 @@ class NonBlockingLineWriter:
         self.pending = bytearray()
         self.dropped = 0
         self._scheduled = False
+        self._loop = None
 
 
 class _LineLogger:
@@ -144,6 +155,7 @@ class _LineLogger:
 
 
 _writer: NonBlockingLineWriter | None = None
+_setup: tuple[str, str, dict[str, str]] | None = None  # (format, level, levels) configured
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
            "warn": logging.WARNING, "error": logging.ERROR, "exception": logging.ERROR,
            "critical": logging.CRITICAL, "fatal": logging.CRITICAL, "msg": logging.INFO}
@@ -195,7 +207,7 @@ def configure_logging(level: str = "info", fmt: str = "json",
     its children included; loggers are filtered up front at the lowest of all levels, then
     per name.
     """
-    global _writer
+    global _writer, _setup
     fmt, tty = resolve_format(fmt)
     renderer: structlog.typing.Processor = (
         structlog.processors.JSONRenderer() if fmt == "json"
@@ -238,6 +250,7 @@ def configure_logging(level: str = "info", fmt: str = "json",
             logger = loggers[name] = _LineLogger(writer, name)
         return logger
 
+    _setup = (fmt, level, levels)
     lowest = min([_level_number(level), *(_level_number(v) for v in levels.values())])
     structlog.configure(
         processors=processors,
@@ -245,3 +258,39 @@ def configure_logging(level: str = "info", fmt: str = "json",
         logger_factory=factory,
         cache_logger_on_first_use=True,
     )
+
+
+def _drop(event: str, **fields: Any) -> None:
+    return None
+
+
+def _utc_now() -> str:
+    return datetime.datetime.now(tz=datetime.UTC).isoformat().replace("+00:00", "Z")
+
+
+def info_logger(name: str) -> Callable[..., None]:
+    """`structlog.get_logger(name).info`, for a logger on the per-message path (the call log).
+
+    With JSON output, the same line is rendered here directly, with the keys in structlog's
+    order (the fields, then event, level, timestamp): it is about a fifth of structlog's cost,
+    which its processor chain spends on every line. A logger whose level drops info lines
+    gets a function that does nothing; the console format goes through structlog.
+    """
+    if _setup is None or _setup[0] != "json" or _writer is None:
+        return cast("Callable[..., None]", structlog.get_logger(name).info)
+    _, level, levels = _setup
+    if logger_level(name, level, levels) > logging.INFO:
+        return _drop
+    write, encode, now = _writer.write_line, _ENCODER.encode, _utc_now
+
+    def info(event: str, **fields: Any) -> None:
+        fields["event"] = event
+        fields["level"] = "info"
+        fields["timestamp"] = now()
+        write(encode(fields))
+
+    return info
+
+
+# structlog's JSONRenderer: json.dumps's defaults, what JSON cannot hold written as its repr
+_ENCODER = json.JSONEncoder(default=repr)

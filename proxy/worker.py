@@ -23,7 +23,7 @@ from typing import Any
 
 import structlog
 
-from proxy import compiled
+from proxy import compiled, logs
 from proxy.config import Config, load_config_text
 from proxy.logs import flush as flush_logs
 from proxy.logs import records_dropped
@@ -161,7 +161,7 @@ def build_core(cfg: Config, key: bytes, index: int = 0, count: int = 1, *,
     from proxy.core import ProxyCore
     from proxy.privacy import DialogSealer
 
-    call_log = structlog.get_logger("sip700.calls").info
+    call_log = logs.info_logger("sip700.calls")
     if metrics is not None:
         call_log = metrics.call_log(call_log)
     core = ProxyCore(core_settings(cfg, index, count, port_range), DialogSealer(key),

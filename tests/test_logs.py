@@ -68,3 +68,69 @@ def test_per_logger_levels_and_the_console_format() -> None:
             assert all(line.startswith("{") for line in lines), out
         else:  # console, without colours off a terminal
             assert not any(line.startswith("{") for line in lines) and "\x1b[" not in out, out
+
+
+def test_writer_batches_again_in_a_second_loop() -> None:
+    """A flush scheduled on one loop never stands for another: records of a later loop's pass
+    go out at the end of that pass too, and none waits forever."""
+    read_fd, write_fd = os.pipe()
+    try:
+        writer = NonBlockingLineWriter(write_fd)
+
+        async def one_pass(tag: str) -> None:
+            writer.write_line(f"{tag}1")
+            writer.write_line(f"{tag}2")
+            await asyncio.sleep(0)
+
+        asyncio.run(one_pass("a"))
+        asyncio.run(one_pass("b"))
+        assert os.read(read_fd, 1000) == b"a1\na2\nb1\nb2\n"
+        assert writer.pending == bytearray()
+    finally:
+        os.close(read_fd)
+        os.close(write_fd)
+
+
+_FAST_SCRIPT = """
+import json, sys
+import structlog
+from proxy import logs
+logs.configure_logging('info', sys.argv[1], {'sip700.quiet': 'warning'})
+fast = logs.info_logger('sip700.calls')
+fast('call', call_id='abc', x='7001****0001', lookup_ms=0.25, outcome='routed', n=None,
+     odd=b'raw')
+structlog.get_logger('sip700.calls').info('call', call_id='abc', x='7001****0001',
+                                          lookup_ms=0.25, outcome='routed', n=None,
+                                          odd=b'raw')
+logs.info_logger('sip700.quiet')('call', call_id='dropped')
+print('fast_is_structlog=%s' % (fast.__qualname__.startswith('BoundLogger')), flush=True)
+"""
+
+
+def test_info_logger_writes_structlog_s_json_line() -> None:
+    """The call log's own JSON rendering: the same keys in the same order and the same values
+    as structlog's line (its timestamp aside), bytes as their repr; a logger whose level drops
+    info writes nothing; the console format is structlog's own."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-c", _FAST_SCRIPT, "json"], cwd=root,
+                          capture_output=True, text=True, timeout=30, check=True)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    assert len(lines) == 2, done.stdout  # the quiet logger's line was dropped
+    fast, slow = (json.loads(line) for line in lines)
+    assert list(fast) == list(slow) == ["call_id", "x", "lookup_ms", "outcome", "n", "odd",
+                                        "event", "level", "timestamp"]
+    assert {k: v for k, v in fast.items() if k != "timestamp"} == \
+        {k: v for k, v in slow.items() if k != "timestamp"}
+    assert fast["odd"] == "b'raw'" and fast["level"] == "info"
+    assert fast["timestamp"].endswith("Z") and fast["timestamp"][:4] == slow["timestamp"][:4]
+    assert "dropped" not in done.stdout
+    console = subprocess.run([sys.executable, "-c", _FAST_SCRIPT, "console"], cwd=root,
+                             capture_output=True, text=True, timeout=30, check=True)
+    assert "fast_is_structlog=False" in done.stdout
+    assert not any(line.startswith("{") for line in console.stdout.splitlines())
+    assert console.stdout.count("call") >= 2 and "dropped" not in console.stdout
