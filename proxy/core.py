@@ -17,6 +17,7 @@ import ipaddress
 import math
 import os
 import re
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -1417,9 +1418,7 @@ class ProxyCore:
             return None
         host = uri.param("maddr") or uri.host
         host = host.strip("[]")
-        try:
-            ipaddress.ip_address(host)
-        except ValueError:
+        if not _is_ip_address(host):
             if host != "localhost":
                 return None
             host = "127.0.0.1"
@@ -2076,3 +2075,18 @@ def _default_router(settings: CoreSettings) -> Router:
                    else ""), h.host, h.port, h.transport, priority=i if failover else 1)
            for i, h in enumerate(settings.gateways)]
     return Router(GatewayGroup("default", gws))
+
+
+def _is_ip_address(host: str) -> bool:
+    """ipaddress.ip_address's verdict; the C parser first (a twentieth of the cost), which takes
+    only what ipaddress takes too (a scoped IPv6 address goes on to ipaddress)."""
+    try:
+        socket.inet_pton(socket.AF_INET6 if ":" in host else socket.AF_INET, host)
+        return True
+    except (OSError, ValueError):  # ValueError: a NUL in the text
+        pass
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True

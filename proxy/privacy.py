@@ -111,6 +111,34 @@ def _derive(key: bytes, label: bytes, length: int) -> bytes:
     return HKDF(algorithm=hashes.SHA256(), length=length, salt=None, info=label).derive(key)
 
 
+class _NoncePool:
+    """Random 96-bit nonces for the dialog tokens, read from the kernel a few hundred at a time:
+    one getrandom() call per token cost more than the rest of sealing it. The same bytes
+    os.urandom(12) would give; a forked child starts with an empty pool (never its parent's)."""
+
+    __slots__ = ("at", "data")
+
+    def __init__(self) -> None:
+        self.data = b""
+        self.at = 0
+
+    def take(self) -> bytes:
+        at = self.at
+        if at + 12 > len(self.data):
+            self.data = os.urandom(12 * 256)
+            at = 0
+        self.at = at + 12
+        return self.data[at:at + 12]
+
+    def reset(self) -> None:
+        self.data = b""
+        self.at = 0
+
+
+_NONCES = _NoncePool()
+os.register_at_fork(after_in_child=_NONCES.reset)
+
+
 class DialogSealer:
     """The proxy's keyed transforms: dialog tokens, Call-IDs, Contact users."""
 
@@ -135,7 +163,7 @@ class DialogSealer:
         if rule.peer:  # optional trailing field: tokens sealed without it still open
             peer = rule.peer.encode("latin-1")
             plain += struct.pack("!H", len(peer)) + peer
-        nonce = os.urandom(12)
+        nonce = _NONCES.take()
         return _b64(nonce + self._aead.encrypt(nonce, plain, _TOKEN_AAD))
 
     def open(self, token: str) -> DialogRule:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import pytest
+
 from proxy.bindings.model import Outcome, Resolution
 from proxy.core import CoreSettings, FinalResponse, Hop, ProxyCore
 from proxy.privacy import DialogSealer, PrivacyPolicy
@@ -572,3 +574,21 @@ def test_direction_restricted_gets_its_configured_response_and_is_not_forwarded(
     assert parse_message(core.outbox[0].data).reason == "One Way Only"
     assert answers(core, GATEWAY) == []
     assert core.stats["calls_direction_restricted"] == 1
+
+
+@pytest.mark.parametrize("host", [
+    "127.0.0.1", "0.0.0.0", "01.2.3.4", "1.2.3", "256.1.1.1", "0x7f.0.0.1", "127.1", "::1", "::",
+    "::ffff:1.2.3.4", "fe80::1%eth0", "1::2::3", "1:2:3:4:5:6:7:8:9", "localhost", "", " 1.2.3.4",
+    "[::1]", "1.2.3.4\x00", "a" * 300])
+def test_next_hop_address_check_is_ipaddress_s(host: str) -> None:
+    """The next hop's host check (C parser first) agrees with ipaddress.ip_address."""
+    import ipaddress
+
+    from proxy.core import _is_ip_address
+
+    try:
+        ipaddress.ip_address(host)
+        expected = True
+    except ValueError:
+        expected = False
+    assert _is_ip_address(host) is expected

@@ -243,3 +243,38 @@ def test_remembered_call_ids_change_nothing_and_stay_bounded(
     for n in range(10):
         assert sealer.caller_call_id(sealer.callee_call_id(f"c{n}")) == f"c{n}"
     assert len(sealer._to_callee) <= 3 and len(sealer._from_callee) <= 3
+
+
+def _nonce(token: str) -> bytes:
+    return base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))[:12]
+
+
+def test_token_nonces_are_distinct_across_pool_refills() -> None:
+    """Nonces come from a pool refilled from the kernel: every token still gets its own, also
+    across refills (the pool holds 256)."""
+    nonces = {_nonce(SEALER.seal(RULE)) for _ in range(700)}
+    assert len(nonces) == 700
+    assert all(SEALER.open(SEALER.seal(RULE)) == RULE for _ in range(3))
+
+
+def test_a_forked_child_never_reuses_its_parent_s_nonces() -> None:
+    """The pool is emptied in a forked child (workers are forked): the parent's next nonce and
+    the child's first one differ. Without the reset both would take the same pool slot."""
+    import os
+
+    SEALER.seal(RULE)  # the pool is filled in the parent
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: its first nonce to the parent, then out at once
+        try:
+            os.write(write_fd, _nonce(SEALER.seal(RULE)))
+        finally:
+            os._exit(0)
+    os.close(write_fd)
+    try:
+        child = os.read(read_fd, 12)
+    finally:
+        os.close(read_fd)
+        os.waitpid(pid, 0)
+    parent = _nonce(SEALER.seal(RULE))
+    assert len(child) == 12 and child != parent
