@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime
 import json
 import logging
 import os
@@ -17,6 +16,8 @@ import select
 import socket
 import stat
 import sys
+import threading
+import time
 from collections.abc import Callable
 from typing import Any, cast
 
@@ -41,6 +42,7 @@ class NonBlockingLineWriter:
         self.dropped = 0
         self._scheduled = False
         self._loop: asyncio.AbstractEventLoop | None = None  # the loop the flush waits on
+        self._thread = 0  # the thread running it
         self._fd = fd
         self._sock: socket.socket | None = None
         self._write = self._plain_write
@@ -69,9 +71,9 @@ class NonBlockingLineWriter:
     def write_line(self, line: str) -> None:
         """Write one record (a line without its newline), or drop it whole."""
         data = (line + "\n").encode("utf-8", "replace")
-        scheduled = self._loop
-        if self._scheduled and scheduled is not None and scheduled.is_running():
-            loop: asyncio.AbstractEventLoop | None = scheduled  # (no getpid() a record)
+        known = self._loop
+        if known is not None and self._thread == threading.get_ident() and known.is_running():
+            loop: asyncio.AbstractEventLoop | None = known  # (asyncio's check costs a getpid())
         else:
             loop = asyncio._get_running_loop()
         if loop is not None:
@@ -81,9 +83,9 @@ class NonBlockingLineWriter:
                 self.dropped += 1
                 return
             self.pending += data
-            if not self._scheduled or loop is not scheduled:
+            if not self._scheduled or loop is not known:
                 self._scheduled = True
-                self._loop = loop
+                self._loop, self._thread = loop, threading.get_ident()
                 loop.call_soon(self._flush_soon)
             return
         if self.pending and not self.flush():
@@ -142,6 +144,7 @@ class NonBlockingLineWriter:
         self.dropped = 0
         self._scheduled = False
         self._loop = None
+        self._thread = 0
 
 
 class _LineLogger:
@@ -264,8 +267,21 @@ def _drop(event: str, **fields: Any) -> None:
     return None
 
 
-def _utc_now() -> str:
-    return datetime.datetime.now(tz=datetime.UTC).isoformat().replace("+00:00", "Z")
+class _UtcClock:
+    """structlog's ISO timestamp (`2026-12-03T13:37:44.123456Z`), its date and time of day
+    formatted once a second."""
+
+    def __init__(self) -> None:
+        self.second = -1
+        self.prefix = ""
+
+    def __call__(self) -> str:
+        now = time.time()
+        second = int(now)
+        if second != self.second:
+            self.second = second
+            self.prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        return f"{self.prefix}.{int((now - second) * 1e6):06d}Z"
 
 
 def info_logger(name: str) -> Callable[..., None]:
@@ -281,7 +297,7 @@ def info_logger(name: str) -> Callable[..., None]:
     _, level, levels = _setup
     if logger_level(name, level, levels) > logging.INFO:
         return _drop
-    write, encode, now = _writer.write_line, _ENCODER.encode, _utc_now
+    write, encode, now = _writer.write_line, _encode, _UtcClock()
 
     def info(event: str, **fields: Any) -> None:
         fields["event"] = event
@@ -292,5 +308,14 @@ def info_logger(name: str) -> Callable[..., None]:
     return info
 
 
-# structlog's JSONRenderer: json.dumps's defaults, what JSON cannot hold written as its repr
+# structlog's JSONRenderer: json.dumps's defaults, what JSON cannot hold written as its repr.
+# The C encoder made once: JSONEncoder.encode makes a new one for every line.
 _ENCODER = json.JSONEncoder(default=repr)
+_C_ENCODER = json.encoder.c_make_encoder and json.encoder.c_make_encoder(  # type: ignore[attr-defined]
+    None, repr, json.encoder.encode_basestring_ascii, None, ": ", ", ", False, False, True)
+
+
+def _encode(fields: dict[str, Any]) -> str:
+    if _C_ENCODER is None:
+        return _ENCODER.encode(fields)
+    return "".join(_C_ENCODER(fields, 0))
