@@ -11,7 +11,6 @@ in-dialog requests need no memory of the INVITE.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import ipaddress
 import math
@@ -983,7 +982,7 @@ class ProxyCore:
                 "sips" else self._rr_prefixes[in_leg]
             out.prepend_record_route(caller_rr + callee_token + ">")
         out.prepend_record_route(self._rr_prefixes[hop.transport] + callee_token + ">")
-        caller_rule = dataclasses.replace(relay.rule, peer=encode_peer(hop.transport))
+        caller_rule = relay.rule.with_peer(encode_peer(hop.transport))
         relay.token_swap = (relay.token_swap[0], self.sealer.seal(caller_rule).encode())
         branch = self._new_branch()
         out.push_via(f"SIP/2.0/{hop.transport.upper()} {self._sent_by[hop.transport]};"

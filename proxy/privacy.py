@@ -25,7 +25,7 @@ Keys, from the configured 32-byte dialog key (HKDF, one sub-key per use):
 
 from __future__ import annotations
 
-import base64
+import binascii
 import hashlib
 import os
 import re
@@ -67,21 +67,48 @@ class InvalidDialogToken(Exception):
     """A token, sealed Call-ID or sealed Contact user that fails authentication."""
 
 
-@dataclass(frozen=True, slots=True)
 class DialogRule:
-    """Who is who in one dialog, as sealed into one side's token. Numbers are national."""
+    """Who is who in one dialog, as sealed into one side's token. Numbers are national.
 
-    x: str
-    caller: str
-    callee: str
-    caller_user: str  # A's From user exactly as A sent it: restored in what A receives
-    side: str = CALLER  # the side holding this token: requests bearing it come from there
-    call_id_digest: str = ""  # the token is valid only on this Call-ID (as its side sees it)
-    deadline: int = 0  # unix time after which only ACK, BYE and CANCEL pass
-    # how the other side (the receiver of requests bearing this token) is reached: its leg's
-    # transport and, for a connection it opened to us, that connection (proxy/legs.py);
-    # empty for UDP, so a UDP call's tokens are as short as ever
-    peer: str = ""
+    Treated as immutable (`with_peer` makes a changed copy). A plain class, not a dataclass:
+    compiled, a dataclass's generated __init__ stays interpreted, and one is made per call.
+    """
+
+    __slots__ = ("call_id_digest", "callee", "caller", "caller_user", "deadline", "peer",
+                 "side", "x")
+
+    def __init__(self, x: str, caller: str, callee: str, caller_user: str, side: str = CALLER,
+                 call_id_digest: str = "", deadline: int = 0, peer: str = "") -> None:
+        self.x = x
+        self.caller = caller
+        self.callee = callee
+        self.caller_user = caller_user  # A's From user exactly as A sent it: restored to A
+        self.side = side  # the side holding this token: requests bearing it come from there
+        self.call_id_digest = call_id_digest  # valid on this Call-ID only (as its side sees it)
+        self.deadline = deadline  # unix time after which only ACK, BYE and CANCEL pass
+        # how the other side (the receiver of requests bearing this token) is reached: its
+        # leg's transport and, for a connection it opened to us, that connection
+        # (proxy/legs.py); empty for UDP, so a UDP call's tokens are as short as ever
+        self.peer = peer
+
+    def _key(self) -> tuple[str, str, str, str, str, str, int, str]:
+        return (self.x, self.caller, self.callee, self.caller_user, self.side,
+                self.call_id_digest, self.deadline, self.peer)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, DialogRule) and self._key() == other._key()
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
+    def __repr__(self) -> str:
+        return ("DialogRule(x={!r}, caller={!r}, callee={!r}, caller_user={!r}, side={!r}, "
+                "call_id_digest={!r}, deadline={!r}, peer={!r})".format(*self._key()))
+
+    def with_peer(self, peer: str) -> DialogRule:
+        """This rule, reached through `peer` instead."""
+        return DialogRule(self.x, self.caller, self.callee, self.caller_user, self.side,
+                          self.call_id_digest, self.deadline, peer)
 
     def hidden_from(self, receiver: str) -> str:
         """The number the receiving side must not learn."""
@@ -98,13 +125,21 @@ def call_id_digest(call_id: str) -> str:
     return hashlib.blake2b(call_id.encode("latin-1"), digest_size=8).hexdigest()
 
 
+_TO_URLSAFE = bytes.maketrans(b"+/", b"-_")
+_FROM_URLSAFE = bytes.maketrans(b"-_", b"+/")
+
+
 def _b64(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+    """base64url without padding (binascii directly: the base64 module's wrappers cost more
+    than the encoding)."""
+    return binascii.b2a_base64(data, newline=False).translate(_TO_URLSAFE).rstrip(
+        b"=").decode("ascii")
 
 
 def _unb64(text: str) -> bytes:
-    # validate: a non-alphabet octet is an error, not silently skipped
-    return base64.b64decode(text + "=" * (-len(text) % 4), altchars=b"-_", validate=True)
+    """_b64 undone; anything outside the alphabet is an error (ValueError), not skipped."""
+    raw = (text + "=" * (-len(text) % 4)).encode("ascii").translate(_FROM_URLSAFE)
+    return binascii.a2b_base64(raw, strict_mode=True)
 
 
 def _derive(key: bytes, label: bytes, length: int) -> bytes:

@@ -278,3 +278,31 @@ def test_a_forked_child_never_reuses_its_parent_s_nonces() -> None:
         os.waitpid(pid, 0)
     parent = _nonce(SEALER.seal(RULE))
     assert len(child) == 12 and child != parent
+
+
+def test_token_base64_is_the_base64_module_s() -> None:
+    """The tokens' base64url (binascii directly) encodes as base64.urlsafe_b64encode without
+    padding and refuses what b64decode(validate=True) refuses, accepting what it accepts."""
+    import os
+    import random
+
+    from proxy.privacy import _b64, _unb64
+
+    for n in range(70):
+        data = os.urandom(n)
+        assert _b64(data) == base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+        assert _unb64(_b64(data)) == data
+    rng = random.Random(7)
+    alphabet = "ABCxyz019-_+/=. \n%é\x00"
+    for _ in range(20000):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 9)))
+        try:
+            expected: bytes | None = base64.b64decode(text + "=" * (-len(text) % 4),
+                                                      altchars=b"-_", validate=True)
+        except ValueError:
+            expected = None
+        try:
+            got: bytes | None = _unb64(text)
+        except ValueError:
+            got = None
+        assert got == expected, text

@@ -125,19 +125,43 @@ class Input(enum.StrEnum):
 # Frozen so the machine can hand out the same instance again (a retransmission is the same Send).
 
 
-@dataclass(frozen=True, slots=True)
 class Send:
-    """Pass these exact bytes to the transport."""
+    """Pass these exact bytes to the transport. (Plain classes, not dataclasses, for the events
+    made per message: compiled, a dataclass's generated __init__ stays interpreted.)"""
 
-    data: bytes
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Send) and self.data == other.data
+
+    def __hash__(self) -> int:
+        return hash((Send, self.data))
+
+    def __repr__(self) -> str:
+        return f"Send(data={self.data!r})"
 
 
-@dataclass(frozen=True, slots=True)
 class DeliverResponse:
     """Pass this response up to the TU."""
 
-    status: int
-    data: bytes
+    __slots__ = ("data", "status")
+
+    def __init__(self, status: int, data: bytes) -> None:
+        self.status = status
+        self.data = data
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, DeliverResponse) and (self.status, self.data) == (
+            other.status, other.data)
+
+    def __hash__(self) -> int:
+        return hash((DeliverResponse, self.status, self.data))
+
+    def __repr__(self) -> str:
+        return f"DeliverResponse(status={self.status!r}, data={self.data!r})"
 
 
 @dataclass(frozen=True, slots=True)
