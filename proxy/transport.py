@@ -438,8 +438,10 @@ class ProxyServer:
         self.loop_lag = 0.0
         # the kernel's receive queues of every UDP socket (SO_MEMINFO): with a large
         # udp_rcvbuf, datagrams wait there for seconds while the loop's lag stays small
-        # (uvloop reads a few dozen per turn), so the queue is the overload signal for UDP
-        self._udp_sockets: list[asyncio.DatagramTransport] = []
+        # (uvloop reads a few dozen per turn), so the queue is the overload signal for UDP.
+        # With each transport, the socket it was made from: the event loop keeps that very
+        # object (its get_extra_info("socket") makes a new one, and a getsockname(), a tick)
+        self._udp_sockets: list[tuple[asyncio.DatagramTransport, socket.socket]] = []
         self.receive_queue_bytes = 0
         self._receive_drops = 0
         self.store = store
@@ -600,7 +602,7 @@ class ProxyServer:
             self._spread_scans.append(self._spread(sock))
         udp, _ = await self.loop.create_datagram_endpoint(
             lambda: (_OwnUdpEndpoint if own else _UdpEndpoint)(self), sock=sock)
-        self._udp_sockets.append(udp)
+        self._udp_sockets.append((udp, sock))
         return family, udp
 
     def _spread(self, sock: socket.socket) -> int:
@@ -946,17 +948,16 @@ class ProxyServer:
         a full queue since the last call); closed sockets are forgotten."""
         queued = drops = 0
         alive = []
-        for udp in self._udp_sockets:
+        for udp, sock in self._udp_sockets:
             # a closed transport is forgotten before its descriptor can be reused by another
             # socket (whose queue would then be read as this one's)
             if udp.is_closing():
                 continue
             try:
-                info = udp.get_extra_info("socket").getsockopt(
-                    socket.SOL_SOCKET, SO_MEMINFO, SK_MEMINFO_BYTES)
+                info = sock.getsockopt(socket.SOL_SOCKET, SO_MEMINFO, SK_MEMINFO_BYTES)
             except OSError:
                 continue
-            alive.append(udp)
+            alive.append((udp, sock))
             rmem_alloc, dropped = _MEMINFO.unpack_from(info)[0::8]
             queued = max(queued, rmem_alloc)
             drops += dropped
