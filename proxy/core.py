@@ -96,12 +96,31 @@ _NUMBER_LIKE = re.compile(r"\d{7,}")  # long enough to be a phone number: masked
 SUPPORTED_EXTENSIONS: frozenset[str] = frozenset()
 
 
-class Outgoing(NamedTuple):
-    data: bytes
-    dest: Address
-    transport: str  # "udp" | "tcp" | "tls"
-    # a connection the peer opened to us, to use while it lasts (then: a connection to dest)
-    flow: Flow | None = None
+class Outgoing:
+    """A message to send. A plain class, made for every message sent: compiled, a NamedTuple's
+    __new__ stays interpreted."""
+
+    __slots__ = ("data", "dest", "flow", "transport")
+
+    def __init__(self, data: bytes, dest: Address, transport: str,
+                 flow: Flow | None = None) -> None:
+        self.data = data
+        self.dest = dest
+        self.transport = transport  # "udp" | "tcp" | "tls"
+        # a connection the peer opened to us, to use while it lasts (then: a connection to dest)
+        self.flow = flow
+
+    def _key(self) -> tuple[bytes, Address, str, Flow | None]:
+        return (self.data, self.dest, self.transport, self.flow)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Outgoing) and self._key() == other._key()
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
+    def __repr__(self) -> str:
+        return "Outgoing(data={!r}, dest={!r}, transport={!r}, flow={!r})".format(*self._key())
 
 
 class Hop(NamedTuple):
