@@ -871,7 +871,7 @@ class ProxyServer:
             if conn is not None and conn.usable(kind):
                 conn.send(item.data)
                 return
-            item = item._replace(flow=None)  # gone: a connection to the destination
+            item = Outgoing(item.data, item.dest, item.transport)  # gone: a connection to dest
         elif item.data.startswith(b"SIP/2.0 "):
             conn = self.tcp_connections.get(item.dest)  # the request's own connection
             if conn is not None and conn.usable(kind):
@@ -883,7 +883,7 @@ class ProxyServer:
                 self.count("responses_unsendable")
                 return
             self.count("responses_to_sent_by")
-            item = item._replace(dest=fallback)
+            item = Outgoing(item.data, fallback, item.transport, item.flow)
         dest = item.dest
         if self.worker_count > 1:
             owner = destination_owner(dest, kind, self.worker_count, self._call_id_hasher)
