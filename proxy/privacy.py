@@ -177,7 +177,7 @@ os.register_at_fork(after_in_child=_NONCES.reset)
 class DialogSealer:
     """The proxy's keyed transforms: dialog tokens, Call-IDs, Contact users."""
 
-    __slots__ = ("_aead", "_call_ids", "_from_callee", "_to_callee", "_users")
+    __slots__ = ("_aead", "_call_ids", "_from_callee", "_opened", "_to_callee", "_users")
 
     def __init__(self, key: bytes) -> None:
         self._aead = AESGCM(_derive(key, b"sip700 dialog token", 32))
@@ -188,6 +188,10 @@ class DialogSealer:
         # request; this saves all but the first)
         self._to_callee: dict[str, str] = {}
         self._from_callee: dict[str, str] = {}
+        # tokens opened lately: a dialog's every in-dialog request and response bears the same
+        # one (the same text decrypts to the same rule, so a remembered one is the answer; its
+        # deadline is still checked by the caller every time)
+        self._opened: dict[str, DialogRule] = {}
 
     # ---- dialog tokens (AES-256-GCM, random 96-bit nonce) ------------------------------------
     def seal(self, rule: DialogRule) -> str:
@@ -202,6 +206,16 @@ class DialogSealer:
         return _b64(nonce + self._aead.encrypt(nonce, plain, _TOKEN_AAD))
 
     def open(self, token: str) -> DialogRule:
+        known = self._opened.get(token)
+        if known is not None:
+            return known
+        rule = self._open(token)
+        if len(self._opened) >= _MAP_MAX_ENTRIES:
+            self._opened.clear()  # bounded, as the Call-ID maps
+        self._opened[token] = rule
+        return rule
+
+    def _open(self, token: str) -> DialogRule:
         try:
             raw = _unb64(token)
             plain = self._aead.decrypt(raw[:12], raw[12:], _TOKEN_AAD)

@@ -306,3 +306,24 @@ def test_token_base64_is_the_base64_module_s() -> None:
         except ValueError:
             got = None
         assert got == expected, text
+
+
+def test_opened_tokens_are_remembered_bounded_and_never_a_forgery(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A token opened once is answered from memory the next time (the same text decrypts to the
+    same rule); a changed token is still refused, and the memory stays bounded."""
+    import proxy.privacy as privacy_module
+
+    sealer = DialogSealer(bytes(range(32)))
+    token = sealer.seal(RULE)
+    first = sealer.open(token)
+    assert first == RULE and sealer.open(token) is first  # the remembered rule
+    for mangled in (token[:-1] + ("A" if token[-1] != "A" else "B"), token[:-4], token + "AA"):
+        with pytest.raises(InvalidDialogToken):
+            sealer.open(mangled)
+    with pytest.raises(InvalidDialogToken):
+        DialogSealer(bytes(32)).open(token)  # another key: the memory is per key
+    monkeypatch.setattr(privacy_module, "_MAP_MAX_ENTRIES", 3)
+    tokens = [sealer.seal(RULE) for _ in range(10)]
+    assert all(sealer.open(t) == RULE for t in tokens)
+    assert len(sealer._opened) <= 3
