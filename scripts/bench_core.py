@@ -75,6 +75,9 @@ from typing import Any
 import structlog
 import yaml
 
+# this checkout's package, not whichever one is installed (a worktree measured against another)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 from proxy import logs
 from proxy.bindings.memory import MemoryStore
 from proxy.cli import build_core, dialog_key

@@ -13,6 +13,10 @@ from __future__ import annotations
 import statistics
 import sys
 import time
+from pathlib import Path
+
+# this checkout's package, not whichever one is installed (a worktree measured against another)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from proxy.sip.message import parse_message
 
