@@ -52,10 +52,13 @@ def test_bench_core_runs_calls_with_timers_logging_and_privacy_checks(bench, cap
 def test_bench_core_fails_when_the_rewrite_stops(bench, monkeypatch) -> None:
     # what the callee side gets is the caller's INVITE as it came in, unrewritten (patched in
     # the bench's shell: the core itself may be compiled, scripts/build-compiled)
+    from proxy.core import Outgoing
+
     deliver = bench.Bench.deliver
 
     def unrewritten(self, data, source):
-        return [o._replace(data=data) if o.dest == bench.UAS and data.startswith(b"INVITE")
+        return [Outgoing(data, o.dest, o.transport, o.flow)
+                if o.dest == bench.UAS and data.startswith(b"INVITE")
                 else o for o in deliver(self, data, source)]
 
     monkeypatch.setattr(bench.Bench, "deliver", unrewritten)
