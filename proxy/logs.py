@@ -288,9 +288,10 @@ def info_logger(name: str) -> Callable[..., None]:
     """`structlog.get_logger(name).info`, for a logger on the per-message path (the call log).
 
     With JSON output, the same line is rendered here directly, with the keys in structlog's
-    order (the fields, then event, level, timestamp): it is about a fifth of structlog's cost,
-    which its processor chain spends on every line. A logger whose level drops info lines
-    gets a function that does nothing; the console format goes through structlog.
+    order (the fields, then event, level, timestamp), in less than half of structlog's time
+    (4.2 against 9.2 µs a call line, writer included), which its processor chain spends. A
+    logger whose level drops info lines gets a function that does nothing; the console format
+    goes through structlog.
     """
     if _setup is None or _setup[0] != "json" or _writer is None:
         return cast("Callable[..., None]", structlog.get_logger(name).info)
