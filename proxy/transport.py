@@ -38,7 +38,7 @@ from typing import Any
 import structlog
 
 from proxy import logs, spread
-from proxy.bindings.model import StoreUnavailable
+from proxy.bindings.model import Resolution, StoreUnavailable
 from proxy.connections import SEND_FLAG, decode_send, destination_owner, encode_send
 from proxy.core import Outgoing, ProxyCore, Relay
 from proxy.legs import response_fallback
@@ -469,6 +469,10 @@ class ProxyServer:
         self.loop = asyncio.get_running_loop()
         self._ticker: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        # a store that looks up a loop pass's misses in one write (Redis: lookup_batch), and
+        # how many of those lookups are out
+        self._lookup_batch: Any = getattr(store, "lookup_batch", None)
+        self._batched_lookups = 0
         self._last_logged: dict[str, tuple[float, int]] = {}  # event → (when, suppressed)
         self.worker_index = worker_index
         self.worker_count = worker_count
@@ -819,17 +823,45 @@ class ProxyServer:
             if core.lookups:
                 lookups, core.lookups = core.lookups, []
                 wall = time.time()
+                misses: list[tuple[Relay, str, str]] = []
                 for relay, x, caller in lookups:
                     answer = self.store.resolve_cached(x, caller, wall)
                     if answer is not None:
                         core.complete_lookup(relay, answer, time.monotonic())
                     else:
-                        task = self.loop.create_task(self._lookup(relay, x, caller))
-                        self._tasks.add(task)
-                        task.add_done_callback(self._tasks.discard)
+                        misses.append((relay, x, caller))
+                if misses and self._lookup_batch is not None:
+                    answered, left = self._lookup_batch(misses, self._looked_up)
+                    self._batched_lookups += len(misses) - len(answered) - len(left)
+                    now = time.monotonic()
+                    for relay, answer in answered:
+                        if answer is None:
+                            core.fail_lookup(relay, now)
+                        else:
+                            core.complete_lookup(relay, answer, now)
+                    misses = left
+                for relay, x, caller in misses:
+                    task = self.loop.create_task(self._lookup(relay, x, caller))
+                    self._tasks.add(task)
+                    task.add_done_callback(self._tasks.discard)
             if core.policy_checks:  # the anti-fraud policy step (proxy/policy/runner.py)
                 checks, core.policy_checks = core.policy_checks, []
                 self.policy.submit(checks)
+
+    def _looked_up(self, results: list[tuple[Relay, Resolution | None]]) -> None:
+        """Answers to batched lookups (from the store's connection reader or time-out)."""
+        self._batched_lookups -= len(results)
+        core = self.core
+        now = time.monotonic()
+        for relay, answer in results:
+            try:
+                if answer is None:
+                    core.fail_lookup(relay, now)
+                else:
+                    core.complete_lookup(relay, answer, now)
+            except Exception:  # one call's bug must not cost the batch's other calls
+                log.exception("lookup_completion_failed")
+        self.flush()
 
     async def _lookup(self, relay: Relay, x: str, caller: str) -> None:
         try:
@@ -935,7 +967,7 @@ class ProxyServer:
         """Overload state and thresholds for the metrics."""
         o = self.overload
         return {"loop_lag_ms": round(self.loop_lag * 1000),
-                "pending_lookups": len(self._tasks),
+                "pending_lookups": len(self._tasks) + self._batched_lookups,
                 "udp_receive_queue_bytes": self.receive_queue_bytes,
                 "overloaded": int(self.core.overloaded),
                 "overload_max_loop_lag_ms": o.max_loop_lag_ms if o is not None else 0,
@@ -983,7 +1015,7 @@ class ProxyServer:
             return
         limit = o.max_loop_lag_ms / 1000
         queue_limit = o.max_receive_queue_kb * 1024
-        pending = len(self._tasks)
+        pending = len(self._tasks) + self._batched_lookups
         core = self.core
         if not core.overloaded:
             if lag > limit or pending > o.max_pending_lookups or queued > queue_limit or drops:

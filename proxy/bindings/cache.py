@@ -5,7 +5,9 @@
   NOT_PARTY) for `negative_ttl_s`;
 - a ROUTE answer past its freshness but before its binding expiry can still be served as
   *stale* when the store cannot answer (`get_stale`), so cached calls keep routing in an outage;
-- single flight: concurrent misses for one key share one load;
+- single flight: concurrent misses for one key share one load, whether it runs as a task
+  (`get_or_load`) or inside a batch of lookups sent in one write (`start_flight` /
+  `end_flight`, which the Redis store's `lookup_batch` uses);
 - `invalidate_x` drops every answer for X and poisons loads in flight for X, so a load that
   raced an unbind is returned to its callers but never cached;
 - while `trusted` is False (the invalidation channel is down) nothing fresh is served or stored.
@@ -23,15 +25,23 @@ from proxy.bindings.model import Outcome, Resolution
 _Key = tuple[str, str]
 
 
-class _Flight:
-    """One load in progress; `poisoned` once X was invalidated while it ran."""
+# told how a load ended: (the answer, None) or (None, why it failed)
+Settled = Callable[[Resolution | None, BaseException | None], None]
 
-    __slots__ = ("poisoned", "task", "x")
+
+class _Flight:
+    """One load in progress; `poisoned` once X was invalidated while it ran.
+
+    A task's load (`get_or_load`) has `task`; a batch's load has none until a task-side caller
+    joins it, and tells the callers that joined it through `joined` when it ends."""
+
+    __slots__ = ("joined", "poisoned", "task", "x")
 
     def __init__(self, x: str) -> None:
         self.x = x
         self.poisoned = False
-        self.task: asyncio.Task[Resolution] | None = None
+        self.task: asyncio.Future[Resolution] | None = None
+        self.joined: list[Settled] | None = None
 
 
 class ResolutionCache:
@@ -114,6 +124,39 @@ class ResolutionCache:
         for flight in self._flights.values():
             flight.poisoned = True
 
+    def in_flight(self, x: str, caller: str) -> _Flight | None:
+        """The load in progress for (x, caller), if any."""
+        return self._flights.get((x, caller))
+
+    def start_flight(self, x: str, caller: str) -> _Flight:
+        """Register a load the caller runs itself (no task); it must call `end_flight`."""
+        flight = self._flights[(x, caller)] = _Flight(x)
+        self.loads += 1
+        return flight
+
+    def end_flight(self, x: str, caller: str, flight: _Flight, answer: Resolution | None,
+                   error: BaseException | None, now: float) -> None:
+        """A `start_flight` load ended: cache its answer (unless X was invalidated meanwhile)
+        and tell every caller that joined it."""
+        if answer is not None and not flight.poisoned:
+            self.put(x, caller, answer, now)
+        key = (x, caller)
+        if self._flights.get(key) is flight:
+            del self._flights[key]
+        if flight.joined is not None:
+            for settled in flight.joined:
+                settled(answer, error)
+
+    def join(self, flight: _Flight, settled: Settled) -> None:
+        """Be told how a load in progress ends."""
+        task = flight.task
+        if task is not None:
+            task.add_done_callback(lambda done: settled(*_outcome(done)))
+        elif flight.joined is None:
+            flight.joined = [settled]
+        else:
+            flight.joined.append(settled)
+
     async def get_or_load(
         self, x: str, caller: str, load: Callable[[], Awaitable[Resolution]]
     ) -> Resolution:
@@ -128,6 +171,11 @@ class ResolutionCache:
             self.loads += 1
             flight.task = asyncio.ensure_future(self._run(key, flight, load))
             flight.task.add_done_callback(_consume_exception)
+        elif flight.task is None:  # a batch's load: wait for it through a future
+            future: asyncio.Future[Resolution] = asyncio.get_running_loop().create_future()
+            future.add_done_callback(_consume_exception)
+            self.join(flight, lambda answer, error: _settle(future, answer, error))
+            flight.task = future
         assert flight.task is not None
         # shield: one caller giving up (its INVITE cancelled) must not cancel the others' load
         return await asyncio.shield(flight.task)
@@ -145,7 +193,24 @@ class ResolutionCache:
                 del self._flights[key]
 
 
-def _consume_exception(task: asyncio.Task[Resolution]) -> None:
+def _outcome(done: asyncio.Future[Resolution]) -> tuple[Resolution | None, BaseException | None]:
+    if done.cancelled():
+        return None, asyncio.CancelledError()
+    error = done.exception()
+    return (None, error) if error is not None else (done.result(), None)
+
+
+def _settle(future: asyncio.Future[Resolution], answer: Resolution | None,
+            error: BaseException | None) -> None:
+    if future.done():
+        return
+    if answer is not None:
+        future.set_result(answer)
+    else:
+        future.set_exception(error or RuntimeError("load ended without an answer"))
+
+
+def _consume_exception(task: asyncio.Future[Resolution]) -> None:
     # Every waiter may have been cancelled; do not let asyncio log "exception never retrieved".
     if not task.cancelled():
         task.exception()

@@ -186,6 +186,10 @@ class LeanConnection:
             self._protocol = protocol
         return protocol
 
+    async def connect(self) -> None:
+        """Connect now (lookups before this go through `call`, which connects on first use)."""
+        await self._ready()
+
     async def call(self, *args: str | bytes | int) -> Any:
         protocol = await self._ready()
         waiter = asyncio.get_running_loop().create_future()
@@ -214,6 +218,12 @@ class LeanConnection:
         assert protocol.transport is not None
         protocol.transport.write(b"".join(_pack(*c) for c in commands))
         return await batch.future
+
+    @property
+    def connected(self) -> bool:
+        """True while commands can be written at once (`send_each` will take them)."""
+        protocol = self._protocol
+        return protocol is not None and not protocol.lost and protocol.transport is not None
 
     def send_each(self, commands: list[tuple[str | bytes | int, ...]],
                   done: Any, timeout_s: float | None) -> bool:

@@ -15,7 +15,7 @@ import json
 import os
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import hiredis
@@ -26,7 +26,7 @@ from redis.exceptions import RedisError, ResponseError
 
 from proxy.bindings import redis_scripts
 from proxy.bindings.breaker import CircuitBreaker
-from proxy.bindings.cache import ResolutionCache
+from proxy.bindings.cache import ResolutionCache, Settled
 from proxy.bindings.model import (
     A_TO_B,
     B_TO_A,
@@ -85,6 +85,27 @@ def _ms(t: float) -> int:
     return int(t * 1000)
 
 
+# lookup_batch's callback: each request's tag with its answer (None: the store could not answer)
+BatchDone = Callable[[list[tuple[Any, Resolution | None]]], None]
+
+
+def _answer(reply: Any, now: float) -> Resolution:
+    """The resolve script's reply as a Resolution."""
+    code, callee, exp_ms, meta, leg = reply
+    outcome = _OUTCOME_BY_CODE[int(code)]
+    leg = _LEGS.get(leg.decode() if isinstance(leg, bytes) else leg, "")
+    if meta:  # only bindings made with optional fields (the API's) carry any
+        fields = parse_meta_value(meta.decode() if isinstance(meta, bytes) else meta)
+        if isinstance(callee, bytes):
+            callee = callee.decode()
+        return resolution_from_meta(outcome, callee or None, int(exp_ms) / 1000.0, fields, leg)
+    if outcome is Outcome.ROUTE:
+        if isinstance(callee, bytes):
+            callee = callee.decode()
+        return Resolution(outcome, callee, int(exp_ms) / 1000.0, leg=leg)
+    return Resolution(outcome, None, now)
+
+
 class RedisStore:
     """Bindings in Redis (standalone, Sentinel or Cluster), cached locally per process."""
 
@@ -118,6 +139,7 @@ class RedisStore:
         self._unbind_script = client.register_script(redis_scripts.UNBIND)
         self._get_script = client.register_script(redis_scripts.GET)
         self._listener: asyncio.Task[None] | None = None
+        self._refetches: set[asyncio.Task[None]] = set()
         self._channel_up = asyncio.Event() if pubsub_client is not None else None
         self._channel_state: bool | None = None
         self._closed = False
@@ -174,6 +196,12 @@ class RedisStore:
         """
         self._ensure_listener()
         await self._load_scripts()
+        if self.lean is not None:  # up before the first call: lookup_batch needs it
+            try:
+                async with asyncio.timeout(max(self.timeout_s * 5, 1.0)):
+                    await self.lean.connect()
+            except (OSError, TimeoutError, LookupReplyError) as exc:
+                log.warning("redis_lookup_connect_failed", reason=type(exc).__name__)
         if self._channel_up is None:
             return False
         wait = max(self.timeout_s * 5, 1.0) if wait_s is None else wait_s
@@ -252,20 +280,118 @@ class RedisStore:
                 # a restarted Redis forgot the script: redis-py's call below loads it again
         if reply is None:
             reply = await self._call(self._resolve_script(keys=keys, args=[caller, _ms(now)]), now)
-        code, callee, exp_ms, meta, leg = reply
-        outcome = _OUTCOME_BY_CODE[int(code)]
-        leg = _LEGS.get(leg.decode() if isinstance(leg, bytes) else leg, "")
-        if meta:  # only bindings made with optional fields (the API's) carry any
-            fields = parse_meta_value(meta.decode() if isinstance(meta, bytes) else meta)
-            if isinstance(callee, bytes):
-                callee = callee.decode()
-            return resolution_from_meta(outcome, callee or None, int(exp_ms) / 1000.0, fields,
-                                        leg)
-        if outcome is Outcome.ROUTE:
-            if isinstance(callee, bytes):
-                callee = callee.decode()
-            return Resolution(outcome, callee, int(exp_ms) / 1000.0, leg=leg)
-        return Resolution(outcome, None, now)
+        return _answer(reply, now)
+
+    # -- a loop pass's misses in one write ------------------------------------------------------
+
+    def lookup_batch(self, requests: list[tuple[Any, str, str]], done: BatchDone
+                     ) -> tuple[list[tuple[Any, Resolution | None]], list[tuple[Any, str, str]]]:
+        """Look up one event-loop pass's cache misses, `(tag, x, caller)` each, in one write.
+
+        Returns the answers known at once (a fresh cache entry, or the circuit breaker's
+        verdict: a stale answer or None) and the requests this path cannot take (no lean
+        connection up, the script not loaded yet), which go through `resolve()`. Every other
+        request's answer reaches `done([(tag, answer), ...])` once Redis replies, from the
+        connection's reader, or when `timeout_ms` passes; None means the store could not
+        answer and no stale answer was cached. The same semantics as `resolve()` (single
+        flight, breaker, stale fallback, invalidation) without its task, shielded future,
+        timeout context and write per lookup."""
+        lean = self.lean
+        sha = self._resolve_script.sha
+        if lean is None or not sha or self._closed or not lean.connected:
+            return [], requests
+        if self._listener is None:
+            self._ensure_listener()
+        now = time.time()
+        cache = self.cache
+        breaker = self.breaker
+        answered: list[tuple[Any, Resolution | None]] = []
+        commands: list[tuple[str | bytes | int, ...]] = []
+        sent: list[tuple[Any, str, str, Any]] = []
+        for tag, x, caller in requests:
+            x = normalize_number(x) or x
+            caller = normalize_number(caller) or caller
+            hit = cache.get(x, caller, now)
+            if hit is not None:
+                answered.append((tag, hit))
+                continue
+            flight = cache.in_flight(x, caller)
+            if flight is not None:  # single flight: wait for the load already out
+                cache.join(flight, self._joined(tag, x, caller, done))
+                continue
+            if not breaker.allow(now):
+                answered.append((tag, cache.get_stale(x, caller, now)))
+                continue
+            base = f"{self.key_prefix}{{{x}}}"
+            commands.append(("EVALSHA", sha, 2, base, base + ":e", caller, _ms(now)))
+            sent.append((tag, x, caller, cache.start_flight(x, caller)))
+        if commands:
+            lean.send_each(commands, lambda replies: self._batch_replied(sent, done, replies),
+                           self.timeout_s)
+        return answered, []
+
+    def _joined(self, tag: Any, x: str, caller: str, done: BatchDone) -> Settled:
+        def settled(answer: Resolution | None, error: BaseException | None) -> None:
+            if answer is None:
+                answer = self.cache.get_stale(x, caller, time.time())
+            done([(tag, answer)])
+        return settled
+
+    def _batch_replied(self, sent: list[tuple[Any, str, str, Any]], done: BatchDone,
+                       replies: list[Any] | BaseException) -> None:
+        now = time.time()
+        cache = self.cache
+        breaker = self.breaker
+        results: list[tuple[Any, Resolution | None]] = []
+        if isinstance(replies, BaseException):  # timed out, or the connection was lost
+            why = type(replies).__name__
+            error = StoreUnavailable(f"redis: {why}")
+            for tag, x, caller, flight in sent:
+                breaker.record_failure(now, why)
+                cache.end_flight(x, caller, flight, None, error, now)
+                results.append((tag, cache.get_stale(x, caller, now)))
+            done(results)
+            return
+        for (tag, x, caller, flight), reply in zip(sent, replies, strict=True):
+            if isinstance(reply, LookupReplyError):
+                if str(reply).startswith("NOSCRIPT"):  # a restarted Redis forgot the script
+                    self._refetch(tag, x, caller, flight, done)
+                    continue
+                breaker.record_failure(now, "ReplyError")
+                cache.end_flight(x, caller, flight, None,
+                                 StoreUnavailable(f"redis error: {reply}"), now)
+                results.append((tag, cache.get_stale(x, caller, now)))
+                continue
+            try:
+                answer = _answer(reply, now)
+            except (ValueError, KeyError, TypeError) as exc:  # not the script's reply shape
+                breaker.record_failure(now, "BadReply")
+                cache.end_flight(x, caller, flight, None, StoreUnavailable(str(exc)), now)
+                results.append((tag, cache.get_stale(x, caller, now)))
+                continue
+            breaker.record_success()
+            cache.end_flight(x, caller, flight, answer, None, now)
+            results.append((tag, answer))
+        if results:
+            done(results)
+
+    def _refetch(self, tag: Any, x: str, caller: str, flight: Any, done: BatchDone) -> None:
+        """One request of a batch through redis-py, which loads the script again."""
+        async def refetch() -> None:
+            now = time.time()
+            try:
+                reply = await self._call(self._resolve_script(keys=self.keys(x),
+                                                              args=[caller, _ms(now)]), now)
+                answer: Resolution | None = _answer(reply, now)
+                error: BaseException | None = None
+            except StoreUnavailable as exc:
+                answer, error = None, exc
+            self.cache.end_flight(x, caller, flight, answer, error, time.time())
+            done([(tag, answer if answer is not None
+                   else self.cache.get_stale(x, caller, time.time()))])
+        task = asyncio.get_running_loop().create_task(refetch())
+        self._refetches.add(task)
+        task.add_done_callback(self._refetches.discard)
 
     async def _call(self, command: Any, now: float, timeout_s: float | None = None) -> Any:
         """Await a Redis command within the deadline, feeding the circuit breaker."""
