@@ -146,3 +146,72 @@ async def test_invalidation_during_load_is_not_cached() -> None:
     release.set()
     assert (await pending).callee == "b"  # the caller still gets its answer
     assert cache.get(X, "a", time.time()) is None  # but it is not kept
+
+
+def test_a_batch_load_tells_its_joiners_and_caches_once() -> None:
+    cache = ResolutionCache(10, max_ttl_s=60, negative_ttl_s=1)
+    flight = cache.start_flight(X, "a")
+    assert cache.in_flight(X, "a") is flight and cache.loads == 1
+    told: list[tuple[Resolution | None, BaseException | None]] = []
+    cache.join(flight, lambda answer, error: told.append((answer, error)))
+    cache.join(flight, lambda answer, error: told.append((answer, error)))
+    cache.end_flight(X, "a", flight, route("b", NOW + 5), None, NOW)
+    assert told == [(route("b", NOW + 5), None)] * 2
+    assert cache.in_flight(X, "a") is None
+    assert cache.get(X, "a", NOW + 1) == route("b", NOW + 5)
+
+
+def test_a_failed_or_poisoned_batch_load_caches_nothing() -> None:
+    cache = ResolutionCache(10, max_ttl_s=60, negative_ttl_s=1)
+    failed = cache.start_flight(X, "a")
+    told: list[tuple[Resolution | None, BaseException | None]] = []
+    cache.join(failed, lambda answer, error: told.append((answer, error)))
+    down = StoreUnavailable("down")
+    cache.end_flight(X, "a", failed, None, down, NOW)
+    assert told == [(None, down)] and cache.get(X, "a", NOW) is None
+    poisoned = cache.start_flight(X, "c")
+    cache.invalidate_x(X)
+    cache.end_flight(X, "c", poisoned, route("d", NOW + 5), None, NOW)
+    assert cache.get(X, "c", NOW) is None and cache.in_flight(X, "c") is None
+
+
+async def test_get_or_load_waits_for_a_batch_load_instead_of_loading() -> None:
+    cache = ResolutionCache(10, max_ttl_s=60, negative_ttl_s=1)
+    flight = cache.start_flight(X, "a")
+
+    async def never() -> Resolution:
+        raise AssertionError("a second load")
+
+    waiters = [asyncio.ensure_future(cache.get_or_load(X, "a", never)) for _ in range(3)]
+    await asyncio.sleep(0)
+    assert not any(w.done() for w in waiters)
+    cache.end_flight(X, "a", flight, route("b", time.time() + 5), None, time.time())
+    assert {(await w).callee for w in waiters} == {"b"}
+    assert cache.loads == 1
+    # and a failure reaches them as the exception resolve() turns into a stale answer or 503
+    flight = cache.start_flight(X, "c")
+    waiter = asyncio.ensure_future(cache.get_or_load(X, "c", never))
+    await asyncio.sleep(0)
+    cache.end_flight(X, "c", flight, None, StoreUnavailable("down"), time.time())
+    with pytest.raises(StoreUnavailable):
+        await waiter
+
+
+async def test_a_batch_joining_a_task_load_hears_its_outcome() -> None:
+    cache = ResolutionCache(10, max_ttl_s=60, negative_ttl_s=1)
+    release = asyncio.Event()
+
+    async def load() -> Resolution:
+        await release.wait()
+        return route("b", time.time() + 5)
+
+    waiter = asyncio.ensure_future(cache.get_or_load(X, "a", load))
+    await asyncio.sleep(0)
+    flight = cache.in_flight(X, "a")
+    assert flight is not None and flight.task is not None
+    told: list[tuple[Resolution | None, BaseException | None]] = []
+    cache.join(flight, lambda answer, error: told.append((answer, error)))
+    release.set()
+    assert (await waiter).callee == "b"
+    await asyncio.sleep(0)
+    assert [(a.callee if a else None, e) for a, e in told] == [("b", None)]
