@@ -197,3 +197,19 @@ async def test_a_frozen_redis_times_out_serves_stale_answers_then_fails_fast(
     finally:
         os.kill(pid, signal.SIGCONT)
         await store.close()
+
+
+async def test_the_metered_store_times_batched_lookups(store: RedisStore) -> None:
+    from proxy.bindings.memory import MemoryStore
+    from proxy.metrics import Histogram, MeteredStore
+
+    histogram = Histogram((0.001, 1.0))
+    metered = MeteredStore(store, histogram)
+    await store.bind(Binding(AXB, X, A, B, in_seconds(60)))
+    done = Collector()
+    assert metered.lookup_batch([(1, X, A), (2, X2, A)], done) == ([], [])
+    results = await done.wait_for(2)
+    assert results[1].callee == B and results[2].outcome is Outcome.NO_BINDING
+    assert sum(histogram.counts) == 2 and 0 < histogram.sum < 2.0
+    # a store without batches: the transport's getattr finds none through the wrapper
+    assert getattr(MeteredStore(MemoryStore(), histogram), "lookup_batch", None) is None
