@@ -165,3 +165,38 @@ def test_redis_killed_mid_traffic_and_restarted(
         assert "Traceback" not in log
     finally:
         proxy.stop()
+
+
+def test_a_frozen_redis_costs_a_new_call_its_timeout_not_the_lookup_deadline(
+    tmp_path: Path, endpoints: tuple[Endpoint, Endpoint], own_redis: dict
+) -> None:
+    """Lookups go to Redis a loop pass at a time (RedisStore.lookup_batch): a Redis that is
+    connected but silent (SIGSTOP) ends a batch at store.timeout_ms with 503, well before
+    store.lookup_deadline_ms, while cached bindings route; it answers again once resumed."""
+    caller, callee = endpoints
+    url = f"redis://127.0.0.1:{own_redis['port']}/0"
+    overrides = {"store": {"redis_url": url, "timeout_ms": 150, "retry_after_s": 5,
+                           "lookup_deadline_ms": 5000,
+                           "circuit_breaker": {"failure_threshold": 100}},
+                 "workers": 1}
+    proxy = _proxy(tmp_path, "p", callee.port, "sip700test:frozen:", BINDINGS, overrides)
+    process = own_redis["proc"]
+    try:
+        assert place_call(proxy.port, caller, callee, X1, A1).status == 200  # now cached
+        process.send_signal(signal.SIGSTOP)
+        try:
+            cached = place_call(proxy.port, caller, callee, X1, A1)
+            assert cached.status == 200 and cached.callee_saw[0].uri.user == B1
+            for _ in range(3):  # the breaker stays closed (threshold 100): each one waits
+                miss = place_call(proxy.port, caller, callee, X2, A2)
+                assert miss.status == 503, miss
+                assert 0.1 < miss.seconds < 1.5, miss.seconds
+                assert miss.responses[-1].header("retry-after") == "5"
+                assert not miss.callee_saw
+        finally:
+            process.send_signal(signal.SIGCONT)
+        back = place_call(proxy.port, caller, callee, X2, A2)
+        assert back.status == 200 and back.callee_saw[0].uri.user == B2
+        assert "Traceback" not in "\n".join(proxy.log_lines())
+    finally:
+        proxy.stop()
