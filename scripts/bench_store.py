@@ -159,6 +159,55 @@ async def bench_redis(url: str, rows: int, concurrency: int) -> None:
         delete_prefix(url, prefix)
 
 
+async def bench_lookup_paths(url: str, rows: int, per_run: int) -> None:
+    """CPU per Redis miss: a task per lookup through resolve() (how the transport looked up
+    before 2026-12-03, and still does without the lean connection), against lookup_batch (a
+    loop pass's misses in one write), one at a time and 32 at a time; every key new to the
+    cache. The CPU is this process's (Python, and its system calls), not Redis's."""
+    prefix = f"sip700bench:{uuid.uuid4().hex[:8]}:"
+    store = RedisStore.from_config(store_config(url, prefix))
+    loop = asyncio.get_running_loop()
+    try:
+        await store.start()
+        bindings = [binding_of(i, 1) for i in range(rows)]
+        for i in range(0, rows, 1000):
+            await store.bind_many(bindings[i : i + 1000])
+        await asyncio.sleep(0.2)
+        keys = iter([(b.x, b.a) for b in bindings] + [(b.x, b.b) for b in bindings])
+
+        async def by_task(group: list[tuple[str, str]]) -> None:
+            await asyncio.gather(*(loop.create_task(store.resolve(x, c)) for x, c in group))
+
+        async def by_batch(group: list[tuple[str, str]]) -> None:
+            done = loop.create_future()
+            left = len(group)
+
+            def arrived(results: list) -> None:
+                nonlocal left
+                left -= len(results)
+                if not left:
+                    done.set_result(None)
+
+            answered, rest = store.lookup_batch([(i, x, c) for i, (x, c) in enumerate(group)],
+                                                arrived)
+            assert not answered and not rest, "every key is new and the connection is up"
+            await done
+
+        for size in (1, 32):
+            for name, run in (("task per lookup", by_task), ("lookup_batch", by_batch)):
+                n = per_run - per_run % size
+                groups = [[next(keys) for _ in range(size)] for _ in range(n // size)]
+                cpu, wall = time.process_time(), time.perf_counter()
+                for group in groups:
+                    await run(group)
+                cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+                print(f"redis miss, {size:>2} at a time, {name}: {cpu / n * 1e6:.1f} µs of CPU "
+                      f"a lookup, {rate(n, wall)}")
+    finally:
+        await store.close()
+        delete_prefix(url, prefix)
+
+
 async def bench_import(url: str, rows: int, per_x: int) -> None:
     prefix = f"sip700bench:{uuid.uuid4().hex[:8]}:"
     with tempfile.TemporaryDirectory() as tmp:
@@ -257,6 +306,7 @@ async def main() -> None:
     if not args.skip_lookups:
         bench_memory_store_hits(rounds=100)
         await bench_redis(args.redis_url, args.lookup_rows, args.concurrency)
+        await bench_lookup_paths(args.redis_url, args.lookup_rows, args.lookup_rows // 5)
     if args.import_rows:
         await bench_import(args.redis_url, args.import_rows, args.import_per_x)
     if args.memory_rows:

@@ -10,8 +10,10 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import multiprocessing
+import os
 import random
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -21,6 +23,7 @@ from collections.abc import AsyncIterator, Iterator
 from multiprocessing.connection import Connection
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 import redis
@@ -32,6 +35,7 @@ from proxy.bindings.model import (
     Binding,
     BindingConflict,
     Outcome,
+    Resolution,
     StoreUnavailable,
     check_conflict,
     resolve_among,
@@ -598,6 +602,174 @@ async def test_redis_killed_mid_traffic_and_restarted(private_redis: RedisProces
     await load
     await store.close()
     assert traffic_errors == []
+
+
+# -- lookup_batch: a loop pass's misses in one write ------------------------------------------
+# The semantics of resolve() (single flight, breaker, stale answers, invalidation, a forgotten
+# script) without a task per lookup; a private redis-server frozen with SIGSTOP for the time-out.
+
+X3 = "700100000000003"
+Results = list[tuple[Any, Resolution | None]]
+
+
+class Collector:
+    """The `done` callback: every (tag, answer) it was given, and a wait for a count."""
+
+    def __init__(self) -> None:
+        self.results: dict[Any, Resolution | None] = {}
+        self.calls = 0
+        self._changed = asyncio.Event()
+
+    def __call__(self, results: Results) -> None:
+        self.calls += 1
+        for tag, answer in results:
+            assert tag not in self.results, f"{tag} answered twice"
+            self.results[tag] = answer
+        self._changed.set()
+
+    async def wait_for(self, count: int, timeout: float = 3.0) -> dict[Any, Resolution | None]:
+        async with asyncio.timeout(timeout):
+            while len(self.results) < count:
+                self._changed.clear()
+                await self._changed.wait()
+        return self.results
+
+
+async def test_a_batch_answers_as_resolve_does_with_one_load_a_key(
+        store: RedisStore, prefix: str) -> None:
+    await store.bind(Binding(AXB, X, A, B, in_seconds(60)))
+    await store.bind(Binding(AXN, X3, A, None, in_seconds(60)))
+    requests = [(1, X, A), (2, X, B), (3, X, C), (4, X2, A), (5, X, A), (6, X3, C),
+                (7, "+86" + X, A)]  # 7: X written with a prefix the store normalises
+    done = Collector()
+    loads = store.cache.loads
+    answered, left = store.lookup_batch(requests, done)
+    assert (answered, left) == ([], [])
+    results = await done.wait_for(len(requests))
+    # the same answers as a separate store's resolve() (no shared cache)
+    other = RedisStore.from_config(store_config(prefix))
+    try:
+        assert await other.start()
+        for tag, x, caller in requests:
+            expected = await other.resolve(x, caller)
+            got = results[tag]
+            assert got is not None
+            assert (got.outcome, got.callee) == (expected.outcome, expected.callee), tag
+    finally:
+        await other.close()
+    assert (results[1].outcome, results[1].callee) == (Outcome.ROUTE, B)
+    assert (results[2].outcome, results[2].callee) == (Outcome.ROUTE, A)
+    assert results[3].outcome is Outcome.NOT_PARTY
+    assert results[4].outcome is Outcome.NO_BINDING
+    assert (results[6].outcome, results[6].callee) == (Outcome.ROUTE, A)
+    # (X, A) asked three times (1, 5 and 7): one load; the rest one each
+    assert store.cache.loads == loads + 5
+    # now cached: a second batch is answered at once, nothing goes out
+    again = Collector()
+    answered, left = store.lookup_batch([(1, X, A), (2, X, B), (3, X2, A)], again)
+    assert left == [] and again.calls == 0
+    assert {tag: a.callee if a else None for tag, a in answered} == {1: B, 2: A, 3: None}
+    assert store.cache.loads == loads + 5
+
+
+async def test_without_its_connection_the_store_hands_the_batch_back(prefix: str) -> None:
+    store = RedisStore.from_config(store_config(prefix))  # not started: nothing connected
+    try:
+        requests = [(1, X, A), (2, X, B)]
+        assert store.lookup_batch(requests, Collector()) == ([], requests)
+    finally:
+        await store.close()
+
+
+async def test_a_resolve_during_a_batch_shares_its_load(store: RedisStore) -> None:
+    await store.bind(Binding(AXB, X, A, B, in_seconds(60)))
+    done = Collector()
+    loads = store.cache.loads
+    store.lookup_batch([("t", X, A)], done)
+    # still out: resolve() joins it instead of asking again, and so does a second batch
+    second = Collector()
+    assert store.lookup_batch([("u", X, A)], second) == ([], [])
+    answer = await store.resolve(X, A)
+    assert answer.callee == B
+    assert (await done.wait_for(1))["t"].callee == B
+    assert (await second.wait_for(1))["u"].callee == B
+    assert store.cache.loads == loads + 1
+
+
+async def test_an_invalidation_during_the_load_keeps_its_answer_out_of_the_cache(
+        store: RedisStore) -> None:
+    await store.bind(Binding(AXB, X, A, B, in_seconds(60)))
+    done = Collector()
+    store.lookup_batch([("t", X, A)], done)
+    store.cache.invalidate_x(X)  # an unbind raced the lookup
+    assert (await done.wait_for(1))["t"].callee == B  # its callers get the answer
+    assert store.cache.get(X, A, time.time()) is None  # but it is not remembered
+
+
+async def test_a_forgotten_script_is_loaded_again(store: RedisStore) -> None:
+    await store.bind(Binding(AXB, X, A, B, in_seconds(60)))
+    redis.Redis.from_url(REDIS_URL).script_flush()  # as a restarted Redis would be
+    done = Collector()
+    store.lookup_batch([(1, X, A), (2, X, B), (3, X, C)], done)
+    results = await done.wait_for(3)
+    assert results[1].callee == B and results[2].callee == A
+    assert results[3].outcome is Outcome.NOT_PARTY
+    assert store.breaker.state is BreakerState.CLOSED
+    again = Collector()  # loaded again: the next batch goes through EVALSHA as before
+    store.lookup_batch([(4, X2, A)], again)
+    assert (await again.wait_for(1))[4].outcome is Outcome.NO_BINDING
+
+
+async def test_a_frozen_redis_times_out_serves_stale_answers_then_fails_fast(
+        private_redis: RedisProcess) -> None:
+    url = f"redis://127.0.0.1:{private_redis.port}/0"
+    store = RedisStore.from_config(store_config(
+        "sip700test:", url, timeout_ms=100,
+        cache=SimpleNamespace(max_entries=1000, max_ttl_s=0.2, negative_ttl_s=0.2),
+        circuit_breaker=SimpleNamespace(failure_threshold=2, open_s=5.0)))
+    assert private_redis.process is not None
+    pid = private_redis.process.pid
+    try:
+        assert await store.start()
+        await store.bind(Binding(AXB, X, A, B, in_seconds(60)))
+        warm = Collector()
+        store.lookup_batch([(0, X, A)], warm)
+        assert (await warm.wait_for(1))[0].callee == B
+        os.kill(pid, signal.SIGSTOP)  # up, connected, and silent
+        await asyncio.sleep(0.3)  # past max_ttl_s: the cached answer is stale
+        done = Collector()
+        started = time.monotonic()
+        answered, left = store.lookup_batch([(1, X, A), (2, X, D)], done)
+        assert (answered, left) == ([], [])
+        results = await done.wait_for(2)
+        assert 0.09 < time.monotonic() - started < 1.0  # the store's timeout_ms
+        assert results[1] is not None and results[1].callee == B  # stale, still routes
+        assert results[2] is None  # never looked up: the store could not answer
+        assert store.breaker.state is BreakerState.OPEN  # two failures, threshold two
+        # open: answered at once, nothing written
+        fast = Collector()
+        answered, left = store.lookup_batch([(3, X, A), (4, X2, A)], fast)
+        assert left == [] and fast.calls == 0
+        assert {tag: a.callee if a else None for tag, a in answered} == {3: B, 4: None}
+    finally:
+        os.kill(pid, signal.SIGCONT)
+        await store.close()
+
+
+async def test_the_metered_store_times_batched_lookups(store: RedisStore) -> None:
+    from proxy.bindings.memory import MemoryStore
+    from proxy.metrics import Histogram, MeteredStore
+
+    histogram = Histogram((0.001, 1.0))
+    metered = MeteredStore(store, histogram)
+    await store.bind(Binding(AXB, X, A, B, in_seconds(60)))
+    done = Collector()
+    assert metered.lookup_batch([(1, X, A), (2, X2, A)], done) == ([], [])
+    results = await done.wait_for(2)
+    assert results[1].callee == B and results[2].outcome is Outcome.NO_BINDING
+    assert sum(histogram.counts) == 2 and 0 < histogram.sum < 2.0
+    # a store without batches: the transport's getattr finds none through the wrapper
+    assert getattr(MeteredStore(MemoryStore(), histogram), "lookup_batch", None) is None
 
 
 # -- Cluster and Sentinel ----------------------------------------------------------------------
