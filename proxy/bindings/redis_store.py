@@ -325,9 +325,12 @@ class RedisStore:
             base = f"{self.key_prefix}{{{x}}}"
             commands.append(("EVALSHA", sha, 2, base, base + ":e", caller, _ms(now)))
             sent.append((tag, x, caller, cache.start_flight(x, caller)))
-        if commands:
-            lean.send_each(commands, lambda replies: self._batch_replied(sent, done, replies),
-                           self.timeout_s)
+        if commands and not lean.send_each(
+                commands, lambda replies: self._batch_replied(sent, done, replies),
+                self.timeout_s):  # cannot happen after `connected`; never strand a flight
+            for _, x, caller, flight in sent:
+                cache.end_flight(x, caller, flight, None, StoreUnavailable("not connected"), now)
+            return answered, [(tag, x, caller) for tag, x, caller, _ in sent]
         return answered, []
 
     def _joined(self, tag: Any, x: str, caller: str, done: BatchDone) -> Settled:
