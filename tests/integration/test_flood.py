@@ -94,6 +94,11 @@ def test_a_flooding_source_is_cut_off_while_another_sources_calls_go_through(
         outcome = run_flow(proxy, tmp_path, caller="uac_basic.xml", callee="uas_basic.xml",
                            plans=[CallPlan(A1, X1, B1, 1), CallPlan(A2, X2, B2, 2)],
                            caller_extra=["-d", "100"])
+        # a flood well past what the workers let through in a first second (LIMIT each), so
+        # that most of it must be cut off however fast the calls above went
+        deadline = time.monotonic() + 10
+        while sent[0] < 4 * LIMIT and time.monotonic() < deadline:
+            time.sleep(0.01)
     finally:
         stop.set()
         flooder.join()
