@@ -860,7 +860,8 @@ class ProxyServer:
                 else:
                     core.complete_lookup(relay, answer, now)
             except Exception:  # one call's bug must not cost the batch's other calls
-                log.exception("lookup_completion_failed")
+                self.core.stats["internal_errors"] = self.core.stats.get("internal_errors", 0) + 1
+                log.exception("internal_error", where="lookup answer")
         self.flush()
 
     async def _lookup(self, relay: Relay, x: str, caller: str) -> None:

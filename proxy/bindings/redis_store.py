@@ -279,7 +279,13 @@ class RedisStore:
                     raise StoreUnavailable(f"redis error: {exc}") from exc
                 # a restarted Redis forgot the script: redis-py's call below loads it again
         if reply is None:
-            reply = await self._call(self._resolve_script(keys=keys, args=[caller, _ms(now)]), now)
+            return await self._fetch_by_client(x, caller, now)
+        return _answer(reply, now)
+
+    async def _fetch_by_client(self, x: str, caller: str, now: float) -> Resolution:
+        """The lookup through redis-py, which loads the script again when Redis forgot it."""
+        reply = await self._call(self._resolve_script(keys=self.keys(x),
+                                                      args=[caller, _ms(now)]), now)
         return _answer(reply, now)
 
     # -- a loop pass's misses in one write ------------------------------------------------------
@@ -322,8 +328,8 @@ class RedisStore:
             if not breaker.allow(now):
                 answered.append((tag, cache.get_stale(x, caller, now)))
                 continue
-            base = f"{self.key_prefix}{{{x}}}"
-            commands.append(("EVALSHA", sha, 2, base, base + ":e", caller, _ms(now)))
+            keys = self.keys(x)
+            commands.append(("EVALSHA", sha, 2, keys[0], keys[1], caller, _ms(now)))
             sent.append((tag, x, caller, cache.start_flight(x, caller)))
         if commands and not lean.send_each(
                 commands, lambda replies: self._batch_replied(sent, done, replies),
@@ -381,11 +387,8 @@ class RedisStore:
     def _refetch(self, tag: Any, x: str, caller: str, flight: Any, done: BatchDone) -> None:
         """One request of a batch through redis-py, which loads the script again."""
         async def refetch() -> None:
-            now = time.time()
             try:
-                reply = await self._call(self._resolve_script(keys=self.keys(x),
-                                                              args=[caller, _ms(now)]), now)
-                answer: Resolution | None = _answer(reply, now)
+                answer: Resolution | None = await self._fetch_by_client(x, caller, time.time())
                 error: BaseException | None = None
             except StoreUnavailable as exc:
                 answer, error = None, exc
