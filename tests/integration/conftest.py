@@ -40,6 +40,10 @@ def proxies() -> Iterator[list[ProxyProcess]]:
         proxy.assert_clean_exit(proxy.stop())
 
 
+class PortTaken(RuntimeError):
+    """The proxy refused to start: a port of its config was held when it started."""
+
+
 @pytest.fixture(params=["memory", "redis"])
 def start_sip700(request: pytest.FixtureRequest, tmp_path: Path
                  ) -> Iterator[Callable[..., ProxyProcess]]:
@@ -57,19 +61,39 @@ def start_sip700(request: pytest.FixtureRequest, tmp_path: Path
     def start(*, bindings: list[dict] | None = None, overrides: dict | None = None,
               port: int | None = None, gateway_port: int | None = None,
               transports: tuple[str, ...] = ("udp", "tcp")) -> ProxyProcess:
-        port = port or free_port()
-        gateway_port = gateway_port or free_port()
+        chosen = port is not None
+        for attempt in range(3):
+            try:
+                return start_once(bindings, overrides, port or free_port(),
+                                  gateway_port or free_port(), transports)
+            except PortTaken:
+                # a port drawn free was taken before the proxy bound it (another suite or
+                # program on the machine drew it too): draw again, unless the test chose it
+                if chosen or attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
+
+    def start_once(bindings: list[dict] | None, overrides: dict | None, port: int,
+                   gateway_port: int, transports: tuple[str, ...]) -> ProxyProcess:
         cfg_dir = tmp_path / f"proxy-{port}"
         cfg_dir.mkdir(exist_ok=True)
         overrides = dict(overrides or {})
-        if port in worker_port_bases:
+        restarted = port in worker_port_bases
+        if restarted:
             transport = overrides.get("transport") or {}
             overrides["transport"] = {"worker_port_base": worker_port_bases[port], **transport}
         path, config = write_config(cfg_dir, port=port, gateway_port=gateway_port,
                                     bindings=bindings, overrides=overrides,
                                     transports=transports, redis_prefix=prefix)
         worker_port_bases[port] = config["transport"]["worker_port_base"]
-        proc = start_proxy(path, port, gateway_port, cfg_dir / "proxy.log", config)
+        try:
+            proc = start_proxy(path, port, gateway_port, cfg_dir / "proxy.log", config)
+        except RuntimeError as exc:
+            if "start_refused" in str(exc) and "Address already in use" in str(exc):
+                if not restarted:
+                    del worker_port_bases[port]
+                raise PortTaken(str(exc)) from exc
+            raise
         started.append(proc)
         return proc
 
