@@ -285,7 +285,13 @@ def test_overload_sheds_new_calls_and_spares_the_calls_in_progress(
             extra=[*caller_keys(*FORMS["national"], A, X), "-d", "6000", "-l", "5",
                    "-recv_timeout", "20000"]),
             cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(1.0)  # the five calls are up, holding for 6 s
+        # the five calls are up, holding for 6 s, before the burst starts (on a slow machine
+        # SIPp can take longer than a second to start: its INVITEs would meet the burst)
+        deadline = time.monotonic() + 15
+        while sum('"routed"' in ln for ln in proxy.log_lines()) < 5:
+            assert time.monotonic() < deadline and held.poll() is None, "held calls not up"
+            time.sleep(0.05)
+        time.sleep(0.3)  # their 180 and 200 on the way back
         burst = run_sipp("uac_burst.xml", f"127.0.0.1:{proxy.port}", free_port(),
                          tmp_path / "burst", calls=6000, rate=2000, timeout=90, extra=[
                              "-key", "a", A2, "-key", "x", X2, "-d", "100", "-l", "3000",
