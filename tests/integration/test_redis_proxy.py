@@ -6,6 +6,7 @@ Real processes: redis-server (the machine's, or one the test starts on its own p
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 import subprocess
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from proxy.sip.message import parse_message
 from tests.integration.procs import (
     ROOT,
     ProxyProcess,
@@ -26,7 +28,7 @@ from tests.integration.procs import (
     start_redis_server,
     write_config,
 )
-from tests.integration.sipclient import Endpoint, place_call
+from tests.integration.sipclient import Endpoint, invite, place_call
 
 X1, A1, B1 = "700100000000001", "13800000001", "13900000001"
 X2, A2, B2 = "700100000000002", "13800000002", "13900000002"
@@ -200,3 +202,40 @@ def test_a_frozen_redis_costs_a_new_call_its_timeout_not_the_lookup_deadline(
         assert "Traceback" not in "\n".join(proxy.log_lines())
     finally:
         proxy.stop()
+
+
+def test_the_misses_of_one_loop_pass_go_to_redis_in_one_batch(
+    tmp_path: Path, endpoints: tuple[Endpoint, Endpoint], prefix: str
+) -> None:
+    """Twenty INVITEs waiting in the socket when the worker wakes are read in one loop pass:
+    their twenty cache misses reach Redis as one batch (not one write each), and every call is
+    routed to its own callee."""
+    caller, callee = endpoints
+    pairs = {f"138000001{i:02d}": f"139000001{i:02d}" for i in range(20)}
+    bindings = [{"type": "axb", "x": X1, "a": a, "b": b, "ttl": 3600} for a, b in pairs.items()]
+    proxy = _proxy(tmp_path, "p", callee.port, prefix, bindings,
+                   {"workers": 1, "shutdown": {"drain_s": 1}})  # unanswered: not waited for
+    try:
+        worker = int(Path(f"/proc/{proxy.proc.pid}/task/{proxy.proc.pid}/children")
+                     .read_text().split()[0])
+        expected = {}
+        os.kill(worker, signal.SIGSTOP)
+        try:
+            for a, b in pairs.items():
+                data, call_id = invite(caller.port, proxy.port, X1, a)
+                caller.sock.sendto(data, ("127.0.0.1", proxy.port))
+                expected[call_id] = b
+            time.sleep(0.2)
+        finally:
+            os.kill(worker, signal.SIGCONT)
+        seen: dict[str, str] = {}
+        callee.sock.settimeout(5)
+        while len(seen) < len(expected):
+            msg = parse_message(callee.sock.recvfrom(65535)[0])
+            if msg.method == "INVITE":
+                seen[msg.header("x-test-id") or ""] = msg.uri.user or ""
+        assert seen == expected
+    finally:
+        stats = proxy.stop_and_read_stats()
+    assert stats.get("lookups_batched") == 20, stats
+    assert 1 <= stats.get("lookup_batches", 0) <= 3, stats  # one a datagram before: 20
