@@ -476,6 +476,7 @@ class ProxyServer:
         # the misses of this loop pass, sent once its I/O callbacks are done (_send_misses):
         # every datagram the loop read in the pass, not one, shares a write to the store
         self._misses: list[tuple[Relay, str, str]] = []
+        self._policy_checks: list[tuple[Relay, Resolution]] = []  # the same for the policy
         self._last_logged: dict[str, tuple[float, int]] = {}  # event → (when, suppressed)
         self.worker_index = worker_index
         self.worker_count = worker_count
@@ -841,8 +842,25 @@ class ProxyServer:
                 else:
                     self._lookup_tasks(misses)
             if core.policy_checks:  # the anti-fraud policy step (proxy/policy/runner.py)
-                checks, core.policy_checks = core.policy_checks, []
-                self.policy.submit(checks)
+                # the pass's calls in one submit, so one write to the policy's Redis
+                if not self._policy_checks:
+                    self.loop.call_soon(self._submit_policy)
+                self._policy_checks += core.policy_checks
+                core.policy_checks = []
+
+    def _submit_policy(self) -> None:
+        """The loop pass's calls to the policy step at once (see _send_misses)."""
+        checks, self._policy_checks = self._policy_checks, []
+        if not checks:
+            return
+        core = self.core
+        core.stats["policy_batches"] = core.stats.get("policy_batches", 0) + 1
+        try:
+            self.policy.submit(checks)
+        except Exception:  # a bug: these calls end at their deadline, the rest go on
+            core.stats["internal_errors"] = core.stats.get("internal_errors", 0) + 1
+            log.exception("internal_error", where="policy batch")
+        self.flush()
 
     def _send_misses(self) -> None:
         """The loop pass's cache misses to the store in one batch (uvloop reads up to 32

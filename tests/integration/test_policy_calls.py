@@ -7,6 +7,9 @@ loopback as a tenant's decision webhook."""
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -22,6 +25,7 @@ import redis
 from aiohttp import web
 
 from proxy.api.keys import hash_key
+from proxy.sip.message import parse_message
 from tests.integration.apiprocs import call_api, free_tcp_port, wait_http
 from tests.integration.procs import (
     REDIS_URL,
@@ -35,6 +39,7 @@ from tests.integration.procs import (
     start_proxy,
     write_config,
 )
+from tests.integration.sipclient import invite
 from tests.integration.test_call_flows import (
     COMMON_SIPP,
     CallPlan,
@@ -75,7 +80,7 @@ def start_policy_proxy(tmp_path: Path) -> Iterator[StartProxy]:
 
     def start(policy: dict, shop1: dict | None = None, shop2: dict | None = None, *,
               api: bool = False, records: bool = False, policy_prefix: str | None = None,
-              name: str = "p") -> ProxyProcess:
+              name: str = "p", extra: dict | None = None) -> ProxyProcess:
         port, gateway_port = free_port(), free_port()
         cfg_dir = tmp_path / f"{name}-{port}"
         cfg_dir.mkdir()
@@ -84,7 +89,7 @@ def start_policy_proxy(tmp_path: Path) -> Iterator[StartProxy]:
                    {"id": "shop2", **({"policy": shop2} if shop2 else {})}]
         overrides: dict = {"workers": 2, "tenants": tenants, "store": {"key_prefix": prefix},
                            "policy": {"key_prefix": policy_prefix or f"{prefix}policy:",
-                                      "redis_url": REDIS_URL, **policy}}
+                                      "redis_url": REDIS_URL, **policy}, **(extra or {})}
         if api:
             api_port = free_tcp_port()
             overrides["api"] = {"listen": f"127.0.0.1:{api_port}"}
@@ -196,6 +201,50 @@ def test_concurrent_calls_per_x_are_capped_and_released_at_the_end(
     time.sleep(0.3)  # the BYE's release reaches Redis
     connects(proxy, tmp_path, CallPlan(A5, X5, B5, 2))
     assert stats(proxy).get("policy_refused:x-at-once") == 1
+
+
+def test_the_calls_of_one_loop_pass_reach_the_policy_in_one_batch(
+        start_policy_proxy: StartProxy) -> None:
+    """Twenty INVITEs waiting when the workers wake are read one loop pass a worker: the
+    policy step gets each worker's share at once (one write of counters to Redis), not one
+    call at a time, and every call is decided and routed."""
+    proxy = start_policy_proxy(
+        {"rate_limits": [{"name": "caller-per-minute", "per": "caller", "max_calls": 100,
+                          "window_s": 60}]},
+        extra={"shutdown": {"drain_s": 1}})  # the calls are left unanswered: not waited for
+    workers = [int(p) for p in Path(f"/proc/{proxy.proc.pid}/task/{proxy.proc.pid}/children")
+               .read_text().split()]
+    assert len(workers) == 2
+    gateway = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    gateway.bind(("127.0.0.1", proxy.gateway_port))
+    gateway.settimeout(5)
+    caller = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    caller.bind(("127.0.0.1", 0))
+    try:
+        for pid in workers:
+            os.kill(pid, signal.SIGSTOP)
+        try:
+            sent = set()
+            for _ in range(20):
+                data, call_id = invite(caller.getsockname()[1], proxy.port, X1, A1)
+                caller.sendto(data, ("127.0.0.1", proxy.port))
+                sent.add(call_id)
+            time.sleep(0.2)
+        finally:
+            for pid in workers:
+                os.kill(pid, signal.SIGCONT)
+        routed = set()
+        while routed != sent:
+            msg = parse_message(gateway.recvfrom(65535)[0])
+            if msg.method == "INVITE":
+                assert msg.uri.user == B1
+                routed.add(msg.header("x-test-id"))
+    finally:
+        gateway.close()
+        caller.close()
+    counters = stats(proxy)
+    assert counters.get("calls_routed") == 20, counters
+    assert 1 <= counters.get("policy_batches", 0) <= 4, counters  # one a call before: 20
 
 
 # ---- blocklists ------------------------------------------------------------------------------
