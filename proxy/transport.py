@@ -779,8 +779,14 @@ class ProxyServer:
         self.flush()
 
     def _internal_error(self, source: tuple[str, int]) -> None:
-        self.core.stats["internal_errors"] = self.core.stats.get("internal_errors", 0) + 1
+        self.count("internal_errors")
         log.exception("internal_error", source=f"{source[0]}:{source[1]}")
+
+    def _bug(self, where: str) -> None:
+        """A bug outside one message's handling (a batch, a callback): counted and logged as
+        the shell's other internal errors."""
+        self.count("internal_errors")
+        log.exception("internal_error", where=where)
 
     def on_stream_data(self, conn: _TcpConnection, data: bytes) -> None:
         """Messages over TCP are handled here, where their connection lives; only a response
@@ -853,13 +859,11 @@ class ProxyServer:
         checks, self._policy_checks = self._policy_checks, []
         if not checks:
             return
-        core = self.core
-        core.stats["policy_batches"] = core.stats.get("policy_batches", 0) + 1
+        self.count("policy_batches")
         try:
             self.policy.submit(checks)
-        except Exception:  # a bug: these calls end at their deadline, the rest go on
-            core.stats["internal_errors"] = core.stats.get("internal_errors", 0) + 1
-            log.exception("internal_error", where="policy batch")
+        except Exception:  # these calls end at their policy deadline, the rest go on
+            self._bug("policy batch")
         self.flush()
 
     def _send_misses(self) -> None:
@@ -871,15 +875,14 @@ class ProxyServer:
         self._batched_lookups -= len(misses)
         if not misses:
             return
-        core = self.core
-        core.stats["lookup_batches"] = core.stats.get("lookup_batches", 0) + 1
-        core.stats["lookups_batched"] = core.stats.get("lookups_batched", 0) + len(misses)
+        self.count("lookup_batches")
+        self.count("lookups_batched", len(misses))
         try:
             answered, left = self._lookup_batch(misses, self._looked_up)
-        except Exception:  # a bug: these calls end at their lookup deadline, the rest go on
-            core.stats["internal_errors"] = core.stats.get("internal_errors", 0) + 1
-            log.exception("internal_error", where="lookup batch")
+        except Exception:  # these calls end at their lookup deadline, the rest go on
+            self._bug("lookup batch")
             return
+        core = self.core
         self._batched_lookups += len(misses) - len(answered) - len(left)
         now = time.monotonic()
         for relay, answer in answered:
@@ -909,8 +912,7 @@ class ProxyServer:
                 else:
                     core.complete_lookup(relay, answer, now)
             except Exception:  # one call's bug must not cost the batch's other calls
-                self.core.stats["internal_errors"] = self.core.stats.get("internal_errors", 0) + 1
-                log.exception("internal_error", where="lookup answer")
+                self._bug("lookup answer")
         self.flush()
 
     async def _lookup(self, relay: Relay, x: str, caller: str) -> None:

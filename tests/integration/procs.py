@@ -141,6 +141,11 @@ class ProxyProcess:
     def log_lines(self) -> list[str]:
         return self.log_path.read_text(errors="replace").splitlines()
 
+    def worker_pids(self) -> list[int]:
+        """The supervisor's children: its workers."""
+        pid = self.proc.pid
+        return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
     def stop_and_read_stats(self) -> dict[str, int]:
         """Stop the proxy; the counters its workers log on the way out, summed."""
         self.stop()

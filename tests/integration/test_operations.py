@@ -244,8 +244,7 @@ def test_workers_never_outlive_the_supervisor_and_sighup_keeps_them(tmp_path: Pa
                                 overrides={"workers": 2})
     proxy = start_proxy(path, port, gw_port, tmp_path / "proxy.log", config)
     wait_for(lambda: len(log_events(proxy, "listening")) == 2, what="two workers")
-    workers = [int(p) for p in Path(f"/proc/{proxy.proc.pid}/task/{proxy.proc.pid}/children")
-               .read_text().split()]
+    workers = proxy.worker_pids()
     assert len(workers) == 2
     proxy.proc.send_signal(signal.SIGHUP)  # once: it killed the supervisor, not the workers
     wait_for(lambda: log_events(proxy, "config_reloaded"), what="the reload")

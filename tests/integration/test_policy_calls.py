@@ -214,8 +214,7 @@ def test_the_calls_of_one_loop_pass_reach_the_policy_in_one_batch(
         # the calls are left unanswered: not waited for; the workers' stop is no overload (the
         # first tick after it would see 200 ms of loop lag and shed the waiting calls)
         extra={"shutdown": {"drain_s": 1}, "overload": {"enabled": False}})
-    workers = [int(p) for p in Path(f"/proc/{proxy.proc.pid}/task/{proxy.proc.pid}/children")
-               .read_text().split()]
+    workers = proxy.worker_pids()
     assert len(workers) == 2
     gateway = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     gateway.bind(("127.0.0.1", proxy.gateway_port))

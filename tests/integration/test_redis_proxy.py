@@ -218,8 +218,7 @@ def test_the_misses_of_one_loop_pass_go_to_redis_in_one_batch(
                    # after it would see 200 ms of loop lag and shed the waiting calls)
                    {"workers": 1, "shutdown": {"drain_s": 1}, "overload": {"enabled": False}})
     try:
-        worker = int(Path(f"/proc/{proxy.proc.pid}/task/{proxy.proc.pid}/children")
-                     .read_text().split()[0])
+        [worker] = proxy.worker_pids()
         expected = {}
         os.kill(worker, signal.SIGSTOP)
         try:
