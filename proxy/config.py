@@ -769,6 +769,9 @@ class TimersConfig(_Section):
     t4_ms: PositiveInt = 5000
     timer_c_s: PositiveFloat = 180
     max_invite_lifetime_s: PositiveFloat = 300
+    # RFC 3261 §17.2.1: the 100 Trying to an INVITE is held this long and sent only if no
+    # other response went upstream meanwhile (0: sent at once, before the lookup)
+    trying_after_ms: Annotated[int, Strict(), Field(ge=0, le=200)] = 200
 
     @field_validator("t2_ms")
     @classmethod

@@ -149,6 +149,9 @@ class CoreSettings:
     mask_numbers: bool = True
     timer_settings: TimerSettings = field(default_factory=TimerSettings)
     timer_c: float = 180.0
+    # RFC 3261 §17.2.1: an INVITE's 100 Trying is owed only when no other response goes out
+    # within 200 ms; held this long, it is sent only when nothing else was (0: at once)
+    trying_after: float = 0.2
     worker_index: int = 0  # written into our branches: a response finds its worker by it
     # every port a Route to us may name (the shared SIP port and each worker's own); empty
     # means advertise_port alone
@@ -250,6 +253,7 @@ class Relay:
         "template",
         "timer_c",
         "token_swap",
+        "trying_due",
         "upstream",
         "x",
     )
@@ -273,6 +277,7 @@ class Relay:
         self.final_sent = False
         self.retired = False  # answered 2xx: its state moved to the light tables
         self.timer_c: float | None = None
+        self.trying_due: float | None = None  # when the held 100 Trying goes out (INVITE)
         self.life_deadline: float | None = None
         self.lookup_deadline: float | None = None
         self.x = ""
@@ -298,6 +303,7 @@ class Relay:
             self.client.next_deadline() if self.client is not None else None,
             self.cancel_client.next_deadline() if self.cancel_client is not None else None,
             self.timer_c,
+            self.trying_due,
             self.life_deadline if not self.final_sent else None,
             self.lookup_deadline,
             self.branch_deadline,
@@ -576,6 +582,8 @@ class ProxyCore:
                 self._abort(relay, now)
 
     def _relay_timers(self, relay: Relay, now: float) -> None:
+        if relay.trying_due is not None and relay.trying_due <= now:
+            self._send_trying(relay, now)
         if relay.lookup_deadline is not None and relay.lookup_deadline <= now:
             relay.lookup_deadline = None  # the shell never answered: the lookup is abandoned
             self._count("lookup_deadline_expired")
@@ -630,6 +638,8 @@ class ProxyCore:
             return
         if relay is not None:  # retransmission: the server transaction replays its response
             self._server_events(relay, relay.server.receive_request(now), now)
+            if relay.trying_due is not None:  # nothing to replay yet: the held 100 quenches it
+                self._send_trying(relay, now)
             self._rearm(relay)
             self._count("retransmissions_absorbed")
             return
@@ -750,8 +760,7 @@ class ProxyCore:
             relay.call = self.calls.invite(msg, x, relay.caller, now)
         self.server_txs[key] = relay
         self._server_events(relay, server.receive_request(now), now)
-        trying = build_response(msg, 100, "Trying").serialize()
-        self._server_events(relay, server.send_response(100, trying, now), now)
+        self._trying(relay, now)
         if caller is None:
             self._final(relay, s.not_party, now, outcome="no caller number")
             return
@@ -1313,8 +1322,7 @@ class ProxyCore:
         self.server_txs[key] = relay
         self._server_events(relay, server.receive_request(now), now)
         if relay.is_invite:
-            trying = build_response(msg, 100, "Trying").serialize()
-            self._server_events(relay, server.send_response(100, trying, now), now)
+            self._trying(relay, now)
             relay.life_deadline = now + s.max_invite_lifetime
         branch = self._new_branch()
         out.push_via(f"SIP/2.0/{hop.transport.upper()} {self._sent_by[hop.transport]};"
@@ -1636,6 +1644,7 @@ class ProxyCore:
             elif not relay.final_sent:
                 relay.call = None
                 self.calls.final(call, status, msg, now)
+        relay.trying_due = None  # a response goes upstream: no 100 is owed any more
         if relay.is_invite:
             if status < 200:
                 relay.provisional = True
@@ -1875,12 +1884,30 @@ class ProxyCore:
         self._limit_wheel.schedule(call, call.next_deadline())
 
     # ---- local responses ------------------------------------------------------------------------
+    def _trying(self, relay: Relay, now: float) -> None:
+        """An INVITE's 100 Trying (RFC 3261 §17.2.1): at once, or held `trying_after` and sent
+        only if no other response went out meanwhile. Most calls are answered (180, or a
+        refusal) within milliseconds, so most 100s need not be built, sent and read at all."""
+        delay = self.settings.trying_after
+        if delay > 0:
+            relay.trying_due = now + delay
+        else:
+            self._send_trying(relay, now)
+
+    def _send_trying(self, relay: Relay, now: float) -> None:
+        relay.trying_due = None
+        server = relay.server
+        if relay.final_sent or server.has_responded:
+            return
+        trying = build_response(relay.request, 100, "Trying").serialize()
+        self._server_events(relay, server.send_response(100, trying, now), now)
+
     def _final(
         self, relay: Relay, response: FinalResponse, now: float, *, outcome: str,
         extra: list[tuple[str, str]] | None = None,
     ) -> None:
         relay.final_sent = True
-        relay.timer_c = None
+        relay.timer_c = relay.trying_due = None
         if relay.policy_slot is not None:
             self._policy_release(relay)
         if relay.call is not None:

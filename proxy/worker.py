@@ -87,6 +87,7 @@ def core_settings(cfg: Config, index: int = 0, count: int = 1, port_range: int =
         mask_numbers=cfg.privacy.mask_numbers_in_logs,
         timer_settings=TimerSettings(t1=t.t1_ms / 1000, t2=t.t2_ms / 1000, t4=t.t4_ms / 1000),
         timer_c=t.timer_c_s,
+        trying_after=t.trying_after_ms / 1000,
         worker_index=index,
         is_gateway_address=gateway_hosts.__contains__,
         is_allowed_next_hop=functools.lru_cache(maxsize=4096)(cfg.is_allowed_next_hop),

@@ -13,9 +13,10 @@ the way `sip700 run` sets it up and driven the way the shared bench harness driv
   flooding the terminal (outside an event loop the writer writes each record at once: one
   write(2) per call, where the shell batches an event-loop pass's records into one).
 - Calls: call k comes from binding k mod N, so from a different A each (CALLS x ROUNDS <= N),
-  as the SIPp pair makes them: INVITE (Contact, P-Asserted-Identity and SDP o= carry A) -> 100
-  -> 180, 200 (Contact and SDP o= carry B) -> ACK -> hold -> BYE -> 200. The binding lookup is
-  resolved as the shell's flush resolves it (`store.resolve_cached`, then `complete_lookup`).
+  as the SIPp pair makes them: INVITE (Contact, P-Asserted-Identity and SDP o= carry A) ->
+  (100 only with --trying-after-ms 0) -> 180, 200 (Contact and SDP o= carry B) -> ACK -> hold
+  -> BYE -> 200. The binding lookup is resolved as the shell's flush resolves it
+  (`store.resolve_cached`, then `complete_lookup`).
 - Time: a simulated clock. Call k starts at k / CPS; the UAS answers and the caller ACKs 1 ms
   apart, the BYE comes after the hold time. The shell's 10 ms tick runs on the same clock
   (`handle_timers(now)` whenever `next_deadline()` is due), so whatever the core arms (the
@@ -48,6 +49,8 @@ Usage:
     --warmup W     calls of the unmeasured warm-up round (default 200)
     --max-call-s S policy.max_call_s: each answered call is remembered for ending it at S
                    (never reached in a round: what is measured is what every call pays)
+    --trying-after-ms MS  timers.trying_after_ms (default: the config's 200, so the 180 a
+                   millisecond later makes the 100 moot; 0 sends a 100 per INVITE)
     --profile      one round under cProfile (the core's entry points only), sorted by
                    cumulative time (--sort tottime for own time)
 """
@@ -111,7 +114,7 @@ def numbers(i: int) -> tuple[str, str, str]:
 # ---- setup: config, store, logging, as `sip700 run` --------------------------------------------
 
 def write_config(directory: Path, n: int, records: bool = False,
-                 max_call_s: int | None = None) -> Path:
+                 max_call_s: int | None = None, trying_after_ms: int | None = None) -> Path:
     """config/proxy.yaml with the harness's addresses, a bindings file of n AXB bindings and a
     dialog key; returns the config's path."""
     bindings = directory / "bindings.yaml"
@@ -135,6 +138,8 @@ def write_config(directory: Path, n: int, records: bool = False,
                            "spool_dir": str(directory / "spool")}
     if max_call_s is not None:  # every answered call gets a limit (policy.max_call_s)
         data.setdefault("policy", {})["max_call_s"] = max_call_s
+    if trying_after_ms is not None:
+        data.setdefault("timers", {})["trying_after_ms"] = trying_after_ms
     path = directory / "proxy.yaml"
     path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
     return path
@@ -449,8 +454,12 @@ class Bench:
         check = first or (self.check_every > 0 and k % self.check_every == 0)
         if check:
             self.result.privacy_checked_calls += 1
-        fwd = self.step(k, "INVITE", invite(k, a, x), UAC, [(UAC, "SIP/2.0 100 "),
-                                                             (UAS, "INVITE ")], check, a, b)[1]
+        # the 100 Trying only when it is not held (timers.trying_after_ms 0): held, the 180
+        # a millisecond later makes it moot
+        expected = [(UAS, "INVITE ")]
+        if self.core.settings.trying_after <= 0:
+            expected.insert(0, (UAC, "SIP/2.0 100 "))
+        fwd = self.step(k, "INVITE", invite(k, a, x), UAC, expected, check, a, b)[-1]
         if check:
             self.check_invite(k, fwd, a, x, b)
         yield UAS_DELAY_S
@@ -532,6 +541,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-call-s", type=int, default=None,
                    help="policy.max_call_s: each answered call is remembered for ending it "
                         "at its limit (the limit is never reached in a round)")
+    p.add_argument("--trying-after-ms", type=int, default=None,
+                   help="timers.trying_after_ms (the config's 200: the UAS's 180 comes first "
+                        "and no 100 is sent; 0: a 100 for every INVITE, as before 2026-12-04)")
     p.add_argument("--profile", action="store_true")
     p.add_argument("--sort", default="cumulative", help="pstats order with --profile")
     p.add_argument("--cumulative", action="store_const", const="cumulative", dest="sort",
@@ -604,7 +616,7 @@ def main(argv: list[str] | None = None) -> Result:
     gc_threshold = gc.get_threshold()
     with tempfile.TemporaryDirectory(prefix="bench-core-") as tmp:
         cfg = load_config(write_config(Path(tmp), args.bindings, args.records,
-                                       args.max_call_s))
+                                       args.max_call_s, args.trying_after_ms))
         with DevNullLogging(cfg.logging.level, cfg.logging.format):
             try:
                 key = dialog_key(cfg)  # the configured one: no warning

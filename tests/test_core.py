@@ -14,7 +14,7 @@ import pytest
 from proxy.bindings.model import Outcome, Resolution
 from proxy.core import CoreSettings, FinalResponse, Hop, ProxyCore
 from proxy.privacy import DialogSealer, PrivacyPolicy
-from proxy.sip.message import build_response, parse_message
+from proxy.sip.message import SipMessage, build_response, parse_message
 
 X, A, B = "700100000000001", "13800000001", "13900000001"
 CALLER = ("127.0.0.1", 5070)
@@ -136,7 +136,9 @@ def test_each_side_gets_its_own_token_call_id_and_a_reversible_contact() -> None
 
 def test_trying_to_a_callee_reinvite_shows_the_callee_its_own_headers() -> None:
     d = Dialog(make_core())
-    d.from_callee("INVITE")
+    d.from_callee("INVITE", now=1.0)
+    assert not [o for o in d.core.outbox if o.dest == GATEWAY]  # the 100 is held 200 ms
+    d.core.handle_timers(1.25)  # A has not answered: it goes out
     to_callee = [o.data for o in d.core.outbox if o.dest == GATEWAY]
     assert len(to_callee) == 1 and to_callee[0].startswith(b"SIP/2.0 100 ")
     assert A.encode() not in to_callee[0]
@@ -298,6 +300,9 @@ def test_unanswered_lookup_ends_in_503() -> None:
     core = make_core(lookup_deadline=0.5)
     core.receive_datagram(invite(), CALLER, "udp", 0.0)
     assert core.lookups  # handed to the shell, which never answers
+    assert answers(core) == []  # the 100 Trying is held
+    core.handle_timers(0.25)
+    assert answers(core) == [100]  # nothing else went out in 200 ms: the 100 did
     core.outbox.clear()
     core.handle_timers(0.6)
     assert answers(core) == [503] and core.stats["lookup_deadline_expired"] == 1
@@ -592,3 +597,69 @@ def test_next_hop_address_check_is_ipaddress_s(host: str) -> None:
     except ValueError:
         expected = False
     assert _is_ip_address(host) is expected
+
+
+# ---- the 100 Trying (RFC 3261 §17.2.1): held, and sent only when nothing else went out ------
+
+def _relayed_invite(core: ProxyCore, now: float = 0.0, branch: str = "b1") -> SipMessage:
+    core.receive_datagram(invite(branch=branch), CALLER, "udp", now)
+    relay, _x, _caller = core.lookups.pop()
+    core.complete_lookup(relay, Resolution(Outcome.ROUTE, B, 1e12), now)
+    (fwd,) = [parse_message(o.data) for o in core.outbox if o.dest == GATEWAY]
+    return fwd
+
+
+def test_a_call_answered_within_200_ms_gets_no_100_trying() -> None:
+    core = make_core()
+    fwd = _relayed_invite(core)
+    assert answers(core) == []
+    core.receive_datagram(build_response(fwd, 180, "Ringing", to_tag="btag").serialize(),
+                          GATEWAY, "udp", 0.05)
+    core.handle_timers(0.5)
+    core.handle_timers(1.0)
+    assert answers(core) == [180]  # the 180 made the 100 moot: it never goes out
+    assert all(r.trying_due is None for r in core.server_txs.values())
+
+
+def test_a_refusal_within_200_ms_gets_no_100_trying() -> None:
+    core = make_core()
+    core.receive_datagram(invite(), CALLER, "udp", 0.0)
+    relay, _x, _caller = core.lookups.pop()
+    core.complete_lookup(relay, Resolution(Outcome.NO_BINDING, None, 1e12), 0.001)
+    core.handle_timers(0.5)
+    assert answers(core) == [404]
+
+
+def test_a_slow_callee_gets_the_caller_one_100_trying_at_200_ms() -> None:
+    core = make_core()
+    fwd = _relayed_invite(core)
+    core.handle_timers(0.15)
+    assert answers(core) == []
+    core.handle_timers(0.21)
+    assert answers(core) == [100]
+    (trying,) = [parse_message(o.data) for o in core.outbox if o.dest == CALLER]
+    assert trying.to.tag is None and trying.call_id == "call-b1"  # the caller's own rows
+    assert B.encode() not in trying.serialize()
+    core.outbox.clear()
+    core.handle_timers(0.6)
+    assert answers(core) == []  # one 100, not one a tick
+    core.receive_datagram(build_response(fwd, 180, "Ringing", to_tag="btag").serialize(),
+                          GATEWAY, "udp", 0.7)
+    assert answers(core) == [180]
+
+
+def test_a_retransmitted_invite_gets_the_held_100_at_once() -> None:
+    core = make_core()
+    _relayed_invite(core)
+    core.receive_datagram(invite(), CALLER, "udp", 0.1)  # the same INVITE again
+    assert answers(core) == [100] and core.stats["retransmissions_absorbed"] == 1
+    core.outbox.clear()
+    core.handle_timers(0.5)
+    core.receive_datagram(invite(), CALLER, "udp", 0.6)  # again: the 100 is replayed
+    assert answers(core) == [100]
+
+
+def test_trying_after_zero_sends_the_100_before_the_lookup() -> None:
+    core = make_core(trying_after=0.0)
+    core.receive_datagram(invite(), CALLER, "udp", 0.0)
+    assert core.lookups and answers(core) == [100]

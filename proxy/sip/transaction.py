@@ -667,6 +667,11 @@ class _ServerTransaction(_Transaction):
         super().__init__(reliable, settings)
         self._last_response: Send | None = None
 
+    @property
+    def has_responded(self) -> bool:
+        """Whether the TU has sent any response (a provisional one included) through it."""
+        return self._last_response is not None
+
     def receive_request(self, now: float) -> list[Event]:
         """The request (first receipt or a retransmission) matched this transaction (§17.2.3)."""
         events: list[Event] = []
@@ -685,7 +690,8 @@ class ServerInviteTransaction(_ServerTransaction):
     """RFC 3261 §17.2.1 server INVITE transaction, with RFC 6026 "Accepted".
 
     The machine cannot build messages, so the "100 Trying within 200 ms" of §17.2.1 is the
-    TU's job: it passes the 100 to `send_response` like any other provisional response.
+    TU's job: it passes the 100 to `send_response` like any other provisional response (and
+    reads `has_responded` to know whether one is still owed).
     """
 
     __slots__ = ()

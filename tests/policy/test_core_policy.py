@@ -139,7 +139,8 @@ def test_an_unanswered_policy_step_ends_in_503() -> None:
     core, _ = policy_core(policy_deadline=0.5)
     queued(core)
     core.handle_timers(0.6)
-    assert [parse_message(o.data).status for o in core.outbox if o.dest == CALLER] == [503]
+    # the held 100 Trying (nothing else had gone out by 200 ms), then the 503
+    assert [parse_message(o.data).status for o in core.outbox if o.dest == CALLER] == [100, 503]
 
 
 def test_refusals_by_rule_are_one_labelled_metric() -> None:
