@@ -203,17 +203,24 @@ class DialogSealer:
             peer = rule.peer.encode("latin-1")
             plain += struct.pack("!H", len(peer)) + peer
         nonce = _NONCES.take()
-        return _b64(nonce + self._aead.encrypt(nonce, plain, _TOKEN_AAD))
+        token = _b64(nonce + self._aead.encrypt(nonce, plain, _TOKEN_AAD))
+        # what opening it would give: the dialog's ACK and BYE come back to this worker with
+        # it, and need not decrypt what was just encrypted
+        self._remember_opened(token, rule)
+        return token
 
     def open(self, token: str) -> DialogRule:
         known = self._opened.get(token)
         if known is not None:
             return known
         rule = self._open(token)
+        self._remember_opened(token, rule)
+        return rule
+
+    def _remember_opened(self, token: str, rule: DialogRule) -> None:
         if len(self._opened) >= _MAP_MAX_ENTRIES:
             self._opened.clear()  # bounded, as the Call-ID maps
         self._opened[token] = rule
-        return rule
 
     def _open(self, token: str) -> DialogRule:
         try:
