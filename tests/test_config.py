@@ -450,6 +450,21 @@ def test_timer_ranges(config_dir: Path) -> None:
     assert config.timers.timer_c_s == 0.5  # small timer C is allowed for tests
 
 
+def test_trying_after_ms_is_0_to_200(config_dir: Path) -> None:
+    assert load_config(write(config_dir, MINIMAL)).timers.trying_after_ms == 200
+    for value in (0, 200):
+        config = load_config(write(config_dir, {**MINIMAL, "timers": {"trying_after_ms": value}}))
+        assert config.timers.trying_after_ms == value
+    shown, problems = problems_for(config_dir, timers={"trying_after_ms": 201})
+    assert problems == [f"{shown}: timers.trying_after_ms: must be less than or equal to 200 "
+                        "(got 201)"]
+    shown, problems = problems_for(config_dir, timers={"trying_after_ms": -1})
+    assert problems == [f"{shown}: timers.trying_after_ms: must be greater than or equal to 0 "
+                        "(got -1)"]
+    shown, problems = problems_for(config_dir, timers={"trying_after_ms": 0.5})
+    assert problems == [f"{shown}: timers.trying_after_ms: must be a valid integer (got 0.5)"]
+
+
 def test_response_code_and_reason(config_dir: Path) -> None:
     responses = {
         "no_binding": {"code": 200, "reason": "OK"},
