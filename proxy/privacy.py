@@ -177,7 +177,8 @@ os.register_at_fork(after_in_child=_NONCES.reset)
 class DialogSealer:
     """The proxy's keyed transforms: dialog tokens, Call-IDs, Contact users."""
 
-    __slots__ = ("_aead", "_call_ids", "_from_callee", "_opened", "_to_callee", "_users")
+    __slots__ = ("_aead", "_call_ids", "_from_callee", "_opened", "_to_callee", "_users",
+                 "_users_opened")
 
     def __init__(self, key: bytes) -> None:
         self._aead = AESGCM(_derive(key, b"sip700 dialog token", 32))
@@ -192,6 +193,10 @@ class DialogSealer:
         # one (the same text decrypts to the same rule, so a remembered one is the answer; its
         # deadline is still checked by the caller every time)
         self._opened: dict[str, DialogRule] = {}
+        # sealed Contact users, as (sealed text, the Contact's host:port) → the real user: what
+        # this sealer sealed or opened lately (the AES-SIV key binds both, so the pair is the
+        # answer; any other host:port is decrypted, and refused)
+        self._users_opened: dict[tuple[str, str], str] = {}
 
     # ---- dialog tokens (AES-256-GCM, random 96-bit nonce) ------------------------------------
     def seal(self, rule: DialogRule) -> str:
@@ -281,14 +286,28 @@ class DialogSealer:
         """`user` sealed for the Contact at `hostport` only: a party that copies it into a
         Request-URI aimed anywhere else gets nothing back (it would otherwise learn the
         number by sending the request to itself)."""
-        return _b64(self._users.encrypt(user.encode("latin-1"), [hostport.encode("latin-1")]))
+        sealed = _b64(self._users.encrypt(user.encode("latin-1"), [hostport.encode("latin-1")]))
+        # the ACK and BYE that target this Contact come back to this worker: what opening it
+        # (for that same host:port only) gives is known
+        self._remember_user(sealed, hostport, user)
+        return sealed
 
     def open_user(self, sealed: str, hostport: str) -> str:
+        known = self._users_opened.get((sealed, hostport))
+        if known is not None:
+            return known
         try:
-            return self._users.decrypt(_unb64(sealed),
+            user = self._users.decrypt(_unb64(sealed),
                                        [hostport.encode("latin-1")]).decode("latin-1")
         except (InvalidTag, ValueError, TypeError) as exc:
             raise InvalidDialogToken("sealed Contact user failed authentication") from exc
+        self._remember_user(sealed, hostport, user)
+        return user
+
+    def _remember_user(self, sealed: str, hostport: str, user: str) -> None:
+        if len(self._users_opened) >= _MAP_MAX_ENTRIES:
+            self._users_opened.clear()  # bounded, as the Call-ID maps
+        self._users_opened[(sealed, hostport)] = user
 
 
 # ---- numbers inside URIs ----------------------------------------------------------------------

@@ -310,6 +310,32 @@ def test_token_base64_is_the_base64_module_s() -> None:
         assert got == expected, text
 
 
+def test_sealed_contact_users_are_remembered_for_their_own_host_port_only(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The sealer remembers what it sealed (the ACK and BYE to that Contact come back to it);
+    a second sealer with the same key decrypts it; the pair (sealed text, host:port) is the
+    key of that memory, so another host:port is still decrypted, and refused."""
+    import proxy.privacy as privacy_module
+
+    sealer = DialogSealer(bytes(range(32)))
+    sealed = sealer.seal_user(A, "10.0.0.2:5070")
+    assert sealer.open_user(sealed, "10.0.0.2:5070") == A
+    assert DialogSealer(bytes(range(32))).open_user(sealed, "10.0.0.2:5070") == A
+    for hostport in ("10.0.0.2:5071", "10.0.0.66:5070"):
+        with pytest.raises(InvalidDialogToken):
+            sealer.open_user(sealed, hostport)
+    mid = len(sealed) // 2
+    flipped = sealed[:mid] + ("A" if sealed[mid] != "A" else "B") + sealed[mid + 1:]
+    with pytest.raises(InvalidDialogToken):
+        sealer.open_user(flipped, "10.0.0.2:5070")
+    with pytest.raises(InvalidDialogToken):
+        DialogSealer(bytes(32)).open_user(sealed, "10.0.0.2:5070")  # another key
+    monkeypatch.setattr(privacy_module, "_MAP_MAX_ENTRIES", 3)
+    pairs = [(sealer.seal_user(f"1380000000{n}", f"10.0.0.{n}:5060"), n) for n in range(10)]
+    assert all(sealer.open_user(s, f"10.0.0.{n}:5060") == f"1380000000{n}" for s, n in pairs)
+    assert len(sealer._users_opened) <= 3
+
+
 def test_opened_tokens_are_remembered_bounded_and_never_a_forgery(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """A token opened once is answered from memory the next time (the same text decrypts to the
