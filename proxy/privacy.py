@@ -121,6 +121,14 @@ class DialogRule:
 _MAP_MAX_ENTRIES = 1 << 14
 
 
+def _put_bounded(table: dict, key: object, value: object) -> None:
+    """`table[key] = value`, the table cleared first when full: bounded, so hostile or huge
+    traffic only costs the memory's hits."""
+    if len(table) >= _MAP_MAX_ENTRIES:
+        table.clear()
+    table[key] = value
+
+
 def call_id_digest(call_id: str) -> str:
     return hashlib.blake2b(call_id.encode("latin-1"), digest_size=8).hexdigest()
 
@@ -211,7 +219,7 @@ class DialogSealer:
         token = _b64(nonce + self._aead.encrypt(nonce, plain, _TOKEN_AAD))
         # what opening it would give: the dialog's ACK and BYE come back to this worker with
         # it, and need not decrypt what was just encrypted
-        self._remember_opened(token, rule)
+        _put_bounded(self._opened, token, rule)
         return token
 
     def open(self, token: str) -> DialogRule:
@@ -219,13 +227,8 @@ class DialogSealer:
         if known is not None:
             return known
         rule = self._open(token)
-        self._remember_opened(token, rule)
+        _put_bounded(self._opened, token, rule)
         return rule
-
-    def _remember_opened(self, token: str, rule: DialogRule) -> None:
-        if len(self._opened) >= _MAP_MAX_ENTRIES:
-            self._opened.clear()  # bounded, as the Call-ID maps
-        self._opened[token] = rule
 
     def _open(self, token: str) -> DialogRule:
         try:
@@ -289,7 +292,7 @@ class DialogSealer:
         sealed = _b64(self._users.encrypt(user.encode("latin-1"), [hostport.encode("latin-1")]))
         # the ACK and BYE that target this Contact come back to this worker: what opening it
         # (for that same host:port only) gives is known
-        self._remember_user(sealed, hostport, user)
+        _put_bounded(self._users_opened, (sealed, hostport), user)
         return sealed
 
     def open_user(self, sealed: str, hostport: str) -> str:
@@ -301,13 +304,8 @@ class DialogSealer:
                                        [hostport.encode("latin-1")]).decode("latin-1")
         except (InvalidTag, ValueError, TypeError) as exc:
             raise InvalidDialogToken("sealed Contact user failed authentication") from exc
-        self._remember_user(sealed, hostport, user)
+        _put_bounded(self._users_opened, (sealed, hostport), user)
         return user
-
-    def _remember_user(self, sealed: str, hostport: str, user: str) -> None:
-        if len(self._users_opened) >= _MAP_MAX_ENTRIES:
-            self._users_opened.clear()  # bounded, as the Call-ID maps
-        self._users_opened[(sealed, hostport)] = user
 
 
 # ---- numbers inside URIs ----------------------------------------------------------------------
