@@ -2067,7 +2067,7 @@ def _stamp_via(msg: SipMessage, source: Address) -> None:
     rows = msg.rows
     first = next((i for i, (name, _row) in enumerate(rows) if name == "via"), None)
     if (first is not None and rport == "" and via.received is None
-            and b"," not in rows[first][1]):
+            and rows[first][1].find(b",") < 0):
         # the usual shape, one Via per row with a bare `;rport`: an in-place byte edit
         row = rows[first][1]
         at = _BARE_RPORT.search(row)

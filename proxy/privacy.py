@@ -408,7 +408,7 @@ class Privacy:
             theirs, ours = token_swap
             rows = resp.rows
             for i, (name, row) in enumerate(rows):
-                if name == "record-route" and theirs in row:
+                if name == "record-route" and row.find(theirs) >= 0:
                     rows[i] = (name, row.replace(theirs, ours))
             resp.forget_parsed("record-route")
         return self.hide(resp, rule.hidden_from(receiver), rule.x, request=False)
@@ -435,7 +435,7 @@ class Privacy:
         xb = x.encode()
         if "p-asserted-identity" in names:
             pai = [row for name, row in rows if name == "p-asserted-identity"]
-            if len(pai) != 1 or xb not in pai[0] or scanner.present(pai[0]):
+            if len(pai) != 1 or pai[0].find(xb) < 0 or scanner.present(pai[0]):
                 msg.set_header_values("p-asserted-identity", _pai_values(msg, x))
                 rows = msg.rows
         start = msg.start_line

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
+from typing import Final
 
 __all__ = ["NumberScanner"]
 
@@ -81,6 +82,8 @@ _NON_DIGITS = bytes(sorted(set(range(256)) - set(b"0123456789")))
 # Deleting these keeps the digits, `%` and 0xEF (the lead byte of full-width forms): if neither
 # of the last two survives, what is left is the plain digit projection.
 _NON_DIGITS_KEEP_MARKS = bytes(sorted(set(_NON_DIGITS) - set(b"%\xef")))
+_PERCENT: Final = 0x25  # "%"
+_EF: Final = 0xEF  # the lead byte of the full-width forms
 
 
 _SHORT = 160  # replace(): below this many bytes, a regex over a stretch beats halving it
@@ -116,12 +119,15 @@ class NumberScanner:
     def present(self, data: bytes) -> bool:
         """Fast superset check: True whenever replace() would find something (false positives
         allowed, false negatives never)."""
+        # find() and int membership, not `bytes in bytes`: CPython 3.11 tries that operand as
+        # an integer first and formats (then clears) a TypeError each time, several times the
+        # cost of the search itself
         digits = data.translate(None, _NON_DIGITS_KEEP_MARKS)
-        if self._intl in digits:
+        if digits.find(self._intl) >= 0:
             return True
-        if b"%" not in digits and b"\xef" not in digits:
+        if _PERCENT not in digits and _EF not in digits:
             return False  # `digits` is every digit of `data`, in order: the intl is not there
-        return self._intl in _normalise(data).translate(None, _NON_DIGITS)
+        return _normalise(data).translate(None, _NON_DIGITS).find(self._intl) >= 0
 
     def replace(self, data: bytes, x: bytes) -> tuple[bytes, int]:
         """`data` with every occurrence replaced by `x`; and how many."""
@@ -132,7 +138,7 @@ class NumberScanner:
             self._forms = tuple({self._national, intl, b"86" + intl, b"0086" + intl})
             self._maxlen = max(map(len, self._forms))
         out, count = self._replace(data, x, literal=False)
-        if b"%" in out:  # the literal reading of %HH escapes differs only where there are some
+        if _PERCENT in out:  # the literal reading of %HH escapes differs only where there are some
             out, more = self._replace(out, x, literal=True)
             count += more
         return (out, count) if count else (data, 0)
@@ -160,7 +166,7 @@ class NumberScanner:
         for lo, hi in self._stretches(data):
             for chunk in chunks.finditer(data, lo, hi):
                 text = chunk.group()
-                if b"%" in text:
+                if _PERCENT in text:
                     runs, units = (_RUNS_LITERAL if literal else _RUNS_ESCAPED), _UNIT
                 elif literal:
                     continue

@@ -76,8 +76,32 @@ _UNESCAPE = re.compile(r"\\(.)", re.DOTALL)
 MAGIC_COOKIE = "z9hG4bK"
 
 
+# the characters of a token (RFC 3261 §25.1), as `_TOKEN` matches them
+_TOKEN_CHARS = ("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
+                "-.!%*_+`'~")
+
+
 def parse_params(text: str, where: str) -> list[tuple[str, str | None]]:
     """`;a=1;b` → [('a', '1'), ('b', None)]; names keep their case. Raises ParseError."""
+    if not text:
+        return []
+    if text[0] == ";":
+        # the usual list, names and values tokens without LWS, split by hand (two regex passes
+        # cost more); a piece that is anything else (a quoted or [IPv6] value, LWS, a stray
+        # '=' or ';') leaves it to the regexes, which accept or reject the whole list
+        out: list[tuple[str, str | None]] = []
+        for piece in text[1:].split(";"):
+            name, eq, value = piece.partition("=")
+            if not name or name.strip(_TOKEN_CHARS):
+                break
+            if eq:
+                if not value or value.strip(_TOKEN_CHARS):
+                    break
+                out.append((name, value))
+            else:
+                out.append((name, None))
+        else:
+            return out
     if _PARAMS_TIGHT.fullmatch(text):
         # a value is never empty, so '' from findall means "no value"
         return [(k, v or None) for k, v in _PARAM_TIGHT.findall(text)]
