@@ -438,20 +438,25 @@ class Privacy:
             if len(pai) != 1 or pai[0].find(xb) < 0 or scanner.present(pai[0]):
                 msg.set_header_values("p-asserted-identity", _pai_values(msg, x))
                 rows = msg.rows
+        # one look at the start line and every row the scrub may change (not the From, To,
+        # Call-ID and Via rows, set or restored above); most messages stop here
         start = msg.start_line
-        if scanner.present(start):
-            new, n = scanner.replace(start, xb)
-            if n:
-                found += n
-                _set_start_line(msg, new)
-        if scanner.present(b"\n".join([row for _, row in rows])):
+        block = [row for name, row in rows if name not in _RESTORED_ROWS]
+        block.append(start)
+        if scanner.present(b"\n".join(block)):
+            if scanner.present(start):
+                new, n = scanner.replace(start, xb)
+                if n:
+                    found += n
+                    _set_start_line(msg, new)
             if "contact" in names:
                 found += self._rewrite_contacts(msg, scanner, hidden, x)
             if "referred-by" in names:
                 found += _rewrite_users(msg, "referred-by", scanner, hidden, x, None)
             rows = msg.rows
-            # usually the Contact held it: one more look at the whole block skips the rows
-            if scanner.present(b"\n".join([row for _, row in rows])):
+            # usually the Contact held it: one more look at those rows skips the rest
+            if scanner.present(b"\n".join(
+                    [row for name, row in rows if name not in _RESTORED_ROWS])):
                 found += self._scrub_rows(msg, scanner, xb)
         if msg.body:
             found += make_body_safe(
