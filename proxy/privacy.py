@@ -350,7 +350,7 @@ class PrivacyPolicy:
 class Privacy:
     """Makes each message safe for the side that receives it."""
 
-    __slots__ = ("_contacts", "asserted_host", "policy", "sealer")
+    __slots__ = ("_addresses", "_contacts", "asserted_host", "policy", "sealer")
 
     def __init__(self, sealer: DialogSealer, policy: PrivacyPolicy, asserted_host: str) -> None:
         self.sealer = sealer
@@ -360,6 +360,9 @@ class Privacy:
         # Contact in every message of a call (INVITE, ACK, BYE; 180 and 200), and the rewrite
         # (parse, seal the user with AES-SIV, serialise) is a pure function of the rows
         self._contacts: dict[tuple, tuple[tuple[bytes, ...], int]] = {}
+        # From / To rows → the same row with another user, for the calls of the last while:
+        # a dialog's every request repeats its From and To (INVITE, ACK, BYE)
+        self._addresses: dict[tuple[bytes, str], bytes] = {}
 
     # ---- requests ------------------------------------------------------------------------------
     def initial_invite(self, out: SipMessage, rule: DialogRule) -> int:
@@ -387,11 +390,30 @@ class Privacy:
         return self.hide(out, rule.hidden_from(receiver), rule.x, request=True)
 
     def _from_to(self, out: SipMessage, rule: DialogRule, receiver: str) -> None:
-        set_address_user(out, "from", rule.x)
+        self._set_user(out, "from", rule.x)
         if receiver == CALLER:  # A's own From, as the remote party's To in B's requests
-            set_address_user(out, "to", rule.caller_user)
+            self._set_user(out, "to", rule.caller_user)
         elif self.policy.to_header == "callee":
-            set_address_user(out, "to", rule.callee)
+            self._set_user(out, "to", rule.callee)
+
+    def _set_user(self, msg: SipMessage, name: str, user: str) -> None:
+        """set_address_user, remembered: the same row and user give the same new row."""
+        rows = msg.rows
+        at = next((i for i, item in enumerate(rows) if item[0] == name), -1)
+        if at < 0:
+            set_address_user(msg, name, user)  # raises the missing-header ParseError
+            return
+        key = (rows[at][1], user)
+        new = self._addresses.get(key)
+        if new is None:
+            set_address_user(msg, name, user)
+            new = next(row for n, row in msg.rows if n == name)
+            _put_bounded(self._addresses, key, new)
+            return
+        msg.forget_parsed(name)
+        rows[at] = (name, new)
+        if any(item[0] == name for item in rows[at + 1:]):  # as set_header: one row stays
+            msg.rows = rows[:at + 1] + [item for item in rows[at + 1:] if item[0] != name]
 
     # ---- responses -----------------------------------------------------------------------------
     def response(

@@ -359,3 +359,41 @@ def test_opened_tokens_are_remembered_bounded_and_never_a_forgery(
     tokens = [sealer.seal(RULE) for _ in range(10)]
     assert all(sealer.open(t) == RULE for t in tokens)
     assert len(sealer._opened) <= 3
+
+
+def test_remembered_from_to_rewrites_equal_fresh_ones(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A dialog's requests repeat their From and To: the rewrite of a row is remembered, keyed
+    by the row and the user put in, and gives what set_address_user gives, in every direction
+    and for every user; the memory stays bounded."""
+    import proxy.privacy as privacy_module
+
+    def bye(frm: str, to: str) -> bytes:
+        return msg(f"BYE sip:{X}@10.0.0.1 SIP/2.0", "Via: SIP/2.0/UDP 10.0.0.2;branch=z9hG4bK2",
+                   f"From: {frm}", f"To: {to}", "Call-ID: c1", "CSeq: 2 BYE")
+
+    def fresh(data: bytes, receiver: str, rule: DialogRule) -> list[tuple[str, bytes]]:
+        m = parse_message(data)
+        set_address_user(m, "from", rule.x)
+        if receiver == CALLER:
+            set_address_user(m, "to", rule.caller_user)
+        return m.rows
+
+    privacy = Privacy(SEALER, PrivacyPolicy(), "10.0.0.1")
+    other = DialogRule(X, "13800000002", B, "13800000002", CALLER)
+    rows = (f'"{A}" <sip:{A}@10.0.0.2>;tag=tag-a', f"<sip:{X}@10.0.0.1>;tag=tag-b")
+    for rule, receiver in ((RULE, CALLEE), (RULE, CALLER), (other, CALLER), (RULE, CALLER)):
+        for _ in range(2):  # the second time from memory
+            m = parse_message(bye(*rows))
+            privacy._from_to(m, rule, receiver)
+            assert m.rows == fresh(bye(*rows), receiver, rule)
+            assert m.from_.uri.user == X and m.from_.display is None and m.from_.tag == "tag-a"
+            want_to = rule.caller_user if receiver == CALLER else X
+            assert m.to.uri.user == want_to and m.to.tag == "tag-b"
+    # (From row, X), (To row, "+86" + A), (To row, 13800000002): one entry each
+    assert len(privacy._addresses) == 3
+    monkeypatch.setattr(privacy_module, "_MAP_MAX_ENTRIES", 3)
+    for n in range(10):
+        m = parse_message(bye(f"<sip:1380000001{n}@10.0.0.2>;tag=t{n}", rows[1]))
+        privacy._from_to(m, RULE, CALLEE)
+        assert m.from_.uri.user == X and m.from_.tag == f"t{n}"
+    assert len(privacy._addresses) <= 3
