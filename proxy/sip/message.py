@@ -347,10 +347,11 @@ class SipMessage:
     def forget_parsed(self, name: str) -> None:
         """Drop the cached parse of a header whose rows were edited directly in `rows`."""
         cache = self._cache
-        if cache:
-            cache.pop(name, None)
-            if name == "via":
-                cache.pop("@via", None)
+        if cache:  # `in` and `del`: compiled, dict.pop is a method call by name
+            if name in cache:
+                del cache[name]
+            if name == "via" and "@via" in cache:
+                del cache["@via"]
 
     def set_header(self, name: str, value: str) -> None:
         """Replace a header (first row keeps its place, other rows go); append if absent."""

@@ -193,6 +193,16 @@ def test_parse_errors(data: bytes, status: int) -> None:
     assert info.value.status == status
 
 
+@pytest.mark.parametrize("row", [b"Vias", b"Via", b"Fromx", b"To"])
+def test_a_row_without_a_colon_is_refused_even_when_its_head_is_a_known_name(row: bytes) -> None:
+    # the fast path looks each row's name up before the ':'; without one, no part of the row
+    # (`Vias` without its last byte is `Via`) may pass for a name
+    unfolded = INVITE.replace(b"Subject: lunch,\r\n  today\r\n", b"Subject: lunch\r\n")
+    parse(unfolded)  # every name is known now: the fast path is the one tried
+    with pytest.raises(ParseError):
+        parse_message(unfolded.replace(b"Allow: BYE\r\n", row + b"\r\n", 1))
+
+
 def test_stray_line_ends_do_not_reach_the_answer() -> None:
     data = INVITE.replace(b"Max-Forwards: 69\r\n", b"Max-Forwards: 69\nX-Smuggled: 1\r\n")
     with pytest.raises(ParseError) as info:
