@@ -49,6 +49,8 @@ Usage:
     --warmup W     calls of the unmeasured warm-up round (default 200)
     --max-call-s S policy.max_call_s: each answered call is remembered for ending it at S
                    (never reached in a round: what is measured is what every call pays)
+    --shape S      production (default: A and B in Contact and SDP o=, as real UAs) or harness
+                   (the shared harness's own rows: no number there, as ../shared/bench)
     --trying-after-ms MS  timers.trying_after_ms (default: the config's 200, so the 180 a
                    millisecond later makes the 100 moot; 0 sends a 100 per INVITE)
     --profile      one round under cProfile (the core's entry points only), sorted by
@@ -96,6 +98,10 @@ UAC = (IP, 15080)  # the SIPp caller
 SIPP_PID = 4242  # SIPp writes its pid into tags, branches and Call-IDs
 
 TICK_S = 0.01  # proxy/transport.py TICK_S: how often the shell looks at the core's timers
+# what the numbers sit in besides From, To and PAI: "production" puts A and B in Contact and SDP
+# o= as real UAs do; "harness" sends the shared harness's exact rows (Contact sip:uac@ / a user-
+# less one, SDP o=user1 / o=uas), so the figure compares with ../shared/bench end to end
+SHAPE = {"shape": "production"}
 UAS_DELAY_S = 0.001  # between the INVITE and the 180, the 180 and the 200, the 200 and the ACK
 DRAIN_S = 40.0  # after a round: longer than any end-of-life timer (64 * T1 = 32 s)
 NX = 1000  # the harness's middle-number pool
@@ -224,7 +230,9 @@ def sdp(user: str) -> bytes:
 
 def invite(k: int, a: str, x: str) -> bytes:
     """The caller's INVITE (shared harness uac.xml, with A in Contact and SDP as a real UA)."""
-    body = sdp(a)
+    harness = SHAPE["shape"] == "harness"
+    body = sdp("user1" if harness else a)
+    contact = "uac" if harness else a
     return (
         f"INVITE sip:{x}@{PROXY[0]}:{PROXY[1]} SIP/2.0\r\n"
         f"Via: SIP/2.0/UDP {UAC[0]}:{UAC[1]};branch=z9hG4bK-{SIPP_PID}-{k}-0\r\n"
@@ -232,7 +240,7 @@ def invite(k: int, a: str, x: str) -> bytes:
         f"To: <sip:{x}@{PROXY[0]}:{PROXY[1]}>\r\n"
         f"Call-ID: {k}-{SIPP_PID}@{UAC[0]}\r\n"
         f"CSeq: 1 INVITE\r\n"
-        f"Contact: <sip:{a}@{UAC[0]}:{UAC[1]}>\r\n"
+        f"Contact: <sip:{contact}@{UAC[0]}:{UAC[1]}>\r\n"
         f"P-Asserted-Identity: <sip:{a}@{UAC[0]}>\r\n"
         f"X-Bench-Id: {k}\r\n"
         f"Max-Forwards: 70\r\n"
@@ -257,8 +265,11 @@ def uas_reply(request: bytes, status: int, reason: str, k: int, b: str, body: bo
             if name == b"to" and b";tag=" not in row:
                 row += f";tag={SIPP_PID}SIPpTag01{k}".encode()
             out.append(row)
-    out.append(f"Contact: <sip:{b}@{UAS[0]}:{UAS[1]}>".encode())
-    payload = sdp(b) if body else b""
+    if SHAPE["shape"] == "harness":
+        out.append(f"Contact: <sip:{UAS[0]}:{UAS[1]};transport=UDP>".encode())
+    else:
+        out.append(f"Contact: <sip:{b}@{UAS[0]}:{UAS[1]}>".encode())
+    payload = sdp("uas" if SHAPE["shape"] == "harness" else b) if body else b""
     if payload:
         out.append(b"Content-Type: application/sdp")
     out.append(b"Content-Length: %d" % len(payload))
@@ -284,7 +295,7 @@ def in_dialog(method: str, k: int, a: str, ok: bytes, cseq: int) -> bytes:
         f"{to}\r\n"
         f"Call-ID: {k}-{SIPP_PID}@{UAC[0]}\r\n"
         f"CSeq: {cseq} {method}\r\n"
-        f"Contact: <sip:{a}@{UAC[0]}:{UAC[1]}>\r\n"
+        f"Contact: <sip:{'uac' if SHAPE['shape'] == 'harness' else a}@{UAC[0]}:{UAC[1]}>\r\n"
         f"Max-Forwards: 70\r\nContent-Length: 0\r\n\r\n"
     ).encode()
 
@@ -544,6 +555,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--trying-after-ms", type=int, default=None,
                    help="timers.trying_after_ms (the config's 200: the UAS's 180 comes first "
                         "and no 100 is sent; 0: a 100 for every INVITE, as before 2026-12-04)")
+    p.add_argument("--shape", choices=("production", "harness"), default="production",
+                   help="production: A and B in Contact and SDP o= as real UAs put them; "
+                        "harness: the shared harness's own rows (no number there), to compare "
+                        "with ../shared/bench end to end")
     p.add_argument("--profile", action="store_true")
     p.add_argument("--sort", default="cumulative", help="pstats order with --profile")
     p.add_argument("--cumulative", action="store_const", const="cumulative", dest="sort",
@@ -574,7 +589,7 @@ def report(args: argparse.Namespace, result: Result) -> None:
           f"{best.timers_us:.1f} / {statistics.median(r.timers_us for r in rounds):.1f} µs "
           f"({timer_runs:.2f} handle_timers runs per call, {timer_sends} datagrams sent by "
           f"timers)")
-    print(f"  {args.bindings} bindings, a different caller per call"
+    print(f"  {args.shape} rows, {args.bindings} bindings, a different caller per call"
           f"{'' if result.calls_made <= args.bindings else ' (callers repeat: calls > bindings)'}"
           f", {args.cps:g} calls/s, hold {args.hold_ms:g} ms, clock +{DRAIN_S:g} s after each "
           f"round: {result.transactions_left} transactions left; privacy checked on "
@@ -611,6 +626,7 @@ def main(argv: list[str] | None = None) -> Result:
     """Run the bench and print its figures; BenchError if the flow or a privacy check broke,
     or a transaction outlived the drain."""
     args = parse_args(argv)
+    SHAPE["shape"] = args.shape
     result = Result()
     prof = cProfile.Profile() if args.profile else None
     gc_threshold = gc.get_threshold()

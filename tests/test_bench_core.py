@@ -55,6 +55,29 @@ def test_bench_core_with_the_100_trying_sent_at_once(bench) -> None:
     assert result.rounds[0].messages_out == 7 * 10  # the 100 to every INVITE
 
 
+def test_bench_core_in_the_harness_shape(bench, capsys, monkeypatch) -> None:
+    """--shape harness: the shared harness's rows, so no number in Contact or SDP (nothing
+    scrubbed there) and the privacy checks still pass."""
+    sent: list[bytes] = []
+    deliver = bench.Bench.deliver
+
+    def recording(self, data, source):
+        sent.append(data)
+        return deliver(self, data, source)
+
+    monkeypatch.setattr(bench.Bench, "deliver", recording)
+    monkeypatch.setitem(bench.SHAPE, "shape", "production")  # restored after the test
+    result = bench.main(["10", "--bindings", "50", "--rounds", "1", "--warmup", "2",
+                         "--check-every", "1", "--shape", "harness"])
+    assert result.privacy_checked_calls == 12 and result.transactions_left == 0
+    assert not result.stats.get("leaks_scrubbed")  # the numbers sit in From, To, PAI only
+    invites = [d for d in sent if d.startswith(b"INVITE")]
+    assert invites and all(b"Contact: <sip:uac@" in d and b"o=user1 " in d for d in invites)
+    oks = [d for d in sent if d.startswith(b"SIP/2.0 200") and b"o=uas " in d]
+    assert len(oks) == 12 and all(b"Contact: <sip:127.0.0.1:15070;" in d for d in oks)
+    assert "harness rows" in capsys.readouterr().out
+
+
 def test_bench_core_fails_when_the_rewrite_stops(bench, monkeypatch) -> None:
     # what the callee side gets is the caller's INVITE as it came in, unrewritten (patched in
     # the bench's shell: the core itself may be compiled, scripts/build-compiled)
