@@ -7,13 +7,16 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from proxy.sip.address import (
+    _CSEQ,
     _PARAM_TIGHT,
     _PARAMS_TIGHT,
+    _VIA_FAST,
     NameAddr,
     _list_spans,
     _parse_name_addr_general,
     _parse_params_general,
     _walk_spans,
+    cseq_by_hand,
     find_param,
     parse_cseq,
     parse_name_addr,
@@ -21,6 +24,7 @@ from proxy.sip.address import (
     parse_via,
     quote_display,
     split_list,
+    via_by_hand,
 )
 from proxy.sip.errors import ParseError
 from proxy.sip.uri import SipUri, parse_uri
@@ -243,3 +247,66 @@ def test_split_list_fast_paths_agree_with_the_walk(value: str) -> None:
     """The fast paths (no comma; commas but no quote or angle bracket) split as the walk."""
     assert _list_spans(value) == _walk_spans(value)
     assert split_list(value) == [value[a:b].strip(" \t") for a, b in _walk_spans(value)]
+
+
+# ---- the readings by hand (compiled, parse_via and parse_cseq try them before the regexes) ----
+USUAL_VIAS = [
+    "SIP/2.0/UDP 127.0.0.1:15061;branch=z9hG4bKs7.0.abc-1;rport=15061;received=127.0.0.1",
+    "SIP/2.0/UDP 10.1.2.3:5060;branch=z9hG4bK-1;rport",
+    "SIP/2.0/tcp pc33.example.com;branch=z9hG4bK776asdhds",
+    "SIP/2.0/TLS h-1.example.:5061",
+]
+
+
+@pytest.mark.parametrize("value", USUAL_VIAS)
+def test_usual_vias_are_read_by_hand_as_the_regex_reads_them(value: str) -> None:
+    via = via_by_hand(value)
+    assert via is not None  # the hand reading takes the usual shapes
+    m = _VIA_FAST.fullmatch(value)
+    assert m is not None
+    transport, host, port, params = m.groups()
+    assert (via.transport, via.host, via.port) == (transport.upper(), host,
+                                                   int(port) if port else None)
+    assert via.params == parse_params(params, "Via") and via.raw_params == params
+    assert str(via) == value and str(parse_via(value)) == value
+
+
+@given(st.text(alphabet="SIP/2.0UDtcp ;=:.-[]1ab,\"é\t", max_size=30)
+       | st.sampled_from(USUAL_VIAS).map(lambda v: v[:len(v) // 2]))
+def test_via_by_hand_accepts_only_what_the_regex_reads_the_same(text: str) -> None:
+    via = via_by_hand(text)
+    if via is None:
+        return  # the regexes decide, as before
+    m = _VIA_FAST.fullmatch(text)
+    assert m is not None, text
+    transport, host, port, params = m.groups()
+    assert (via.transport, via.host, via.port, via.raw_params) == (
+        transport.upper(), host, int(port) if port else None, params)
+    assert via.params == _params_by_regex(params)
+
+
+@pytest.mark.parametrize("value", ["1 INVITE", "314159 ACK", "4294967295 BYE", "7 X-Y.z"])
+def test_usual_cseqs_are_read_by_hand_as_the_regex_reads_them(value: str) -> None:
+    m = _CSEQ.fullmatch(value)
+    assert m is not None and cseq_by_hand(value) == (int(m.group(1)), m.group(2))
+    assert parse_cseq(value) == (int(m.group(1)), m.group(2))
+
+
+@given(st.text(alphabet="0123456789 \tINVTEé²-", max_size=16))
+def test_cseq_by_hand_accepts_only_what_the_regex_reads_the_same(text: str) -> None:
+    found = cseq_by_hand(text)
+    if found is not None:
+        m = _CSEQ.fullmatch(text)
+        assert m is not None and found == (int(m.group(1)), m.group(2)), text
+    for bad in ("", "1", "1  INVITE", "²1 INVITE", "12345678901 INVITE", "1 INV ITE"):
+        assert cseq_by_hand(bad) is None
+
+
+@pytest.mark.parametrize("value", [
+    "SIP/2.0/UDP h:000001", "SIP/2.0/UDP h:5²", "SIP/2.0/UDP h:0", "SIP/2.0/UDP h:65536",
+    "SIP/2.0/UDP -h", "SIP/2.0/UDP .h", "SIP/2.0/UDP h-", "SIP/2.0/UDP hé", "SIP/2.0/UDP  h",
+    "SIP/2.0/UDP [::1]:5060", "SIP/2.0/UDP h;a=\"q\"", "SIP/2.0/UDP h;;a", "SIP/2.0/U(P h",
+    "SIP/2.0 /UDP h", "SIP/2.1/UDP h",
+])
+def test_via_by_hand_leaves_the_rest_to_the_regexes(value: str) -> None:
+    assert via_by_hand(value) is None
