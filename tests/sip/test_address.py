@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 
 from proxy.sip.address import (
     _CSEQ,
+    _NAME_ADDR_FAST,
     _PARAM_TIGHT,
     _PARAMS_TIGHT,
     _VIA_FAST,
@@ -18,6 +19,7 @@ from proxy.sip.address import (
     _walk_spans,
     cseq_by_hand,
     find_param,
+    name_addr_by_hand,
     parse_cseq,
     parse_name_addr,
     parse_params,
@@ -310,3 +312,57 @@ def test_cseq_by_hand_accepts_only_what_the_regex_reads_the_same(text: str) -> N
 ])
 def test_via_by_hand_leaves_the_rest_to_the_regexes(value: str) -> None:
     assert via_by_hand(value) is None
+
+
+USUAL_NAME_ADDRS = [
+    "<sip:13800000001@127.0.0.1>;tag=4242SIPpTag001",
+    "<sip:700100000000001@127.0.0.1:15060>",
+    "<sip:uac@127.0.0.1:15080>",
+    "<sip:127.0.0.1:15061;lr;s7=AbC-_0123>",
+    "<sips:+86-138(0000)0001;phone-context=x@h.example.com:5061;transport=tls;lr>;a;b=c",
+    "<sip:h;maddr=[::1]:5060>",
+]
+
+
+def _name_addr_by_regex(text: str) -> tuple[object, ...] | None:
+    m = _NAME_ADDR_FAST.fullmatch(text)
+    if m is None:
+        return None
+    quoted, tokens, scheme, user, host, port, uri_params, params = m.groups()
+    if port is not None and not 0 < int(port) < 65536:
+        return None
+    return (quoted or tokens, scheme, user, host, int(port) if port else None, uri_params,
+            params, _params_by_regex(params))
+
+
+def _read(addr: NameAddr) -> tuple[object, ...]:
+    uri = addr.uri
+    assert isinstance(uri, SipUri)
+    return (addr.display, uri.scheme, uri.user, uri.host, uri.port, uri.params,
+            addr.raw_params, addr.params)
+
+
+@pytest.mark.parametrize("value", USUAL_NAME_ADDRS)
+def test_usual_name_addrs_are_read_by_hand_as_the_regex_reads_them(value: str) -> None:
+    addr = name_addr_by_hand(value)
+    assert addr is not None  # the hand reading takes the usual shapes
+    assert _read(addr) == _name_addr_by_regex(value)
+    assert str(addr) == value and str(addr.uri) == str(parse_name_addr(value).uri)
+
+
+@given(st.text(alphabet="<>sip:@1.a;=-_[]\"é ,%", max_size=30)
+       | st.sampled_from(USUAL_NAME_ADDRS).map(lambda v: v[:len(v) * 2 // 3]))
+def test_name_addr_by_hand_accepts_only_what_the_regex_reads_the_same(text: str) -> None:
+    addr = name_addr_by_hand(text)
+    if addr is not None:
+        assert _read(addr) == _name_addr_by_regex(text), text
+
+
+@pytest.mark.parametrize("value", [
+    '"A" <sip:a@h>', "A <sip:a@h>", "sip:a@h", "<sip:a%40b@h>", "<sip:@h>", "<sip:a@h:0>",
+    "<sip:a@h:123456>", "<sip:a@-h>", "<sip:a@[::1]>", "<sip:a@h;=x>", "<sip:a@h;x y>",
+    "<sip:a@h> ;tag=1", "<sip:a@h>;tag=", "<sip:a@h>x", "<tel:+861380000>", "<sip:a@h",
+    "<sip:a@b@h>",
+])
+def test_name_addr_by_hand_leaves_the_rest_to_the_regexes(value: str) -> None:
+    assert name_addr_by_hand(value) is None
