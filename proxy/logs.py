@@ -17,11 +17,12 @@ import socket
 import stat
 import sys
 import threading
-import time
 from collections.abc import Callable
 from typing import Any, cast
 
 import structlog
+
+from proxy.calllog import JsonCallLog
 
 MAX_PENDING_BYTES = 1 << 20  # log output held while stdout cannot take it
 
@@ -267,23 +268,6 @@ def _drop(event: str, **fields: Any) -> None:
     return None
 
 
-class _UtcClock:
-    """structlog's ISO timestamp (`2026-12-03T13:37:44.123456Z`), its date and time of day
-    formatted once a second."""
-
-    def __init__(self) -> None:
-        self.second = -1
-        self.prefix = ""
-
-    def __call__(self) -> str:
-        now = time.time()
-        second = int(now)
-        if second != self.second:
-            self.second = second
-            self.prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-        return f"{self.prefix}.{int((now - second) * 1e6):06d}Z"
-
-
 def info_logger(name: str) -> Callable[..., None]:
     """`structlog.get_logger(name).info`, for a logger on the per-message path (the call log).
 
@@ -298,15 +282,7 @@ def info_logger(name: str) -> Callable[..., None]:
     _, level, levels = _setup
     if logger_level(name, level, levels) > logging.INFO:
         return _drop
-    write, encode, now = _writer.write_line, _encode, _UtcClock()
-
-    def info(event: str, **fields: Any) -> None:
-        fields["event"] = event
-        fields["level"] = "info"
-        fields["timestamp"] = now()
-        write(encode(fields))
-
-    return info
+    return JsonCallLog(_writer.write_line, _encode)  # compiled with the core
 
 
 # structlog's JSONRenderer: json.dumps's defaults, what JSON cannot hold written as its repr.

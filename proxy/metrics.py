@@ -25,6 +25,8 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
+from proxy.calllog import JsonCallLog
+
 # every counter the core and the transport keep, so that each series is there from the start
 KNOWN_COUNTERS = (
     "acks_forwarded", "calls_routed", "calls_no_binding", "calls_not_a_party",
@@ -119,6 +121,8 @@ class WorkerMetrics:
 
     def call_log(self, log: Callable[..., None]) -> Callable[..., None]:
         """Wrap the core's log function: each `call` line also feeds the histograms."""
+        if isinstance(log, JsonCallLog):  # the JSON call log does it itself, compiled
+            return log.observed(self.decision, self.lookup, self.outcomes)
         decision, lookup, outcomes = self.decision.observe, self.lookup.observe, self.outcomes
 
         def observed(event: str, **fields: Any) -> None:

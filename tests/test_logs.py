@@ -103,7 +103,8 @@ structlog.get_logger('sip700.calls').info('call', call_id='abc', x='7001****0001
                                           lookup_ms=0.25, outcome='routed', n=None,
                                           odd=b'raw')
 logs.info_logger('sip700.quiet')('call', call_id='dropped')
-print('fast_is_structlog=%s' % (fast.__qualname__.startswith('BoundLogger')), flush=True)
+named = getattr(fast, '__qualname__', '')
+print('fast_is_structlog=%s' % named.startswith('BoundLogger'), flush=True)
 """
 
 
@@ -144,3 +145,30 @@ def test_info_logger_writes_structlog_s_json_line() -> None:
 
 def timedelta_s(delta: object) -> float:
     return abs(delta.total_seconds())  # type: ignore[attr-defined]
+
+
+def test_json_call_log_feeds_the_histograms_and_writes_the_line() -> None:
+    """The call log's compiled step: each `call` line observes decision_ms and lookup_ms (in
+    seconds; a lookup_ms outside 0-600 s means none was made) and counts the outcome, then
+    writes the line with event, level and timestamp last; other events are written only."""
+    import json
+
+    from proxy import logs
+    from proxy.calllog import JsonCallLog
+    from proxy.metrics import WorkerMetrics
+
+    lines: list[str] = []
+    metrics = WorkerMetrics()
+    log = metrics.call_log(JsonCallLog(lines.append, logs._encode))
+    assert isinstance(log, JsonCallLog)
+    log("call", call_id="a", outcome="routed", lookup_ms=2.5, decision_ms=4.0)
+    log("call", call_id="b", outcome="no binding", lookup_ms=-1.0, decision_ms=0.5)
+    log("rejected", reason="x", decision_ms=99.0)
+    assert metrics.outcomes["routed"] == 1 and metrics.outcomes["no binding"] == 1
+    assert sum(metrics.decision.counts) == 2 and abs(metrics.decision.sum - 0.0045) < 1e-12
+    assert sum(metrics.lookup.counts) == 1 and metrics.lookup.sum == 0.0025
+    first, _second, third = (json.loads(line) for line in lines)
+    assert list(first) == ["call_id", "outcome", "lookup_ms", "decision_ms", "event", "level",
+                           "timestamp"]
+    assert first["event"] == "call" and third["event"] == "rejected"
+    assert first["level"] == third["level"] == "info"
