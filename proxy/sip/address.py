@@ -21,13 +21,16 @@ from proxy.sip.uri import (
     FAST_HOST_PATTERN,
     FAST_URI_PARAMS_PATTERN,
     FAST_USER_PATTERN,
+    PARAM_CHARS,
+    USER_CHARS,
     OtherUri,
     SipUri,
     parse_uri,
     split_hostport,
 )
 
-_TOKEN = r"[A-Za-z0-9\-.!%*_+`'~]+"
+_TOKEN_CLASS = r"[A-Za-z0-9\-.!%*_+`'~]"
+_TOKEN = _TOKEN_CLASS + "+"
 # qdtext (RFC 3261 §25.1): no control octets except HTAB; quoted-pair escapes any of 0x00-0x7f
 # except CR and LF. Octets 0x80-0xff stand for UTF-8 (values are handled as latin-1).
 _QDTEXT = r'[^"\\\x00-\x08\x0a-\x1f\x7f]*'
@@ -76,32 +79,41 @@ _UNESCAPE = re.compile(r"\\(.)", re.DOTALL)
 MAGIC_COOKIE = "z9hG4bK"
 
 
-# the characters of a token (RFC 3261 §25.1), as `_TOKEN` matches them
-_TOKEN_CHARS = ("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
-                "-.!%*_+`'~")
+# this module runs from its source (else it is the extension scripts/build-compiled made;
+# the build is all or nothing, proxy/compiled.py, so this holds for every SIP module)
+INTERPRETED: Final = __file__.endswith(".py")
 
 
-# this module runs from its source (else it is the extension scripts/build-compiled made)
-_INTERPRETED: Final = __file__.endswith(".py")
-# ASCII code → 1 when the character may appear: in a token; in a host name or IPv4 address; a digit
-_TOKEN_TABLE: Final = bytes(int(chr(c) in _TOKEN_CHARS) for c in range(128))
-_HOST_TABLE: Final = bytes(int(chr(c).isalnum() or chr(c) in "-.") for c in range(128))
-_DIGIT_TABLE: Final = bytes(int(chr(c).isdigit()) for c in range(128))
-# a SIP URI's user part and its parameters, without %-escapes (the fast regexes' classes)
-_USER_TABLE: Final = bytes(int(chr(c).isalnum() or chr(c) in "-_.!~*'()&=+$,;?/")
-                           for c in range(128))
-_URI_PARAM_TABLE: Final = bytes(int(chr(c).isalnum() or chr(c) in "-_.!~*'()[]/:&+$")
-                                for c in range(128))
+def _ascii_table(char_class: str) -> bytes:
+    """ASCII code → 1 for the characters a regex class (`[…]`) matches: the hand readings
+    below check characters against the very classes the fast regexes use."""
+    pattern = re.compile(char_class)
+    return bytes(int(pattern.fullmatch(chr(c)) is not None) for c in range(128))
+
+
+_TOKEN_TABLE: Final = _ascii_table(_TOKEN_CLASS)
+_TOKEN_CHARS: Final = "".join(chr(c) for c in range(128) if _TOKEN_TABLE[c])  # for strip()
+_HOST_TABLE: Final = _ascii_table(r"[A-Za-z0-9\-.]")  # FAST_HOST_PATTERN's name or IPv4
+_DIGIT_TABLE: Final = _ascii_table(r"[0-9]")
+_USER_TABLE: Final = _ascii_table(f"[{USER_CHARS}]")  # FAST_USER_PATTERN
+_URI_PARAM_TABLE: Final = _ascii_table(f"[{PARAM_CHARS}]")  # FAST_URI_PARAMS_PATTERN
+
+
+def _run_end(text: str, i: int, table: bytes) -> int:
+    """Where the run of `table` characters starting at `i` ends."""
+    n = len(text)
+    while i < n:
+        c = ord(text[i])
+        if c >= 128 or not table[c]:
+            break
+        i += 1
+    return i
 
 
 def _all_in(text: str, table: bytes) -> bool:
     """Every character of `text` is ASCII and marked in `table`. Compiled, a loop over a few
     characters costs less than a regex or a method call (both calls by name there)."""
-    for ch in text:
-        c = ord(ch)
-        if c >= 128 or not table[c]:
-            return False
-    return True
+    return _run_end(text, 0, table) == len(text)
 
 
 def _params_ok(text: str, table: bytes, empty_values: bool) -> bool:
@@ -112,23 +124,20 @@ def _params_ok(text: str, table: bytes, empty_values: bool) -> bool:
         if text[i] != ";":
             return False
         i += 1
-        start = i
-        while i < n and ord(text[i]) < 128 and table[ord(text[i])]:
-            i += 1
-        if i == start:
+        end = _run_end(text, i, table)
+        if end == i:
             return False
+        i = end
         if i < n and text[i] == "=":
-            i += 1
-            start = i
-            while i < n and ord(text[i]) < 128 and table[ord(text[i])]:
-                i += 1
-            if i == start and not empty_values:
+            end = _run_end(text, i + 1, table)
+            if end == i + 1 and not empty_values:
                 return False
+            i = end
     return True
 
 
 def _is_token(text: str) -> bool:
-    if _INTERPRETED:
+    if INTERPRETED:
         return bool(text) and not text.strip(_TOKEN_CHARS)
     return bool(text) and _all_in(text, _TOKEN_TABLE)
 
@@ -330,7 +339,7 @@ def name_addr_by_hand(s: str) -> NameAddr | None:
 def parse_name_addr(value: str, where: str = "header") -> NameAddr:
     """Parse `"Display" <uri>;params`, `Display <uri>;params` or `uri;params` (addr-spec)."""
     s = value.strip(" \t")
-    if not _INTERPRETED:  # interpreted, the regex is the faster way
+    if not INTERPRETED:  # interpreted, the regex is the faster way
         addr = name_addr_by_hand(s)
         if addr is not None:
             return addr
@@ -485,7 +494,7 @@ class Via:
 def parse_via(value: str) -> Via:
     """Parse one Via value (LWS around '/' and ':' allowed, RFC 3261 §25)."""
     s = value.strip(" \t")
-    if not _INTERPRETED:  # interpreted, the regex is the faster way
+    if not INTERPRETED:  # interpreted, the regex is the faster way
         via = via_by_hand(s)
         if via is not None:
             return via
@@ -552,7 +561,7 @@ def cseq_by_hand(s: str) -> tuple[int, str] | None:
 def parse_cseq(value: str) -> tuple[int, str]:
     """`CSeq: 4711 INVITE` → (4711, 'INVITE'); the number must fit 32 bits (RFC 3261 §8.1.1.5)."""
     s = value.strip(" \t")
-    found = None if _INTERPRETED else cseq_by_hand(s)  # interpreted, the regex is faster
+    found = None if INTERPRETED else cseq_by_hand(s)  # interpreted, the regex is faster
     if found is None:
         m = _CSEQ.fullmatch(s)
         if m is None:

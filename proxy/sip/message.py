@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import re
 from operator import itemgetter
-from typing import Any, Final
+from typing import Any
 
 from proxy.sip.address import (
+    INTERPRETED,
     NameAddr,
     Via,
     _list_spans,
@@ -105,10 +106,6 @@ def header_key(name: str) -> str:
     return key
 
 
-# this module runs from its source (else it is the extension scripts/build-compiled made)
-_INTERPRETED: Final = __file__.endswith(".py")
-
-
 def colon_at(row: bytes) -> int:
     """Where the first ':' of a header row is, -1 without one.
 
@@ -116,7 +113,7 @@ def colon_at(row: bytes) -> int:
     while `find` or `partition` is a method call by name, which costs more than walking a
     header name (a few bytes, and the name comes first). Interpreted, `find` is the fast one.
     """
-    if _INTERPRETED:
+    if INTERPRETED:
         return row.find(b":")
     for i in range(len(row)):
         if row[i] == 58:  # ':'

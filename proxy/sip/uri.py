@@ -31,10 +31,11 @@ def _escaped_run(chars: str, *, at_least_one: bool) -> str:
 # user / password / param / header characters (RFC 3261 §25.1): unreserved, escaped and the
 # per-part extras. No whitespace, no angle brackets, no quotes.
 _UNRESERVED = r"A-Za-z0-9\-_.!~*'()"
-USER_PATTERN = _escaped_run(_UNRESERVED + r"&=+$,;?/", at_least_one=True)
-_PARAM_CHARS = _UNRESERVED + r"\[\]/:&+$"
-URI_PARAMS_PATTERN = (rf"(?:;{_escaped_run(_PARAM_CHARS, at_least_one=True)}"
-                      rf"(?:={_escaped_run(_PARAM_CHARS, at_least_one=False)})?)*")
+USER_CHARS = _UNRESERVED + r"&=+$,;?/"  # a regex class body, as PARAM_CHARS
+USER_PATTERN = _escaped_run(USER_CHARS, at_least_one=True)
+PARAM_CHARS = _UNRESERVED + r"\[\]/:&+$"
+URI_PARAMS_PATTERN = (rf"(?:;{_escaped_run(PARAM_CHARS, at_least_one=True)}"
+                      rf"(?:={_escaped_run(PARAM_CHARS, at_least_one=False)})?)*")
 _HOST = re.compile(HOST_PATTERN)
 _USER = re.compile(USER_PATTERN)
 _PASSWORD = re.compile(_escaped_run(_UNRESERVED + r"&=+$,", at_least_one=False))
@@ -48,8 +49,8 @@ _ABSOLUTE = re.compile(r"[^\x00-\x20\x7f<>\"]+")
 # possessive quantifiers (no backtracking state, faster in sre); that cannot change what they
 # match because the character after each run is never one the run could take.
 FAST_HOST_PATTERN = r"(?:\[[0-9A-Fa-f:.]++\]|[A-Za-z0-9][A-Za-z0-9\-.]*+(?<!-))"
-FAST_USER_PATTERN = r"[A-Za-z0-9\-_.!~*'()&=+$,;?/]++"
-FAST_URI_PARAMS_PATTERN = rf"(?:;[{_PARAM_CHARS}]++(?:=[{_PARAM_CHARS}]*+)?)*+"
+FAST_USER_PATTERN = rf"[{USER_CHARS}]++"
+FAST_URI_PARAMS_PATTERN = rf"(?:;[{PARAM_CHARS}]++(?:=[{PARAM_CHARS}]*+)?)*+"
 # the common `sip:user@host:port;params` shape in one step; no password, no ?headers
 _SIP_FAST = re.compile(
     rf"(sips?):(?:({FAST_USER_PATTERN})@)?({FAST_HOST_PATTERN})(?::([0-9]{{1,5}}))?"
