@@ -74,6 +74,7 @@ def create(api: ApiProcess) -> dict:
 
 def test_console_login_lookup_masked_reveal_audited(api: tuple[ApiProcess, str], browser,
                                                      tmp_path: Path) -> None:
+    from selenium.common.exceptions import WebDriverException
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions
     from selenium.webdriver.support.ui import WebDriverWait
@@ -83,7 +84,9 @@ def test_console_login_lookup_masked_reveal_audited(api: tuple[ApiProcess, str],
     driver = browser
 
     def find(by: str, value: str):  # the element of the page a click led to (no race)
-        return WebDriverWait(driver, 15).until(
+        # a query that lands while the form's post navigates fails with "aborted by
+        # navigation" (a WebDriverException): asked again until the new page is there
+        return WebDriverWait(driver, 15, ignored_exceptions=(WebDriverException,)).until(
             expected_conditions.presence_of_element_located((by, value)))
 
     driver.get(f"{process.url}/console")
