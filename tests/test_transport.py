@@ -99,6 +99,8 @@ def test_branch_the_core_writes_names_its_worker() -> None:
     (["Route: <sip:127.0.0.1:5064;lr>"], None),  # past the range
     (["Route: <sip:127.0.0.1:5060;lr>"], None),  # the shared port: here
     (["Route: <sip:127.0.0.1;lr>"], None),  # no port
+    (["Route: <sip:127.0.0.1;lr>", "Route: <sip:127.0.0.1:5062;lr>"], None),  # the top one only
+    (["Routed: <sip:127.0.0.1:5061;lr>", "Route: <sip:127.0.0.1:5062;lr>"], 1),  # not a Route
     ([], None),  # an initial request
 ])
 def test_route_names_the_worker(rows: list[str], worker: int | None) -> None:

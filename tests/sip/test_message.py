@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from proxy.sip.errors import ParseError
 from proxy.sip.message import (
     SipMessage,
+    _plain_number,
     build_response,
     canonical_name,
     colon_at,
@@ -202,6 +205,29 @@ def test_colon_at_finds_the_first_colon(row: bytes, at: int) -> None:
     # a loop when compiled, bytes.find when interpreted: the same answer (scripts/test runs
     # this file both ways)
     assert colon_at(row) == at == row.find(b":")
+
+
+def _plain_number_reference(row: bytes) -> int:
+    value = row[row.find(b":") + 1:].strip(b" \t")
+    return int(value) if 0 < len(value) <= 9 and value.isdigit() else -1
+
+
+@pytest.mark.parametrize(("row", "number"), [
+    (b"Content-Length: 123", 123), (b"l:0", 0), (b"Content-Length: \t 7 \t", 7),
+    (b"Content-Length: 123456789", 123456789), (b"Content-Length: 1234567890", -1),
+    (b"Content-Length: ", -1), (b"Content-Length: 1 2", -1), (b"Content-Length: -1", -1),
+    (b"Content-Length: \xb2", -1), (b"Content-Length:\r\n 12", -1), (b"Content-Length 12", -1),
+    (b"Content-Length: 12\r\n", -1),
+])
+def test_plain_number_reads_only_a_plain_value(row: bytes, number: int) -> None:
+    # by hand when compiled, strip and isdigit when interpreted: the same answer
+    assert _plain_number(row) == number == _plain_number_reference(row)
+
+
+@given(st.binary(max_size=14).map(lambda b: b"l:" + b)
+       | st.text(" \t0123456789:\r\n²x", max_size=14).map(lambda t: ("l:" + t).encode("latin-1")))
+def test_plain_number_agrees_with_strip_and_isdigit(row: bytes) -> None:
+    assert _plain_number(row) == _plain_number_reference(row)
 
 
 @pytest.mark.parametrize("row", [b"Vias", b"Via", b"Fromx", b"To"])
