@@ -44,6 +44,7 @@ MODULES = (
     "proxy.policy.windows",
     "proxy.policy.engine",
     "proxy.gateways",
+    "proxy.linewriter",
     "proxy.calllog",
     "proxy.core",
     "proxy.transport",

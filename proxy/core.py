@@ -1052,7 +1052,7 @@ class ProxyCore:
             # transport error: none leaves an early dialog to CANCEL
             if self.client_txs.get(key) is relay:
                 del self.client_txs[key]
-                self.client_txs.pop((key[0], "CANCEL"), None)
+                self._forget_cancel(key[0])
             self._old_branches[key] = OldBranch(relay.out, relay.downstream,
                                                 now + STATELESS_LIFE, [False])
         relay.client = relay.cancel_client = None
@@ -1559,6 +1559,12 @@ class ProxyCore:
         self._client_events(relay, events, now, msg)
         self._rearm(relay)
 
+    def _forget_cancel(self, branch: str) -> None:
+        """Drop the CANCEL transaction of an INVITE branch that ended (if there was one)."""
+        key = (branch, "CANCEL")
+        if key in self.client_txs:  # compiled, `in` and `del` are C calls, `pop` a call by name
+            del self.client_txs[key]
+
     def _old_branch_response(self, old: OldBranch, msg: SipMessage, data: bytes) -> None:
         """A late response on a branch we gave up: a non-2xx final gets its ACK (the gateway
         stops resending it); a 2xx opened a dialog nobody wants, which we end at once (ACK,
@@ -1686,7 +1692,7 @@ class ProxyCore:
         client_key = relay.client_key
         if client_key is not None and self.client_txs.get(client_key) is relay:
             del self.client_txs[client_key]
-            self.client_txs.pop((client_key[0], "CANCEL"), None)
+            self._forget_cancel(client_key[0])
         self.wheel.cancel(relay)
         relay.retired = True
         relay.client = relay.cancel_client = None  # the ACK builder's closure cycle
@@ -1979,7 +1985,7 @@ class ProxyCore:
             elif (isinstance(ev, Terminated) and key is not None
                   and self.client_txs.get(key) is relay):
                 del self.client_txs[key]
-                self.client_txs.pop((key[0], "CANCEL"), None)
+                self._forget_cancel(key[0])
 
     def _downstream_failed(self, relay: Relay, now: float, transport_error: bool) -> None:
         if relay.final_sent:

@@ -129,8 +129,17 @@ def _put_bounded(table: dict, key: object, value: object) -> None:
     table[key] = value
 
 
+_DIGESTS: dict[str, str] = {}  # Call-ID → digest, bounded
+
+
 def call_id_digest(call_id: str) -> str:
-    return hashlib.blake2b(call_id.encode("latin-1"), digest_size=8).hexdigest()
+    """What a dialog token binds its Call-ID by; remembered, since a dialog's ACK and BYE
+    repeat the Call-ID the INVITE sealed (the key is the whole Call-ID: nothing to poison)."""
+    digest = _DIGESTS.get(call_id)
+    if digest is None:
+        digest = hashlib.blake2b(call_id.encode("latin-1"), digest_size=8).hexdigest()
+        _put_bounded(_DIGESTS, call_id, digest)
+    return digest
 
 
 _TO_URLSAFE = bytes.maketrans(b"+/", b"-_")
@@ -564,8 +573,9 @@ def restore_rows(resp: SipMessage, request: SipMessage) -> None:
                 via_done = True
                 rows.extend(vias)
         elif name in _SINGLE_RESTORED:
-            mine = single.pop(name, None)  # one row each; a second one of theirs goes
+            mine = single.get(name)  # one row each; a second one of theirs goes
             if mine is not None:
+                del single[name]  # (compiled, `get` and `del` are C calls, `pop` a call by name)
                 rows.append(mine)
         else:
             rows.append(item)

@@ -39,7 +39,8 @@ class TimerWheel(Generic[T]):
             if not bucket:
                 del self._buckets[old]
         if slot is None:
-            self._slot_of.pop(owner, None)
+            if old is not None:  # (`del`, not `pop`: compiled, a C call, not a call by name)
+                del self._slot_of[owner]
             return
         self._slot_of[owner] = slot
         target = self._buckets.get(slot)
@@ -75,7 +76,8 @@ class TimerWheel(Generic[T]):
                 limit - start < 4096
             ) else sorted(s for s in self._buckets if s <= limit)
         for slot in slots:
-            bucket = self._buckets.pop(slot)
+            bucket = self._buckets[slot]
+            del self._buckets[slot]
             for owner in bucket:
                 del self._slot_of[owner]
             out.extend(bucket)

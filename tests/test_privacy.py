@@ -247,6 +247,22 @@ def test_remembered_call_ids_change_nothing_and_stay_bounded(
     assert len(sealer._to_callee) <= 3 and len(sealer._from_callee) <= 3
 
 
+def test_call_id_digest_is_remembered_and_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    import hashlib
+
+    import proxy.privacy as privacy_module
+
+    def digest(call_id: str) -> str:
+        return hashlib.blake2b(call_id.encode("latin-1"), digest_size=8).hexdigest()
+
+    monkeypatch.setattr(privacy_module, "_MAP_MAX_ENTRIES", 3)
+    for n in range(10):
+        for _ in range(2):  # the second time from memory: the same digest
+            assert call_id_digest(f"memo-{n}@h") == digest(f"memo-{n}@h")
+    assert call_id_digest("memo-1@h") != call_id_digest("memo-2@h")
+    assert len(privacy_module._DIGESTS) <= 3
+
+
 def _nonce(token: str) -> bytes:
     return base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))[:12]
 

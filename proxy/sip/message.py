@@ -9,7 +9,6 @@ bytes 1:1 and so round-trips any octet (UTF-8 display names included).
 from __future__ import annotations
 
 import re
-from operator import itemgetter
 from typing import Any
 
 from proxy.sip.address import (
@@ -19,11 +18,12 @@ from proxy.sip.address import (
     _list_spans,
     parse_cseq,
     parse_name_addr,
+    parse_request_uri,
     parse_via,
     split_list,
 )
 from proxy.sip.errors import ParseError
-from proxy.sip.uri import OtherUri, SipUri, parse_uri
+from proxy.sip.uri import OtherUri, SipUri
 
 # RFC 3261 §7.3.3 plus the compact forms registered since (RFC 3515, 3841, 3892, 4028, 4474, 6665)
 COMPACT_FORMS = {
@@ -190,7 +190,7 @@ class SipMessage:
         """The Request-URI, parsed on first use."""
         uri = self._cache.get("@uri")
         if uri is None:
-            uri = self._cache["@uri"] = parse_uri(self.uri_text)
+            uri = self._cache["@uri"] = parse_request_uri(self.uri_text)
         return uri
 
     def set_uri(self, uri: SipUri | OtherUri | str) -> None:
@@ -201,7 +201,8 @@ class SipMessage:
         if not text or any(c in text for c in " \t\r\n"):
             raise ValueError(f"not a Request-URI: {text[:60]!r}")
         self.uri_text = text
-        self._cache.pop("@uri", None)
+        if "@uri" in self._cache:
+            del self._cache["@uri"]
         self._start = f"{self.method} {text} SIP/2.0".encode("latin-1")
 
     def set_reason(self, reason: str) -> None:
@@ -266,31 +267,47 @@ class SipMessage:
                     out.append(value)
         return out
 
-    def _parsed(self, key: str, parse: Any) -> Any:
-        cache = self._cache
-        if key in cache:
-            return cache[key]
+    def _first_value(self, key: str) -> str:
+        """The value of the first `key` row (the parsers below read one row each)."""
         for n, row in self.rows:
             if n == key:
-                result = cache[key] = parse(_row_value(row))
-                return result
+                return _row_value(row)
         raise ParseError(f"missing {display_name(key)} header", message=self)
 
+    # Each property calls its parser by name rather than through one generic helper taking
+    # the parser as an argument: compiled, that is a direct C call instead of a call through
+    # a Python object (argument tuple, wrapper, type checks) on every message.
     @property
     def from_(self) -> NameAddr:
-        return self._parsed("from", _parse_from)
+        cache = self._cache
+        if "from" in cache:
+            return cache["from"]
+        result = cache["from"] = _parse_from(self._first_value("from"))
+        return result
 
     @property
     def to(self) -> NameAddr:
-        return self._parsed("to", _parse_to)
+        cache = self._cache
+        if "to" in cache:
+            return cache["to"]
+        result = cache["to"] = _parse_to(self._first_value("to"))
+        return result
 
     @property
     def call_id(self) -> str:
-        return self._parsed("call-id", _check_call_id)
+        cache = self._cache
+        if "call-id" in cache:
+            return cache["call-id"]
+        result = cache["call-id"] = _check_call_id(self._first_value("call-id"))
+        return result
 
     @property
     def cseq(self) -> tuple[int, str]:
-        return self._parsed("cseq", parse_cseq)
+        cache = self._cache
+        if "cseq" in cache:
+            return cache["cseq"]
+        result = cache["cseq"] = parse_cseq(self._first_value("cseq"))
+        return result
 
     @property
     def top_via(self) -> Via:
@@ -351,13 +368,13 @@ class SipMessage:
             raise
 
     def _validate(self) -> None:
-        names = list(map(_FIRST, self.rows))
-        singles = [n for n in names if n in _SINGLE_SET]
-        if len(singles) != len(set(singles)):
-            for name in SINGLE_HEADERS:
-                if singles.count(name) > 1:
+        present: set[str] = set()
+        for name, _row in self.rows:  # one pass: the names there, and no single header twice
+            if name in present:
+                if name in _SINGLE_SET:
                     raise ParseError(f"more than one {display_name(name)} header")
-        present = set(names)
+            else:
+                present.add(name)
         if self.is_request:
             for name in ("via", "from", "to", "call-id", "cseq"):
                 if name not in present:
@@ -402,15 +419,19 @@ class SipMessage:
         row = _new_row(name, value)
         rows = self.rows
         self.forget_parsed(name)
-        names = list(map(_FIRST, rows))
-        try:
-            i = names.index(name)
-        except ValueError:
+        first, more = -1, False
+        for i, (n, _row) in enumerate(rows):
+            if n == name:
+                if first >= 0:
+                    more = True
+                    break
+                first = i
+        if first < 0:
             rows.append((name, row))
             return
-        rows[i] = (name, row)
-        if names.count(name) > 1:
-            rows[i + 1:] = [r for r in rows[i + 1:] if r[0] != name]
+        rows[first] = (name, row)
+        if more:
+            rows[first + 1:] = [r for r in rows[first + 1:] if r[0] != name]
 
     def set_header_values(self, name: str, values: list[str]) -> None:
         """Replace a header by one row per value (removing it when the list is empty)."""
@@ -441,7 +462,8 @@ class SipMessage:
 
     def push_via(self, value: str) -> None:
         """Add our Via on top (RFC 3261 §16.6 step 8)."""
-        self._cache.pop("@via", None)
+        if "@via" in self._cache:
+            del self._cache["@via"]
         self.rows.insert(0, ("via", _new_row("via", value)))
 
     def pop_via(self) -> str:
@@ -512,7 +534,6 @@ class SipMessage:
 
 
 _LWS_CRLF = " \t\r\n"
-_FIRST = itemgetter(0)
 _SINGLE_SET = frozenset(SINGLE_HEADERS)
 
 

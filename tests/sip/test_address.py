@@ -23,13 +23,15 @@ from proxy.sip.address import (
     parse_cseq,
     parse_name_addr,
     parse_params,
+    parse_request_uri,
     parse_via,
     quote_display,
     split_list,
+    uri_by_hand,
     via_by_hand,
 )
 from proxy.sip.errors import ParseError
-from proxy.sip.uri import SipUri, parse_uri
+from proxy.sip.uri import _SIP_FAST, SipUri, parse_uri
 
 
 # ---- name-addr ----------------------------------------------------------------------------------
@@ -366,3 +368,54 @@ def test_name_addr_by_hand_accepts_only_what_the_regex_reads_the_same(text: str)
 ])
 def test_name_addr_by_hand_leaves_the_rest_to_the_regexes(value: str) -> None:
     assert name_addr_by_hand(value) is None
+
+
+# ---- the Request-URI by hand ---------------------------------------------------------------
+USUAL_URIS = [
+    "sip:700100000000001@127.0.0.1:15060",
+    "sip:13900000001@10.0.0.2;user=phone",
+    "sip:127.0.0.1:15070;transport=UDP",
+    "sip:uac@127.0.0.1:15080",
+    "sips:+86-138(0000)0001;phone-context=x@h.example.com:5061;transport=tls;lr",
+    "sip:s7u.AbC-_0123@gw.example.com;maddr=[::1];lr",
+    "sip:h",
+]
+
+
+def _uri_by_regex(text: str) -> tuple[object, ...] | None:
+    m = _SIP_FAST.fullmatch(text)
+    if m is None:
+        return None
+    scheme, user, host, port, params = m.groups()
+    if port is not None and not 0 < int(port) < 65536:
+        return None
+    return (scheme, user, host, int(port) if port else None, params)
+
+
+def _uri_read(uri: SipUri) -> tuple[object, ...]:
+    return (uri.scheme, uri.user, uri.host, uri.port, uri.params)
+
+
+@pytest.mark.parametrize("value", USUAL_URIS)
+def test_usual_uris_are_read_by_hand_as_the_regex_reads_them(value: str) -> None:
+    uri = uri_by_hand(value)
+    assert uri is not None  # the hand reading takes the usual shapes
+    assert _uri_read(uri) == _uri_by_regex(value)
+    assert str(uri) == value == str(parse_uri(value)) == str(parse_request_uri(value))
+
+
+@given(st.text(alphabet="sip:@1.a;=-_[]\"é ,%?>", max_size=30)
+       | st.sampled_from(USUAL_URIS).map(lambda v: v[:len(v) * 2 // 3]))
+def test_uri_by_hand_accepts_only_what_the_regex_reads_the_same(text: str) -> None:
+    uri = uri_by_hand(text)
+    if uri is not None:
+        assert _uri_read(uri) == _uri_by_regex(text), text
+
+
+@pytest.mark.parametrize("value", [
+    "sip:a%40b@h", "sip:@h", "sip:a@h:0", "sip:a@h:123456", "sip:a@-h", "sip:a@[::1]",
+    "sip:a@h;=x", "sip:a@h;x y", "sip:a@h?subject=x", "sip:a:pw@h", "tel:+861380000",
+    "<sip:a@h>", "sip:a@b@h", "SIP:a@h",
+])
+def test_uri_by_hand_leaves_the_rest_to_parse_uri(value: str) -> None:
+    assert uri_by_hand(value) is None
