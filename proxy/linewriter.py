@@ -32,7 +32,7 @@ class NonBlockingLineWriter:
         self.dropped = 0
         self._scheduled = False
         self._loop: asyncio.AbstractEventLoop | None = None  # the loop the flush waits on
-        self._thread = 0  # the thread running it
+        self._loop_thread = 0  # the thread running it
         self._fd = fd
         self._sock: socket.socket | None = None
         self._write = self._plain_write
@@ -62,7 +62,7 @@ class NonBlockingLineWriter:
         """Write one record (a line without its newline), or drop it whole."""
         data = (line + "\n").encode("utf-8", "replace")
         known = self._loop
-        if known is not None and self._thread == threading.get_ident() and known.is_running():
+        if known is not None and self._loop_thread == threading.get_ident() and known.is_running():
             loop: asyncio.AbstractEventLoop | None = known  # (asyncio's check costs a getpid())
         else:
             loop = asyncio._get_running_loop()
@@ -75,7 +75,7 @@ class NonBlockingLineWriter:
             self.pending += data
             if not self._scheduled or loop is not known:
                 self._scheduled = True
-                self._loop, self._thread = loop, threading.get_ident()
+                self._loop, self._loop_thread = loop, threading.get_ident()
                 loop.call_soon(self._flush_soon)
             return
         if self.pending and not self.flush():
@@ -134,4 +134,4 @@ class NonBlockingLineWriter:
         self.dropped = 0
         self._scheduled = False
         self._loop = None
-        self._thread = 0
+        self._loop_thread = 0
