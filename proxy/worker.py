@@ -30,8 +30,12 @@ from proxy.logs import records_dropped
 
 log = structlog.get_logger("sip700")
 GC_YOUNG_THRESHOLD = 100_000  # automatic passes: a backstop to `collect_young`
-GC_YOUNG_EVERY_S = 0.1  # collect generation 0 this often
-GC_MIDDLE_EVERY = 20  # … and generation 1 every 20th time (2 s)
+# Each pass walks what survived since the last one, so the cadence sets the length of a pause,
+# not the total work (every survivor is walked once per generation either way): short passes
+# keep the tail latency down (`run.sh project 3000 20`, p99 12.8-13.6 ms with 0.1 s / 2 s,
+# 4.3-4.5 ms with 0.05 s / 0.2 s, at the same CPU).
+GC_YOUNG_EVERY_S = 0.05  # collect generation 0 this often
+GC_MIDDLE_EVERY = 4  # … and generation 1 every 4th time (0.2 s)
 
 PR_SET_PDEATHSIG = 1
 SPARE_POLL_S = 0.05  # how soon a worker takes the spare port range once it is free
