@@ -693,9 +693,10 @@ class ProxyServer:
         if len(data) > self.max_message_bytes:
             self.core.stats["oversize_dropped"] = self.core.stats.get("oversize_dropped", 0) + 1
             return
+        # a keep-alive is CR/LF only; a message starts with a letter, so only a datagram
+        # starting with CR or LF pays for strip's copy
         if (not data or data[0] == 13 or data[0] == 10) and not data.strip(b"\r\n"):
-            return  # keep-alive (the first test spares a message, which starts with a letter,
-            # the copy strip makes)
+            return
         if self.core.flood is not None and not data.startswith(b"SIP/2.0 ") and \
                 self.core.refuse_flood(source, "udp", time.monotonic(), data=data,
                                        weight=self._flood_weight):

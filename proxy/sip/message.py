@@ -201,8 +201,7 @@ class SipMessage:
         if not text or any(c in text for c in " \t\r\n"):
             raise ValueError(f"not a Request-URI: {text[:60]!r}")
         self.uri_text = text
-        if "@uri" in self._cache:
-            del self._cache["@uri"]
+        self.forget_parsed("@uri")
         self._start = f"{self.method} {text} SIP/2.0".encode("latin-1")
 
     def set_reason(self, reason: str) -> None:
@@ -462,8 +461,7 @@ class SipMessage:
 
     def push_via(self, value: str) -> None:
         """Add our Via on top (RFC 3261 §16.6 step 8)."""
-        if "@via" in self._cache:
-            del self._cache["@via"]
+        self.forget_parsed("via")
         self.rows.insert(0, ("via", _new_row("via", value)))
 
     def pop_via(self) -> str:
