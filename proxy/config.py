@@ -356,6 +356,50 @@ def _auto_workers(value: Any) -> Any:
     return value
 
 
+def _check_cpu_affinity(value: Any) -> Any:
+    """`worker_cpu_affinity`: 'auto', 'off', or a non-empty list of distinct CPU numbers."""
+    if value in ("auto", "off"):
+        return value
+    if isinstance(value, str):
+        raise ValueError(f"must be 'auto', 'off' or a list of CPU numbers (got {_q(value)})")
+    if not isinstance(value, list | tuple) or not value:
+        raise ValueError("must be 'auto', 'off' or a non-empty list of CPU numbers")
+    for cpu in value:
+        if type(cpu) is not int or not 0 <= cpu < 4096:
+            raise ValueError(f"CPU numbers are integers 0-4095 (got {cpu!r})")
+    if len(set(value)) != len(value):
+        raise ValueError(f"a CPU is listed twice ({list(value)})")
+    return tuple(value)
+
+
+def plan_worker_cpus(setting: str | tuple[int, ...], workers: int, allowed: set[int],
+                     quota: int | None) -> tuple[tuple[int, ...] | None, str]:
+    """The CPU of each worker under `worker_cpu_affinity`, or None and why not.
+
+    `allowed`: the CPUs this process may run on (its affinity mask); `quota`: a cgroup CPU quota
+    in whole CPUs (None: none). `auto` pins only where the workers are one per allowed CPU and
+    no quota shares those CPUs with others: then each worker keeps its caches and nobody else
+    is kept off a CPU. A listed CPU outside `allowed` is a ValueError naming the key.
+    """
+    if setting == "off":
+        return None, "worker_cpu_affinity: off"
+    if setting == "auto":
+        if workers < 2:
+            return None, "one worker"
+        if len(allowed) != workers:
+            return None, f"{workers} workers for {len(allowed)} CPUs (auto pins one per CPU)"
+        if quota is not None and quota < len(allowed):
+            return None, f"a cgroup CPU quota of {quota} CPUs shares the {len(allowed)} CPUs"
+        return tuple(sorted(allowed)), "one worker per CPU"
+    assert not isinstance(setting, str)
+    outside = [cpu for cpu in setting if cpu not in allowed]
+    if outside:
+        mine = ", ".join(map(str, sorted(allowed)))
+        raise ValueError(f"worker_cpu_affinity: CPU {', '.join(map(str, outside))} is not one "
+                         f"this process may use ({mine})")
+    return tuple(setting[i % len(setting)] for i in range(workers)), "listed"
+
+
 def _decode_dialog_key(text: str) -> bytes:
     """Decode a base64 dialog key; the message never shows the key itself."""
     try:
@@ -1321,6 +1365,10 @@ class Config(_Section):
     workers: Annotated[int, BeforeValidator(_auto_workers), Strict(), Field(ge=1, le=1024)] = (
         Field(default="auto", validate_default=True)
     )
+    # which CPU each worker runs on: auto (one each, when the workers are one per CPU of the
+    # affinity mask), off, or a list (worker i on list[i mod len]); see worker_cpus
+    worker_cpu_affinity: Annotated[Literal["auto", "off"] | tuple[int, ...],
+                                   BeforeValidator(_check_cpu_affinity)] = "auto"
     logging: LoggingConfig = LoggingConfig()
     metrics: MetricsConfig = MetricsConfig()
     api: ApiConfig = ApiConfig()
@@ -1335,7 +1383,6 @@ class Config(_Section):
     # /tmp/sip700-<uid>
     runtime_dir: Path | None = None
     records: RecordsConfig = Field(default_factory=dict, validate_default=True)  # type: ignore[arg-type]
-    policy: PolicyConfig = PolicyConfig()
 
     @field_validator("listen")
     @classmethod
@@ -1438,6 +1485,17 @@ class Config(_Section):
         each worker's own ports (both ranges)."""
         return frozenset({e.port for e in self.listen_endpoints} | {self.advertised.port}
                          | set(self.worker_port_range(0)) | set(self.worker_port_range(1)))
+
+    def worker_cpus(self) -> tuple[tuple[int, ...] | None, str]:
+        """Each worker's CPU under `worker_cpu_affinity` on this machine, or None and why not
+        (plan_worker_cpus; a listed CPU this process may not use is a ValueError)."""
+        try:
+            allowed = set(os.sched_getaffinity(0))
+        except (AttributeError, OSError):
+            return None, "no CPU affinity on this system"
+        quota = _cgroup_cpu_quota()
+        whole = None if quota is None else max(1, int(quota + 0.999))
+        return plan_worker_cpus(self.worker_cpu_affinity, self.workers, allowed, whole)
 
     def port_problems(self) -> list[tuple[str, str]]:
         """(key path, problem) for worker ports the workers could not bind."""

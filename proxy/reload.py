@@ -21,6 +21,7 @@ RESTART_ONLY: tuple[tuple[str, str | None], ...] = (
     ("listen", None),
     ("advertise", None),
     ("workers", None),
+    ("worker_cpu_affinity", None),
     ("transport", None),
     ("metrics", None),
     ("logging", None),

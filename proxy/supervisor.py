@@ -216,11 +216,17 @@ class Supervisor:
         self.relay_key = os.urandom(32)
         self.previous: dict[str, Any] | None = None  # the instance taken over
         self.published = False  # the state file names this instance (all workers listened)
+        self.cpus: tuple[int, ...] | None = None  # worker i runs on cpus[i] (None: anywhere)
 
     # ---- start -------------------------------------------------------------------------------
     def prepare(self) -> None:
         """Check the ports (refuse a second instance; arrange a takeover); StartRefused."""
         cfg = self.cfg
+        try:
+            self.cpus, why = cfg.worker_cpus()
+        except ValueError as exc:
+            raise StartRefused(str(exc)) from None
+        log.info("worker_cpu_affinity", cpus=list(self.cpus) if self.cpus else None, why=why)
         held = held_addresses(list(cfg.listen_endpoints))
         running = running_instance(cfg)
         stale = read_state(self.state_file) or {}
@@ -322,6 +328,8 @@ class Supervisor:
                 for sig in HANDLED:
                     signal.signal(sig, signal.SIG_DFL)
                 signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED)
+                if self.cpus is not None:  # its own CPU: its caches stay warm, no migrations
+                    os.sched_setaffinity(0, {self.cpus[index]})
                 worker = Worker(self.cfg, self.key, self.store, index=index,
                                 count=self.cfg.workers, group=self.group,
                                 relay_key=self.relay_key, port_range=self.port_range,

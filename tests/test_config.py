@@ -25,6 +25,7 @@ from proxy.config import (
     load_config,
     parse_listen,
     parse_sip_uri,
+    plan_worker_cpus,
 )
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "config"
@@ -733,3 +734,64 @@ def test_path_mtu_must_be_a_real_mtu(config_dir: Path) -> None:
     shown, problems = problems_for(config_dir, transport={"path_mtu_bytes": 100})
     assert len(problems) == 1 and problems[0].startswith(
         f"{shown}: transport.path_mtu_bytes: "), problems
+
+
+# --- worker CPU affinity -------------------------------------------------------------------
+
+
+def test_worker_cpu_affinity_defaults_to_auto_and_takes_off_or_a_list(config_dir: Path) -> None:
+    assert load_config(write(config_dir, MINIMAL)).worker_cpu_affinity == "auto"
+    config = load_config(write(config_dir, {**MINIMAL, "worker_cpu_affinity": "off"}))
+    assert config.worker_cpu_affinity == "off"
+    config = load_config(write(config_dir, {**MINIMAL, "worker_cpu_affinity": [3, 1]}))
+    assert config.worker_cpu_affinity == (3, 1)
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("on", "must be 'auto', 'off' or a list of CPU numbers (got 'on')"),
+        ([], "must be 'auto', 'off' or a non-empty list of CPU numbers"),
+        (True, "must be 'auto', 'off' or a non-empty list of CPU numbers"),
+        ([0, "1"], "CPU numbers are integers 0-4095 (got '1')"),
+        ([0, True], "CPU numbers are integers 0-4095 (got True)"),
+        ([-1], "CPU numbers are integers 0-4095 (got -1)"),
+        ([1, 1], "a CPU is listed twice ([1, 1])"),
+    ],
+)
+def test_worker_cpu_affinity_errors_name_the_key(
+    config_dir: Path, value: Any, expected: str
+) -> None:
+    shown, problems = problems_for(config_dir, worker_cpu_affinity=value)
+    assert problems == [f"{shown}: worker_cpu_affinity: {expected}"]
+
+
+def test_auto_pins_one_worker_per_allowed_cpu_only() -> None:
+    assert plan_worker_cpus("auto", 2, {4, 2}, None) == ((2, 4), "one worker per CPU")
+    assert plan_worker_cpus("auto", 2, {0, 1}, 2) == ((0, 1), "one worker per CPU")
+    # one worker, more or fewer workers than CPUs, a quota sharing the CPUs: not pinned
+    assert plan_worker_cpus("auto", 1, {0}, None)[0] is None
+    assert plan_worker_cpus("auto", 2, {0, 1, 2, 3}, None) == (
+        None, "2 workers for 4 CPUs (auto pins one per CPU)")
+    assert plan_worker_cpus("auto", 4, {0, 1}, None)[0] is None
+    assert plan_worker_cpus("auto", 2, {0, 1}, 1) == (
+        None, "a cgroup CPU quota of 1 CPUs shares the 2 CPUs")
+    assert plan_worker_cpus("off", 2, {0, 1}, None) == (None, "worker_cpu_affinity: off")
+
+
+def test_a_list_is_used_round_robin_and_must_name_allowed_cpus() -> None:
+    assert plan_worker_cpus((1,), 3, {0, 1}, None) == ((1, 1, 1), "listed")
+    assert plan_worker_cpus((1, 0), 3, {0, 1}, 1) == ((1, 0, 1), "listed")  # quota: as asked
+    with pytest.raises(ValueError, match=r"^worker_cpu_affinity: CPU 5, 7 is not one this "
+                                         r"process may use \(0, 1\)$"):
+        plan_worker_cpus((0, 5, 7), 2, {0, 1}, None)
+
+
+def test_worker_cpus_reads_this_process_mask(config_dir: Path) -> None:
+    allowed = sorted(os.sched_getaffinity(0))
+    config = load_config(write(config_dir, {**MINIMAL, "workers": 3,
+                                            "worker_cpu_affinity": [allowed[0]]}))
+    assert config.worker_cpus() == ((allowed[0],) * 3, "listed")
+    config = load_config(write(config_dir, {**MINIMAL, "worker_cpu_affinity": [max(allowed) + 1]}))
+    with pytest.raises(ValueError, match="is not one this process may use"):
+        config.worker_cpus()

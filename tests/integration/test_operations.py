@@ -22,6 +22,7 @@ from pathlib import Path
 
 import yaml
 
+from proxy.config import load_config
 from tests.integration.procs import (
     ROOT,
     ProxyProcess,
@@ -380,3 +381,64 @@ def test_a_worker_that_cannot_start_says_why(tmp_path: Path) -> None:
     assert failed, done.stdout[-3000:]
     assert failed[0]["errno"] == 98 and f"metrics 127.0.0.1:{mport}" in failed[0]["error"]
     assert '"worker_cannot_start"' in done.stdout
+
+
+def _cpus_of(pid: int) -> set[int]:
+    return os.sched_getaffinity(pid)
+
+
+def test_workers_run_on_the_cpus_worker_cpu_affinity_lists_even_after_a_restart(
+        tmp_path: Path) -> None:
+    """A listed CPU pins every worker to it (round robin over the list), and the worker the
+    supervisor starts in place of a dead one is pinned the same; the supervisor is not."""
+    cpu = min(os.sched_getaffinity(0))
+    port, gw_port = free_port(), free_port()
+    path, config = write_config(tmp_path, port=port, gateway_port=gw_port,
+                                overrides={"workers": 2, "worker_cpu_affinity": [cpu]})
+    proxy = start_proxy(path, port, gw_port, tmp_path / "proxy.log", config)
+    try:
+        wait_for(lambda: len(log_events(proxy, "listening")) == 2, what="two workers")
+        plan = log_events(proxy, "worker_cpu_affinity")
+        assert [(e["cpus"], e["why"]) for e in plan] == [([cpu, cpu], "listed")]
+        workers = proxy.worker_pids()
+        assert [_cpus_of(pid) for pid in workers] == [{cpu}, {cpu}]
+        assert _cpus_of(proxy.proc.pid) == os.sched_getaffinity(0)
+        os.kill(workers[0], signal.SIGKILL)
+        wait_for(lambda: len(log_events(proxy, "listening")) == 3, what="the restarted worker")
+        now = proxy.worker_pids()
+        assert workers[0] not in now and len(now) == 2
+        assert [_cpus_of(pid) for pid in now] == [{cpu}, {cpu}]
+    finally:
+        proxy.stop()
+
+
+def test_auto_affinity_gives_each_worker_its_own_cpu_when_they_are_one_per_cpu(
+        tmp_path: Path) -> None:
+    allowed = os.sched_getaffinity(0)
+    port, gw_port = free_port(), free_port()
+    path, config = write_config(tmp_path, port=port, gateway_port=gw_port,
+                                overrides={"workers": len(allowed)})
+    proxy = start_proxy(path, port, gw_port, tmp_path / "proxy.log", config)
+    try:
+        wait_for(lambda: len(log_events(proxy, "listening")) == len(allowed),
+                 what="a worker per CPU")
+        [plan] = log_events(proxy, "worker_cpu_affinity")
+        expected, why = load_config(path).worker_cpus()  # a cgroup quota may rule it out
+        assert plan["why"] == why
+        mine = sorted(_cpus_of(pid) for pid in proxy.worker_pids())
+        if expected is None:  # not pinned: each worker may run on every CPU
+            assert len(allowed) == 1 or "quota" in why
+            assert mine == [allowed] * len(allowed)
+        else:
+            assert mine == [{c} for c in sorted(allowed)]
+    finally:
+        proxy.stop()
+
+
+def test_a_cpu_this_process_may_not_use_refuses_the_start(tmp_path: Path) -> None:
+    outside = max(os.sched_getaffinity(0)) + 1
+    path, _ = write_config(tmp_path, port=free_port(), gateway_port=free_port(),
+                           overrides={"workers": 2, "worker_cpu_affinity": [outside]})
+    done = sip700("run", "--config", str(path), timeout=60)
+    assert done.returncode == 1
+    assert f"worker_cpu_affinity: CPU {outside} is not one this process may use" in done.stderr
