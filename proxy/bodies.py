@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Final, NamedTuple
 
 from proxy.isup import IsupError, rewrite_isup_counted
 from proxy.sip.message import SipMessage
@@ -19,35 +19,35 @@ from proxy.sip.message import SipMessage
 Scrub = Callable[[bytes], tuple[bytes, int]]
 """Replaces the hidden number in readable text; returns (new bytes, occurrences replaced)."""
 
-UNREADABLE_POLICIES = ("strip", "reject")
-ISUP_POLICIES = ("strip", "rewrite")
+UNREADABLE_POLICIES: Final = ("strip", "reject")
+ISUP_POLICIES: Final = ("strip", "rewrite")
 
 # media types whose bytes are text a substring scan can read (RFC 4566 SDP, RFC 3420 sipfrag,
 # the DTMF INFO bodies); text/* and application/*+xml (RFC 7303) are matched by shape below
-_READABLE_TYPES = frozenset({
+_READABLE_TYPES: Final = frozenset({
     "application/sdp", "application/xml", "application/json", "application/dtmf-relay",
     "application/dtmf", "message/sipfrag",
 })
-ISUP_TYPE = "application/isup"
+ISUP_TYPE: Final = "application/isup"
 # charsets in which an ASCII digit is not one ASCII octet (RFC 2781, RFC 2152 does keep digits)
-_WIDE_CHARSETS = ("utf-16", "utf16", "utf-32", "utf32", "ucs-2", "ucs2", "ucs-4", "ucs4",
+_WIDE_CHARSETS: Final = ("utf-16", "utf16", "utf-32", "utf32", "ucs-2", "ucs2", "ucs-4", "ucs4",
                   "iso-10646-ucs", "unicode")
 # RFC 2045 §6.1: these transfer encodings leave the octets as they are
-_IDENTITY_TRANSFER = frozenset({"7bit", "8bit", "binary"})
+_IDENTITY_TRANSFER: Final = frozenset({"7bit", "8bit", "binary"})
 # multipart inside multipart inside …: deep enough for SIP-I and RFC 5621, bounded for hostile input
-MAX_MULTIPART_DEPTH = 3
+MAX_MULTIPART_DEPTH: Final = 3
 
 # RFC 2045 §5.1 token and the Content-Type parameter grammar (quoted-string per RFC 822)
-_TOKEN = r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
-_MEDIA_TYPE = re.compile(rf"[ \t]*({_TOKEN})[ \t]*/[ \t]*({_TOKEN})[ \t]*")
-_PARAM = re.compile(
+_TOKEN: Final = r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
+_MEDIA_TYPE: Final = re.compile(rf"[ \t]*({_TOKEN})[ \t]*/[ \t]*({_TOKEN})[ \t]*")
+_PARAM: Final = re.compile(
     rf';[ \t]*({_TOKEN})[ \t]*=[ \t]*(?:"((?:[^"\\]|\\.)*)"|([^;"\s]+))[ \t]*', re.DOTALL
 )
-_TRAILING_SEMI = re.compile(r";[ \t]*")
-_QUOTED_PAIR = re.compile(r"\\(.)", re.DOTALL)
+_TRAILING_SEMI: Final = re.compile(r";[ \t]*")
+_QUOTED_PAIR: Final = re.compile(r"\\(.)", re.DOTALL)
 # RFC 2046 §5.1.1 boundary: 1-70 bchars, not ending in a space
-_BOUNDARY = re.compile(r"[0-9A-Za-z'()+_,\-./:=? ]{0,69}[0-9A-Za-z'()+_,\-./:=?]")
-_FOLD = re.compile(rb"\r\n[ \t]+")
+_BOUNDARY: Final = re.compile(r"[0-9A-Za-z'()+_,\-./:=? ]{0,69}[0-9A-Za-z'()+_,\-./:=?]")
+_FOLD: Final = re.compile(rb"\r\n[ \t]+")
 
 
 class BodyRefused(Exception):

@@ -19,14 +19,14 @@ there).
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any, Final, NamedTuple
 
 from proxy.privacy import CALLEE, CALLER
 
-CSEQ_MARGIN = 100  # added to the highest CSeq seen in a direction (see the module docstring)
-CSEQ_MAX = 2**31 - 1  # RFC 3261 §8.1.1.5: a CSeq sequence number is below 2**31
-ENDED_MEMORY_S = 120.0  # in-dialog requests of a call the proxy ended get 481 this long
-RELEASE_REASON = "max_call_duration"
+CSEQ_MARGIN: Final = 100  # added to the highest CSeq seen in a direction (see the module docstring)
+CSEQ_MAX: Final = 2**31 - 1  # RFC 3261 §8.1.1.5: a CSeq sequence number is below 2**31
+ENDED_MEMORY_S: Final = 120.0  # in-dialog requests of a call the proxy ended get 481 this long
+RELEASE_REASON: Final = "max_call_duration"
 
 
 def lowest_limit(*limits: float | None) -> float | None:

@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, NamedTuple
+from typing import Any, Final, NamedTuple
 
 from proxy.bindings.model import Outcome, Resolution
 from proxy.bodies import BodyRefused
@@ -90,10 +90,10 @@ from proxy.sip.uri import SipUri
 from proxy.timers import TimerWheel
 
 Address = tuple[str, int]
-BRANCH_PREFIX = "z9hG4bKs7"
-_NUMBER_LIKE = re.compile(r"\d{7,}")  # long enough to be a phone number: masked in free text
+BRANCH_PREFIX: Final = "z9hG4bKs7"
+_NUMBER_LIKE: Final = re.compile(r"\d{7,}")  # long enough to be a phone number: masked in free text
 # option-tags this proxy understands in Proxy-Require
-SUPPORTED_EXTENSIONS: frozenset[str] = frozenset()
+SUPPORTED_EXTENSIONS: Final[frozenset[str]] = frozenset()
 
 
 class Outgoing:
@@ -207,16 +207,16 @@ class CoreSettings:
     flood: FloodSettings | None = None
 
 
-INVALID_TOKEN = FinalResponse(403, "Invalid Dialog Token")
-TOKEN_NOT_FOR_CALL = FinalResponse(403, "Dialog Token Not For This Call")
-DIALOG_EXPIRED = FinalResponse(403, "Dialog Expired")
-NEXT_HOP_REFUSED = FinalResponse(403, "Next Hop Not Allowed")
-REFER_REFUSED = FinalResponse(403, "REFER Not Allowed")
-BODY_REFUSED = FinalResponse(415, "Unsupported Media Type")
-CALL_ENDED = FinalResponse(481, "Call/Transaction Does Not Exist")
-INTERNAL_ERROR = FinalResponse(500, "Internal Server Error")
+INVALID_TOKEN: Final = FinalResponse(403, "Invalid Dialog Token")
+TOKEN_NOT_FOR_CALL: Final = FinalResponse(403, "Dialog Token Not For This Call")
+DIALOG_EXPIRED: Final = FinalResponse(403, "Dialog Expired")
+NEXT_HOP_REFUSED: Final = FinalResponse(403, "Next Hop Not Allowed")
+REFER_REFUSED: Final = FinalResponse(403, "REFER Not Allowed")
+BODY_REFUSED: Final = FinalResponse(415, "Unsupported Media Type")
+CALL_ENDED: Final = FinalResponse(481, "Call/Transaction Does Not Exist")
+INTERNAL_ERROR: Final = FinalResponse(500, "Internal Server Error")
 # methods that end or acknowledge a dialog: they pass after its token's deadline
-_TEARDOWN = frozenset(("ACK", "BYE", "CANCEL"))
+_TEARDOWN: Final = frozenset(("ACK", "BYE", "CANCEL"))
 
 
 class Relay:
@@ -311,7 +311,7 @@ class Relay:
         return min(deadlines) if deadlines else None
 
 
-STATELESS_LIFE = 32.0  # RFC 3261 Timer F (64·T1): a non-INVITE request's longest life
+STATELESS_LIFE: Final = 32.0  # RFC 3261 Timer F (64·T1): a non-INVITE request's longest life
 
 
 class Forwarded(NamedTuple):
@@ -2042,8 +2042,8 @@ def _host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
 
-_ANSWER_ROWS = frozenset(("to", "contact", "record-route"))
-_ASKED_ROWS = frozenset(("to", "from", "contact", "record-route"))
+_ANSWER_ROWS: Final = frozenset(("to", "contact", "record-route"))
+_ASKED_ROWS: Final = frozenset(("to", "from", "contact", "record-route"))
 
 
 def _split_rows(rows: tuple[str, ...]) -> list[str]:
@@ -2092,10 +2092,10 @@ def _stamp_via(msg: SipMessage, source: Address) -> None:
     msg.push_via(text)
 
 
-_BARE_RPORT = re.compile(rb"(?i);[ \t]*rport(?=[ \t]*(?:;|$))")
+_BARE_RPORT: Final = re.compile(rb"(?i);[ \t]*rport(?=[ \t]*(?:;|$))")
 
 
-_FAILOVER_STATUSES = frozenset((408, 500, 502, 503, 504))
+_FAILOVER_STATUSES: Final = frozenset((408, 500, 502, 503, 504))
 
 
 def _gateway_uri(callee: str, gw: Gateway) -> str:

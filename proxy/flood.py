@@ -15,12 +15,12 @@ one worker there); what comes to a worker's own port (in-dialog requests) by tha
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Final, NamedTuple
 
 ALLOWED, BLOCKED, NEWLY_BLOCKED = 0, 1, 2
-SWEEP_S = 10.0
-MAX_SOURCES = 65536
-_EXEMPT = 0  # the limit of a source that is never blocked
+SWEEP_S: Final = 10.0
+MAX_SOURCES: Final = 65536
+_EXEMPT: Final = 0  # the limit of a source that is never blocked
 
 
 class FloodSettings(NamedTuple):

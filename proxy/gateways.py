@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Final
 
 
 @dataclass(eq=False)
@@ -87,7 +88,7 @@ def _smooth_pick(live: list[Gateway]) -> Gateway:
     return best
 
 
-REFUSED = "refused"
+REFUSED: Final = "refused"
 
 
 @dataclass

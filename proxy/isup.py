@@ -17,24 +17,24 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import NamedTuple
+from typing import Final, NamedTuple
 
 # Message type codes (Q.763 §2.1, Table 4)
-IAM = 0x01  # initial address
-CON = 0x07  # connect
-ANM = 0x09  # answer
+IAM: Final = 0x01  # initial address
+CON: Final = 0x07  # connect
+ANM: Final = 0x09  # answer
 
 # Parameter name codes (Q.763 §3.1, Table 5)
-END_OF_OPTIONAL_PARAMETERS = 0x00  # Q.763 §3.20
-CALLED_PARTY_NUMBER = 0x04  # Q.763 §3.9
-CALLING_PARTY_NUMBER = 0x0A  # Q.763 §3.10
-REDIRECTING_NUMBER = 0x0B  # Q.763 §3.44
-CONNECTED_NUMBER = 0x21  # Q.763 §3.16
-ORIGINAL_CALLED_NUMBER = 0x28  # Q.763 §3.39
-GENERIC_NUMBER = 0xC0  # Q.763 §3.26
+END_OF_OPTIONAL_PARAMETERS: Final = 0x00  # Q.763 §3.20
+CALLED_PARTY_NUMBER: Final = 0x04  # Q.763 §3.9
+CALLING_PARTY_NUMBER: Final = 0x0A  # Q.763 §3.10
+REDIRECTING_NUMBER: Final = 0x0B  # Q.763 §3.44
+CONNECTED_NUMBER: Final = 0x21  # Q.763 §3.16
+ORIGINAL_CALLED_NUMBER: Final = 0x28  # Q.763 §3.39
+GENERIC_NUMBER: Final = 0xC0  # Q.763 §3.26
 
 # Nature of address indicator (Q.763 §3.9 b): national (significant) number
-NAI_NATIONAL = 3
+NAI_NATIONAL: Final = 3
 
 # Q.763 clause 4 message formats we take apart: octets of the mandatory fixed part after the
 # message type code, and how many mandatory variable parameters follow (each has a pointer).
@@ -42,19 +42,19 @@ NAI_NATIONAL = 3
 #        transmission medium requirement (1); called party number (V); optional part
 #   CON: backward call indicators (2); optional part
 #   ANM: optional part only
-_LAYOUTS: dict[int, tuple[int, int]] = {IAM: (5, 1), CON: (2, 0), ANM: (0, 0)}
+_LAYOUTS: Final[dict[int, tuple[int, int]]] = {IAM: (5, 1), CON: (2, 0), ANM: (0, 0)}
 
 # The parameters that name a party, per message type; the value is how many octets come before
 # the odd/even + nature of address octet (the generic number's number qualifier indicator).
-_PARTY_NUMBERS: dict[int, dict[int, int]] = {
+_PARTY_NUMBERS: Final[dict[int, dict[int, int]]] = {
     IAM: {CALLING_PARTY_NUMBER: 0, ORIGINAL_CALLED_NUMBER: 0, REDIRECTING_NUMBER: 0,
           GENERIC_NUMBER: 1},
     CON: {CONNECTED_NUMBER: 0},
     ANM: {CONNECTED_NUMBER: 0},
 }
 
-_HEX_DIGITS = "0123456789ABCDEF"
-_DIGIT_VALUES = {c: i for i, c in enumerate(_HEX_DIGITS)} | {
+_HEX_DIGITS: Final = "0123456789ABCDEF"
+_DIGIT_VALUES: Final = {c: i for i, c in enumerate(_HEX_DIGITS)} | {
     c.lower(): i for i, c in enumerate(_HEX_DIGITS)
 }
 

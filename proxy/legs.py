@@ -17,16 +17,16 @@ then go down the connection it opened, whatever its Contact says.
 from __future__ import annotations
 
 import ipaddress
-from typing import Any, NamedTuple
+from typing import Any, Final, NamedTuple
 
 from proxy.privacy import TOKEN_PARAM
 from proxy.sip.errors import ParseError
 from proxy.sip.message import parse_message
 
-TRANSPORTS = ("udp", "tcp", "tls")
-STREAMS = frozenset(("tcp", "tls"))
-DEFAULT_PORTS = {"udp": 5060, "tcp": 5060, "tls": 5061}  # RFC 3261 §19.1.2
-UDP_LARGE_DEFAULT = 1300  # RFC 3261 §18.1.1, when the path MTU is unknown
+TRANSPORTS: Final = ("udp", "tcp", "tls")
+STREAMS: Final = frozenset(("tcp", "tls"))
+DEFAULT_PORTS: Final = {"udp": 5060, "tcp": 5060, "tls": 5061}  # RFC 3261 §19.1.2
+UDP_LARGE_DEFAULT: Final = 1300  # RFC 3261 §18.1.1, when the path MTU is unknown
 
 
 class Flow(NamedTuple):

@@ -12,8 +12,9 @@ import select
 import socket
 import stat
 import threading
+from typing import Final
 
-MAX_PENDING_BYTES = 1 << 20  # log output held while stdout cannot take it
+MAX_PENDING_BYTES: Final = 1 << 20  # log output held while stdout cannot take it
 
 
 class NonBlockingLineWriter:

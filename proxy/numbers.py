@@ -8,10 +8,11 @@ live here. Everything internal is *national format*: `13800000001`, `01012345678
 from __future__ import annotations
 
 import re
+from typing import Final
 
 # Visual separators allowed in tel: URIs (RFC 3966 visual-separator) and in dialled strings.
-_SEPARATORS = str.maketrans("", "", "-.() ")
-_DIGITS = re.compile(r"[0-9]{3,20}")
+_SEPARATORS: Final = str.maketrans("", "", "-.() ")
+_DIGITS: Final = re.compile(r"[0-9]{3,20}")
 
 
 def normalize_number(text: str) -> str | None:

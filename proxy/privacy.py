@@ -31,6 +31,7 @@ import os
 import re
 import struct
 from dataclasses import dataclass
+from typing import Final
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
@@ -45,22 +46,24 @@ from proxy.sip.errors import ParseError
 from proxy.sip.message import SipMessage
 from proxy.sip.uri import SipUri
 
-TOKEN_PARAM = "s7"  # our Record-Route / Route URI parameter: the sealed dialog rule
-CONTACT_PARAM = "s7u"  # a rewritten Contact's sealed real user
-CALL_ID_PREFIX = "s7"  # the Call-ID the callee side sees: s7 + base64url(AES-SIV(A's Call-ID))
-CALLER, CALLEE = "a", "b"  # the two sides of a dialog
-_TOKEN_AAD = b"sip700-dialog-v2"
+TOKEN_PARAM: Final = "s7"  # our Record-Route / Route URI parameter: the sealed dialog rule
+CONTACT_PARAM: Final = "s7u"  # a rewritten Contact's sealed real user
+# the Call-ID the callee side sees: s7 + base64url(AES-SIV(A's Call-ID))
+CALL_ID_PREFIX: Final = "s7"
+CALLER: Final = "a"  # the two sides of a dialog
+CALLEE: Final = "b"
+_TOKEN_AAD: Final = b"sip700-dialog-v2"
 
 # Headers that can only carry an identity of the sender and have no translated equivalent:
 # they go (RFC 3325 §5: PPI; RPID is the pre-3325 form; Identity is a signature over the
 # original caller ID, void once rewritten, RFC 8224).
-REMOVED_IDENTITY_HEADERS = (
+REMOVED_IDENTITY_HEADERS: Final = (
     "p-preferred-identity", "remote-party-id", "diversion", "history-info", "identity",
     "identity-info", "reply-to", "p-called-party-id", "p-charging-vector",
     "p-associated-uri", "in-reply-to",
 )
-_REMOVED = frozenset(REMOVED_IDENTITY_HEADERS)
-_RESTORED_ROWS = frozenset(("from", "to", "call-id", "via"))
+_REMOVED: Final = frozenset(REMOVED_IDENTITY_HEADERS)
+_RESTORED_ROWS: Final = frozenset(("from", "to", "call-id", "via"))
 
 
 class InvalidDialogToken(Exception):
@@ -129,7 +132,7 @@ def _put_bounded(table: dict, key: object, value: object) -> None:
     table[key] = value
 
 
-_DIGESTS: dict[str, str] = {}  # Call-ID → digest, bounded
+_DIGESTS: Final[dict[str, str]] = {}  # Call-ID → digest, bounded
 
 
 def call_id_digest(call_id: str) -> str:
@@ -142,8 +145,8 @@ def call_id_digest(call_id: str) -> str:
     return digest
 
 
-_TO_URLSAFE = bytes.maketrans(b"+/", b"-_")
-_FROM_URLSAFE = bytes.maketrans(b"-_", b"+/")
+_TO_URLSAFE: Final = bytes.maketrans(b"+/", b"-_")
+_FROM_URLSAFE: Final = bytes.maketrans(b"-_", b"+/")
 
 
 def _b64(data: bytes) -> str:
@@ -187,7 +190,7 @@ class _NoncePool:
         self.at = 0
 
 
-_NONCES = _NoncePool()
+_NONCES: Final = _NoncePool()
 os.register_at_fork(after_in_child=_NONCES.reset)
 
 
@@ -584,8 +587,8 @@ def restore_rows(resp: SipMessage, request: SipMessage) -> None:
         resp.forget_parsed(name)
 
 
-_SINGLE_RESTORED = frozenset(("from", "to", "call-id"))
-_TO_TAG = re.compile(rb";[ \t]*tag[ \t]*=[ \t]*([^;, \t\r\n>]+)", re.IGNORECASE)
+_SINGLE_RESTORED: Final = frozenset(("from", "to", "call-id"))
+_TO_TAG: Final = re.compile(rb";[ \t]*tag[ \t]*=[ \t]*([^;, \t\r\n>]+)", re.IGNORECASE)
 
 
 def _to_tag(row: bytes) -> bytes | None:

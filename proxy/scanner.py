@@ -43,51 +43,51 @@ from typing import Final
 
 __all__ = ["NumberScanner"]
 
-_DIG = rb"(?:[0-9]|%3[0-9]|\xef\xbc[\x90-\x99])"
-_SEP = rb"(?:[ \-.()]|%2[0DdEe89]|\xef\xbc[\x88\x89\x8d]|\xe3\x80\x80)"
-_PLUS = rb"(?:\+|%2[Bb]|\xef\xbc\x8b)"
+_DIG: Final = rb"(?:[0-9]|%3[0-9]|\xef\xbc[\x90-\x99])"
+_SEP: Final = rb"(?:[ \-.()]|%2[0DdEe89]|\xef\xbc[\x88\x89\x8d]|\xe3\x80\x80)"
+_PLUS: Final = rb"(?:\+|%2[Bb]|\xef\xbc\x8b)"
 # %-tokens of ours (digits, separators, plus) and, for the escape reading, any %HH escape:
 # consumed whole when they start no run, so a search never resumes in the middle of one.
-_OUR_PCT = rb"%(?:3[0-9]|2[0BbDdEe89])"
-_ANY_PCT = rb"%[0-9A-Fa-f]{2}"
+_OUR_PCT: Final = rb"%(?:3[0-9]|2[0BbDdEe89])"
+_ANY_PCT: Final = rb"%[0-9A-Fa-f]{2}"
 
 # Bytes that can be part of a digit, separator or plus token, or of any %HH escape. Any other
 # byte is a one-byte "other" token, so a maximal *chunk* of these bytes starts and ends on token
 # boundaries and holds whole runs: replace() looks at runs only inside chunks that can hold an
 # occurrence (as long as the intl number, whose digits every occurrence contains).
-_CHUNK_BYTES = rb"[0-9A-Fa-f \-.()+%\x80\x88\x89\x8b\x8d\x90-\x99\xbc\xe3\xef]"
+_CHUNK_BYTES: Final = rb"[0-9A-Fa-f \-.()+%\x80\x88\x89\x8b\x8d\x90-\x99\xbc\xe3\xef]"
 # A run with the plus before it. The %-escape alternatives consume the escapes that start no run
 # (any %HH when escapes are read as such, ours only when read literally), so the search never
 # resumes inside one; the literal reading lets an ASCII digit inside any other escape start a
 # unit (`%13900000001`).
-_RUN = (
+_RUN: Final = (
     rb"(?P<run>(?P<plus>" + _PLUS + _SEP + rb"*)?"
     + _DIG + rb"+(?:" + _SEP + rb"+" + _DIG + rb"+)*)"
 )
-_RUNS_ESCAPED = re.compile(_RUN + rb"|" + _ANY_PCT)
-_RUNS_LITERAL = re.compile(_RUN + rb"|" + _OUR_PCT)
+_RUNS_ESCAPED: Final = re.compile(_RUN + rb"|" + _ANY_PCT)
+_RUNS_LITERAL: Final = re.compile(_RUN + rb"|" + _OUR_PCT)
 # Splits a run (from its first unit) into units and separators.
-_UNIT = re.compile(rb"(" + _DIG + rb"+)|" + _SEP)
+_UNIT: Final = re.compile(rb"(" + _DIG + rb"+)|" + _SEP)
 # The same for the common chunk: plain ASCII, no `%` (simple classes run much faster in `re`).
-_ASCII_RUNS = re.compile(rb"(?P<run>(?P<plus>\+[ \-.()]*)?[0-9]+(?:[ \-.()]+[0-9]+)*)")
-_ASCII_UNIT = re.compile(rb"([0-9]+)")
+_ASCII_RUNS: Final = re.compile(rb"(?P<run>(?P<plus>\+[ \-.()]*)?[0-9]+(?:[ \-.()]+[0-9]+)*)")
+_ASCII_UNIT: Final = re.compile(rb"([0-9]+)")
 # Decodes our %-tokens and full-width digits (separators and plus become nothing).
-_NORM = re.compile(_OUR_PCT + rb"|\xef\xbc[\x90-\x99]")
-_NORM_MAP: dict[bytes, bytes] = {}
+_NORM: Final = re.compile(_OUR_PCT + rb"|\xef\xbc[\x90-\x99]")
+_NORM_MAP: Final[dict[bytes, bytes]] = {}
 for _d in range(10):
     _NORM_MAP[b"%%3%d" % _d] = _NORM_MAP[bytes((0xEF, 0xBC, 0x90 + _d))] = b"%d" % _d
 for _c in b"0BbDdEe89":
     _NORM_MAP[b"%2" + bytes((_c,))] = b""
-_NON_DIGITS = bytes(sorted(set(range(256)) - set(b"0123456789")))
+_NON_DIGITS: Final = bytes(sorted(set(range(256)) - set(b"0123456789")))
 # Deleting these keeps the digits, `%` and 0xEF (the lead byte of full-width forms): if neither
 # of the last two survives, what is left is the plain digit projection.
-_NON_DIGITS_KEEP_MARKS = bytes(sorted(set(_NON_DIGITS) - set(b"%\xef")))
+_NON_DIGITS_KEEP_MARKS: Final = bytes(sorted(set(_NON_DIGITS) - set(b"%\xef")))
 _PERCENT: Final = 0x25  # "%"
 _EF: Final = 0xEF  # the lead byte of the full-width forms
 
 
-_SHORT = 160  # replace(): below this many bytes, a regex over a stretch beats halving it
-_CHUNKS: dict[int, re.Pattern[bytes]] = {}
+_SHORT: Final = 160  # replace(): below this many bytes, a regex over a stretch beats halving it
+_CHUNKS: Final[dict[int, re.Pattern[bytes]]] = {}
 
 
 def _chunks(min_len: int) -> re.Pattern[bytes]:

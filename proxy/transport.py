@@ -33,7 +33,7 @@ import ssl
 import struct
 import time
 from functools import partial
-from typing import Any
+from typing import Any, Final
 
 import structlog
 
@@ -47,28 +47,28 @@ from proxy.tls import TlsClosed, TlsLayer
 
 log = structlog.get_logger("sip700.transport")
 
-TICK_S = 0.01
+TICK_S: Final = 0.01
 # getsockopt(SO_MEMINFO) (Linux): u32 sk_meminfo[]; [0] rmem_alloc, [8] drops
-SO_MEMINFO = 55
-SK_MEMINFO_BYTES = 36
-_MEMINFO = struct.Struct("9I")
+SO_MEMINFO: Final = 55
+SK_MEMINFO_BYTES: Final = 36
+_MEMINFO: Final = struct.Struct("9I")
 # The core's clock is time.monotonic(): the loop's own clock is cached per iteration at
 # millisecond resolution, too coarse for the latencies the call log reports.
 # Call-ID row at the start of a line, long or compact form, any case (RFC 3261 §7.3.3)
-_CALL_ID = re.compile(rb"\n(?:call-id|i)[ \t]*:[ \t]*([^\r\n]+)", re.IGNORECASE)
+_CALL_ID: Final = re.compile(rb"\n(?:call-id|i)[ \t]*:[ \t]*([^\r\n]+)", re.IGNORECASE)
 # the top Via row of a message, long or compact form, any case
-_VIA = re.compile(rb"\n(?:via|v)[ \t]*:", re.IGNORECASE)
+_VIA: Final = re.compile(rb"\n(?:via|v)[ \t]*:", re.IGNORECASE)
 # the top Route row (named Route, route or ROUTE) and the port of its URI: our Route URIs carry
 # no user part and an IPv6 host is bracketed, so the first ":port" before ";" or ">" is the
 # port; no port there, no group (the row still stops the search: only the top Route counts)
-_ROUTE_PORT = re.compile(rb"\n(?:Route|route|ROUTE)[ \t]*:(?:[^\r\n]*?:(\d{1,5})[;>])?")
+_ROUTE_PORT: Final = re.compile(rb"\n(?:Route|route|ROUTE)[ \t]*:(?:[^\r\n]*?:(\d{1,5})[;>])?")
 # the core's branches: z9hG4bKs7 + 3 lowercase hex digits of the worker index + salt + sequence
-_OUR_BRANCH = "branch=z9hG4bKs7"
-_HEX = "0123456789abcdef"
-_RELAY_HEADER = struct.Struct("!IH46s")  # length, source port, source host (NUL-padded)
-RELAY_MAX_PAYLOAD = 65535 + 256  # a message (+ a send's first line); longer: stream broken
-RELAY_MAX_QUEUED_BYTES = 4 << 20  # per outbox: queued while connecting + the write buffer
-LOG_EVERY_S = 1.0  # at most one line per second for each rate-limited warning
+_OUR_BRANCH: Final = "branch=z9hG4bKs7"
+_HEX: Final = "0123456789abcdef"
+_RELAY_HEADER: Final = struct.Struct("!IH46s")  # length, source port, source host (NUL-padded)
+RELAY_MAX_PAYLOAD: Final = 65535 + 256  # a message (+ a send's first line); longer: stream broken
+RELAY_MAX_QUEUED_BYTES: Final = 4 << 20  # per outbox: queued while connecting + the write buffer
+LOG_EVERY_S: Final = 1.0  # at most one line per second for each rate-limited warning
 
 
 def call_id_hasher(key: bytes) -> Any:

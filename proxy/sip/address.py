@@ -29,54 +29,54 @@ from proxy.sip.uri import (
     split_hostport,
 )
 
-_TOKEN_CLASS = r"[A-Za-z0-9\-.!%*_+`'~]"
-_TOKEN = _TOKEN_CLASS + "+"
+_TOKEN_CLASS: Final = r"[A-Za-z0-9\-.!%*_+`'~]"
+_TOKEN: Final = _TOKEN_CLASS + "+"
 # qdtext (RFC 3261 §25.1): no control octets except HTAB; quoted-pair escapes any of 0x00-0x7f
 # except CR and LF. Octets 0x80-0xff stand for UTF-8 (values are handled as latin-1).
-_QDTEXT = r'[^"\\\x00-\x08\x0a-\x1f\x7f]*'
-_QUOTED = rf'"{_QDTEXT}(?:\\[\x00-\x09\x0b\x0c\x0e-\x7f]{_QDTEXT})*"'
-_QUOTED_RE = re.compile(_QUOTED)
-_LWS = r"[ \t]"  # values are unfolded before parsing, so LWS is SP / HTAB only
-_DISPLAY_TOKENS_PATTERN = rf"{_TOKEN}(?:{_LWS}+{_TOKEN})*"
-_DISPLAY_TOKENS = re.compile(_DISPLAY_TOKENS_PATTERN)
-_PARAM_VALUE = rf"(?:{_TOKEN}|\[[0-9A-Fa-f:.]+\]|{_QUOTED})"
+_QDTEXT: Final = r'[^"\\\x00-\x08\x0a-\x1f\x7f]*'
+_QUOTED: Final = rf'"{_QDTEXT}(?:\\[\x00-\x09\x0b\x0c\x0e-\x7f]{_QDTEXT})*"'
+_QUOTED_RE: Final = re.compile(_QUOTED)
+_LWS: Final = r"[ \t]"  # values are unfolded before parsing, so LWS is SP / HTAB only
+_DISPLAY_TOKENS_PATTERN: Final = rf"{_TOKEN}(?:{_LWS}+{_TOKEN})*"
+_DISPLAY_TOKENS: Final = re.compile(_DISPLAY_TOKENS_PATTERN)
+_PARAM_VALUE: Final = rf"(?:{_TOKEN}|\[[0-9A-Fa-f:.]+\]|{_QUOTED})"
 # ;name[=value] with LWS allowed around ';' and '='; value: token, host (IPv6 too) or quoted-string
-_PARAM = re.compile(rf"{_LWS}*;{_LWS}*({_TOKEN})(?:{_LWS}*={_LWS}*({_PARAM_VALUE}))?{_LWS}*")
+_PARAM: Final = re.compile(rf"{_LWS}*;{_LWS}*({_TOKEN})(?:{_LWS}*={_LWS}*({_PARAM_VALUE}))?{_LWS}*")
 # the same list without any LWS: findall splits it directly
-_PARAMS_TIGHT = re.compile(rf"(?:;{_TOKEN}(?:={_PARAM_VALUE})?)*")
-_PARAM_TIGHT = re.compile(rf";({_TOKEN})(?:=({_PARAM_VALUE}))?")
-_CSEQ = re.compile(rf"([0-9]{{1,10}}){_LWS}+({_TOKEN})")
+_PARAMS_TIGHT: Final = re.compile(rf"(?:;{_TOKEN}(?:={_PARAM_VALUE})?)*")
+_PARAM_TIGHT: Final = re.compile(rf";({_TOKEN})(?:=({_PARAM_VALUE}))?")
+_CSEQ: Final = re.compile(rf"([0-9]{{1,10}}){_LWS}+({_TOKEN})")
 # sent-protocol = protocol-name "/" protocol-version "/" transport, each a token (RFC 3261 §25.1)
-_VIA = re.compile(
+_VIA: Final = re.compile(
     rf"({_TOKEN}){_LWS}*/{_LWS}*({_TOKEN}){_LWS}*/{_LWS}*({_TOKEN}){_LWS}+"
     rf"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-.]+)(?:{_LWS}*:{_LWS}*([0-9]{{1,5}}))?"
 )
-_URI_IN_ANGLES = re.compile(r"[^\x00-\x20\x7f<>\"]+")
+_URI_IN_ANGLES: Final = re.compile(r"[^\x00-\x20\x7f<>\"]+")
 # Fast paths. Every piece accepts a subset of its general counterpart (no %-escapes, no quoted-
 # pairs, no LWS inside the parameter list, parameter values are tokens), so a fast match is
 # always valid and is split exactly as the general parser would split it.
-_FAST_TOKEN = r"[A-Za-z0-9\-.!%*_+`'~]++"
-_FAST_PARAMS = rf"(?:;{_FAST_TOKEN}(?:={_FAST_TOKEN})?)*+"
-_FAST_SIP_URI = (
+_FAST_TOKEN: Final = r"[A-Za-z0-9\-.!%*_+`'~]++"
+_FAST_PARAMS: Final = rf"(?:;{_FAST_TOKEN}(?:={_FAST_TOKEN})?)*+"
+_FAST_SIP_URI: Final = (
     rf"(sips?):(?:({FAST_USER_PATTERN})@)?({FAST_HOST_PATTERN})(?::([0-9]{{1,5}}))?"
 )
-_VIA_FAST = re.compile(
+_VIA_FAST: Final = re.compile(
     rf"SIP/2\.0/({_FAST_TOKEN}) ({FAST_HOST_PATTERN})(?::([0-9]{{1,5}}))?({_FAST_PARAMS})"
 )
 # `"disp" <sip:user@host:port;uri-params>;params` or `disp <…>` or `<…>`
-_NAME_ADDR_FAST = re.compile(
+_NAME_ADDR_FAST: Final = re.compile(
     rf'(?:("[^"\\\x00-\x08\x0a-\x1f\x7f]*+")|({_TOKEN}(?: {_TOKEN})*))?[ \t]*+'
     rf"<{_FAST_SIP_URI}({FAST_URI_PARAMS_PATTERN})>({_FAST_PARAMS})"
 )
 # addr-spec `sip:user@host:port;params`: the first ';' starts the header parameters, and the URI
 # can hold no ',', '?' or ';' at all (RFC 3261 §20), so the user part is narrower here
-_ADDR_SPEC_FAST = re.compile(
+_ADDR_SPEC_FAST: Final = re.compile(
     rf"(sips?):(?:([A-Za-z0-9\-_.!~*'()&=+$/]++)@)?({FAST_HOST_PATTERN})(?::([0-9]{{1,5}}))?"
     rf"({_FAST_PARAMS})"
 )
-_UNESCAPE = re.compile(r"\\(.)", re.DOTALL)
+_UNESCAPE: Final = re.compile(r"\\(.)", re.DOTALL)
 
-MAGIC_COOKIE = "z9hG4bK"
+MAGIC_COOKIE: Final = "z9hG4bK"
 
 
 # this module runs from its source (else it is the extension scripts/build-compiled made;

@@ -9,7 +9,7 @@ bytes 1:1 and so round-trips any octet (UTF-8 display names included).
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, Final
 
 from proxy.sip.address import (
     INTERPRETED,
@@ -26,7 +26,7 @@ from proxy.sip.errors import ParseError
 from proxy.sip.uri import OtherUri, SipUri
 
 # RFC 3261 §7.3.3 plus the compact forms registered since (RFC 3515, 3841, 3892, 4028, 4474, 6665)
-COMPACT_FORMS = {
+COMPACT_FORMS: Final = {
     "i": "call-id", "m": "contact", "e": "content-encoding", "l": "content-length",
     "c": "content-type", "f": "from", "s": "subject", "k": "supported", "t": "to", "v": "via",
     "o": "event", "r": "refer-to", "b": "referred-by", "u": "allow-events",
@@ -35,15 +35,15 @@ COMPACT_FORMS = {
 }
 # Headers whose rows may hold several comma-separated values (RFC 3261 §7.3.1). Others (Date,
 # WWW-Authenticate, …) contain commas inside a single value and are never split.
-LIST_HEADERS = frozenset({
+LIST_HEADERS: Final = frozenset({
     "via", "route", "record-route", "contact", "allow", "supported", "require", "proxy-require",
     "unsupported", "accept", "accept-encoding", "accept-language", "allow-events",
     "content-encoding", "content-language", "in-reply-to", "history-info", "diversion",
     "p-asserted-identity", "p-preferred-identity", "path", "service-route", "reason", "privacy",
     "warning", "alert-info", "call-info", "error-info",
 })
-SINGLE_HEADERS = ("from", "to", "call-id", "cseq", "max-forwards", "content-length")
-CANONICAL_NAMES = {
+SINGLE_HEADERS: Final = ("from", "to", "call-id", "cseq", "max-forwards", "content-length")
+CANONICAL_NAMES: Final = {
     "via": "Via", "from": "From", "to": "To", "call-id": "Call-ID", "cseq": "CSeq",
     "contact": "Contact", "content-length": "Content-Length", "content-type": "Content-Type",
     "max-forwards": "Max-Forwards", "route": "Route", "record-route": "Record-Route",
@@ -51,25 +51,25 @@ CANONICAL_NAMES = {
     "rseq": "RSeq", "rack": "RAck", "mime-version": "MIME-Version", "sip-etag": "SIP-ETag",
     "sip-if-match": "SIP-If-Match",
 }
-KNOWN_METHODS = frozenset({
+KNOWN_METHODS: Final = frozenset({
     "INVITE", "ACK", "BYE", "CANCEL", "OPTIONS", "REGISTER", "PRACK", "UPDATE", "INFO",
     "REFER", "SUBSCRIBE", "NOTIFY", "MESSAGE", "PUBLISH",
 })
 
-_KNOWN_METHOD_BYTES = {m.encode("ascii"): m for m in KNOWN_METHODS}
-_TOKEN_BYTES = re.compile(rb"[A-Za-z0-9\-.!%*_+`'~]+")
-_FOLD = re.compile(r"\r\n[ \t]+")
+_KNOWN_METHOD_BYTES: Final = {m.encode("ascii"): m for m in KNOWN_METHODS}
+_TOKEN_BYTES: Final = re.compile(rb"[A-Za-z0-9\-.!%*_+`'~]+")
+_FOLD: Final = re.compile(r"\r\n[ \t]+")
 # every Content-Length row of a header block (a row starts after a CRLF; continuation lines
 # start with SP/HTAB, so they never match); the value runs to the end of its line, folds allowed
 # before it; a value continued on the next line is not matched (the framer then gives up)
-_CL_IN_HEAD = re.compile(
+_CL_IN_HEAD: Final = re.compile(
     rb"(?i)\r\n(?:content-length|l)[ \t]*:((?:[ \t]|\r\n[ \t])*[^\r\n]*+)(?!\r\n[ \t])"
 )
 # header names as written on the wire (b"Via", b"v", b"Content-Length  ") → canonical names;
 # parse_message's fast path needs every row's name in here, the slow path fills it
-_NAME_CACHE: dict[bytes, str] = {}
-_NAME_CACHE_MAX_ENTRIES = 4096
-_NAME_CACHE_MAX_LENGTH = 64  # hostile peers must not fill memory with long distinct names
+_NAME_CACHE: Final[dict[bytes, str]] = {}
+_NAME_CACHE_MAX_ENTRIES: Final = 4096
+_NAME_CACHE_MAX_LENGTH: Final = 64  # hostile peers must not fill memory with long distinct names
 
 
 def canonical_name(raw: bytes) -> str:
@@ -92,7 +92,7 @@ def display_name(name: str) -> str:
     return CANONICAL_NAMES.get(name) or "-".join(p.capitalize() for p in name.split("-"))
 
 
-_KEYS: dict[str, str] = {}
+_KEYS: Final[dict[str, str]] = {}
 
 
 def header_key(name: str) -> str:
@@ -531,11 +531,11 @@ class SipMessage:
         return f"SipMessage({self._start[:80]!r})"
 
 
-_LWS_CRLF = " \t\r\n"
-_SINGLE_SET = frozenset(SINGLE_HEADERS)
+_LWS_CRLF: Final = " \t\r\n"
+_SINGLE_SET: Final = frozenset(SINGLE_HEADERS)
 
 
-_ROW_PREFIXES: dict[str, bytes] = {}
+_ROW_PREFIXES: Final[dict[str, bytes]] = {}
 
 
 def _new_row(name: str, value: str) -> bytes:

@@ -290,9 +290,9 @@ class _Growth(enum.Enum):
 # state -> (retransmission timer, its growth, end timer); INIT and TERMINATED run no timers
 _StateTimers = dict[State, tuple[Timer | None, _Growth | None, Timer | None]]
 
-_S = State
-_I = Input
-_T = Timer
+_S: Final = State
+_I: Final = Input
+_T: Final = Timer
 
 # --- client INVITE: RFC 3261 §17.1.1 (figure 5) + RFC 6026 §8.4 ---------------------------------
 

@@ -7,15 +7,16 @@ Components are kept as the raw text that came in, so an unchanged URI serialises
 from __future__ import annotations
 
 import re
+from typing import Final
 from urllib.parse import unquote_to_bytes
 
 from proxy.sip.errors import ParseError
 
-_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*")
+_SCHEME: Final = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*")
 # The grammar pieces are kept as pattern text too, so address.py can build its one-regex fast
 # paths from exactly the same pieces (a fast path must never accept what these reject).
-HOST_PATTERN = r"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9](?:[A-Za-z0-9\-.]*[A-Za-z0-9.])?)"
-_ESCAPE = "%[0-9A-Fa-f]{2}"
+HOST_PATTERN: Final = r"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9](?:[A-Za-z0-9\-.]*[A-Za-z0-9.])?)"
+_ESCAPE: Final = "%[0-9A-Fa-f]{2}"
 
 
 def _escaped_run(chars: str, *, at_least_one: bool) -> str:
@@ -30,34 +31,34 @@ def _escaped_run(chars: str, *, at_least_one: bool) -> str:
 
 # user / password / param / header characters (RFC 3261 §25.1): unreserved, escaped and the
 # per-part extras. No whitespace, no angle brackets, no quotes.
-_UNRESERVED = r"A-Za-z0-9\-_.!~*'()"
-USER_CHARS = _UNRESERVED + r"&=+$,;?/"  # a regex class body, as PARAM_CHARS
-USER_PATTERN = _escaped_run(USER_CHARS, at_least_one=True)
-PARAM_CHARS = _UNRESERVED + r"\[\]/:&+$"
-URI_PARAMS_PATTERN = (rf"(?:;{_escaped_run(PARAM_CHARS, at_least_one=True)}"
+_UNRESERVED: Final = r"A-Za-z0-9\-_.!~*'()"
+USER_CHARS: Final = _UNRESERVED + r"&=+$,;?/"  # a regex class body, as PARAM_CHARS
+USER_PATTERN: Final = _escaped_run(USER_CHARS, at_least_one=True)
+PARAM_CHARS: Final = _UNRESERVED + r"\[\]/:&+$"
+URI_PARAMS_PATTERN: Final = (rf"(?:;{_escaped_run(PARAM_CHARS, at_least_one=True)}"
                       rf"(?:={_escaped_run(PARAM_CHARS, at_least_one=False)})?)*")
-_HOST = re.compile(HOST_PATTERN)
-_USER = re.compile(USER_PATTERN)
-_PASSWORD = re.compile(_escaped_run(_UNRESERVED + r"&=+$,", at_least_one=False))
-_PARAM = re.compile(URI_PARAMS_PATTERN)
-_HEADERS = re.compile(_escaped_run(_UNRESERVED + r"\[\]/?:+$=&", at_least_one=False))
-_TEL = re.compile(r"[0-9A-Fa-f*#+\-.()pPwW]+")
+_HOST: Final = re.compile(HOST_PATTERN)
+_USER: Final = re.compile(USER_PATTERN)
+_PASSWORD: Final = re.compile(_escaped_run(_UNRESERVED + r"&=+$,", at_least_one=False))
+_PARAM: Final = re.compile(URI_PARAMS_PATTERN)
+_HEADERS: Final = re.compile(_escaped_run(_UNRESERVED + r"\[\]/?:+$=&", at_least_one=False))
+_TEL: Final = re.compile(r"[0-9A-Fa-f*#+\-.()pPwW]+")
 # anything a URI of another scheme may hold: no LWS or control octets, no <>, no quotes
-_ABSOLUTE = re.compile(r"[^\x00-\x20\x7f<>\"]+")
+_ABSOLUTE: Final = re.compile(r"[^\x00-\x20\x7f<>\"]+")
 # Fast-path pieces: each one accepts a subset of the matching general piece above (no
 # %-escapes), so a fast match is always a valid URI and splits it the same way. They use
 # possessive quantifiers (no backtracking state, faster in sre); that cannot change what they
 # match because the character after each run is never one the run could take.
-FAST_HOST_PATTERN = r"(?:\[[0-9A-Fa-f:.]++\]|[A-Za-z0-9][A-Za-z0-9\-.]*+(?<!-))"
-FAST_USER_PATTERN = rf"[{USER_CHARS}]++"
-FAST_URI_PARAMS_PATTERN = rf"(?:;[{PARAM_CHARS}]++(?:=[{PARAM_CHARS}]*+)?)*+"
+FAST_HOST_PATTERN: Final = r"(?:\[[0-9A-Fa-f:.]++\]|[A-Za-z0-9][A-Za-z0-9\-.]*+(?<!-))"
+FAST_USER_PATTERN: Final = rf"[{USER_CHARS}]++"
+FAST_URI_PARAMS_PATTERN: Final = rf"(?:;[{PARAM_CHARS}]++(?:=[{PARAM_CHARS}]*+)?)*+"
 # the common `sip:user@host:port;params` shape in one step; no password, no ?headers
-_SIP_FAST = re.compile(
+_SIP_FAST: Final = re.compile(
     rf"(sips?):(?:({FAST_USER_PATTERN})@)?({FAST_HOST_PATTERN})(?::([0-9]{{1,5}}))?"
     rf"({FAST_URI_PARAMS_PATTERN})"
 )
 
-KNOWN_SCHEMES = frozenset({"sip", "sips", "tel"})
+KNOWN_SCHEMES: Final = frozenset({"sip", "sips", "tel"})
 
 
 class SipUri:
