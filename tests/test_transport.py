@@ -21,6 +21,7 @@ from proxy.core import CoreSettings, Hop, ProxyCore
 from proxy.logs import NonBlockingLineWriter
 from proxy.privacy import DialogSealer
 from proxy.transport import (
+    QUEUE_STANDING_S,
     ProxyServer,
     branch_worker,
     call_id_hasher,
@@ -198,18 +199,46 @@ def test_a_full_receive_queue_sheds_new_calls_until_it_drains() -> None:
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sender:
             for _ in range(200):  # ~250 KiB of kernel memory: over 64 KiB
                 sender.sendto(b"OPTIONS sip:x SIP/2.0\r\n" + b"X" * 600, address)
-            server._check_overload(0.0)
-            assert server.core.overloaded
+            server._check_overload(0.0, 100.0)
+            assert not server.core.overloaded  # a burst, so far: it may be read in time
             assert server.overload_gauges()["udp_receive_queue_bytes"] > 64 * 1024
-            server._check_overload(0.0)
+            server._check_overload(0.0, 100.0 + QUEUE_STANDING_S / 2)
+            assert not server.core.overloaded
+            server._check_overload(0.0, 100.001 + QUEUE_STANDING_S)
+            assert server.core.overloaded  # it stood over the limit: overload
+            server._check_overload(0.0, 100.5)
             assert server.core.overloaded  # still waiting: no turn of the loop yet
             await asyncio.sleep(0.05)  # the loop reads them (and answers nothing: not SIP)
-            server._check_overload(0.0)
+            server._check_overload(0.0, 100.6)
             assert not server.core.overloaded
             assert server.overload_gauges()["udp_receive_queue_bytes"] < 64 * 1024
         udp.close()
-        server._check_overload(0.0)  # a closed socket is read no more (its fd may be reused)
+        server._check_overload(0.0, 101.0)  # a closed socket is read no more (fd reuse)
         assert server._udp_sockets == []
+    asyncio.run(run())
+
+
+def test_a_queue_that_falls_under_its_limit_in_time_sheds_nothing() -> None:
+    """Over the limit, then read before QUEUE_STANDING_S: the next time it goes over, the
+    clock starts again."""
+    async def run() -> None:
+        server = _server(rcvbuf=4 << 20, max_receive_queue_kb=64)
+        server.loop = asyncio.get_running_loop()
+        _, udp = await server._open_udp("127.0.0.1", 0, own=True)
+        address = udp.get_extra_info("sockname")
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sender:
+            for burst_at in (10.0, 10.0 + QUEUE_STANDING_S * 0.9):
+                for _ in range(200):
+                    sender.sendto(b"X" * 600, address)
+                server._check_overload(0.0, burst_at)
+                assert not server.core.overloaded
+                await asyncio.sleep(0.05)  # read
+                server._check_overload(0.0, burst_at + QUEUE_STANDING_S * 0.5)
+                assert server.overload_gauges()["udp_receive_queue_bytes"] < 64 * 1024
+            # over the limit for 0.9 + 0.5 standing times in all, never for one: no overload
+            assert not server.core.overloaded
+            assert server.core.stats.get("overload_entered", 0) == 0
+        udp.close()
     asyncio.run(run())
 
 
