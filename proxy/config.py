@@ -357,13 +357,16 @@ def _auto_workers(value: Any) -> Any:
 
 
 def _check_cpu_affinity(value: Any) -> Any:
-    """`worker_cpu_affinity`: 'auto', 'off', or a non-empty list of distinct CPU numbers."""
-    if value in ("auto", "off"):
+    """`worker_cpu_affinity`: 'auto', false (YAML reads an unquoted `off` or `no` as false;
+    'off' quoted is taken too), or a non-empty list of distinct CPU numbers."""
+    if value is False or value == "off":
+        return "off"
+    if value == "auto":
         return value
     if isinstance(value, str):
-        raise ValueError(f"must be 'auto', 'off' or a list of CPU numbers (got {_q(value)})")
+        raise ValueError(f"must be 'auto', false or a list of CPU numbers (got {_q(value)})")
     if not isinstance(value, list | tuple) or not value:
-        raise ValueError("must be 'auto', 'off' or a non-empty list of CPU numbers")
+        raise ValueError("must be 'auto', false or a non-empty list of CPU numbers")
     for cpu in value:
         if type(cpu) is not int or not 0 <= cpu < 4096:
             raise ValueError(f"CPU numbers are integers 0-4095 (got {cpu!r})")
@@ -382,7 +385,7 @@ def plan_worker_cpus(setting: str | tuple[int, ...], workers: int, allowed: set[
     is kept off a CPU. A listed CPU outside `allowed` is a ValueError naming the key.
     """
     if setting == "off":
-        return None, "worker_cpu_affinity: off"
+        return None, "worker_cpu_affinity: false"
     if setting == "auto":
         if workers < 2:
             return None, "one worker"
@@ -1366,7 +1369,7 @@ class Config(_Section):
         Field(default="auto", validate_default=True)
     )
     # which CPU each worker runs on: auto (one each, when the workers are one per CPU of the
-    # affinity mask), off, or a list (worker i on list[i mod len]); see worker_cpus
+    # affinity mask), false (held as "off"), or a list (worker i on list[i mod len]); see worker_cpus
     worker_cpu_affinity: Annotated[Literal["auto", "off"] | tuple[int, ...],
                                    BeforeValidator(_check_cpu_affinity)] = "auto"
     logging: LoggingConfig = LoggingConfig()

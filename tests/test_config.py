@@ -741,8 +741,12 @@ def test_path_mtu_must_be_a_real_mtu(config_dir: Path) -> None:
 
 def test_worker_cpu_affinity_defaults_to_auto_and_takes_off_or_a_list(config_dir: Path) -> None:
     assert load_config(write(config_dir, MINIMAL)).worker_cpu_affinity == "auto"
-    config = load_config(write(config_dir, {**MINIMAL, "worker_cpu_affinity": "off"}))
-    assert config.worker_cpu_affinity == "off"
+    for off in (False, "off"):  # YAML 1.1 reads an unquoted off as false
+        config = load_config(write(config_dir, {**MINIMAL, "worker_cpu_affinity": off}))
+        assert config.worker_cpu_affinity == "off"
+    path = config_dir / "off.yaml"
+    path.write_text(yaml.safe_dump(MINIMAL) + "worker_cpu_affinity: off\n")
+    assert load_config(path).worker_cpu_affinity == "off"
     config = load_config(write(config_dir, {**MINIMAL, "worker_cpu_affinity": [3, 1]}))
     assert config.worker_cpu_affinity == (3, 1)
 
@@ -750,9 +754,9 @@ def test_worker_cpu_affinity_defaults_to_auto_and_takes_off_or_a_list(config_dir
 @pytest.mark.parametrize(
     ("value", "expected"),
     [
-        ("on", "must be 'auto', 'off' or a list of CPU numbers (got 'on')"),
-        ([], "must be 'auto', 'off' or a non-empty list of CPU numbers"),
-        (True, "must be 'auto', 'off' or a non-empty list of CPU numbers"),
+        ("on", "must be 'auto', false or a list of CPU numbers (got 'on')"),
+        ([], "must be 'auto', false or a non-empty list of CPU numbers"),
+        (True, "must be 'auto', false or a non-empty list of CPU numbers"),
         ([0, "1"], "CPU numbers are integers 0-4095 (got '1')"),
         ([0, True], "CPU numbers are integers 0-4095 (got True)"),
         ([-1], "CPU numbers are integers 0-4095 (got -1)"),
@@ -776,7 +780,7 @@ def test_auto_pins_one_worker_per_allowed_cpu_only() -> None:
     assert plan_worker_cpus("auto", 4, {0, 1}, None)[0] is None
     assert plan_worker_cpus("auto", 2, {0, 1}, 1) == (
         None, "a cgroup CPU quota of 1 CPUs shares the 2 CPUs")
-    assert plan_worker_cpus("off", 2, {0, 1}, None) == (None, "worker_cpu_affinity: off")
+    assert plan_worker_cpus("off", 2, {0, 1}, None) == (None, "worker_cpu_affinity: false")
 
 
 def test_a_list_is_used_round_robin_and_must_name_allowed_cpus() -> None:
