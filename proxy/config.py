@@ -1369,7 +1369,8 @@ class Config(_Section):
         Field(default="auto", validate_default=True)
     )
     # which CPU each worker runs on: auto (one each, when the workers are one per CPU of the
-    # affinity mask), false (held as "off"), or a list (worker i on list[i mod len]); see worker_cpus
+    # affinity mask), false (held as "off"), or a list (worker i on list[i mod len]);
+    # see worker_cpus
     worker_cpu_affinity: Annotated[Literal["auto", "off"] | tuple[int, ...],
                                    BeforeValidator(_check_cpu_affinity)] = "auto"
     logging: LoggingConfig = LoggingConfig()
