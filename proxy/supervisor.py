@@ -220,7 +220,8 @@ class Supervisor:
 
     # ---- start -------------------------------------------------------------------------------
     def prepare(self) -> None:
-        """Check the ports (refuse a second instance; arrange a takeover); StartRefused."""
+        """Plan the workers' CPUs (worker_cpu_affinity) and check the ports (refuse a second
+        instance; arrange a takeover); StartRefused."""
         cfg = self.cfg
         try:
             self.cpus, why = cfg.worker_cpus()
@@ -329,7 +330,11 @@ class Supervisor:
                     signal.signal(sig, signal.SIG_DFL)
                 signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED)
                 if self.cpus is not None:  # its own CPU: its caches stay warm, no migrations
-                    os.sched_setaffinity(0, {self.cpus[index]})
+                    try:
+                        os.sched_setaffinity(0, {self.cpus[index]})
+                    except OSError as exc:  # the CPU went offline since the start: run anywhere
+                        log.warning("worker_cpu_affinity_failed", worker=index,
+                                    cpu=self.cpus[index], error=str(exc))
                 worker = Worker(self.cfg, self.key, self.store, index=index,
                                 count=self.cfg.workers, group=self.group,
                                 relay_key=self.relay_key, port_range=self.port_range,
