@@ -12,6 +12,7 @@ import json
 import os
 import random
 import socket
+from typing import Any
 
 import pytest
 
@@ -188,14 +189,18 @@ def _server(rcvbuf: int, max_receive_queue_kb: int) -> ProxyServer:
                        udp_rcvbuf=rcvbuf, overload=overload)
 
 
+async def _listening(server: ProxyServer) -> tuple[ProxyServer, Any, tuple[str, int]]:
+    """`server` on a real UDP socket of its own (port chosen by the kernel)."""
+    server.loop = asyncio.get_running_loop()
+    _, udp = await server._open_udp("127.0.0.1", 0, own=True)
+    return server, udp, udp.get_extra_info("sockname")
+
+
 def test_a_full_receive_queue_sheds_new_calls_until_it_drains() -> None:
     """Datagrams the loop has not read yet (a real socket, the loop kept busy) put the worker
     in overload although its lag is nil; once they are read, it clears."""
     async def run() -> None:
-        server = _server(rcvbuf=4 << 20, max_receive_queue_kb=64)
-        server.loop = asyncio.get_running_loop()
-        _, udp = await server._open_udp("127.0.0.1", 0, own=True)
-        address = udp.get_extra_info("sockname")
+        server, udp, address = await _listening(_server(rcvbuf=4 << 20, max_receive_queue_kb=64))
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sender:
             for _ in range(200):  # ~250 KiB of kernel memory: over 64 KiB
                 sender.sendto(b"OPTIONS sip:x SIP/2.0\r\n" + b"X" * 600, address)
@@ -222,10 +227,7 @@ def test_a_queue_that_falls_under_its_limit_in_time_sheds_nothing() -> None:
     """Over the limit, then read before QUEUE_STANDING_S: the next time it goes over, the
     clock starts again."""
     async def run() -> None:
-        server = _server(rcvbuf=4 << 20, max_receive_queue_kb=64)
-        server.loop = asyncio.get_running_loop()
-        _, udp = await server._open_udp("127.0.0.1", 0, own=True)
-        address = udp.get_extra_info("sockname")
+        server, udp, address = await _listening(_server(rcvbuf=4 << 20, max_receive_queue_kb=64))
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sender:
             for burst_at in (10.0, 10.0 + QUEUE_STANDING_S * 0.9):
                 for _ in range(200):
