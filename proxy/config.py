@@ -324,10 +324,16 @@ def available_cpus() -> int:
         cpus = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         cpus = os.cpu_count() or 1
-    quota = _cgroup_cpu_quota()
+    quota = _quota_cpus()
     if quota is not None:
-        cpus = min(cpus, max(1, int(quota + 0.999)))  # 1.5 CPUs → 2 workers
+        cpus = min(cpus, quota)
     return max(1, cpus)
+
+
+def _quota_cpus() -> int | None:
+    """The cgroup CPU quota in whole CPUs, rounded up (1.5 CPUs → 2); None if unlimited."""
+    quota = _cgroup_cpu_quota()
+    return None if quota is None else max(1, int(quota + 0.999))
 
 
 def _cgroup_cpu_quota() -> float | None:
@@ -1497,9 +1503,7 @@ class Config(_Section):
             allowed = set(os.sched_getaffinity(0))
         except (AttributeError, OSError):
             return None, "no CPU affinity on this system"
-        quota = _cgroup_cpu_quota()
-        whole = None if quota is None else max(1, int(quota + 0.999))
-        return plan_worker_cpus(self.worker_cpu_affinity, self.workers, allowed, whole)
+        return plan_worker_cpus(self.worker_cpu_affinity, self.workers, allowed, _quota_cpus())
 
     def port_problems(self) -> list[tuple[str, str]]:
         """(key path, problem) for worker ports the workers could not bind."""

@@ -1056,7 +1056,7 @@ class ProxyServer:
         self._receive_drops = drops
         return queued, new_drops
 
-    def _check_overload(self, lag: float, now: float | None = None) -> None:
+    def _check_overload(self, lag: float, now: float) -> None:
         """Shed new calls above a threshold (the loop's lag, lookups waiting for the store,
         datagrams waiting in the kernel or dropped by it); take them again once each is
         below half of its threshold (hysteresis: no flapping at the edge). Measured: a
@@ -1075,8 +1075,6 @@ class ProxyServer:
             self.count("udp_receive_drops", drops)
         if o is None:
             return
-        if now is None:
-            now = time.monotonic()
         limit = o.max_loop_lag_ms / 1000
         queue_limit = o.max_receive_queue_kb * 1024
         if queued <= queue_limit:
