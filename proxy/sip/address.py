@@ -363,8 +363,33 @@ def name_addr_by_hand(s: str) -> NameAddr | None:
     return NameAddr(None, uri, raw_params, None, s)
 
 
+# Parsed values by their text. A dialog's messages repeat their From, To, Route and Contact
+# values, and a response carries back the Via we wrote: a lookup by the text (whose parse is a
+# pure function of it) costs a few hundred instructions against several thousand for the parse.
+# The objects are never changed after parsing (editing makes new ones: `replace`, `with_user`),
+# so one object may serve many messages. Bounded: a value longer than _PARSED_MAX_TEXT is not
+# kept, and the table starts over when full (a few hundred entries serve a worker's calls in
+# progress; nothing a sender does grows it).
+_PARSED_MAX_ENTRIES = 4096
+_PARSED_MAX_TEXT: Final = 256
+_name_addrs: Final[dict[str, NameAddr]] = {}
+_vias: Final[dict[str, Via]] = {}
+
+
 def parse_name_addr(value: str, where: str = "header") -> NameAddr:
     """Parse `"Display" <uri>;params`, `Display <uri>;params` or `uri;params` (addr-spec)."""
+    known = _name_addrs.get(value)
+    if known is not None:
+        return known
+    addr = _parse_name_addr(value, where)
+    if len(value) <= _PARSED_MAX_TEXT:
+        if len(_name_addrs) >= _PARSED_MAX_ENTRIES:
+            _name_addrs.clear()
+        _name_addrs[value] = addr
+    return addr
+
+
+def _parse_name_addr(value: str, where: str) -> NameAddr:
     s = value.strip(" \t")
     if not INTERPRETED:  # interpreted, the regex is the faster way
         addr = name_addr_by_hand(s)
@@ -520,6 +545,18 @@ class Via:
 
 def parse_via(value: str) -> Via:
     """Parse one Via value (LWS around '/' and ':' allowed, RFC 3261 §25)."""
+    known = _vias.get(value)
+    if known is not None:
+        return known
+    via = _parse_via(value)
+    if len(value) <= _PARSED_MAX_TEXT:
+        if len(_vias) >= _PARSED_MAX_ENTRIES:
+            _vias.clear()
+        _vias[value] = via
+    return via
+
+
+def _parse_via(value: str) -> Via:
     s = value.strip(" \t")
     if not INTERPRETED:  # interpreted, the regex is the faster way
         via = via_by_hand(s)

@@ -419,3 +419,42 @@ def test_uri_by_hand_accepts_only_what_the_regex_reads_the_same(text: str) -> No
 ])
 def test_uri_by_hand_leaves_the_rest_to_parse_uri(value: str) -> None:
     assert uri_by_hand(value) is None
+
+
+# ---- parsed values kept by their text ------------------------------------------------------------
+def test_a_repeated_value_is_parsed_once_and_edits_do_not_reach_it() -> None:
+    text = '"13800000001" <sip:13800000001@10.1.2.3;user=phone>;tag=19'
+    first = parse_name_addr(text)
+    assert parse_name_addr(text) is first  # a dialog's next message: no second parse
+    hidden = first.replace(uri=first.uri.with_user("700100000000001"), display=None)
+    again = parse_name_addr(text)
+    assert again is first and str(again) == text and again.display == '"13800000001"'
+    assert str(hidden) == "<sip:700100000000001@10.1.2.3;user=phone>;tag=19"
+    via_text = "SIP/2.0/UDP 10.1.2.3:5060;branch=z9hG4bK776asdhds;rport"
+    via = parse_via(via_text)
+    assert parse_via(via_text) is via and via.branch == "z9hG4bK776asdhds"
+    # the text is the key, whitespace and case included: another text is parsed on its own
+    assert parse_name_addr(" " + text) is not first and str(parse_name_addr(" " + text)) == text
+
+
+def test_kept_values_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    from proxy.sip import address
+
+    long_text = "<sip:a@h>;x=" + "y" * 300  # longer than _PARSED_MAX_TEXT: parsed every time
+    assert parse_name_addr(long_text) is not parse_name_addr(long_text)
+    assert str(parse_name_addr(long_text)) == long_text
+    monkeypatch.setattr(address, "_PARSED_MAX_ENTRIES", 8)
+    for i in range(20):
+        parse_name_addr(f"<sip:{i}@h>;tag={i}")
+        parse_via(f"SIP/2.0/UDP h:{5000 + i};branch=z9hG4bK{i}")
+        assert len(address._name_addrs) <= 8 and len(address._vias) <= 8
+    # what was dropped still parses, to the same value
+    assert parse_name_addr("<sip:0@h>;tag=0").tag == "0"
+
+
+def test_a_bad_value_is_refused_every_time() -> None:
+    for _ in range(2):
+        with pytest.raises(ParseError):
+            parse_name_addr("<sip:a@h>;tag=a b")
+        with pytest.raises(ParseError):
+            parse_via("SIP/2.0/UDP h:99999;branch=z9hG4bK1")
