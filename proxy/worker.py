@@ -338,6 +338,10 @@ class Worker:
         cfg = self.cfg
         if self.store is None:
             self.store = open_store_frozen(cfg)
+        else:  # the supervisor's, shared copy-on-write since the fork
+            own_pages = getattr(self.store, "own_pages", None)
+            if own_pages is not None:
+                own_pages()
         # Call state is freed by reference counting (the core breaks its one cycle when a
         # transaction pair ends), so the oldest generation is never collected automatically:
         # full passes over the live calls and the Redis store's cache were pauses of hundreds
