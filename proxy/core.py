@@ -253,6 +253,7 @@ class Relay:
         "template",
         "timer_c",
         "token_swap",
+        "token_to_seal",
         "trying_due",
         "upstream",
         "x",
@@ -272,6 +273,8 @@ class Relay:
         self.rule: DialogRule | None = None
         self.receiver = CALLER  # the side the upstream is: it gets the responses
         self.token_swap: tuple[bytes, bytes] | None = None  # our RR token: theirs → its own
+        # the caller's token, sealed after the INVITE went out (ProxyCore._swap)
+        self.token_to_seal: DialogRule | None = None
         self.is_invite = request.method == "INVITE"
         self.provisional = False
         self.final_sent = False
@@ -355,6 +358,8 @@ class ProxyCore:
         self.log = log or (lambda event, **kw: None)
         self.outbox: list[Outgoing] = []
         self.lookups: list[tuple[Relay, str, str]] = []
+        # work the message just handled does not need before its sends (after_send)
+        self.to_seal: list[Relay] = []
         # calls waiting for the policy step (settings.policy), and what the policy's shell
         # must do as calls end: ("answered" | "end", call key)
         self.policy_checks: list[tuple[Relay, Resolution]] = []
@@ -499,6 +504,8 @@ class ProxyCore:
     # ---- entry points --------------------------------------------------------------------------
     def receive_datagram(self, data: bytes, source: Address, transport: str, now: float) -> None:
         """Handle one UDP payload or one framed TCP message."""
+        if self.to_seal:  # a shell that does not call after_send: done before anything else
+            self.after_send()
         try:
             msg = parse_message(data, stream=transport != "udp")
         except ParseError as exc:
@@ -567,6 +574,8 @@ class ProxyCore:
         self._rearm(relay)
 
     def handle_timers(self, now: float) -> None:
+        if self.to_seal:
+            self.after_send()
         if self._stateless or self._accepted or self._old_branches:
             self._expire_stateless(now)
         if self._probe_due is not None and self._probe_due <= now:
@@ -809,6 +818,26 @@ class ProxyCore:
         return Outgoing(b"", _response_address(msg, source), "udp")
 
     # ---- the lookup step -------------------------------------------------------------------------
+    def after_send(self) -> None:
+        """What the messages just handled left for after their sends (the shell calls it once
+        the outbox is on the wire): sealing the caller's dialog token, which only the
+        responses carry. An INVITE then leaves without waiting for it; a response that comes
+        first seals it itself (_swap)."""
+        relays, self.to_seal = self.to_seal, []
+        for relay in relays:
+            self._swap(relay)
+
+    def _swap(self, relay: Relay) -> tuple[bytes, bytes] | None:
+        """The INVITE's Record-Route token swap (the callee's token, the caller's), sealing
+        the caller's first if it is still waiting."""
+        rule = relay.token_to_seal
+        if rule is not None:
+            relay.token_to_seal = None
+            swap = relay.token_swap
+            assert swap is not None
+            relay.token_swap = (swap[0], self.sealer.seal(rule).encode())
+        return relay.token_swap
+
     def complete_lookup(self, relay: Relay, resolution: Resolution, now: float) -> None:
         """Resume an INVITE once the shell has resolved (X, caller)."""
         relay.lookup_deadline = None
@@ -1010,8 +1039,9 @@ class ProxyCore:
                 "sips" else self._rr_prefixes[in_leg]
             out.prepend_record_route(caller_rr + callee_token + ">")
         out.prepend_record_route(self._rr_prefixes[hop.transport] + callee_token + ">")
-        caller_rule = relay.rule.with_peer(encode_peer(hop.transport))
-        relay.token_swap = (relay.token_swap[0], self.sealer.seal(caller_rule).encode())
+        # the caller's token goes into the responses only: sealed once the INVITE is out
+        relay.token_to_seal = relay.rule.with_peer(encode_peer(hop.transport))
+        self.to_seal.append(relay)
         branch = self._new_branch()
         out.push_via(f"SIP/2.0/{hop.transport.upper()} {self._sent_by[hop.transport]};"
                      f"branch={branch};rport")
@@ -1637,7 +1667,7 @@ class ProxyCore:
             return
         if relay.rule is not None:
             scrubbed = self.privacy.response(msg, relay.request, relay.rule, relay.receiver,
-                                             relay.token_swap)
+                                             self._swap(relay))
             if scrubbed:
                 self._count("leaks_scrubbed", scrubbed)
         if relay.call is not None:  # the INVITE's record: first 18x, answer, failure
@@ -1701,7 +1731,7 @@ class ProxyCore:
         if client_key is not None and relay.rule is not None:
             self._stateless[client_key[0]] = Forwarded(
                 relay.request, relay.rule, relay.receiver, relay.upstream, expires,
-                relay.token_swap, True)
+                self._swap(relay), True)
         self._count("invites_retired")
 
     # ---- maximum call duration (proxy/calltime.py) ----------------------------------------------

@@ -858,6 +858,8 @@ class ProxyServer:
                     self.loop.call_soon(self._submit_policy)
                 self._policy_checks += core.policy_checks
                 core.policy_checks = []
+        if core.to_seal:
+            core.after_send()
 
     def _submit_policy(self) -> None:
         """The loop pass's calls to the policy step at once (see _send_misses)."""

@@ -663,3 +663,50 @@ def test_trying_after_zero_sends_the_100_before_the_lookup() -> None:
     core = make_core(trying_after=0.0)
     core.receive_datagram(invite(), CALLER, "udp", 0.0)
     assert core.lookups and answers(core) == [100]
+
+
+def test_the_invite_leaves_before_the_callers_token_is_sealed() -> None:
+    """The caller's dialog token goes into the responses only: the INVITE is sent without
+    waiting for it (after_send seals it once the sends are out), and a response handled
+    before that seals it itself. Either way the caller gets the same kind of token, which
+    the in-dialog requests then use."""
+    for shell_calls_after_send in (True, False):
+        core = make_core()
+        core.receive_datagram(request([
+            f"INVITE sip:{X}@127.0.0.1:5060 SIP/2.0",
+            "Via: SIP/2.0/UDP 127.0.0.1:5070;branch=z9hG4bK-a-1;rport",
+            f"From: <sip:{A}@127.0.0.1>;tag=atag", f"To: <sip:{X}@127.0.0.1>",
+            "Call-ID: seal-later", "CSeq: 1 INVITE", f"Contact: <sip:{A}@127.0.0.1:5070>",
+            "Max-Forwards: 70",
+        ]), CALLER, "udp", 0.0)
+        relay, _x, _caller = core.lookups.pop()
+        core.complete_lookup(relay, Resolution(Outcome.ROUTE, B, 1e12), 0.0)
+        (invite,) = [parse_message(o.data) for o in core.outbox if o.dest == GATEWAY]
+        core.outbox.clear()
+        assert core.to_seal == [relay] and relay.token_to_seal is not None
+        assert relay.token_swap is not None and relay.token_swap[1] == b""
+        if shell_calls_after_send:
+            core.after_send()
+            assert core.to_seal == [] and relay.token_to_seal is None
+            assert relay.token_swap[1] not in (b"", relay.token_swap[0])
+        ok = build_response(invite, 200, "OK", to_tag="btag",
+                            headers=[("Record-Route", invite.header_values("record-route")[0]),
+                                     ("Contact", f"<sip:{B}@127.0.0.1:5090>")])
+        core.receive_datagram(ok.serialize(), GATEWAY, "udp", 0.1)
+        (answer,) = [parse_message(o.data) for o in core.outbox if o.dest == CALLER]
+        core.outbox.clear()
+        assert core.to_seal == [] and relay.token_to_seal is None
+        caller_route = answer.header_values("record-route")[0]
+        assert caller_route != invite.header_values("record-route")[0]
+        assert relay.token_swap[1].decode() in caller_route
+        assert A.encode() not in invite.serialize() and B.encode() not in answer.serialize()
+        # the caller's ACK and BYE come back with that token and reach B
+        core.receive_datagram(request([
+            f"BYE sip:{B}@127.0.0.1:5090 SIP/2.0",
+            "Via: SIP/2.0/UDP 127.0.0.1:5070;branch=z9hG4bK-a-2",
+            f"Route: {caller_route}", f"From: <sip:{A}@127.0.0.1>;tag=atag",
+            f"To: <sip:{X}@127.0.0.1>;tag=btag", "Call-ID: seal-later", "CSeq: 2 BYE",
+            "Max-Forwards: 70",
+        ]), CALLER, "udp", 1.0)
+        (bye,) = [parse_message(o.data) for o in core.outbox if o.dest == GATEWAY]
+        assert bye.method == "BYE" and bye.call_id == invite.call_id
