@@ -36,13 +36,20 @@ class UtcClock:
 class JsonCallLog:
     """`log(event, **fields)` for the call log: the line rendered by `encode` (JSON, keys in
     structlog's order) and handed to `write`; with `observe`, every `call` line also feeds the
-    decision and lookup histograms and the outcome counts (proxy/metrics.py)."""
+    decision and lookup histograms and the outcome counts (proxy/metrics.py).
 
-    __slots__ = ("clock", "decision", "encode", "lookup", "outcomes", "write")
+    With `write_later` (proxy/linewriter.py), the fields (timestamp included) are handed over
+    as they are and rendered at the end of the event loop's pass, after the sends of the
+    message that logged them."""
+
+    __slots__ = ("clock", "decision", "encode", "lookup", "outcomes", "write", "write_later")
 
     def __init__(self, write: Callable[[str], None], encode: Callable[[dict[str, Any]], str],
-                 clock: UtcClock | None = None) -> None:
+                 clock: UtcClock | None = None,
+                 write_later: Callable[[Callable[[dict[str, Any]], str], dict[str, Any]], None]
+                 | None = None) -> None:
         self.write = write
+        self.write_later = write_later
         self.encode = encode
         self.clock = clock if clock is not None else UtcClock()
         self.decision: Any = None  # proxy.metrics.Histogram
@@ -51,7 +58,7 @@ class JsonCallLog:
 
     def observed(self, decision: Any, lookup: Any, outcomes: dict[str, int]) -> JsonCallLog:
         """The same log, feeding these histograms (seconds) and outcome counts too."""
-        log = JsonCallLog(self.write, self.encode, self.clock)
+        log = JsonCallLog(self.write, self.encode, self.clock, self.write_later)
         log.decision, log.lookup, log.outcomes = decision, lookup, outcomes
         return log
 
@@ -69,7 +76,11 @@ class JsonCallLog:
         fields["event"] = event
         fields["level"] = "info"
         fields["timestamp"] = self.clock()
-        self.write(self.encode(fields))
+        later = self.write_later
+        if later is not None:
+            later(self.encode, fields)
+        else:
+            self.write(self.encode(fields))
 
 
 def _observe(histogram: Any, value: float) -> None:

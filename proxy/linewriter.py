@@ -12,9 +12,11 @@ import select
 import socket
 import stat
 import threading
-from typing import Final
+from collections.abc import Callable
+from typing import Any, Final
 
 MAX_PENDING_BYTES: Final = 1 << 20  # log output held while stdout cannot take it
+MAX_RECORDS: Final = 10_000  # records waiting to be rendered at the end of a loop pass
 
 
 class NonBlockingLineWriter:
@@ -31,6 +33,8 @@ class NonBlockingLineWriter:
         self.max_pending = max_pending
         self.pending = bytearray()
         self.dropped = 0
+        # records handed over with write_later, rendered at the end of the loop pass
+        self.records: list[tuple[Callable[[dict[str, Any]], str], dict[str, Any]]] = []
         self._scheduled = False
         self._loop: asyncio.AbstractEventLoop | None = None  # the loop the flush waits on
         self._loop_thread = 0  # the thread running it
@@ -59,26 +63,58 @@ class NonBlockingLineWriter:
         assert self._sock is not None
         return self._sock.send(data, socket.MSG_DONTWAIT)
 
+    def _running_loop(self) -> asyncio.AbstractEventLoop | None:
+        known = self._loop
+        if known is not None and self._loop_thread == threading.get_ident() and known.is_running():
+            return known  # (asyncio's own check costs a getpid())
+        return asyncio._get_running_loop()
+
+    def _schedule(self, loop: asyncio.AbstractEventLoop) -> None:
+        if not self._scheduled or loop is not self._loop:
+            self._scheduled = True
+            self._loop, self._loop_thread = loop, threading.get_ident()
+            loop.call_soon(self._flush_soon)
+
+    def write_later(self, render: Callable[[dict[str, Any]], str], fields: dict[str, Any]) -> None:
+        """Write the record `render(fields)` (a line without its newline), rendered at the
+        end of the loop pass: the call log's line then costs the message that made it
+        nothing before its sends go out. Outside an event loop it is written at once. The
+        caller hands `fields` over (it must not change them afterwards)."""
+        loop = self._running_loop()
+        if loop is None:
+            self.write_line(render(fields))
+            return
+        if len(self.records) >= MAX_RECORDS:
+            self.dropped += 1
+            return
+        self.records.append((render, fields))
+        self._schedule(loop)
+
+    def _render_records(self) -> None:
+        records, self.records = self.records, []
+        for render, fields in records:
+            self._hold((render(fields) + "\n").encode("utf-8", "replace"))
+
+    def _hold(self, data: bytes) -> None:
+        if len(self.pending) + len(data) > self.max_pending:
+            self.dropped += 1
+        else:
+            self.pending += data
+
     def write_line(self, line: str) -> None:
         """Write one record (a line without its newline), or drop it whole."""
         data = (line + "\n").encode("utf-8", "replace")
-        known = self._loop
-        if known is not None and self._loop_thread == threading.get_ident() and known.is_running():
-            loop: asyncio.AbstractEventLoop | None = known  # (asyncio's check costs a getpid())
-        else:
-            loop = asyncio._get_running_loop()
+        loop = self._running_loop()
         if loop is not None:
             # inside an event loop: every record of this loop pass goes out in one write, at
             # the end of the pass (one syscall instead of one per record)
-            if len(self.pending) + len(data) > self.max_pending:
-                self.dropped += 1
-                return
-            self.pending += data
-            if not self._scheduled or loop is not known:
-                self._scheduled = True
-                self._loop, self._loop_thread = loop, threading.get_ident()
-                loop.call_soon(self._flush_soon)
+            if self.records:  # the deferred ones came first
+                self._render_records()
+            self._hold(data)
+            self._schedule(loop)
             return
+        if self.records:
+            self._render_records()
         if self.pending and not self.flush():
             if len(self.pending) + len(data) > self.max_pending:
                 self.dropped += 1
@@ -100,6 +136,8 @@ class NonBlockingLineWriter:
 
     def flush(self) -> bool:
         """Write what is waiting, as far as the descriptor takes it; True when nothing waits."""
+        if self.records:
+            self._render_records()
         pending = self.pending
         while pending:
             chunk = pending
@@ -133,6 +171,7 @@ class NonBlockingLineWriter:
         """In a forked child: what waits belongs to the parent, which still writes it."""
         self.pending = bytearray()
         self.dropped = 0
+        self.records = []
         self._scheduled = False
         self._loop = None
         self._loop_thread = 0

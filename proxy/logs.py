@@ -155,7 +155,8 @@ def info_logger(name: str) -> Callable[..., None]:
     _, level, levels = _setup
     if logger_level(name, level, levels) > logging.INFO:
         return _drop
-    return JsonCallLog(_writer.write_line, _encode)  # compiled with the core
+    # compiled with the core; the line rendered once the loop pass's sends are out
+    return JsonCallLog(_writer.write_line, _encode, write_later=_writer.write_later)
 
 
 # structlog's JSONRenderer: json.dumps's defaults, what JSON cannot hold written as its repr.

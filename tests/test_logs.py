@@ -172,3 +172,69 @@ def test_json_call_log_feeds_the_histograms_and_writes_the_line() -> None:
                            "timestamp"]
     assert first["event"] == "call" and third["event"] == "rejected"
     assert first["level"] == third["level"] == "info"
+
+
+def test_a_deferred_record_is_rendered_after_the_pass_in_its_place() -> None:
+    """write_later: nothing is rendered while the loop pass runs (the call log's line costs
+    the message that logged it nothing before its sends); at the end of the pass the records
+    go out in the order they were logged, with write_line's among them, in one write.
+    Outside a loop, and on flush, a record is rendered at once."""
+    from proxy import linewriter
+
+    read_fd, write_fd = os.pipe()
+    try:
+        writer = NonBlockingLineWriter(write_fd)
+        rendered: list[str] = []
+
+        def render(fields: dict) -> str:
+            rendered.append(fields["n"])
+            return f'{{"n": "{fields["n"]}"}}'
+
+        async def one_pass() -> None:
+            writer.write_later(render, {"n": "a"})
+            writer.write_later(render, {"n": "b"})
+            assert rendered == [] and writer.records
+            writer.write_line('{"n": "c"}')  # an immediate line keeps its place after them
+            writer.write_later(render, {"n": "d"})
+            assert rendered == ["a", "b"]
+            await asyncio.sleep(0)
+
+        asyncio.run(one_pass())
+        assert rendered == ["a", "b", "d"] and writer.records == []
+        assert os.read(read_fd, 1000) == b'{"n": "a"}\n{"n": "b"}\n{"n": "c"}\n{"n": "d"}\n'
+        writer.write_later(render, {"n": "e"})  # no loop: at once
+        assert os.read(read_fd, 1000) == b'{"n": "e"}\n'
+
+        async def capped() -> None:
+            for i in range(linewriter.MAX_RECORDS + 3):
+                writer.write_later(render, {"n": str(i)})
+            assert len(writer.records) == linewriter.MAX_RECORDS and writer.dropped == 3
+            writer.records = writer.records[:2]  # keep the pipe's reader small
+            assert writer.flush()  # flush renders what waits
+            assert writer.records == []
+
+        asyncio.run(capped())
+        assert os.read(read_fd, 1000) == b'{"n": "0"}\n{"n": "1"}\n'
+        writer.records.append((render, {"n": "z"}))
+        writer.forget_pending()  # a forked child drops its parent's records
+        assert writer.records == [] and writer.flush()
+    finally:
+        os.close(read_fd)
+        os.close(write_fd)
+
+
+def test_the_call_log_hands_its_fields_over_when_it_can_defer() -> None:
+    from proxy import logs
+    from proxy.calllog import JsonCallLog
+
+    handed: list[tuple] = []
+    lines: list[str] = []
+    log = JsonCallLog(lines.append, logs._encode,
+                      write_later=lambda render, fields: handed.append((render, fields)))
+    log("call", call_id="a", outcome="routed")
+    assert lines == [] and len(handed) == 1
+    render, fields = handed[0]
+    assert list(fields) == ["call_id", "outcome", "event", "level", "timestamp"]
+    import json
+
+    assert json.loads(render(fields))["call_id"] == "a"
