@@ -136,3 +136,53 @@ def test_store_agrees_with_reference_semantics() -> None:
             expected = resolve_among(bindings, caller, at)
             got = store.resolve_cached(X, caller, at)
             assert (got.outcome, got.callee) == (expected.outcome, expected.callee)
+
+
+def _lookup_faults_in_a_child(store: MemoryStore, calls: list[tuple[str, str]],
+                              own_pages: bool) -> tuple[int, int]:
+    """(answers own_pages touched, minor page faults of the lookups) in a forked child, as
+    a worker forked from the supervisor would see them."""
+    import json
+    import os
+    import resource
+
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report and leave at once
+        try:
+            touched = store.own_pages() if own_pages else 0
+            before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            routed = sum(1 for x, a in calls if store.resolve_cached(x, a, NOW).callee)
+            after = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            os.write(write_fd, json.dumps([touched, after - before, routed]).encode())
+        finally:
+            os._exit(0)
+    os.close(write_fd)
+    with os.fdopen(read_fd) as f:
+        touched, faults, routed = json.loads(f.read())
+    os.waitpid(pid, 0)
+    assert routed == len(calls)
+    return touched, faults
+
+
+def test_a_forked_worker_copies_the_answers_pages_before_its_calls() -> None:
+    """Shared copy-on-write after the fork, every answer a lookup returns has its reference
+    count written: without own_pages the calls themselves take the page faults."""
+    import gc
+
+    store = MemoryStore()
+    n = 20_000
+    for i in range(n):
+        store.bind_now(Binding(AXB, f"7001{i % 500:011d}", f"138{i:08d}", f"139{i:08d}",
+                               NOW + 3600), NOW)
+    gc.collect()
+    gc.freeze()  # as the supervisor does: the collector leaves the shared pages alone
+    try:
+        calls = [(f"7001{i % 500:011d}", f"138{i:08d}") for i in range(0, n, 7)]
+        _, shared_faults = _lookup_faults_in_a_child(store, calls, own_pages=False)
+        touched, own_faults = _lookup_faults_in_a_child(store, calls, own_pages=True)
+    finally:
+        gc.unfreeze()
+    assert touched == 2 * n  # each AXB binding answers its two parties
+    assert shared_faults > 100, shared_faults  # the calls copied pages one fault at a time
+    assert own_faults < shared_faults / 10, (own_faults, shared_faults)
