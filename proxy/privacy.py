@@ -41,7 +41,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from proxy.bodies import make_body_safe
 from proxy.numbers import normalize_number
 from proxy.scanner import NumberScanner
-from proxy.sip.address import NameAddr, parse_name_addr
+from proxy.sip.address import NameAddr, parse_name_addr, put_bounded
 from proxy.sip.errors import ParseError
 from proxy.sip.message import SipMessage
 from proxy.sip.uri import SipUri
@@ -125,11 +125,8 @@ _MAP_MAX_ENTRIES = 1 << 14
 
 
 def _put_bounded(table: dict, key: object, value: object) -> None:
-    """`table[key] = value`, the table cleared first when full: bounded, so hostile or huge
-    traffic only costs the memory's hits."""
-    if len(table) >= _MAP_MAX_ENTRIES:
-        table.clear()
-    table[key] = value
+    """`put_bounded` at the privacy memories' size (read at each call: tests shrink it)."""
+    put_bounded(table, key, value, _MAP_MAX_ENTRIES)
 
 
 _DIGESTS: Final[dict[str, str]] = {}  # Call-ID → digest, bounded

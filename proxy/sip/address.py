@@ -376,6 +376,15 @@ _name_addrs: Final[dict[str, NameAddr]] = {}
 _vias: Final[dict[str, Via]] = {}
 
 
+def put_bounded(table: dict, key: object, value: object, limit: int) -> None:
+    """`table[key] = value`, the table cleared first when it holds `limit` entries: bounded, so
+    hostile or huge traffic only costs the table's hits (the proxy's memories of what it has
+    already parsed, opened or mapped)."""
+    if len(table) >= limit:
+        table.clear()
+    table[key] = value
+
+
 def parse_name_addr(value: str, where: str = "header") -> NameAddr:
     """Parse `"Display" <uri>;params`, `Display <uri>;params` or `uri;params` (addr-spec)."""
     known = _name_addrs.get(value)
@@ -383,9 +392,7 @@ def parse_name_addr(value: str, where: str = "header") -> NameAddr:
         return known
     addr = _parse_name_addr(value, where)
     if len(value) <= _PARSED_MAX_TEXT:
-        if len(_name_addrs) >= _PARSED_MAX_ENTRIES:
-            _name_addrs.clear()
-        _name_addrs[value] = addr
+        put_bounded(_name_addrs, value, addr, _PARSED_MAX_ENTRIES)
     return addr
 
 
@@ -550,9 +557,7 @@ def parse_via(value: str) -> Via:
         return known
     via = _parse_via(value)
     if len(value) <= _PARSED_MAX_TEXT:
-        if len(_vias) >= _PARSED_MAX_ENTRIES:
-            _vias.clear()
-        _vias[value] = via
+        put_bounded(_vias, value, via, _PARSED_MAX_ENTRIES)
     return via
 
 
