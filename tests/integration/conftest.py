@@ -13,6 +13,7 @@ from tests.integration.procs import (
     ProxyProcess,
     delete_redis_prefix,
     free_port,
+    port_taken,
     start_proxy,
     write_config,
 )
@@ -89,7 +90,7 @@ def start_sip700(request: pytest.FixtureRequest, tmp_path: Path
         try:
             proc = start_proxy(path, port, gateway_port, cfg_dir / "proxy.log", config)
         except RuntimeError as exc:
-            if "start_refused" in str(exc) and "Address already in use" in str(exc):
+            if port_taken(exc):
                 if not restarted:
                     del worker_port_bases[port]
                 raise PortTaken(str(exc)) from exc

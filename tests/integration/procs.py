@@ -43,6 +43,13 @@ def free_port(kind: int = socket.SOCK_DGRAM, host: str = "127.0.0.1") -> int:
     return free_port_range(1, host)
 
 
+def port_taken(exc: Exception) -> bool:
+    """`start_proxy` failed because a port drawn free was taken before the proxy bound it
+    (another suite or program on the machine drew it too): the caller may draw again."""
+    text = str(exc)
+    return "start_refused" in text and "Address already in use" in text
+
+
 def _ephemeral_ports() -> tuple[int, int]:
     """The kernel's range for ports it picks itself (free_port's, SIPp's, every client's)."""
     try:
