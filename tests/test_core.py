@@ -515,6 +515,32 @@ def test_unanswered_stateless_request_is_forgotten_after_timer_f() -> None:
     assert not core._stateless and core.outbox == []  # no 408 for a non-INVITE (RFC 4320)
 
 
+def test_stateless_entries_expire_in_order_whatever_ended_or_refreshed_them() -> None:
+    """Expiry reads the order of the entries put, not the tables: an entry a final response
+    ended and one a retransmission refreshed leave records that change nothing."""
+    core = make_core()
+    d = Dialog(core)  # the answered INVITE: absorbed for STATELESS_LIFE
+    d.from_caller("INFO", branch="info-1", now=1.0)
+    d.from_caller("INFO", branch="info-2", now=2.0)
+    infos = d.sent(GATEWAY)
+    core.outbox.clear()
+    core.receive_datagram(build_response(infos[1], 200, "OK").serialize(), GATEWAY, "udp", 2.1)
+    assert [m.status for m in d.sent(CALLER)] == [200]
+    core.outbox.clear()
+    d.from_caller("INFO", branch="info-1", now=10.0)  # retransmitted: kept to 10 + 32
+    assert len(core._expiry_order) == 5  # INVITE (2 tables), info-1 twice, info-2
+    core.handle_timers(35.0)
+    assert [e.request.method for e in core._stateless.values()] == ["INFO"]
+    assert not core._accepted and len(core._expiry_order) == 1
+    assert core.next_deadline() == 42.0
+    core.outbox.clear()
+    core.receive_datagram(build_response(infos[0], 200, "OK").serialize(), GATEWAY, "udp", 36.0)
+    assert [m.status for m in d.sent(CALLER)] == [200]  # still known: its response goes back
+    assert not core._stateless and core.next_deadline() == 42.0  # a record of nothing, ...
+    core.handle_timers(42.0)
+    assert not core._expiry_order and core.next_deadline() is None  # ... dropped on time
+
+
 def test_tcp_upstream_keeps_the_stateful_path() -> None:
     """A TCP caller never retransmits: only a transaction retransmits over the UDP leg."""
     core = make_core()
