@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections import deque
 from typing import Any
 
 from proxy.records.model import (
@@ -81,6 +82,9 @@ class CallTracker:
         self.live: dict[str, dict[str, str]] = {}  # answered calls: key → record so far
         self.ringing: dict[str, CallAttempt] = {}  # forwarded, not yet answered: key → call
         self._ended: dict[str, float] = {}  # key → until when a BYE for it is a repeat
+        # (until, key) as put in _ended, oldest first: `expire` reads this front, not the
+        # dict's, where every deleted entry is a hole each `next(iter(...))` walks past
+        self._ended_order: deque[tuple[float, str]] = deque()
         self.stats: dict[str, int] = {}
 
     def _count(self, name: str) -> None:
@@ -152,7 +156,9 @@ class CallTracker:
             if key in self._ended:
                 self._count("records_bye_repeated")
                 return
-        self._ended[key] = now + ENDED_MEMORY_S
+        until = now + ENDED_MEMORY_S
+        self._ended[key] = until
+        self._ended_order.append((until, key))
         cause = _reason_cause(msg)
         release = {"release_at": now + self.offset, "release_dir": released_by,
                    "q850_cause": cause}
@@ -232,11 +238,11 @@ class CallTracker:
 
     def expire(self, now: float) -> None:
         ended = self._ended
-        while ended:
-            key, until = next(iter(ended.items()))
-            if until > now:
-                break
-            del ended[key]
+        order = self._ended_order
+        while order and order[0][0] <= now:
+            _until, key = order.popleft()
+            if ended.get(key, math.inf) <= now:  # not put again since
+                del ended[key]
 
 
 _EVENT_FIELDS = ("record_id", "call_id", "binding_id", "tenant", "out_id", "order_id", "x",

@@ -187,3 +187,20 @@ def test_a_core_without_records_is_unchanged() -> None:
 
 def test_requests_helper_is_used() -> None:  # keeps the shared helpers importable here
     assert request(["OPTIONS sip:x SIP/2.0"]).startswith(b"OPTIONS")
+
+
+def test_a_repeated_bye_is_recognised_until_its_memory_expires_in_order() -> None:
+    tracker = CallTracker("test-1", wall_offset=T0)
+    for i in range(5):  # calls this process does not hold: each BYE releases one in Redis
+        tracker.bye(f"k{i}", "caller", None, float(i))
+    tracker.bye("k1", "callee", None, 10.0)  # a retransmission: no second release
+    assert tracker.stats == {"records_released_from_redis": 5, "records_bye_repeated": 1}
+    tracker.expire(33.5)  # k0 and k1 (until 32 and 33) are forgotten, k2.. remembered
+    assert sorted(tracker._ended) == ["k2", "k3", "k4"] and len(tracker._ended_order) == 3
+    tracker.bye("k1", "caller", None, 40.0)  # the same key, long after: a new release
+    tracker.bye("k3", "caller", None, 40.0)
+    assert [op[1] for op in ops(tracker, "release")] == ["k0", "k1", "k2", "k3", "k4", "k1"]
+    tracker.expire(71.0)  # k2..k4 long gone, k1 put again at 40: kept until 72
+    assert list(tracker._ended) == ["k1"]
+    tracker.expire(72.0)
+    assert not tracker._ended and not tracker._ended_order
