@@ -1562,8 +1562,7 @@ class ProxyCore:
 
     # ---- responses ---------------------------------------------------------------------------
     def _on_response(self, msg: SipMessage, data: bytes, now: float) -> None:
-        via = msg.top_via
-        branch = via.branch
+        branch = msg.top_branch()
         if branch is None or not branch.startswith(BRANCH_PREFIX):
             self._count("responses_dropped")  # not ours (RFC 4475 bcast): never forwarded
             return

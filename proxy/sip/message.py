@@ -15,6 +15,7 @@ from proxy.sip.address import (
     INTERPRETED,
     NameAddr,
     Via,
+    _is_token,
     _list_spans,
     parse_cseq,
     parse_name_addr,
@@ -322,6 +323,30 @@ class SipMessage:
                         return via
             raise ParseError("missing Via header", message=self)
         return via
+
+    def top_branch(self) -> str | None:
+        """The top Via's branch, read off its row when the row is plain: one value, no quoted
+        string, no fold, `branch` written once and as `;branch=` (in any case); else from `top_via`.
+
+        For a response, whose top Via is the one the proxy wrote: the branch is all it needs
+        of it before it removes the row (the full parse was a tenth of a response's work).
+        """
+        via = self._cache.get("@via")
+        if via is None:
+            for n, row in self.rows:
+                if n == "via":
+                    text = row.decode("latin-1")
+                    low = text.lower()
+                    i = low.find(";branch=")
+                    if (i > 0 and low.count("branch") == 1 and "," not in text
+                            and '"' not in text and "\n" not in text):
+                        end = text.find(";", i + 8)
+                        value = (text[i + 8:] if end < 0 else text[i + 8:end]).strip(" \t")
+                        if _is_token(value):
+                            return value
+                    break
+            via = self.top_via
+        return via.branch
 
     @property
     def vias(self) -> list[Via]:

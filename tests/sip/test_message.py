@@ -514,3 +514,37 @@ def test_build_response_tag_rules() -> None:
                 lambda: build_response(msg, 400, "x", headers=[("X", "a\nb")])):
         with pytest.raises(ValueError):
             bad()
+
+
+_RESPONSE_HEAD = "SIP/2.0 200 OK\r\n{via}\r\nVia: SIP/2.0/UDP 10.0.0.9;branch=z9hG4bK-up\r\n" \
+    "From: <sip:a@x>;tag=1\r\nTo: <sip:b@x>;tag=2\r\nCall-ID: c\r\nCSeq: 1 INVITE\r\n" \
+    "Content-Length: 0\r\n\r\n"
+
+
+@pytest.mark.parametrize(("via", "plain"), [
+    ("Via: SIP/2.0/UDP 127.0.0.1:5060;branch=z9hG4bKs7001a;rport=5070;received=10.0.0.1", True),
+    ("v: SIP/2.0/UDP 127.0.0.1;rport;branch=z9hG4bKs7001b", True),
+    ("Via: SIP/2.0/UDP 127.0.0.1;branch=z9hG4bKs7001c ;rport", True),
+    ("Via: SIP/2.0/UDP 127.0.0.1;BRANCH=z9hG4bKs7001d", True),  # a name in any case
+    ("Via: SIP/2.0/UDP 127.0.0.1 ; branch = z9hG4bKs7001e", False),
+    ("Via: SIP/2.0/UDP 127.0.0.1;x=\";branch=forged\";branch=z9hG4bKs7001f", False),
+    ("Via: SIP/2.0/UDP 127.0.0.1;branch=z9hG4bKs7001g, SIP/2.0/UDP 10.0.0.2;branch=2nd", False),
+    ("Via: SIP/2.0/UDP 127.0.0.1;BRANCH=first;branch=z9hG4bKs7001h", False),
+    ("Via: SIP/2.0/UDP branch.example;branch=z9hG4bKs7001i", False),
+    ("Via: SIP/2.0/UDP 127.0.0.1;rport", False),  # no branch at all
+    ("Via:\r\nVia: SIP/2.0/UDP 127.0.0.1;branch=z9hG4bKs7001j", False),  # an empty row first
+])
+def test_top_branch_reads_what_the_full_parse_reads(via: str, plain: bool) -> None:
+    data = _RESPONSE_HEAD.format(via=via).encode()
+    msg = parse_message(data)
+    assert msg.top_branch() == parse_message(data).top_via.branch
+    assert ("@via" not in msg._cache) == plain  # a plain row is read without the full parse
+
+
+def test_top_branch_falls_back_to_the_full_parse_and_its_errors() -> None:
+    data = _RESPONSE_HEAD.format(via="Via: SIP/2.0/UDP 127.0.0.1;branch=a b").encode()
+    with pytest.raises(ParseError):
+        parse_message(data).top_branch()  # not a token: the full parse refuses the row
+    msg = parse_message(_RESPONSE_HEAD.format(via="Via: SIP/2.0/UDP h;branch=z9hG4bKx").encode())
+    assert msg.top_branch() == "z9hG4bKx" and "@via" not in msg._cache
+    assert msg.top_via.branch == msg.top_branch()  # parsed since: read from the parse
