@@ -528,7 +528,9 @@ _RESPONSE_HEAD = "SIP/2.0 200 OK\r\n{via}\r\nVia: SIP/2.0/UDP 10.0.0.9;branch=z9
     ("Via: SIP/2.0/UDP 127.0.0.1;BRANCH=z9hG4bKs7001d", True),  # a name in any case
     ("Via: SIP/2.0/UDP 127.0.0.1 ; branch = z9hG4bKs7001e", False),
     ("Via: SIP/2.0/UDP 127.0.0.1;x=\";branch=forged\";branch=z9hG4bKs7001f", False),
-    ("Via: SIP/2.0/UDP 127.0.0.1;branch=z9hG4bKs7001g, SIP/2.0/UDP 10.0.0.2;branch=2nd", False),
+    ("Via: SIP/2.0/UDP 127.0.0.1;branch=z9hG4bKs7001g, SIP/2.0/UDP 10.0.0.2;branch=2nd", True),
+    ("Via: SIP/2.0/UDP 127.0.0.1;rport, SIP/2.0/UDP 10.0.0.2;branch=z9hG4bKs7001k", False),
+    ("Via: , SIP/2.0/UDP 10.0.0.2;branch=z9hG4bKs7001l", False),  # an empty value first
     ("Via: SIP/2.0/UDP 127.0.0.1;BRANCH=first;branch=z9hG4bKs7001h", False),
     ("Via: SIP/2.0/UDP branch.example;branch=z9hG4bKs7001i", False),
     ("Via: SIP/2.0/UDP 127.0.0.1;rport", False),  # no branch at all
