@@ -363,9 +363,10 @@ def name_addr_by_hand(s: str) -> NameAddr | None:
     return NameAddr(None, uri, raw_params, None, s)
 
 
-# Parsed values by their text. A dialog's messages repeat their From, To, Route and Contact
-# values, and a response carries back the Via we wrote: a lookup by the text (whose parse is a
-# pure function of it) costs a few hundred instructions against several thousand for the parse.
+# Parsed name-addrs by their text. A dialog's messages repeat their From, To, Route and Contact
+# values: a lookup by the text (whose parse is a pure function of it) costs a few hundred
+# instructions against several thousand for the parse. (Via values are not kept: each request
+# carries a branch of its own, and a response's branch is read by `SipMessage.top_branch`.)
 # The objects are never changed after parsing (editing makes new ones: `replace`, `with_user`),
 # so one object may serve many messages. Bounded: a value longer than _PARSED_MAX_TEXT is not
 # kept, and the table starts over when full (a few hundred entries serve a worker's calls in
@@ -373,7 +374,6 @@ def name_addr_by_hand(s: str) -> NameAddr | None:
 _PARSED_MAX_ENTRIES = 4096
 _PARSED_MAX_TEXT: Final = 256
 _name_addrs: Final[dict[str, NameAddr]] = {}
-_vias: Final[dict[str, Via]] = {}
 
 
 def put_bounded(table: dict, key: object, value: object, limit: int) -> None:
@@ -552,16 +552,6 @@ class Via:
 
 def parse_via(value: str) -> Via:
     """Parse one Via value (LWS around '/' and ':' allowed, RFC 3261 §25)."""
-    known = _vias.get(value)
-    if known is not None:
-        return known
-    via = _parse_via(value)
-    if len(value) <= _PARSED_MAX_TEXT:
-        put_bounded(_vias, value, via, _PARSED_MAX_ENTRIES)
-    return via
-
-
-def _parse_via(value: str) -> Via:
     s = value.strip(" \t")
     if not INTERPRETED:  # interpreted, the regex is the faster way
         via = via_by_hand(s)
