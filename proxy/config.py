@@ -914,9 +914,14 @@ class OverloadConfig(_Section):
     enabled: Bool = True
     max_loop_lag_ms: Annotated[int, Strict(), Field(ge=10, le=60_000)] = 200
     max_pending_lookups: Annotated[int, Strict(), Field(ge=1, le=10_000_000)] = 5000
+    # how long the oldest datagram in a UDP receive queue has waited there (the kernel's
+    # arrival stamp): what a caller's INVITE feels before any of our code sees it
+    max_receive_wait_ms: Annotated[int, Strict(), Field(ge=10, le=60_000)] = 200
     # datagrams waiting in the kernel's UDP receive queue (KiB of kernel memory, ~1.3 KiB
-    # per small datagram, ~2.3 KiB per INVITE with SDP); drops by a full queue count too
-    max_receive_queue_kb: Annotated[int, Strict(), Field(ge=16, le=1_048_576)] = 2048
+    # per small datagram, ~2.3 KiB per INVITE with SDP); drops by a full queue count too.
+    # A memory bound: the wait above is the signal (2 MiB, the default until 2026-12-06, is
+    # 100-150 ms of work near capacity and shed calls the worker would have served in time)
+    max_receive_queue_kb: Annotated[int, Strict(), Field(ge=16, le=1_048_576)] = 8192
     retry_after_s: Annotated[int, Strict(), Field(ge=0, le=3600)] = 2
 
 

@@ -37,7 +37,7 @@ RESTART_ONLY: tuple[tuple[str, str | None], ...] = (
     ("privacy", "dialog_key"),
     ("privacy", "dialog_key_file"),
 )
-# what a reload applies: everything else, i.e. carrier, trusted_peers, allowed_next_hops,
+# what a reload applies: everything else, i.e. carrier, trusted_peers, allowed_next_hops, overload,
 # middle_number_pattern, responses, privacy (but the key), timers, store.lookup_deadline_ms,
 # store.retry_after_s, store.bindings_file (re-read on every reload), shutdown, health
 MAX_WARNED_X = 10

@@ -53,6 +53,11 @@ QUEUE_STANDING_S: Final = 0.1  # a receive queue over its limit this long is ove
 SO_MEMINFO: Final = 55
 SK_MEMINFO_BYTES: Final = 36
 _MEMINFO: Final = struct.Struct("9I")
+# the kernel's arrival time on each datagram (Linux SO_TIMESTAMPNS: a struct timespec of
+# CLOCK_REALTIME in a control message), read off the oldest one waiting with MSG_PEEK
+SO_TIMESTAMPNS: Final = 35
+_TIMESPEC: Final = struct.Struct("qq")
+_TIMESPEC_SPACE: Final = socket.CMSG_SPACE(_TIMESPEC.size)
 # The core's clock is time.monotonic(): the loop's own clock is cached per iteration at
 # millisecond resolution, too coarse for the latencies the call log reports.
 # Call-ID row at the start of a line, long or compact form, any case (RFC 3261 §7.3.3)
@@ -135,6 +140,22 @@ def branch_worker(data: bytes) -> int | None:
     if len(digits) != 3 or digits.strip(_HEX):
         return None
     return int(digits, 16)
+
+
+def _oldest_wait(sock: socket.socket) -> float:
+    """How long (s) the datagram at the head of `sock`'s receive queue has waited there: the
+    kernel's arrival stamp (SO_TIMESTAMPNS) read with MSG_PEEK, which leaves it queued. 0 when
+    the queue is empty or the datagram carries no stamp (the option was refused)."""
+    try:
+        _, ancillary, _, _ = sock.recvmsg(1, _TIMESPEC_SPACE, socket.MSG_PEEK)
+    except OSError:  # BlockingIOError: read meanwhile (the socket is non-blocking)
+        return 0.0
+    for level, kind, data in ancillary:
+        if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS and len(data) >= _TIMESPEC.size:
+            sec, nsec = _TIMESPEC.unpack_from(data)
+            # the realtime clock: a step of it skews one reading, never below nil
+            return max(0.0, time.time() - (sec + nsec / 1e9))
+    return 0.0
 
 
 def relay_address(group: str, index: int) -> str:
@@ -445,6 +466,7 @@ class ProxyServer:
         # object (its get_extra_info("socket") makes a new one, and a getsockname(), a tick)
         self._udp_sockets: list[tuple[asyncio.DatagramTransport, socket.socket]] = []
         self.receive_queue_bytes = 0
+        self.receive_wait = 0.0  # how long the oldest datagram waiting has waited (s)
         self._receive_drops = 0
         self._queue_over_since: float | None = None  # when the queue went over its limit
         self.store = store
@@ -605,6 +627,8 @@ class ProxyServer:
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.udp_rcvbuf)
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.udp_sndbuf)
+            with contextlib.suppress(OSError):  # the oldest datagram's wait (_oldest_wait)
+                sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
             sock.bind((host, port))
         except OSError:
             sock.close()
@@ -1028,16 +1052,21 @@ class ProxyServer:
         return {"loop_lag_ms": round(self.loop_lag * 1000),
                 "pending_lookups": len(self._tasks) + self._batched_lookups,
                 "udp_receive_queue_bytes": self.receive_queue_bytes,
+                "udp_receive_wait_ms": round(self.receive_wait * 1000),
                 "overloaded": int(self.core.overloaded),
                 "overload_max_loop_lag_ms": o.max_loop_lag_ms if o is not None else 0,
                 "overload_max_pending_lookups": o.max_pending_lookups if o is not None else 0,
+                "overload_max_receive_wait_ms": (o.max_receive_wait_ms if o is not None
+                                                 else 0),
                 "overload_max_receive_queue_kb": (o.max_receive_queue_kb if o is not None
                                                   else 0)}
 
-    def _read_receive_queues(self) -> tuple[int, int]:
+    def _read_receive_queues(self) -> tuple[int, int, float]:
         """(bytes waiting in the fullest UDP receive queue, datagrams the kernel dropped for
-        a full queue since the last call); closed sockets are forgotten."""
+        a full queue since the last call, how long the oldest datagram waiting in any of
+        them has waited in seconds); closed sockets are forgotten."""
         queued = drops = 0
+        wait = 0.0
         alive = []
         for udp, sock in self._udp_sockets:
             # a closed transport is forgotten before its descriptor can be reused by another
@@ -1052,32 +1081,41 @@ class ProxyServer:
             rmem_alloc, dropped = _MEMINFO.unpack_from(info)[0::8]
             queued = max(queued, rmem_alloc)
             drops += dropped
+            if rmem_alloc:  # a system call only where something waits
+                wait = max(wait, _oldest_wait(sock))
         if len(alive) != len(self._udp_sockets):
             self._udp_sockets = alive
         new_drops = max(0, drops - self._receive_drops)
         self._receive_drops = drops
-        return queued, new_drops
+        return queued, new_drops, wait
 
     def _check_overload(self, lag: float, now: float) -> None:
         """Shed new calls above a threshold (the loop's lag, lookups waiting for the store,
-        datagrams waiting in the kernel or dropped by it); take them again once each is
-        below half of its threshold (hysteresis: no flapping at the edge). Measured: a
-        longer hold after the last sign of overload only sheds calls the worker could take
-        (a burst at 2,000 CPS: 0.2 s of hold connected 329 calls of 6,000, none 1,431).
+        how long the oldest datagram has waited in the kernel, how much waits there, or any
+        the kernel dropped); take them again once each is below half of its threshold
+        (hysteresis: no flapping at the edge). Measured: a longer hold after the last sign of
+        overload only sheds calls the worker could take (a burst at 2,000 CPS: 0.2 s of hold
+        connected 329 calls of 6,000, none 1,431).
 
-        The receive queue counts only once it has stood above its limit for QUEUE_STANDING_S:
-        a burst the worker reads within that time is not overload (near capacity, bursts of
-        50-70 ms over 2 MiB shed hundreds of calls a worker then served with a p99 under
-        100 ms); a queue that keeps growing, or any drop, is."""
+        The wait is what a caller feels (T1, 500 ms, is when its INVITE is sent again): a
+        burst the worker reads in time never reaches it. The queue's size counts only once it
+        has stood above its limit for QUEUE_STANDING_S, for the same reason (near capacity,
+        bursts of 50-70 ms over 2 MiB shed hundreds of calls a worker then served with a p99
+        under 100 ms); a queue that keeps growing, or any drop, is overload."""
         o = self.overload
         self.loop_lag = lag
-        queued, drops = self._read_receive_queues() if self._udp_sockets else (0, 0)
+        if self._udp_sockets:
+            queued, drops, wait = self._read_receive_queues()
+        else:
+            queued, drops, wait = 0, 0, 0.0
         self.receive_queue_bytes = queued
+        self.receive_wait = wait
         if drops:
             self.count("udp_receive_drops", drops)
         if o is None:
             return
         limit = o.max_loop_lag_ms / 1000
+        wait_limit = o.max_receive_wait_ms / 1000
         queue_limit = o.max_receive_queue_kb * 1024
         if queued <= queue_limit:
             self._queue_over_since = None
@@ -1088,17 +1126,20 @@ class ProxyServer:
         pending = len(self._tasks) + self._batched_lookups
         core = self.core
         if not core.overloaded:
-            if lag > limit or pending > o.max_pending_lookups or standing or drops:
+            if (lag > limit or wait > wait_limit or pending > o.max_pending_lookups
+                    or standing or drops):
                 core.overloaded = True
                 self.count("overload_entered")
                 log.warning("overloaded", loop_lag_ms=round(lag * 1000),
-                            pending_lookups=pending, receive_queue_kb=queued // 1024,
-                            receive_drops=drops)
-        elif (lag < limit / 2 and pending <= o.max_pending_lookups // 2
+                            receive_wait_ms=round(wait * 1000), pending_lookups=pending,
+                            receive_queue_kb=queued // 1024, receive_drops=drops)
+        elif (lag < limit / 2 and wait < wait_limit / 2
+              and pending <= o.max_pending_lookups // 2
               and queued < queue_limit // 2 and not drops):
             core.overloaded = False
             log.info("overload_cleared", loop_lag_ms=round(lag * 1000),
-                     pending_lookups=pending, receive_queue_kb=queued // 1024)
+                     receive_wait_ms=round(wait * 1000), pending_lookups=pending,
+                     receive_queue_kb=queued // 1024)
 
     async def _tick(self) -> None:
         sweep_at = time.monotonic() + 5.0

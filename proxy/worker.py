@@ -701,6 +701,10 @@ class Worker:
         # new calls choose among the new gateways; calls in progress keep the gateway objects
         # (and the candidates) they were set up with
         core.set_router(settings.router)
+        # the overload thresholds are read on each tick: the next one uses the new ones
+        self.server.overload = new.overload if new.overload.enabled else None
+        if self.server.overload is None:
+            core.overloaded = False  # control turned off: nothing sheds calls any more
         if self.names is not None:
             self.names.close()
         self.names = names

@@ -12,6 +12,7 @@ import json
 import os
 import random
 import socket
+import time
 from typing import Any
 
 import pytest
@@ -180,11 +181,13 @@ def test_log_writer_on_a_full_pipe_keeps_then_drops_whole_records(kind: str) -> 
 
 # ---- overload: datagrams waiting in the kernel ----------------------------------------------
 
-def _server(rcvbuf: int, max_receive_queue_kb: int) -> ProxyServer:
+def _server(rcvbuf: int, max_receive_queue_kb: int, max_receive_wait_ms: int = 200
+            ) -> ProxyServer:
     settings = CoreSettings(
         advertise_host="127.0.0.1", advertise_port=5060, is_trusted=lambda ip: True,
         middle_number=lambda n: n.startswith("700"), gateways=[Hop("127.0.0.1", 5090, "udp")])
-    overload = OverloadConfig(max_loop_lag_ms=200, max_receive_queue_kb=max_receive_queue_kb)
+    overload = OverloadConfig(max_loop_lag_ms=200, max_receive_queue_kb=max_receive_queue_kb,
+                              max_receive_wait_ms=max_receive_wait_ms)
     return ProxyServer(ProxyCore(settings, DialogSealer(bytes(32))), None, listen=[],
                        udp_rcvbuf=rcvbuf, overload=overload)
 
@@ -220,6 +223,36 @@ def test_a_full_receive_queue_sheds_new_calls_until_it_drains() -> None:
         udp.close()
         server._check_overload(0.0, 101.0)  # a closed socket is read no more (fd reuse)
         assert server._udp_sockets == []
+    asyncio.run(run())
+
+
+def test_a_datagram_that_waited_too_long_in_the_kernel_sheds_new_calls() -> None:
+    """One small datagram, far under the queue's size limit, left unread (the loop kept busy)
+    longer than max_receive_wait_ms: the kernel's arrival stamp says how long it waited, and
+    that is overload; once the loop has read it, the wait is nil again and it clears."""
+    async def run() -> None:
+        server, udp, address = await _listening(
+            _server(rcvbuf=4 << 20, max_receive_queue_kb=1024, max_receive_wait_ms=40))
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sender:
+            sender.sendto(b"OPTIONS sip:x SIP/2.0\r\n", address)
+            time.sleep(0.005)
+            server._check_overload(0.0, 10.0)
+            assert not server.core.overloaded
+            assert 0 <= server.overload_gauges()["udp_receive_wait_ms"] < 40
+            time.sleep(0.06)  # the loop cannot run: the datagram keeps waiting
+            server._check_overload(0.0, 10.1)
+            assert server.core.overloaded
+            gauges = server.overload_gauges()
+            assert gauges["udp_receive_wait_ms"] >= 60
+            assert gauges["overload_max_receive_wait_ms"] == 40
+            assert 0 < gauges["udp_receive_queue_bytes"] < 1024 * 1024  # the size said nothing
+            server._check_overload(0.0, 10.2)  # peeked at, not read: it is still there
+            assert server.core.overloaded and server.receive_wait >= 0.06
+            await asyncio.sleep(0.05)  # the loop reads it
+            server._check_overload(0.0, 10.3)
+            assert not server.core.overloaded
+            assert server.overload_gauges()["udp_receive_wait_ms"] == 0
+        udp.close()
     asyncio.run(run())
 
 

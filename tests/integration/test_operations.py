@@ -119,6 +119,7 @@ def test_reload_moves_new_calls_to_the_new_gateway_and_leaves_calls_up_alone(
             time.sleep(0.5)  # answered and ACKed: the calls are up
             edited = yaml.safe_load(path.read_text())
             edited["carrier"]["gateways"] = [f"sip:{new_gw}:{gw_port}"]
+            edited["overload"] = {"max_receive_wait_ms": 350, "max_loop_lag_ms": 250}
             path.write_text(yaml.safe_dump(edited))
             done = sip700("reload", "--config", str(path))
             assert done.returncode == 0, done.stdout + done.stderr
@@ -138,6 +139,9 @@ def test_reload_moves_new_calls_to_the_new_gateway_and_leaves_calls_up_alone(
         assert server_counts("uas_basic.xml", gw_port, old_dir) == (len(up_plans), 0)
         assert server_counts("uas_basic.xml", gw_port, new_dir) == (len(new_plans), 0)
         assert metric(mport, "sip700_config_generation") == 2
+        for worker_port in (mport, mport + 1):  # each worker's overload thresholds, reloaded
+            assert metric(worker_port, "sip700_overload_max_receive_wait_ms") == 350
+            assert metric(worker_port, "sip700_overload_max_loop_lag_ms") == 250
         reloaded = log_events(proxy, "config_reloaded")
         assert reloaded[0]["config"] == str(path) and reloaded[0]["generation"] == 2
 
