@@ -921,8 +921,8 @@ class OverloadConfig(_Section):
     max_receive_wait_ms: Annotated[int, Strict(), Field(ge=10, le=60_000)] = 300
     # datagrams waiting in the kernel's UDP receive queue (KiB of kernel memory, ~1.3 KiB
     # per small datagram, ~2.3 KiB per INVITE with SDP); drops by a full queue count too.
-    # A memory bound: the wait above is the signal (2 MiB, the default until 2026-12-06, is
-    # 100-150 ms of work near capacity and shed calls the worker would have served in time)
+    # A memory bound: the wait above is the signal (2 MiB, the default until 2026-12-06,
+    # meant anything from 100 to 500 ms of wait, by the rate and the mix of messages)
     max_receive_queue_kb: Annotated[int, Strict(), Field(ge=16, le=1_048_576)] = 8192
     retry_after_s: Annotated[int, Strict(), Field(ge=0, le=3600)] = 2
 
