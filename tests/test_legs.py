@@ -73,8 +73,9 @@ def test_a_token_with_a_peer_seals_it_and_an_old_token_still_opens() -> None:
     assert "10.0.0.9" not in token and sealer.open(token) == rule
     old = DialogRule(X, A, B, A, CALLER, "d1", 123)  # sealed before tokens had a peer
     assert sealer.open(sealer.seal(old)).peer == ""
-    # UDP tokens are no longer than before
+    # a UDP token carries no peer: no longer than one without
     assert len(sealer.seal(old)) == len(sealer.seal(DialogRule(X, A, B, A, CALLER, "d1", 9)))
+    assert len(token) > len(sealer.seal(old))
 
 
 def test_too_large_for_udp_follows_rfc3261_18_1_1() -> None:
