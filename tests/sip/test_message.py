@@ -6,6 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from proxy.sip.address import parse_via
 from proxy.sip.errors import ParseError
 from proxy.sip.message import (
     SipMessage,
@@ -405,6 +406,35 @@ def test_pop_via_from_comma_joined_rows_keeps_other_bytes() -> None:
     assert msg.pop_via() == "SIP/2.0/TCP  c ;branch=z9hG4bK3"
     assert msg.rows[0][1] == b"Via: SIP/2.0/UDP d;branch=z9hG4bK4"
     assert parse(msg.serialize()).top_via.host == "d"
+
+
+@pytest.mark.parametrize("row, values", [
+    # the usual answer of a UA to a proxied request: both Vias in one row
+    (b"Via: SIP/2.0/UDP p:5062;branch=z9hG4bKs1;rport, SIP/2.0/UDP a:5080;branch=z9hG4bK-1",
+     ["SIP/2.0/UDP p:5062;branch=z9hG4bKs1;rport", "SIP/2.0/UDP a:5080;branch=z9hG4bK-1"]),
+    (b"v:SIP/2.0/UDP a;branch=z9hG4bK1 ,\tSIP/2.0/UDP b;branch=z9hG4bK2,SIP/2.0/TCP c",
+     ["SIP/2.0/UDP a;branch=z9hG4bK1", "SIP/2.0/UDP b;branch=z9hG4bK2", "SIP/2.0/TCP c"]),
+    # the careful path: an empty value, a quoted comma, a value ending the row with a comma
+    (b"Via: , SIP/2.0/UDP a;branch=z9hG4bK1, , SIP/2.0/UDP b;branch=z9hG4bK2",
+     ["SIP/2.0/UDP a;branch=z9hG4bK1", "SIP/2.0/UDP b;branch=z9hG4bK2"]),
+    (b'Via: SIP/2.0/UDP a;branch=z9hG4bK1;x="p,q", SIP/2.0/UDP b;branch=z9hG4bK2',
+     ['SIP/2.0/UDP a;branch=z9hG4bK1;x="p,q"', "SIP/2.0/UDP b;branch=z9hG4bK2"]),
+    (b"Via: SIP/2.0/UDP a;branch=z9hG4bK1, SIP/2.0/UDP b;branch=z9hG4bK2,",
+     ["SIP/2.0/UDP a;branch=z9hG4bK1", "SIP/2.0/UDP b;branch=z9hG4bK2"]),
+])
+def test_pop_via_takes_comma_joined_values_in_order(row: bytes, values: list[str]) -> None:
+    """Each pop gives the top value and leaves the others as they were, whichever way the
+    row is read (the plain shape at the first comma, the others value by value)."""
+    data = (b"SIP/2.0 200 OK\r\n" + row + b"\r\nFrom: <sip:a@h>;tag=1\r\nTo: <sip:b@h>;tag=2"
+            b"\r\nCall-ID: c\r\nCSeq: 1 INVITE\r\nContent-Length: 0\r\n\r\n")
+    msg = parse(data)
+    for i, value in enumerate(values):
+        assert [str(v) for v in parse(msg.serialize()).vias] == [
+            str(parse_via(v)) for v in values[i:]]
+        assert msg.pop_via() == value
+    assert not any(name == "via" for name, _ in msg.rows)
+    with pytest.raises(ParseError):
+        msg.pop_via()
 
 
 def test_prepend_record_route() -> None:
