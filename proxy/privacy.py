@@ -174,8 +174,20 @@ _DIGITS_MAX: Final = 100  # field header 0x80 + n: n packed digits; 0xFF: 2-octe
 _HEX: Final = frozenset("0123456789abcdef")
 
 
+_PACKED: Final[dict[str, bytes]] = {}  # field text → packed field, bounded
+
+
 def _pack_field(text: str) -> bytes:
-    """A number as packed decimal digits (two to an octet), anything else as latin-1 text."""
+    """A number as packed decimal digits (two to an octet), anything else as latin-1 text.
+    Remembered: a call seals the same X and numbers into both sides' tokens, and X recurs."""
+    packed = _PACKED.get(text)
+    if packed is None:
+        packed = _pack_field_now(text)
+        _put_bounded(_PACKED, text, packed)
+    return packed
+
+
+def _pack_field_now(text: str) -> bytes:
     n = len(text)
     if 0 < n <= _DIGITS_MAX and text.isascii() and text.isdigit():
         return bytes((0x80 + n,)) + bytes.fromhex(text + "f" if n & 1 else text)

@@ -97,6 +97,19 @@ def test_every_rule_round_trips_through_the_compact_layout(rule) -> None:
     assert DialogSealer(bytes(range(32))).open(token) == rule
 
 
+def test_packed_fields_are_remembered_bounded(monkeypatch) -> None:
+    """A call's two tokens share X and both numbers: packed once, remembered in a table that
+    never grows past its bound, and a field packed from memory opens the same."""
+    from proxy import privacy as privacy_module
+
+    monkeypatch.setattr(privacy_module, "_MAP_MAX_ENTRIES", 4)
+    rules = [DialogRule(X, f"1380000{n:04d}", f"1390000{n:04d}", f"1380000{n:04d}", side,
+                        call_id_digest(f"p{n}"), 7) for n in range(12) for side in (CALLER, CALLEE)]
+    for rule in rules:
+        assert DialogSealer(bytes(range(32))).open(SEALER.seal(rule)) == rule
+        assert len(privacy_module._PACKED) <= 4
+
+
 def _seal_v2(sealer_key: bytes, rule: DialogRule) -> str:
     """A token as sip700 sealed it before the compact layout (2-octet lengths, text)."""
     import struct
