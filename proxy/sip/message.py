@@ -506,10 +506,10 @@ class SipMessage:
                 # values joined in one row, as many UAs answer (no quoted string, no fold):
                 # the first comma ends the top value, and the rest keeps its bytes
                 top_bytes = row[colon:comma].strip(b" \t")
-                rest = row[comma + 1:].lstrip(b" \t")
-                if top_bytes and rest and rest[0] != 44:  # not ", ," (an empty value): below
+                tail = row[comma + 1:].lstrip(b" \t")
+                if top_bytes and tail and tail[0] != 44:  # not ", ," (an empty value): below
                     self.forget_parsed("via")
-                    rows[i] = ("via", row[:colon] + b" " + rest)
+                    rows[i] = ("via", row[:colon] + b" " + tail)
                     return top_bytes.decode("latin-1")
             text = row[colon:].decode("latin-1")  # str: its methods are C calls compiled
             if "," not in text:  # the usual case: one value per Via row
