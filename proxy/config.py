@@ -915,11 +915,10 @@ class OverloadConfig(_Section):
     max_loop_lag_ms: Annotated[int, Strict(), Field(ge=10, le=60_000)] = 200
     max_pending_lookups: Annotated[int, Strict(), Field(ge=1, le=10_000_000)] = 5000
     # how long the oldest datagram in a UDP receive queue has waited there (the kernel's
-    # arrival stamp): what a caller's INVITE feels before any of our code sees it. 400: an
-    # INVITE that waited less still hears from us within T1 (500 ms): from 150 ms of wait on,
-    # its 100 Trying goes at once instead of being held timers.trying_after_ms (core.py,
-    # note_receive_wait)
-    max_receive_wait_ms: Annotated[int, Strict(), Field(ge=10, le=60_000)] = 400
+    # arrival stamp): what a caller's INVITE feels before any of our code sees it. 300: an
+    # INVITE that waited less still hears from us within T1 (500 ms) with the 100 Trying held
+    # timers.trying_after_ms (200) at most
+    max_receive_wait_ms: Annotated[int, Strict(), Field(ge=10, le=60_000)] = 300
     # datagrams waiting in the kernel's UDP receive queue (KiB of kernel memory, ~1.3 KiB
     # per small datagram, ~2.3 KiB per INVITE with SDP); drops by a full queue count too.
     # A memory bound: the wait above is the signal (2 MiB, the default until 2026-12-06,

@@ -397,9 +397,6 @@ class ProxyCore:
         # set by the shell while its event loop lags (overload.*): new INVITEs are refused
         # before any lookup, everything else flows
         self.overloaded = False
-        # set by the shell from how long datagrams wait in the kernel (note_receive_wait): an
-        # INVITE's 100 Trying then goes at once, not held timers.trying_after_ms
-        self.trying_at_once = False
         # OPTIONS probes in flight, by branch: (gateway, sent at, request bytes, next resend)
         self._probes: dict[str, list[Any]] = {}
         self._probed = probed_gateways(self.router, settings.probe)
@@ -1934,19 +1931,10 @@ class ProxyCore:
         only if no other response went out meanwhile. Most calls are answered (180, or a
         refusal) within milliseconds, so most 100s need not be built, sent and read at all."""
         delay = self.settings.trying_after
-        if delay > 0 and not self.trying_at_once:
+        if delay > 0:
             relay.trying_due = now + delay
         else:
             self._send_trying(relay, now)
-
-    def note_receive_wait(self, wait: float) -> None:
-        """How long the oldest datagram in the worker's UDP receive queues has waited (seconds,
-        read by the shell's tick). An INVITE read now may have waited that long: from half of
-        what T1 leaves after `trying_after` on, its 100 Trying goes at once, so the caller hears
-        from us before T1 (when it sends the INVITE again) even when the next 200 ms are slow.
-        With T1 500 ms and a 200 ms hold: from 150 ms of wait."""
-        s = self.settings
-        self.trying_at_once = wait >= (s.timer_settings.t1 - s.trying_after) / 2
 
     def _send_trying(self, relay: Relay, now: float) -> None:
         relay.trying_due = None

@@ -1110,7 +1110,6 @@ class ProxyServer:
             queued, drops, wait = 0, 0, 0.0
         self.receive_queue_bytes = queued
         self.receive_wait = wait
-        self.core.note_receive_wait(wait)
         if drops:
             self.count("udp_receive_drops", drops)
         if o is None:

@@ -685,25 +685,6 @@ def test_a_retransmitted_invite_gets_the_held_100_at_once() -> None:
     assert answers(core) == [100]
 
 
-def test_while_datagrams_wait_long_in_the_kernel_the_100_goes_at_once() -> None:
-    """The shell's reading of how long datagrams wait (note_receive_wait): from 150 ms on (half
-    of what T1 leaves after the 200 ms hold) an INVITE's 100 is not held, so a caller whose
-    INVITE waited still hears from us before it sends it again; under that it is held."""
-    core = make_core()
-    core.note_receive_wait(0.149)
-    core.receive_datagram(invite(branch="b1"), CALLER, "udp", 0.0)
-    assert answers(core) == []
-    core.note_receive_wait(0.15)
-    core.receive_datagram(invite(branch="b2"), CALLER, "udp", 0.0)
-    assert answers(core) == [100]
-    (trying,) = [parse_message(o.data) for o in core.outbox if o.dest == CALLER]
-    assert trying.call_id == "call-b2"
-    core.outbox.clear()
-    core.note_receive_wait(0.01)
-    core.receive_datagram(invite(branch="b3"), CALLER, "udp", 0.0)
-    assert answers(core) == []
-
-
 def test_trying_after_zero_sends_the_100_before_the_lookup() -> None:
     core = make_core(trying_after=0.0)
     core.receive_datagram(invite(), CALLER, "udp", 0.0)

@@ -256,28 +256,6 @@ def test_a_datagram_that_waited_too_long_in_the_kernel_sheds_new_calls() -> None
     asyncio.run(run())
 
 
-def test_a_datagram_waiting_150_ms_makes_the_100_trying_go_at_once() -> None:
-    """Under the shedding limit, a wait of 150 ms (half of what T1 leaves after the 200 ms
-    hold) already tells the core to send each INVITE's 100 at once; once the queue is read,
-    the 100 is held again."""
-    async def run() -> None:
-        server, udp, address = await _listening(
-            _server(rcvbuf=4 << 20, max_receive_queue_kb=1024, max_receive_wait_ms=1000))
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sender:
-            sender.sendto(b"OPTIONS sip:x SIP/2.0\r\n", address)
-            time.sleep(0.01)
-            server._check_overload(0.0, 10.0)
-            assert not server.core.trying_at_once
-            time.sleep(0.16)  # the loop cannot run: the datagram keeps waiting
-            server._check_overload(0.0, 10.2)
-            assert server.core.trying_at_once and not server.core.overloaded
-            await asyncio.sleep(0.05)  # the loop reads it
-            server._check_overload(0.0, 10.3)
-            assert not server.core.trying_at_once
-        udp.close()
-    asyncio.run(run())
-
-
 def test_a_queue_that_falls_under_its_limit_in_time_sheds_nothing() -> None:
     """Over the limit, then read before QUEUE_STANDING_S: the next time it goes over, the
     clock starts again."""
