@@ -65,7 +65,9 @@ from proxy.privacy import (
     InvalidDialogToken,
     Privacy,
     PrivacyPolicy,
+    RestoreRows,
     call_id_digest,
+    restore_of,
     uri_number,
 )
 from proxy.records.model import BY_PROXY, call_key
@@ -246,6 +248,7 @@ class Relay:
         "provisional",
         "receiver",
         "request",
+        "restore",
         "retired",
         "rule",
         "server",
@@ -262,6 +265,7 @@ class Relay:
 
     def __init__(self, request: SipMessage, upstream: Outgoing, server: Any, key: tuple) -> None:
         self.request = request  # as received (top Via stamped): our own responses copy it
+        self.restore: RestoreRows | None = None  # its rows the responses get (restore_of)
         self.upstream = upstream  # data unused: dest + transport of the previous hop
         self.server = server
         self.server_key = key
@@ -325,7 +329,7 @@ _OLD_BRANCH: Final = 2
 class Forwarded(NamedTuple):
     """A non-INVITE in-dialog request forwarded statelessly: what its responses need."""
 
-    request: SipMessage  # as received: the responses get its From/To/Call-ID/Via rows back
+    restore: RestoreRows  # the request's From/To/Call-ID/Via rows, which its responses get
     rule: DialogRule
     receiver: str  # the side the responses go back to
     upstream: Outgoing
@@ -1397,7 +1401,8 @@ class ProxyCore:
             out.pop_via()
             return False
         expires = now + STATELESS_LIFE  # a retransmission: refreshed
-        self._stateless[branch] = Forwarded(msg, rule, rule.side, upstream, expires)
+        self._stateless[branch] = Forwarded(restore_of(msg), rule, rule.side, upstream,
+                                            expires)
         self._expiry_order.append((expires, _STATELESS, branch))
         self.outbox.append(Outgoing(data, (hop.host, hop.port), "udp"))
         self._count("forwarded_stateless")
@@ -1426,7 +1431,7 @@ class ProxyCore:
         if not msg.has("via"):  # RFC 3261 §16.7 step 3: it was meant for us alone
             self._count("responses_dropped")
             return
-        scrubbed = self.privacy.response(msg, entry.request, entry.rule, entry.receiver,
+        scrubbed = self.privacy.response(msg, entry.restore, entry.rule, entry.receiver,
                                          entry.token_swap)
         if scrubbed:
             self._count("leaks_scrubbed", scrubbed)
@@ -1669,7 +1674,10 @@ class ProxyCore:
             self._count("responses_dropped")
             return
         if relay.rule is not None:
-            scrubbed = self.privacy.response(msg, relay.request, relay.rule, relay.receiver,
+            restore = relay.restore
+            if restore is None:  # the first response: taken once for all of them
+                restore = relay.restore = restore_of(relay.request)
+            scrubbed = self.privacy.response(msg, restore, relay.rule, relay.receiver,
                                              self._swap(relay))
             if scrubbed:
                 self._count("leaks_scrubbed", scrubbed)
@@ -1734,8 +1742,12 @@ class ProxyCore:
         order = self._expiry_order
         order.append((expires, _ACCEPTED, key))
         if client_key is not None and relay.rule is not None:
+            # the rows, not the request: 32 s of answered INVITEs would stay in memory whole
+            restore = relay.restore
+            if restore is None:
+                restore = relay.restore = restore_of(relay.request)
             self._stateless[client_key[0]] = Forwarded(
-                relay.request, relay.rule, relay.receiver, relay.upstream, expires,
+                restore, relay.rule, relay.receiver, relay.upstream, expires,
                 self._swap(relay), True)
             order.append((expires, _STATELESS, client_key[0]))
         self._count("invites_retired")

@@ -566,15 +566,16 @@ class Privacy:
 
     # ---- responses -----------------------------------------------------------------------------
     def response(
-        self, resp: SipMessage, request: SipMessage, rule: DialogRule, receiver: str,
+        self, resp: SipMessage, restore: RestoreRows, rule: DialogRule, receiver: str,
         token_swap: tuple[bytes, bytes] | None = None,
     ) -> int:
-        """A response going back to `receiver`, who sent `request` (as received).
+        """A response going back to `receiver`, who sent the request `restore` was taken from
+        (restore_of, on the request as received).
 
         Its From, To (with the far end's tag), Call-ID and Via rows are the ones `receiver`
         sent; our Record-Route token becomes the one that belongs to `receiver`.
         """
-        restore_rows(resp, request)
+        restore_rows(resp, restore)
         if token_swap is not None:
             theirs, ours = token_swap
             rows = resp.rows
@@ -694,28 +695,49 @@ def _replace_rows(msg: SipMessage, name: str, new_rows: tuple[bytes, ...]) -> No
     msg.forget_parsed(name)
 
 
-def restore_rows(resp: SipMessage, request: SipMessage) -> None:
-    """Give a response the From, To (+ the far end's To tag), Call-ID and Via rows of the
-    request it answers, exactly as they were received (RFC 3261 §8.2.6: a UAS copies them)."""
+# What a response needs from the request it answers (restore_of): the request's Via rows,
+# its From, To and Call-ID rows, and whether its To carried a tag. Tuples of text only: the
+# collector stops walking them after one pass, and the request itself can go.
+RestoreRows = tuple[tuple[tuple[str, bytes], ...], tuple[tuple[str, bytes], ...], bool]
+
+
+def restore_of(request: SipMessage) -> RestoreRows:
+    """The rows of `request` its responses get back (restore_rows), taken once: an INVITE's
+    responses all need the same ones, and a retired INVITE keeps only these for Timer L/M."""
     vias: list[tuple[str, bytes]] = []
-    single: dict[str, tuple[str, bytes]] = {}
+    single: list[tuple[str, bytes]] = []
+    seen = 0
     for item in request.rows:
         name = item[0]
         if name == "via":
             vias.append(item)
-        elif name in _SINGLE_RESTORED and name not in single:
-            single[name] = item
-    to_item = single.get("to")
-    if to_item is not None and resp.status > 100:
+        else:
+            bit = _SINGLE_BITS.get(name, 0)
+            if bit and not seen & bit:  # the first of each only
+                seen |= bit
+                single.append(item)
+    had_tag = True
+    if seen & _TO_BIT:
         try:
             had_tag = request.to.tag is not None
         except ParseError:
-            had_tag = True
-        if not had_tag:
-            theirs = next((row for name, row in resp.rows if name == "to"), b"")
-            tag = _to_tag(theirs)
-            if tag is not None:
-                single["to"] = ("to", to_item[1].rstrip() + b";tag=" + tag)
+            pass
+    return tuple(vias), tuple(single), had_tag
+
+
+def restore_rows(resp: SipMessage, restore: RestoreRows) -> None:
+    """Give a response the From, To (+ the far end's To tag), Call-ID and Via rows of the
+    request it answers, exactly as they were received (RFC 3261 §8.2.6: a UAS copies them)."""
+    vias, kept, had_tag = restore
+    single: dict[str, tuple[str, bytes]] = {}
+    for item in kept:
+        single[item[0]] = item
+    to_item = single.get("to")
+    if to_item is not None and resp.status > 100 and not had_tag:
+        theirs = next((row for name, row in resp.rows if name == "to"), b"")
+        tag = _to_tag(theirs)
+        if tag is not None:
+            single["to"] = ("to", to_item[1].rstrip() + b";tag=" + tag)
     rows: list[tuple[str, bytes]] = []
     via_done = False
     for item in resp.rows:
@@ -736,6 +758,8 @@ def restore_rows(resp: SipMessage, request: SipMessage) -> None:
         resp.forget_parsed(name)
 
 
+_TO_BIT: Final = 2
+_SINGLE_BITS: Final = {"from": 1, "to": _TO_BIT, "call-id": 4}
 _SINGLE_RESTORED: Final = frozenset(("from", "to", "call-id"))
 _TO_TAG: Final = re.compile(rb";[ \t]*tag[ \t]*=[ \t]*([^;, \t\r\n>]+)", re.IGNORECASE)
 

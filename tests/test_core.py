@@ -509,7 +509,7 @@ def test_unanswered_stateless_request_is_forgotten_after_timer_f() -> None:
     core = make_core()
     d = Dialog(core)
     d.from_caller("INFO", branch="info-1")
-    assert [e.request.method for e in core._stateless.values()] == ["INVITE", "INFO"]
+    assert [e.invite for e in core._stateless.values()] == [True, False]  # INVITE, INFO
     core.outbox.clear()
     core.handle_timers(40.0)
     assert not core._stateless and core.outbox == []  # no 408 for a non-INVITE (RFC 4320)
@@ -530,7 +530,7 @@ def test_stateless_entries_expire_in_order_whatever_ended_or_refreshed_them() ->
     d.from_caller("INFO", branch="info-1", now=10.0)  # retransmitted: kept to 10 + 32
     assert len(core._expiry_order) == 5  # INVITE (2 tables), info-1 twice, info-2
     core.handle_timers(35.0)
-    assert [e.request.method for e in core._stateless.values()] == ["INFO"]
+    assert [e.invite for e in core._stateless.values()] == [False]  # info-1's
     assert not core._accepted and len(core._expiry_order) == 1
     assert core.next_deadline() == 42.0
     core.outbox.clear()
@@ -563,6 +563,12 @@ def test_an_invite_answered_2xx_keeps_no_transaction_pair() -> None:
     d = Dialog(core)
     assert not core.server_txs and not core.client_txs and len(core.wheel) == 0
     assert core.stats["invites_retired"] == 1
+    # what is kept for Timer L/M is rows of text, not the INVITE and what was parsed of it
+    (entry,) = core._stateless.values()
+    assert entry.invite and _only_text(entry.restore)
+    vias, kept, had_tag = entry.restore
+    assert [name for name, _ in vias] == ["via"] and not had_tag
+    assert sorted(name for name, _ in kept) == ["call-id", "from", "to"]
     # the caller's INVITE retransmission is absorbed, not looked up and sent again
     core.receive_datagram(request([
         f"INVITE sip:{X}@127.0.0.1:5060 SIP/2.0",
@@ -736,3 +742,11 @@ def test_the_invite_leaves_before_the_callers_token_is_sealed() -> None:
         ]), CALLER, "udp", 1.0)
         (bye,) = [parse_message(o.data) for o in core.outbox if o.dest == GATEWAY]
         assert bye.method == "BYE" and bye.call_id == invite.call_id
+
+
+def _only_text(value: object) -> bool:
+    """True when `value` is made of tuples, text and flags only (nothing the collector walks
+    again, no parsed message kept alive)."""
+    if isinstance(value, tuple):
+        return all(_only_text(item) for item in value)
+    return isinstance(value, (str, bytes, bool))

@@ -16,6 +16,8 @@ from proxy.privacy import (
     Privacy,
     PrivacyPolicy,
     call_id_digest,
+    restore_of,
+    restore_rows,
     set_address_user,
 )
 from proxy.sip.message import parse_message
@@ -243,7 +245,7 @@ def test_response_gets_the_receivers_rows_and_token() -> None:
         "CSeq: 1 INVITE",
         "Contact: <sip:%31%33%39%30%30%30%30%30%30%30%31@10.0.0.9>",
     ))
-    privacy.response(resp, request, RULE, CALLER, (b"THEIRS", b"OURS"))
+    privacy.response(resp, restore_of(request), RULE, CALLER, (b"THEIRS", b"OURS"))
     out = resp.serialize()
     assert resp.reason == f"Ringing {X}"
     assert resp.header("record-route") == "<sip:10.0.0.1;lr;s7=OURS>"
@@ -251,6 +253,51 @@ def test_response_gets_the_receivers_rows_and_token() -> None:
     assert resp.from_.display is not None and resp.from_.uri.user == A  # A's own From row
     assert resp.to.tag == "tag-b" and resp.to.uri.user == X
     assert b"%31%33%39" not in out and B.encode() not in out
+
+
+def test_restore_takes_the_first_of_each_row_and_the_far_ends_to_tag() -> None:
+    request = parse_message(msg(
+        f"INVITE sip:{X}@10.0.0.1 SIP/2.0",
+        "Via: SIP/2.0/UDP 10.0.0.3;branch=z9hG4bK0",
+        "Via: SIP/2.0/UDP 10.0.0.4;branch=z9hG4bK9",
+        f"From: <sip:{A}@10.0.0.3>;tag=tag-a",
+        f"From: <sip:{B}@10.0.0.3>;tag=second",
+        f"To: <sip:{X}@10.0.0.1>",
+        "Call-ID: c1",
+        "CSeq: 1 INVITE",
+    ))
+    restore = restore_of(request)
+    vias, kept, had_tag = restore
+    assert [(n, r.split(b";")[0][-8:]) for n, r in vias] == [("via", b"10.0.0.3"),
+                                                               ("via", b"10.0.0.4")]
+    assert [n for n, _ in kept] == ["from", "to", "call-id"] and not had_tag
+    assert kept[0][1].endswith(b"tag=tag-a") and kept[2][1].endswith(b"c1")
+    for status, tagged in ((180, True), (100, False)):
+        resp = parse_message(msg(
+            f"SIP/2.0 {status} Whatever",
+            "Via: SIP/2.0/UDP 10.0.0.3;branch=z9hG4bK0",
+            f"From: <sip:{X}@10.0.0.9>;tag=other",
+            f"To: <sip:{B}@10.0.0.9>;tag=tag-b",
+            "Call-ID: theirs",
+            "CSeq: 1 INVITE",
+        ))
+        restore_rows(resp, restore)
+        assert len(resp.header_values("via")) == 2 and resp.call_id == "c1"
+        assert resp.from_.uri.user == A and resp.from_.tag == "tag-a"
+        assert resp.to.uri.user == X
+        assert resp.to.tag == ("tag-b" if tagged else None)  # a 100 carries no To tag
+    # a request whose To has a tag already (in-dialog): its responses keep it as it was
+    in_dialog = parse_message(msg(
+        f"BYE sip:{X}@10.0.0.1 SIP/2.0", "Via: SIP/2.0/UDP 10.0.0.3;branch=z9hG4bK1",
+        f"From: <sip:{A}@10.0.0.3>;tag=tag-a", f"To: <sip:{X}@10.0.0.1>;tag=mine",
+        "Call-ID: c1", "CSeq: 2 BYE"))
+    assert restore_of(in_dialog)[2] is True
+    resp = parse_message(msg(
+        "SIP/2.0 200 OK", "Via: SIP/2.0/UDP 10.0.0.3;branch=z9hG4bK1",
+        f"From: <sip:{X}@10.0.0.9>;tag=other", f"To: <sip:{B}@10.0.0.9>;tag=theirs",
+        "Call-ID: theirs", "CSeq: 2 BYE"))
+    restore_rows(resp, restore_of(in_dialog))
+    assert resp.to.tag == "mine"
 
 
 def test_unreadable_body_is_stripped_or_refused() -> None:
