@@ -30,9 +30,13 @@ the way `sip700 run` sets it up and driven the way the shared bench harness driv
   R-URI user B and From / To / P-Asserted-Identity user X, the 200 gives A its own From back.
   A failed check stops the bench: a benchmark that silently stops rewriting is worthless.
 
+- Collector: as in a worker (`proxy.worker.collect_young`): the young generation is collected
+  every 50 ms of the simulated clock, the middle one every fourth time, so what a call keeps
+  alive past that is walked as it is in production.
+
 Figures: process CPU time (time.process_time) inside the core's entry points only, per call:
-the calls phase (receive_datagram and the lookup step) and the timers phase (the ticks); best
-and median of ROUNDS rounds, after a warm-up round.
+the calls phase (receive_datagram and the lookup step), the timers phase (the ticks) and the
+young collections; best and median of ROUNDS rounds, after a warm-up round.
 
 Usage:
     python3 scripts/bench_core.py [CALLS] [--bindings N] [--rounds R] [--cps RATE]
@@ -87,6 +91,7 @@ from proxy import logs
 from proxy.bindings.memory import MemoryStore
 from proxy.cli import build_core, dialog_key
 from proxy.config import load_config
+from proxy.worker import GC_MIDDLE_EVERY, GC_YOUNG_EVERY_S
 
 ROOT = Path(__file__).resolve().parent.parent
 BASE_CONFIG = ROOT / "config" / "proxy.yaml"
@@ -319,6 +324,8 @@ class Round:
     calls: int
     calls_cpu: float = 0.0  # seconds in receive_datagram + the lookup step
     timers_cpu: float = 0.0  # seconds in the ticks (next_deadline, handle_timers)
+    gc_cpu: float = 0.0  # seconds in the worker's young collections (collect_young's cadence)
+    gc_runs: int = 0
     messages_in: int = 0
     messages_out: int = 0
     timer_runs: int = 0  # ticks at which a deadline was due: handle_timers calls
@@ -334,8 +341,12 @@ class Round:
         return self.timers_cpu / self.calls * 1e6
 
     @property
+    def gc_us(self) -> float:
+        return self.gc_cpu / self.calls * 1e6
+
+    @property
     def total_us(self) -> float:
-        return self.calls_us + self.timers_us
+        return self.calls_us + self.timers_us + self.gc_us
 
 
 @dataclass
@@ -370,6 +381,8 @@ class Bench:
         self.base = 1000.0  # the core's clock is time.monotonic(): any origin
         self.now = self.base
         self.ticks = 1
+        self.next_gc = self.base + GC_YOUNG_EVERY_S
+        self.gc_count = 0
         self.next_call = 0
         self.prof: cProfile.Profile | None = None
         self.r = Round(0)
@@ -431,7 +444,20 @@ class Bench:
             if core.outbox:
                 self.r.timer_sends += len(core.outbox)
                 core.outbox = []
+            if tick >= self.next_gc:
+                self.collect(tick)
         self.now = t
+
+    def collect(self, tick: float) -> None:
+        """The worker's collector cadence (proxy.worker.collect_young) on the simulated clock:
+        generation 0 every GC_YOUNG_EVERY_S, generation 1 every GC_MIDDLE_EVERY-th time. What
+        a call leaves alive for longer than that is walked, as in a worker."""
+        self.gc_count += 1
+        self.next_gc = tick + GC_YOUNG_EVERY_S
+        t0 = time.process_time()
+        gc.collect(1 if self.gc_count % GC_MIDDLE_EVERY == 0 else 0)
+        self.r.gc_cpu += time.process_time() - t0
+        self.r.gc_runs += 1
 
     # -- one round ------------------------------------------------------------------------------
     def run_round(self, calls: int) -> Round:
@@ -590,7 +616,9 @@ def report(args: argparse.Namespace, result: Result) -> None:
           f"{statistics.median(r.calls_us for r in rounds):.1f} µs, timers phase "
           f"{best.timers_us:.1f} / {statistics.median(r.timers_us for r in rounds):.1f} µs "
           f"({timer_runs:.2f} handle_timers runs per call, {timer_sends} datagrams sent by "
-          f"timers)")
+          f"timers), young collections {best.gc_us:.1f} / "
+          f"{statistics.median(r.gc_us for r in rounds):.1f} µs ({best.gc_runs} in the best "
+          f"round)")
     print(f"  {args.shape} rows, {args.bindings} bindings, a different caller per call"
           f"{'' if result.calls_made <= args.bindings else ' (callers repeat: calls > bindings)'}"
           f", {args.cps:g} calls/s, hold {args.hold_ms:g} ms, clock +{DRAIN_S:g} s after each "

@@ -42,9 +42,10 @@ def test_bench_core_runs_calls_with_timers_logging_and_privacy_checks(bench, cap
         assert r.calls_cpu > 0 and r.timers_cpu > 0
         assert r.timer_runs > 0  # the core's timers fired on the simulated clock
         assert r.timer_sends == 0
+        assert r.gc_runs > 0 and r.gc_cpu > 0  # the worker's young collections ran
     out = capsys.readouterr().out
     assert "20 calls x 2 rounds: core CPU per call best" in out
-    assert "calls phase" in out and "timers phase" in out
+    assert "calls phase" in out and "timers phase" in out and "young collections" in out
     assert "0 transactions left" in out
     assert '"event": "call"' not in out  # the call log went to /dev/null
 
