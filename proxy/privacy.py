@@ -695,43 +695,64 @@ def _replace_rows(msg: SipMessage, name: str, new_rows: tuple[bytes, ...]) -> No
     msg.forget_parsed(name)
 
 
-# What a response needs from the request it answers (restore_of): the request's Via rows,
-# its From, To and Call-ID rows, and whether its To carried a tag. Tuples of text only: the
-# collector stops walking them after one pass, and the request itself can go.
-RestoreRows = tuple[tuple[tuple[str, bytes], ...], tuple[tuple[str, bytes], ...], bool]
+# What a response needs from the request it answers (restore_of): the request's Via rows
+# and its From, To and Call-ID rows, as their names (Vias first), their octets end to end and
+# where each ends, and whether its To carried a tag. A copy, made at once: a retired INVITE
+# keeps it for 32 s (Timer L/M) while the request goes. Keeping the request's own row objects
+# instead pinned them among the freed rest of it, and scattered the allocator's later work
+# over those half-used pools (measured: a call's core CPU up 15-25 % in steady state).
+RestoreRows = tuple[tuple[str, ...], bytes, tuple[int, ...], bool]
 
 
 def restore_of(request: SipMessage) -> RestoreRows:
     """The rows of `request` its responses get back (restore_rows), taken once: an INVITE's
     responses all need the same ones, and a retired INVITE keeps only these for Timer L/M."""
-    vias: list[tuple[str, bytes]] = []
-    single: list[tuple[str, bytes]] = []
+    vias: list[bytes] = []
+    names: list[str] = []
+    single: list[bytes] = []
     seen = 0
-    for item in request.rows:
-        name = item[0]
+    for name, row in request.rows:
         if name == "via":
-            vias.append(item)
+            vias.append(row)
         else:
             bit = _SINGLE_BITS.get(name, 0)
             if bit and not seen & bit:  # the first of each only
                 seen |= bit
-                single.append(item)
+                names.append(name)
+                single.append(row)
     had_tag = True
     if seen & _TO_BIT:
         try:
             had_tag = request.to.tag is not None
         except ParseError:
             pass
-    return tuple(vias), tuple(single), had_tag
+    ends: list[int] = []
+    end = 0
+    for row in vias:
+        end += len(row)
+        ends.append(end)
+    for row in single:
+        end += len(row)
+        ends.append(end)
+    return (("via",) * len(vias) + tuple(names), b"".join(vias) + b"".join(single),
+            tuple(ends), had_tag)
 
 
 def restore_rows(resp: SipMessage, restore: RestoreRows) -> None:
     """Give a response the From, To (+ the far end's To tag), Call-ID and Via rows of the
     request it answers, exactly as they were received (RFC 3261 §8.2.6: a UAS copies them)."""
-    vias, kept, had_tag = restore
+    names, blob, ends, had_tag = restore
+    vias: list[tuple[str, bytes]] = []
     single: dict[str, tuple[str, bytes]] = {}
-    for item in kept:
-        single[item[0]] = item
+    start = 0
+    for i in range(len(names)):
+        name = names[i]
+        end = ends[i]
+        if name == "via":
+            vias.append((name, blob[start:end]))
+        else:
+            single[name] = (name, blob[start:end])
+        start = end
     to_item = single.get("to")
     if to_item is not None and resp.status > 100 and not had_tag:
         theirs = next((row for name, row in resp.rows if name == "to"), b"")
