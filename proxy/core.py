@@ -1674,10 +1674,7 @@ class ProxyCore:
             self._count("responses_dropped")
             return
         if relay.rule is not None:
-            restore = relay.restore
-            if restore is None:  # the first response: taken once for all of them
-                restore = relay.restore = restore_of(relay.request)
-            scrubbed = self.privacy.response(msg, restore, relay.rule, relay.receiver,
+            scrubbed = self.privacy.response(msg, _restore(relay), relay.rule, relay.receiver,
                                              self._swap(relay))
             if scrubbed:
                 self._count("leaks_scrubbed", scrubbed)
@@ -1743,11 +1740,8 @@ class ProxyCore:
         order.append((expires, _ACCEPTED, key))
         if client_key is not None and relay.rule is not None:
             # the rows, not the request: 32 s of answered INVITEs would stay in memory whole
-            restore = relay.restore
-            if restore is None:
-                restore = relay.restore = restore_of(relay.request)
             self._stateless[client_key[0]] = Forwarded(
-                restore, relay.rule, relay.receiver, relay.upstream, expires,
+                _restore(relay), relay.rule, relay.receiver, relay.upstream, expires,
                 self._swap(relay), True)
             order.append((expires, _STATELESS, client_key[0]))
         self._count("invites_retired")
@@ -2073,6 +2067,14 @@ class ProxyCore:
             # both transactions are over: break the ACK builder's closure cycle so reference
             # counting frees the relay at once (the cyclic GC is tuned to run rarely)
             relay.client = relay.cancel_client = None
+
+
+def _restore(relay: Relay) -> RestoreRows:
+    """The rows the relay's responses get back from its request, taken at the first need."""
+    restore = relay.restore
+    if restore is None:
+        restore = relay.restore = restore_of(relay.request)
+    return restore
 
 
 def _response_address(msg: SipMessage, source: Address) -> Address:

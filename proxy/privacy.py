@@ -781,7 +781,7 @@ def restore_rows(resp: SipMessage, restore: RestoreRows) -> None:
 
 _TO_BIT: Final = 2
 _SINGLE_BITS: Final = {"from": 1, "to": _TO_BIT, "call-id": 4}
-_SINGLE_RESTORED: Final = frozenset(("from", "to", "call-id"))
+_SINGLE_RESTORED: Final = frozenset(_SINGLE_BITS)
 _TO_TAG: Final = re.compile(rb";[ \t]*tag[ \t]*=[ \t]*([^;, \t\r\n>]+)", re.IGNORECASE)
 
 
