@@ -69,7 +69,7 @@ def test_a_bad_sip700_python_is_named_and_nothing_is_made(tmp_path: Path) -> Non
     assert not venv.exists()
 
 
-def test_sip700_python_too_old_or_without_venv_is_refused(tmp_path: Path) -> None:
+def test_sip700_python_without_its_venv_module_is_refused(tmp_path: Path) -> None:
     # a real interpreter that fails the rule: Python whose `venv` import is shadowed
     fake = tmp_path / "python3"
     fake.write_text(f"#!/bin/sh\nPYTHONPATH={tmp_path}/shadow exec {sys.executable} \"$@\"\n")
