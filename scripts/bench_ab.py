@@ -1,0 +1,238 @@
+#!/usr/bin/env python3
+"""Two variants of the proxy through the shared harness, alternated: A, B, A, B, …
+
+This VM's speed drifts by 10-20 % within minutes, so a change is only measured against its
+baseline run right before or after it. A variant is a checkout (`--a DIR`, `--b DIR`; default:
+this one) and, optionally, a YAML overlay merged into the harness's own config (`--a-config`,
+`--b-config`: the same listen address, carrier, store and pattern as `run.sh` writes, plus
+whatever the overlay sets, e.g. `overload: {max_receive_wait_ms: 450}`).
+
+    scripts/bench_ab.py --b ../other-checkout              this checkout against another
+    scripts/bench_ab.py --b-config nolog.yaml --store redis   one config change, Redis store
+    scripts/bench_ab.py --rates 4000 5500 --seconds 30 --pairs 3
+
+Each run prints its verdict, failed calls, INVITE→200 p99 and max, the proxy's CPU (all its
+processes, % of one core) and µs of it per call, Redis's CPU, and how often the workers entered
+overload and how many calls they shed (from the proxy's log). The summary gives, per rate, each
+variant's median CPU a call and the median of the pairs' ratios B / A: the figure to quote.
+Both variants run on the interpreter running this script (`--python` for another): build each
+checkout's compiled modules with that interpreter (`scripts/build-compiled`), or neither.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+PROXY_PORT, CARRIER_PORT, REDIS_PORT = 15060, 15070, 16379  # the harness's fixed ports
+
+
+def harness_config(store: str, bindings: Path) -> dict[str, Any]:
+    """What `run.sh` writes for the project (start_project), as a mapping."""
+    if store == "redis":
+        backend: dict[str, Any] = {"backend": "redis",
+                                   "redis_url": f"redis://127.0.0.1:{REDIS_PORT}/0"}
+    else:
+        backend = {"backend": "memory", "bindings_file": str(bindings)}
+    return {
+        "listen": [f"udp:127.0.0.1:{PROXY_PORT}"],
+        "advertise": f"127.0.0.1:{PROXY_PORT}",
+        "trusted_peers": ["127.0.0.1/32"],
+        "carrier": {"gateways": [f"sip:127.0.0.1:{CARRIER_PORT}"]},
+        "store": backend,
+        "middle_number_pattern": r"^700\d{12}$",
+    }
+
+
+def merged(base: dict[str, Any], overlay: dict[str, Any]) -> dict[str, Any]:
+    """`overlay` over `base`: mappings merge key by key, anything else replaces."""
+    out = dict(base)
+    for key, value in overlay.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merged(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def read_overlay(path: Path | None) -> dict[str, Any]:
+    """An overlay file's mapping; a clear error for anything else."""
+    if path is None:
+        return {}
+    data = yaml.safe_load(path.read_text())
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise SystemExit(f"bench_ab: {path}: an overlay must be a YAML mapping")
+    return data
+
+
+def parse_result(output: str) -> dict[str, str]:
+    """The fields of run.sh's RESULT line (empty when there is none), and its run directory."""
+    fields: dict[str, str] = {}
+    for line in output.splitlines():
+        if line.startswith("RESULT "):
+            fields.update(re.findall(r"(\w+)=(\S+)", line))
+        found = re.search(r"run dir (\S+)", line)
+        if found:
+            fields["run_dir"] = found.group(1)
+    return fields
+
+
+def read_cpu(text: str) -> dict[str, float]:
+    """run.sh's cpu.txt (`name percent` per line) as a mapping."""
+    out = {}
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) == 2:
+            try:
+                out[parts[0]] = float(parts[1])
+            except ValueError:
+                continue
+    return out
+
+
+def log_overloads(lines: Any) -> tuple[int, int]:
+    """(overload episodes, calls shed) from the proxy's JSON log lines: the `overloaded`
+    warnings, and the `calls_shed` counts in each worker's `stopping` line."""
+    episodes = shed = 0
+    for line in lines:
+        if '"overloaded"' not in line and '"stopping"' not in line:
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if record.get("event") == "overloaded":
+            episodes += 1
+        elif record.get("event") == "stopping":
+            shed += int(record.get("stats", {}).get("calls_shed", 0))
+    return episodes, shed
+
+
+@dataclass
+class Variant:
+    name: str
+    checkout: Path
+    config: Path
+    runs: dict[int, list[dict[str, Any]]] = field(default_factory=dict)
+
+
+def run_once(bench: Path, variant: Variant, rate: int, seconds: int, store: str,
+             python: str) -> dict[str, Any]:
+    env = {**os.environ, "PROJECT_DIR": str(variant.checkout),
+           "PROJECT_CONFIG": str(variant.config), "PROJECT_STORE": store,
+           "PROJECT_CMD": f"{python} -m proxy"}
+    proc = subprocess.run([str(bench / "run.sh"), "project", str(rate), str(seconds)],
+                          cwd=variant.checkout, env=env, capture_output=True, text=True)
+    fields: dict[str, Any] = parse_result(proc.stdout + "\n" + proc.stderr)
+    run_dir = Path(fields.get("run_dir", "/nonexistent"))
+    cpu = read_cpu((run_dir / "cpu.txt").read_text()) if (run_dir / "cpu.txt").exists() else {}
+    fields["proxy_cpu"] = cpu.get("project")
+    fields["redis_cpu"] = cpu.get("redis")
+    log = run_dir / "project.log"
+    if log.exists():
+        with log.open(errors="replace") as lines:
+            fields["overloads"], fields["shed"] = log_overloads(lines)
+    return fields
+
+
+def us_per_call(run: dict[str, Any], rate: int) -> float | None:
+    """The proxy's CPU a call (µs): its % of a core over the run, at the offered rate."""
+    cpu = run.get("proxy_cpu")
+    return None if cpu is None else cpu * 1e4 / rate
+
+
+def paired_ratio(a: list[float | None], b: list[float | None]) -> float | None:
+    """The median of B / A over the pairs that have both figures."""
+    ratios = [y / x for x, y in zip(a, b, strict=False) if x and y is not None]
+    return statistics.median(ratios) if ratios else None
+
+
+def row(variant: Variant, rate: int, run: dict[str, Any]) -> str:
+    us = us_per_call(run, rate)
+    cpu = run.get("proxy_cpu")
+    redis = run.get("redis_cpu")
+    us_text = "?" if us is None else f"{us:.0f}"
+    redis_text = "-" if redis is None else f"{redis:.1f}"
+    return (f"{variant.name:2s} {rate:5d}  {run.get('verdict', 'NONE'):7s} "
+            f"{run.get('failed', '?'):>7s} {run.get('rt_p99_ms', '?'):>8s} "
+            f"{run.get('rt_max_ms', '?'):>8s} {'?' if cpu is None else f'{cpu:.1f}':>7s} "
+            f"{us_text:>6s} {redis_text:>6s} "
+            f"{run.get('overloads', '?'):>5} {run.get('shed', '?'):>6}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--a", type=Path, default=ROOT, help="checkout A (default: this one)")
+    parser.add_argument("--b", type=Path, default=ROOT, help="checkout B (default: this one)")
+    parser.add_argument("--a-config", type=Path, help="YAML overlay for A")
+    parser.add_argument("--b-config", type=Path, help="YAML overlay for B")
+    parser.add_argument("--store", choices=("memory", "redis"), default="memory")
+    parser.add_argument("--rates", type=int, nargs="+", default=[1000, 4000])
+    parser.add_argument("--seconds", type=int, default=20)
+    parser.add_argument("--pairs", type=int, default=3)
+    parser.add_argument("--python", default=sys.executable,
+                        help="the interpreter both variants run on (default: this one)")
+    args = parser.parse_args(argv)
+    bench = Path(os.environ.get("BENCH_DIR", ROOT.parent / "shared" / "bench"))
+    if not (bench / "run.sh").exists():
+        print(f"bench_ab: no harness at {bench} (set BENCH_DIR)", file=sys.stderr)
+        return 2
+    for checkout in (args.a, args.b):
+        if not (checkout / "proxy" / "__main__.py").exists():
+            print(f"bench_ab: {checkout} is not a sip700 checkout", file=sys.stderr)
+            return 2
+    bindings = Path(os.environ.get("BENCH_TMP", "/tmp/axb-bench")) / "data-100000" / "bindings.yaml"
+    base = harness_config(args.store, bindings)
+    with tempfile.TemporaryDirectory() as tmp:
+        variants = []
+        for name, checkout, overlay in (("A", args.a, args.a_config),
+                                        ("B", args.b, args.b_config)):
+            config = Path(tmp) / f"{name}.yaml"
+            config.write_text(yaml.safe_dump(merged(base, read_overlay(overlay)),
+                                             sort_keys=False))
+            variants.append(Variant(name, checkout.resolve(), config))
+            print(f"{name}: {checkout.resolve()}"
+                  + (f" + {overlay}" if overlay else "") + f", {args.store} store")
+        print("   rate   verdict  failed  p99 ms   max ms   CPU %  µs/call redis% over   shed")
+        for rate in args.rates:
+            for _ in range(args.pairs):
+                for variant in variants:
+                    result = run_once(bench, variant, rate, args.seconds, args.store,
+                                      args.python)
+                    variant.runs.setdefault(rate, []).append(result)
+                    print(row(variant, rate, result), flush=True)
+        print()
+        for rate in args.rates:
+            figures = {}
+            for variant in variants:
+                runs = variant.runs[rate]
+                per_call = [u for u in (us_per_call(r, rate) for r in runs) if u is not None]
+                failed = sum(int(r.get("failed", 0) or 0) for r in runs)
+                passed = sum(r.get("verdict") == "PASS" for r in runs)
+                figures[variant.name] = [us_per_call(r, rate) for r in runs]
+                median = f"{statistics.median(per_call):.0f} µs" if per_call else "?"
+                print(f"{rate} CPS {variant.name}: {passed}/{len(runs)} passed, {failed} failed "
+                      f"calls, median {median} of CPU a call")
+            ratio = paired_ratio(figures["A"], figures["B"])
+            if ratio is not None:
+                print(f"{rate} CPS: B / A, median of the {args.pairs} pairs: "
+                      f"{100 * (ratio - 1):+.1f} % CPU a call")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,111 @@
+"""scripts/bench_ab.py: the configs it writes, and how it reads the harness's output."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from proxy.config import load_config_text
+
+SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "bench_ab.py"
+
+
+@pytest.fixture(scope="module")
+def ab():
+    spec = importlib.util.spec_from_file_location("bench_ab", SCRIPT)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench_ab"] = module  # dataclasses look their module up
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.modules.pop("bench_ab", None)
+
+
+@pytest.mark.parametrize("store", ["memory", "redis"])
+def test_the_harness_config_with_an_overlay_is_a_valid_config(ab, tmp_path, store) -> None:
+    bindings = tmp_path / "bindings.yaml"
+    bindings.write_text("bindings: []\n")
+    overlay = {"overload": {"max_receive_wait_ms": 450},
+               "carrier": {"gateways": ["sip:127.0.0.2:15070"]}}
+    text = yaml.safe_dump(ab.merged(ab.harness_config(store, bindings), overlay))
+    cfg = load_config_text(text, tmp_path / "ab.yaml")
+    assert cfg.overload.max_receive_wait_ms == 450
+    assert cfg.store.backend == store
+    assert [e.port for e in cfg.listen_endpoints] == [15060]
+    data = yaml.safe_load(text)
+    assert data["carrier"]["gateways"] == ["sip:127.0.0.2:15070"]  # replaced, not appended
+    assert data["middle_number_pattern"] == r"^700\d{12}$"
+
+
+def test_merged_merges_mappings_and_replaces_the_rest(ab) -> None:
+    base = {"store": {"backend": "memory", "bindings_file": "b.yaml"}, "listen": ["udp:a"]}
+    out = ab.merged(base, {"store": {"backend": "redis"}, "listen": ["udp:b"], "new": 1})
+    assert out == {"store": {"backend": "redis", "bindings_file": "b.yaml"},
+                   "listen": ["udp:b"], "new": 1}
+    assert base["store"]["backend"] == "memory"  # the base is left as it was
+
+
+def test_an_overlay_that_is_not_a_mapping_is_refused_by_name(ab, tmp_path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("- 1\n- 2\n")
+    with pytest.raises(SystemExit, match=r"bad\.yaml: an overlay must be a YAML mapping"):
+        ab.read_overlay(bad)
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("")
+    assert ab.read_overlay(empty) == {}
+
+
+def test_parse_result_reads_the_result_line_and_the_run_directory(ab) -> None:
+    output = ("[run.sh 13:46:05] run dir /tmp/axb-bench/runs/20261206-134605-1-project-200\n"
+              "RESULT target=project rate=200 secs=5 failed=3 rt_p99_ms=1.99 "
+              "cpu=sipp_uac:4%,project:11%,redis:0%,sipp_uas:4% verdict=FAIL\n")
+    fields = ab.parse_result(output)
+    assert fields["run_dir"] == "/tmp/axb-bench/runs/20261206-134605-1-project-200"
+    assert (fields["failed"], fields["rt_p99_ms"], fields["verdict"]) == ("3", "1.99", "FAIL")
+    assert ab.parse_result("run.sh: project exited during start-up\n") == {}
+
+
+def test_read_cpu_and_the_cost_of_a_call(ab) -> None:
+    cpu = ab.read_cpu("sipp_uac 12.1\nproject 38.3\nredis 0.1\nsipp_uas 13.8\nnoise\n")
+    assert cpu == {"sipp_uac": 12.1, "project": 38.3, "redis": 0.1, "sipp_uas": 13.8}
+    assert ab.us_per_call({"proxy_cpu": 38.3}, 1000) == pytest.approx(383.0)
+    assert ab.us_per_call({"proxy_cpu": None}, 1000) is None
+
+
+def test_log_overloads_counts_episodes_and_shed_calls(ab) -> None:
+    lines = [
+        json.dumps({"event": "call", "outcome": "overloaded"}),  # not an episode
+        json.dumps({"event": "overloaded", "receive_wait_ms": 304}),
+        json.dumps({"event": "overload_cleared"}),
+        json.dumps({"event": "overloaded", "receive_wait_ms": 301}),
+        '{"event": "overloaded", truncated',
+        json.dumps({"event": "stopping", "worker": 0, "stats": {"calls_shed": 2985}}),
+        json.dumps({"event": "stopping", "worker": 1, "stats": {"calls_routed": 5}}),
+    ]
+    assert ab.log_overloads(lines) == (2, 2985)
+
+
+def test_paired_ratio_is_the_median_of_the_pairs(ab) -> None:
+    assert ab.paired_ratio([100.0, 200.0, 100.0], [110.0, 180.0, 130.0]) == pytest.approx(1.1)
+    assert ab.paired_ratio([None, 100.0], [90.0, None]) is None
+
+
+def test_without_the_harness_it_says_where_it_looked(ab, tmp_path, monkeypatch, capsys) -> None:
+    monkeypatch.setenv("BENCH_DIR", str(tmp_path))
+    assert ab.main(["--rates", "100", "--pairs", "1"]) == 2
+    assert f"no harness at {tmp_path}" in capsys.readouterr().err
+
+
+def test_a_directory_that_is_not_a_checkout_is_refused(ab, tmp_path, monkeypatch,
+                                                        capsys) -> None:
+    (tmp_path / "run.sh").write_text("#!/bin/sh\n")
+    monkeypatch.setenv("BENCH_DIR", str(tmp_path))
+    assert ab.main(["--b", str(tmp_path)]) == 2
+    assert f"{tmp_path} is not a sip700 checkout" in capsys.readouterr().err
