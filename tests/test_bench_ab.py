@@ -2,30 +2,18 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import yaml
 
 from proxy.config import load_config_text
-
-SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "bench_ab.py"
+from tests.scripts import load_script
 
 
 @pytest.fixture(scope="module")
 def ab():
-    spec = importlib.util.spec_from_file_location("bench_ab", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_ab"] = module  # dataclasses look their module up
-    try:
-        spec.loader.exec_module(module)
-        yield module
-    finally:
-        sys.modules.pop("bench_ab", None)
+    yield from load_script("bench_ab")
 
 
 @pytest.mark.parametrize("store", ["memory", "redis"])
