@@ -220,10 +220,10 @@ def main(argv: list[str] | None = None) -> int:
             figures = {}
             for variant in variants:
                 runs = variant.runs[rate]
-                per_call = [u for u in (us_per_call(r, rate) for r in runs) if u is not None]
+                figures[variant.name] = costs = [us_per_call(r, rate) for r in runs]
+                per_call = [u for u in costs if u is not None]
                 failed = sum(int(r.get("failed", 0) or 0) for r in runs)
                 passed = sum(r.get("verdict") == "PASS" for r in runs)
-                figures[variant.name] = [us_per_call(r, rate) for r in runs]
                 median = f"{statistics.median(per_call):.0f} µs" if per_call else "?"
                 print(f"{rate} CPS {variant.name}: {passed}/{len(runs)} passed, {failed} failed "
                       f"calls, median {median} of CPU a call")
