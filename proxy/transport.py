@@ -43,6 +43,7 @@ from proxy.connections import SEND_FLAG, decode_send, destination_owner, encode_
 from proxy.core import Outgoing, ProxyCore, Relay
 from proxy.legs import response_fallback
 from proxy.sip.message import StreamFramer
+from proxy.sockbuf import size_buffer
 from proxy.tls import TlsClosed, TlsLayer
 
 log = structlog.get_logger("sip700.transport")
@@ -624,9 +625,9 @@ class ProxyServer:
         try:
             if not own:  # every worker binds it (the kernel spreads), and a takeover's too
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.udp_rcvbuf)
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.udp_sndbuf)
+            where = f"udp:{host}:{port}"
+            size_buffer(sock, "receive", self.udp_rcvbuf, address=where)
+            size_buffer(sock, "send", self.udp_sndbuf, address=where)
             with contextlib.suppress(OSError):  # the oldest datagram's wait (_oldest_wait)
                 sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
             sock.bind((host, port))

@@ -318,7 +318,10 @@ def test_overload_sheds_new_calls_and_spares_the_calls_in_progress(
     assert held_rc == 0 and (held_ok, held_failed) == (5, 0)  # every BYE answered
     assert shed > 0 and stats.get("calls_shed", 0) > 0, (shed, stats)
     # the wait said so (what the callers felt), measured by the kernel's arrival stamps
-    assert any(e["receive_wait_ms"] > 50 for e in entered), entered
+    # (a receive buffer the kernel capped drops datagrams before the wait is reached: said
+    # at start as udp_buffer_capped, which the message shows)
+    assert any(e["receive_wait_ms"] > 50 for e in entered), (
+        entered, [ln for ln in proxy.log_lines() if "udp_buffer_capped" in ln])
     assert connected > 0  # capacity was still used while shedding
     assert recovered is not None and recovered < 10, recovered
     print(f"\noverload: burst 2000 cps x 3 s: connected={connected} shed={shed} "
