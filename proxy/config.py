@@ -877,6 +877,25 @@ class TlsConfig(_Section):
         return self
 
 
+class LowLoadConfig(_Section):
+    """One worker takes every new call while the load is low (proxy/steering.py)."""
+
+    enabled: Bool = True
+    # every worker's CPU summed, in % of one core, held hold_s: one worker takes new calls
+    enter_percent: Annotated[float, Strict(), Field(gt=0, le=100)] = 50.0
+    # one worker's CPU over a second above this (or any shedding): spread over every worker
+    leave_percent: Annotated[float, Strict(), Field(gt=0, le=100)] = 80.0
+    hold_s: Annotated[float, Strict(), Field(ge=1, le=3600)] = 10.0
+
+    @model_validator(mode="after")
+    def _hysteresis(self) -> LowLoadConfig:
+        if self.enter_percent >= self.leave_percent:
+            raise ValueError(f"enter_percent ({self.enter_percent:g}) must be under "
+                             f"leave_percent ({self.leave_percent:g}): one worker carrying "
+                             f"what made it enter must not leave at once")
+        return self
+
+
 class TransportConfig(_Section):
     """Socket tuning."""
 
@@ -901,6 +920,7 @@ class TransportConfig(_Section):
     # element); false: only gateways also configured with ;transport=tcp
     large_requests_over_tcp: Bool = False
     tls: TlsConfig = TlsConfig()
+    low_load: LowLoadConfig = LowLoadConfig()
 
     @cached_property
     def large_request_bytes(self) -> int:

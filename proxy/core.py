@@ -401,6 +401,12 @@ class ProxyCore:
         # set by the shell while its event loop lags (overload.*): new INVITEs are refused
         # before any lookup, everything else flows
         self.overloaded = False
+        # one worker taking every new call while the load is low (proxy/steering.py): until
+        # these times after the last change, a request whose transaction is not here may be
+        # another worker's, and `handoff` (the shell's) passes it there and says True
+        self.handoff: Callable[[SipMessage, Address], bool] | None = None
+        self.handoff_until = 0.0  # CANCEL, the ACK of a non-2xx answer
+        self.handoff_invite_until = 0.0  # an INVITE's retransmission
         # OPTIONS probes in flight, by branch: (gateway, sent at, request bytes, next resend)
         self._probes: dict[str, list[Any]] = {}
         self._probed = probed_gateways(self.router, settings.probe)
@@ -651,6 +657,8 @@ class ProxyCore:
                 self._server_events(relay, relay.server.receive_ack(now), now)
                 self._rearm(relay)
                 return
+            if now < self.handoff_until and self._handed_off(msg, source, dialog=True):
+                return
             self._forward_in_dialog(msg, source, transport, now, stateless=True)
             return
         if relay is not None:  # retransmission: the server transaction replays its response
@@ -664,7 +672,13 @@ class ProxyCore:
             self._count("retransmissions_absorbed")
             return
         if method == "CANCEL":
+            if (now < self.handoff_until and cancelled_invite_key(key) not in self.server_txs
+                    and self._handed_off(msg, source, dialog=False)):
+                return
             self._on_cancel(msg, key, source, transport, now)
+            return
+        if (now < self.handoff_invite_until and method == "INVITE"
+                and self._handed_off(msg, source, dialog=False)):
             return
         msg.validate()
         # RFC 3261 §16.3 request validation
@@ -689,6 +703,24 @@ class ProxyCore:
             return
         # no To tag: an initial request, whatever Route it brings (a token is not a credential)
         self._on_initial(msg, key, source, transport, now, routes)
+
+    def _handed_off(self, msg: SipMessage, source: Address, *, dialog: bool) -> bool:
+        """Whether the shell passed a request with no transaction here to the worker that may
+        hold it (see `handoff`). Never a request of a dialog, which names its worker in its
+        Route: an ACK (`dialog`) is one when its top Route carries our token, an INVITE when
+        its To has a tag."""
+        if self.handoff is None:
+            return False
+        if dialog:
+            routes = msg.header_values("route")
+            if routes and self._our_token(routes[0]) is not None:
+                return False
+        elif msg.method == "INVITE" and msg.to.tag is not None:
+            return False
+        if not self.handoff(msg, source):
+            return False
+        self._count("handed_off")
+        return True
 
     def _our_token(self, route: str) -> str | None:
         if TOKEN_PARAM not in route:

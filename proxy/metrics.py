@@ -47,6 +47,8 @@ KNOWN_COUNTERS = (
     "proxy_byes_refused", "proxy_bye_timeouts", "proxy_bye_unroutable", "rejected_call_ended",
     # flood protection (proxy/flood.py)
     "flood_blocked", "flood_sources_blocked",
+    # one worker while the load is low (proxy/steering.py)
+    "handed_off",
 )
 # counters the core keeps as "<family>:<label value>": one labelled family each
 LABELLED_COUNTERS = {"policy_refused": ("rule", "calls refused by the anti-fraud policy, by "

@@ -112,6 +112,14 @@ def program(sockets: int, keys: tuple[int, int, int, int], scan: int = SCAN_BYTE
     return b"".join(_INSN.pack(*insn) for insn in insns)
 
 
+def single_program(index: int) -> bytes:
+    """A classic BPF program that gives every datagram to socket `index` of the group (one
+    worker takes every new call while the load is low: proxy/steering.py)."""
+    if not 0 <= index < 0x10000:
+        raise ValueError(f"index: {index}")
+    return _INSN.pack(_RET_K, 0, 0, index)
+
+
 def expected_socket(data: bytes, sockets: int, keys: tuple[int, int, int, int],
                     scan: int = SCAN_BYTES) -> int | None:
     """Which socket the program picks for `data`; None: the kernel's own choice."""
@@ -134,6 +142,17 @@ def expected_socket(data: bytes, sockets: int, keys: tuple[int, int, int, int],
     return _mix(w1, w2, keys, sockets)
 
 
+def _attach_code(sock: socket.socket, code: bytes) -> None:
+    buf = ctypes.create_string_buffer(code, len(code))
+    fprog = struct.pack("@HP", len(code) // _INSN.size, ctypes.addressof(buf))
+    sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_REUSEPORT_CBPF, fprog)
+
+
+def attach_single(sock: socket.socket, index: int) -> None:
+    """Attach single_program(index) to the reuseport group of `sock`."""
+    _attach_code(sock, single_program(index))
+
+
 def attach(sock: socket.socket, sockets: int, keys: tuple[int, int, int, int]) -> int:
     """Attach the program to the reuseport group of `sock` (every socket bound to the same
     address with SO_REUSEPORT; the last program attached is the group's). Returns the bytes it
@@ -141,11 +160,8 @@ def attach(sock: socket.socket, sockets: int, keys: tuple[int, int, int, int]) -
     scan. OSError where the kernel has no SO_ATTACH_REUSEPORT_CBPF."""
     scan = SCAN_BYTES
     while True:
-        code = program(sockets, keys, scan)
-        buf = ctypes.create_string_buffer(code, len(code))
-        fprog = struct.pack("@HP", len(code) // _INSN.size, ctypes.addressof(buf))
         try:
-            sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_REUSEPORT_CBPF, fprog)
+            _attach_code(sock, program(sockets, keys, scan))
             return scan
         except OSError as exc:
             if exc.errno != errno.ENOMEM or scan <= MIN_SCAN_BYTES:

@@ -217,6 +217,7 @@ class Supervisor:
         self.previous: dict[str, Any] | None = None  # the instance taken over
         self.published = False  # the state file names this instance (all workers listened)
         self.cpus: tuple[int, ...] | None = None  # worker i runs on cpus[i] (None: anywhere)
+        self.board: Any = None  # the workers' shared steering state (proxy/steering.py)
 
     # ---- start -------------------------------------------------------------------------------
     def prepare(self) -> None:
@@ -292,6 +293,12 @@ class Supervisor:
         import proxy.core
         import proxy.metrics
         import proxy.transport  # noqa: F401
+        if self.cfg.workers > 1 and self.cfg.transport.low_load.enabled:
+            from proxy.steering import Board
+
+            # before the forks: one mapping every worker shares, a restarted one too
+            udp_ports = sum(1 for e in self.cfg.listen_endpoints if e.transport == "udp")
+            self.board = Board(self.cfg.workers, udp_ports)
         old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED)
         try:
             for index in range(self.cfg.workers):
@@ -339,7 +346,8 @@ class Supervisor:
                                 count=self.cfg.workers, group=self.group,
                                 relay_key=self.relay_key, port_range=self.port_range,
                                 supervisor_pid=supervisor, ready_fd=write_end,
-                                generation=self.generation, config_path=self.config_path)
+                                generation=self.generation, config_path=self.config_path,
+                                board=self.board)
                 run_loop(worker.run())
             except BaseException as exc:
                 log.exception("worker_failed", worker=index, error=str(exc),
@@ -380,6 +388,8 @@ class Supervisor:
             self._close_pipe(fd)
             if data.startswith(b"R"):
                 self.ready.add(index)
+                if self.board is not None and len(self.ready) == self.cfg.workers:
+                    self.board.set_ready(True)  # every shared socket bound: learn who is who
                 if len(self.ready) == self.cfg.workers and not self.published:
                     self.published = True
                     self.all_ready()
@@ -461,6 +471,9 @@ class Supervisor:
                     self.exit_code = 1 if code > 0 else self.exit_code
                 continue
             self.ready.discard(index)
+            if self.board is not None:  # its socket left the groups: the kernel renumbered
+                self.board.set_ready(False)
+                self.board.forget()
             lived = time.monotonic() - self.started.get(index, 0.0)
             quick = self.quick_deaths.get(index, 0) + 1 if lived < QUICK_DEATH_S else 0
             self.quick_deaths[index] = quick

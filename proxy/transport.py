@@ -37,7 +37,7 @@ from typing import Any, Final
 
 import structlog
 
-from proxy import logs, spread
+from proxy import logs, spread, steering
 from proxy.bindings.model import Resolution, StoreUnavailable
 from proxy.connections import SEND_FLAG, decode_send, destination_owner, encode_send
 from proxy.core import Outgoing, ProxyCore, Relay
@@ -170,12 +170,18 @@ class _UdpEndpoint(asyncio.DatagramProtocol):
     def __init__(self, server: ProxyServer) -> None:
         self.server = server
         self.transport: asyncio.DatagramTransport | None = None
+        # a shared port's socket: its place in the server's list (its reuseport group, for
+        # proxy/steering.py), and the last datagram it took (which socket the kernel's
+        # program made it, learned from it once a second)
+        self.group = -1
+        self.sample: bytes | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
 
     def datagram_received(self, data: bytes, addr: tuple[Any, ...]) -> None:
-        self.server.on_datagram(data, (addr[0], addr[1]))
+        self.sample = data
+        self.server.on_datagram(data, (addr[0], addr[1]), self)
 
     def error_received(self, exc: Exception) -> None:
         # ICMP port unreachable and the like: the transaction layer times out on its own
@@ -453,6 +459,8 @@ class ProxyServer:
         tls_client: ssl.SSLContext | None = None,
         tls_handshake_timeout: float = 10.0,
         tls_server_names: dict[tuple[str, int], str] | None = None,
+        steering_board: steering.Board | None = None,
+        steering_thresholds: steering.Thresholds | None = None,
     ) -> None:
         self.core = core
         self.policy: Any = None  # the policy's shell (PolicyRunner) when a policy is on
@@ -515,6 +523,18 @@ class ProxyServer:
         self.kernel_spread = False
         self._spread_scans: list[int] = []  # per shared UDP socket: bytes scanned, 0: refused
         self._flood_weight = 1  # what a UDP request counts for in policy.flood (FloodGuard)
+        # one worker taking every new call while the load is low (proxy/steering.py): the
+        # workers' shared board, worker 0's decision, the shared sockets with their endpoints
+        self.board = steering_board if worker_count > 1 else None
+        self._controller = (steering.Controller(steering_thresholds)
+                            if steering_thresholds is not None and worker_index == 0 else None)
+        self._cpu = steering.CpuMeter()
+        self._steer_at = 0.0  # next once-a-second pass
+        self._seen_change = -1.0  # the board's last change this worker has acted on
+        self._shared_socks: list[tuple[socket.socket, _UdpEndpoint]] = []
+        self._steer_stopped = False  # draining, or another instance taking over
+        # the shared-port endpoint whose datagram the core is handling now (None otherwise)
+        self._arrived: _UdpEndpoint | None = None
         self._spread_keys = spread.keys_from(secret)
         self._range_base = (worker_port - worker_index) if worker_port is not None else 0
         self._relay_server: asyncio.base_events.Server | None = None
@@ -610,6 +630,13 @@ class ProxyServer:
             self.kernel_spread = scan > 0
             # one source's datagrams are spread over every worker: each sees its share
             self._flood_weight = self.worker_count if self.kernel_spread else 1
+            if self.board is not None and self.kernel_spread:
+                self.core.handoff = self._handoff
+                self.board.forget()  # a worker joined: the kernel may have renumbered them
+                if self.board.mode == steering.SINGLE:  # a worker restarted: spread again
+                    self.board.set_mode(steering.SPREAD, time.monotonic())
+                    log.info("udp_steering", mode="spread", reason="worker_started",
+                             worker=self.worker_index)
             log.info("udp_spread", worker=self.worker_index,
                      mode="kernel_call_id" if self.kernel_spread else "relay_call_id",
                      scan_bytes=scan)
@@ -636,8 +663,11 @@ class ProxyServer:
             raise
         if not own and self.worker_count > 1:
             self._spread_scans.append(self._spread(sock))
-        udp, _ = await self.loop.create_datagram_endpoint(
+        udp, endpoint = await self.loop.create_datagram_endpoint(
             lambda: (_OwnUdpEndpoint if own else _UdpEndpoint)(self), sock=sock)
+        if not own:
+            endpoint.group = len(self._shared_socks)
+            self._shared_socks.append((sock, endpoint))
         self._udp_sockets.append((udp, sock))
         return family, udp
 
@@ -663,6 +693,11 @@ class ProxyServer:
                     lambda: _TcpConnection(self), host, port, reuse_address=True)
                 self.tcp_servers.append(server)
 
+    def stop_steering(self) -> None:
+        """Another instance is taking over: its workers join the shared ports' groups and
+        attach their own program; this instance no longer changes it (proxy/steering.py)."""
+        self._steer_stopped = True
+
     def release_spare(self) -> None:
         """Give the spare range back (an instance taking over will use it)."""
         for udp in self.spare_udp:
@@ -681,6 +716,7 @@ class ProxyServer:
         for udp in self.udp.values():
             udp.close()
         self.udp = dict(self.own_udp)
+        self._steer_stopped = True  # nothing more to steer (proxy/steering.py)
         for server in self.shared_tcp_servers:
             server.close()
         self.shared_tcp_servers.clear()
@@ -702,9 +738,14 @@ class ProxyServer:
                 conn.transport.close()
 
     # ---- input -------------------------------------------------------------------------------
-    def on_datagram(self, data: bytes, source: tuple[str, int]) -> None:
-        """A datagram on the shared port."""
-        self._on_udp(data, source, shared=True)
+    def on_datagram(self, data: bytes, source: tuple[str, int],
+                    endpoint: _UdpEndpoint | None = None) -> None:
+        """A datagram on the shared port (through `endpoint`)."""
+        self._arrived = endpoint
+        try:
+            self._on_udp(data, source, shared=True)
+        finally:
+            self._arrived = None
 
     def on_own_datagram(self, data: bytes, source: tuple[str, int]) -> None:
         """A datagram on this worker's own port: a response to what it forwarded, or a request
@@ -1055,6 +1096,9 @@ class ProxyServer:
                 "udp_receive_queue_bytes": self.receive_queue_bytes,
                 "udp_receive_wait_ms": round(self.receive_wait * 1000),
                 "overloaded": int(self.core.overloaded),
+                # one worker takes every new call (transport.low_load): 1 on every worker
+                "udp_single_worker": int(self.board is not None and self.core.handoff is not None
+                                         and self.board.mode == steering.SINGLE),
                 "overload_max_loop_lag_ms": o.max_loop_lag_ms if o is not None else 0,
                 "overload_max_pending_lookups": o.max_pending_lookups if o is not None else 0,
                 "overload_max_receive_wait_ms": (o.max_receive_wait_ms if o is not None
@@ -1150,6 +1194,8 @@ class ProxyServer:
             now = time.monotonic()
             self._check_overload(max(0.0, now - expected), now)
             expected = now + TICK_S
+            if self.board is not None and self.core.handoff is not None:
+                self._steer(now)
             deadline = self.core.next_deadline()
             if deadline is not None and deadline <= now:
                 try:
@@ -1161,6 +1207,105 @@ class ProxyServer:
                 sweep_at = now + 5.0
                 self._close_idle()
             logs.flush()  # what a slow log reader left waiting
+
+    # ---- one worker while the load is low (proxy/steering.py) ---------------------------------
+    def _steer(self, now: float) -> None:
+        """Every tick: act on a change of mode. Once a second: this worker's CPU on the board,
+        which socket of each group is its own, and (worker 0) the decision."""
+        board = self.board
+        assert board is not None
+        changed = board.changed_at
+        if changed != self._seen_change:
+            self._seen_change = changed
+            self.core.handoff_until, self.core.handoff_invite_until = steering.handoff_windows(
+                changed, board.mode, self.core.settings.timer_c)
+            # policy.flood: in SINGLE one worker sees a source's every request
+            self._flood_weight = 1 if board.mode == steering.SINGLE else self.worker_count
+        if self._controller is not None and board.mode == steering.SINGLE and (
+                self.receive_wait > steering.LEAVE_WAIT_S or self.core.overloaded) \
+                and not self._steer_stopped:
+            self._controller.loaded()
+            self._switch(steering.SPREAD, now, board.cpus(),
+                         "shedding" if self.core.overloaded else "receive_wait")
+            return
+        if now < self._steer_at:
+            return
+        self._steer_at = now + 1.0
+        board.set_cpu(self.worker_index, self._cpu.read(now))
+        mode = board.mode
+        if mode == steering.SPREAD and board.ready and now - changed >= steering.LEARN_AFTER_S:
+            for sock_index, (_, endpoint) in enumerate(self._shared_socks):
+                sample, endpoint.sample = endpoint.sample, None
+                if sample is None:
+                    continue
+                index = spread.expected_socket(sample, self.worker_count, self._spread_keys,
+                                               self._spread_scans[sock_index])
+                if index is not None:
+                    board.set_owner(endpoint.group, index, self.worker_index)
+        if self._controller is None or self._steer_stopped:
+            return
+        known = all(board.index_of(g, self.worker_index) is not None
+                    for g in range(len(self._shared_socks)))
+        cpus = board.cpus()
+        target = self._controller.decide(mode, cpus, now, shedding=self.core.overloaded,
+                                         indexes_known=known)
+        if target is not None:
+            self._switch(target, now, cpus, "load")
+
+    def _switch(self, target: int, now: float, cpus: list[float], reason: str) -> None:
+        """Worker 0: the board first; the kernel's program SWITCH_DELAY_S later, by when every
+        worker (reading the board each tick) knows."""
+        assert self.board is not None
+        self.board.set_mode(target, now)
+        log.info("udp_steering", mode="single" if target == steering.SINGLE else "spread",
+                 reason=reason, cpu_percent=[round(c, 1) for c in cpus],
+                 receive_wait_ms=round(self.receive_wait * 1000), shedding=self.core.overloaded)
+        self.loop.call_later(steering.SWITCH_DELAY_S, self._apply_mode, target)
+
+    def _apply_mode(self, target: int) -> None:
+        board = self.board
+        if board is None or board.mode != target or self._steer_stopped:
+            return  # changed again meanwhile (a worker restarted), or draining
+        try:
+            for sock, endpoint in self._shared_socks:
+                if target == steering.SINGLE:
+                    index = board.index_of(endpoint.group, self.worker_index)
+                    if index is None:
+                        raise OSError("this worker's socket in the group is not known")
+                    spread.attach_single(sock, index)
+                else:
+                    spread.attach(sock, self.worker_count, self._spread_keys)
+        except OSError as exc:
+            log.warning("udp_steering_failed", error=str(exc))
+            if target == steering.SINGLE:
+                board.set_mode(steering.SPREAD, time.monotonic())
+                for sock, _ in self._shared_socks:
+                    with contextlib.suppress(OSError):
+                        spread.attach(sock, self.worker_count, self._spread_keys)
+
+    def _handoff(self, msg: Any, source: tuple[str, int]) -> bool:
+        """The core's hook: pass a request with no transaction here, from the shared port, to
+        the worker the other mode would have given it, if that is another (see the core's
+        `handoff`). The Call-ID program's choice is computed (proxy/spread.py); SINGLE's is
+        worker 0. Only a peer's requests are passed, as everywhere (`_owner`)."""
+        endpoint = self._arrived
+        board = self.board
+        if endpoint is None or board is None or endpoint.sample is None \
+                or not self._relays_from(source[0]):
+            return False
+        data = endpoint.sample
+        if board.mode == steering.SINGLE:
+            index = spread.expected_socket(data, self.worker_count, self._spread_keys,
+                                           self._spread_scans[endpoint.group])
+            other = None if index is None else board.owner(endpoint.group, index)
+            if other is None and self.worker_count == 2:  # the one other worker
+                other = 1 - self.worker_index
+        else:
+            other = steering.CONTROLLER
+        if other is None or other == self.worker_index:
+            return False
+        self._relay_to(other, data, source)
+        return True
 
     def _close_idle(self) -> None:
         limit = time.monotonic() - self.tcp_idle_timeout

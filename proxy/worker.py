@@ -296,14 +296,25 @@ def die_with_parent(sig: int = signal.SIGTERM) -> None:
         libc.prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
 
 
+def steering_thresholds(cfg: Config) -> Any:
+    """transport.low_load as proxy/steering.py's Thresholds (None: off)."""
+    from proxy.steering import Thresholds
+
+    low = cfg.transport.low_load
+    if not low.enabled:
+        return None
+    return Thresholds(low.enter_percent, low.leave_percent, low.hold_s)
+
+
 class Worker:
     """One worker: serves until told to stop; see `run`."""
 
     def __init__(self, cfg: Config, key: bytes, store: Any = None, *, index: int = 0,
                  count: int = 1, group: str = "", relay_key: bytes = b"", port_range: int = 0,
                  supervisor_pid: int | None = None, ready_fd: int | None = None,
-                 generation: int = 1, config_path: str = "") -> None:
+                 generation: int = 1, config_path: str = "", board: Any = None) -> None:
         self.cfg = cfg
+        self.board = board  # proxy/steering.py's Board, shared by the workers (None: off)
         self.key = key
         self.store = store
         self.index = index
@@ -379,6 +390,7 @@ class Worker:
             tls_server=tls_server, tls_client=tls_client,
             tls_handshake_timeout=cfg.transport.tls.handshake_timeout_s,
             tls_server_names=tls_names,
+            steering_board=self.board, steering_thresholds=steering_thresholds(cfg),
         )
         await self._start_policy(cfg)
         metrics_server = await self._serve_metrics()
@@ -582,6 +594,7 @@ class Worker:
             self._spare.cancel()
             self._spare = None
         self.server.release_spare()
+        self.server.stop_steering()
         log.info("handover_started", worker=self.index)
         self._watch(self._handover_timeout())
 

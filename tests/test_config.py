@@ -799,3 +799,18 @@ def test_worker_cpus_reads_this_process_mask(config_dir: Path) -> None:
     config = load_config(write(config_dir, {**MINIMAL, "worker_cpu_affinity": [max(allowed) + 1]}))
     with pytest.raises(ValueError, match="is not one this process may use"):
         config.worker_cpus()
+
+
+# --- transport.low_load ---------------------------------------------------------------------
+
+
+def test_low_load_defaults_and_the_hysteresis_named(config_dir: Path) -> None:
+    low = load_config(write(config_dir, MINIMAL)).transport.low_load
+    assert (low.enabled, low.enter_percent, low.leave_percent, low.hold_s) == (
+        True, 50.0, 80.0, 10.0)
+    shown, problems = problems_for(
+        config_dir, transport={"low_load": {"enter_percent": 80, "leave_percent": 60}})
+    assert len(problems) == 1 and problems[0].startswith(f"{shown}: transport.low_load: ")
+    assert "enter_percent (80) must be under leave_percent (60)" in problems[0]
+    shown, problems = problems_for(config_dir, transport={"low_load": {"hold_s": 0.5}})
+    assert len(problems) == 1 and "transport.low_load.hold_s" in problems[0], problems

@@ -180,3 +180,27 @@ def test_a_kernel_short_of_option_memory_gets_a_shorter_scan() -> None:
 def test_the_program_refuses_a_group_of_one() -> None:
     with pytest.raises(ValueError):
         spread.program(1, spread.keys_from(b"k"))
+
+
+def test_one_socket_takes_everything_and_the_call_id_program_spreads_again(
+    keys: tuple[int, int, int, int], closing: list[socket.socket]
+) -> None:
+    """single_program(i) sends every datagram to socket i, whatever its Call-ID; attaching the
+    Call-ID program again (any socket of the group) spreads them as before."""
+    socks, port = group(3, keys)
+    closing += socks
+    spread.attach_single(socks[0], 2)
+    messages = [invite(f"{i}-{uuid.uuid4().hex[:6]}@10.0.0.1") for i in range(200)]
+    got = deliver(socks, port, messages)
+    assert set(got.values()) == {2}
+    spread.attach(socks[1], 3, keys)
+    messages = [invite(f"{i}-{uuid.uuid4().hex[:6]}@10.0.0.2") for i in range(300)]
+    got = deliver(socks, port, messages)
+    assert [m for m in messages if got[m] != spread.expected_socket(m, 3, keys)] == []
+    assert sorted(set(got.values())) == [0, 1, 2]
+
+
+def test_the_single_program_refuses_an_index_out_of_range() -> None:
+    for index in (-1, 0x10000):
+        with pytest.raises(ValueError):
+            spread.single_program(index)

@@ -38,14 +38,16 @@ from tests.integration.test_transport_limits import (
 CALLS = 50
 
 
-def start(tmp_path: Path, proxies: list[ProxyProcess], workers: int, gateway_port: int
-          ) -> tuple[ProxyProcess, int]:
-    """A proxy with `workers`; returns it and its transport.worker_port_base."""
+def start(tmp_path: Path, proxies: list[ProxyProcess], workers: int, gateway_port: int,
+          *, low_load: bool = True) -> tuple[ProxyProcess, int]:
+    """A proxy with `workers`; returns it and its transport.worker_port_base. `low_load`:
+    transport.low_load.enabled (one worker takes every new call while the load is low)."""
     port = free_port()
     cfg_dir = tmp_path / f"proxy-{port}"
     cfg_dir.mkdir()
-    path, config = write_config(cfg_dir, port=port, gateway_port=gateway_port,
-                                overrides={"workers": workers, "logging": {"level": "info"}})
+    path, config = write_config(cfg_dir, port=port, gateway_port=gateway_port, overrides={
+        "workers": workers, "logging": {"level": "info"},
+        "transport": {"low_load": {"enabled": low_load}}})
     proxy = start_proxy(path, port, gateway_port, cfg_dir / "proxy.log", config)
     proxies.append(proxy)
     wait_tcp_listening(port)
@@ -183,7 +185,8 @@ def test_one_source_sending_everything_to_the_shared_port_is_spread_without_rela
     b = Peer(name="B")
     a = Peer(name="A")
     try:
-        proxy, base = start(tmp_path, proxies, 2, b.port)
+        # the Call-ID program alone (with transport.low_load one worker would soon take all)
+        proxy, base = start(tmp_path, proxies, 2, b.port, low_load=False)
         modes = [json.loads(ln)["mode"] for ln in proxy.log_lines() if '"udp_spread"' in ln]
         assert modes == ["kernel_call_id", "kernel_call_id"], modes
         used: set[int] = set()
