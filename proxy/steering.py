@@ -2,7 +2,7 @@
 
 Why: at 1,000 calls a second two workers each sleep between most datagrams, and waking a
 sleeping worker (the kernel's switch, cold caches) is most of what a call costs there. One
-worker taking everything measured 16.8 % less CPU a call than two (README, 2026-12-06). Above
+worker taking everything measured 7-17 % less CPU a call than two (README, 2026-12-06). Above
 what one worker carries comfortably, the Call-ID program (proxy/spread.py) spreads new calls
 over every worker again.
 
@@ -13,10 +13,11 @@ How (transport.py does the I/O, this module the state and the decision):
   (the kernel numbers the sockets in the order they joined, not by worker: each worker learns
   its own number from the datagrams the Call-ID program gave it).
 - Worker 0 decides (`Controller`): single once every worker's CPU summed has stayed under
-  `transport.low_load_enter_percent` for `low_load_hold_s`; spread again as soon as one worker
-  passes `low_load_leave_percent` or sheds calls. It writes the board first and attaches the
-  new program SWITCH_DELAY_S later, so every worker (which reads the board each 10 ms tick)
-  knows of the change before the kernel applies it. A worker that starts (or restarts)
+  `transport.low_load.enter_percent` for `hold_s`; spread again as soon as one worker passes
+  `leave_percent`, worker 0's oldest datagram has waited LEAVE_WAIT_S, or any worker sheds.
+  It writes the board first and attaches the new program SWITCH_DELAY_S later, so every
+  worker (which reads the board each 10 ms tick) knows of the change before the kernel
+  applies it. A worker that starts (or restarts)
   attaches the Call-ID program, as before, and says so on the board.
 - Calls in progress stay where they are. Responses and in-dialog requests name their worker's
   own port (Via, Record-Route) and get there whatever the kernel picks. What does not name it
