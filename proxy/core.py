@@ -657,7 +657,15 @@ class ProxyCore:
                 self._server_events(relay, relay.server.receive_ack(now), now)
                 self._rearm(relay)
                 return
-            if now < self.handoff_until and self._handed_off(msg, source, dialog=True):
+            if now < self.handoff_until and self.handoff is not None:
+                # an ACK of a dialog names its worker in its Route: only one without our
+                # token (the ACK of a non-2xx answer) may be another worker's
+                routes = msg.header_values("route")
+                token = self._our_token(routes[0]) if routes else None
+                if token is None and self._handed_off(msg, source):
+                    return
+                self._forward_in_dialog(msg, source, transport, now, stateless=True,
+                                        routes=routes, token=token)
                 return
             self._forward_in_dialog(msg, source, transport, now, stateless=True)
             return
@@ -673,12 +681,12 @@ class ProxyCore:
             return
         if method == "CANCEL":
             if (now < self.handoff_until and cancelled_invite_key(key) not in self.server_txs
-                    and self._handed_off(msg, source, dialog=False)):
+                    and self._handed_off(msg, source)):
                 return
             self._on_cancel(msg, key, source, transport, now)
             return
-        if (now < self.handoff_invite_until and method == "INVITE"
-                and self._handed_off(msg, source, dialog=False)):
+        if (now < self.handoff_invite_until and method == "INVITE" and msg.to.tag is None
+                and self._handed_off(msg, source)):
             return
         msg.validate()
         # RFC 3261 §16.3 request validation
@@ -704,20 +712,11 @@ class ProxyCore:
         # no To tag: an initial request, whatever Route it brings (a token is not a credential)
         self._on_initial(msg, key, source, transport, now, routes)
 
-    def _handed_off(self, msg: SipMessage, source: Address, *, dialog: bool) -> bool:
-        """Whether the shell passed a request with no transaction here to the worker that may
-        hold it (see `handoff`). Never a request of a dialog, which names its worker in its
-        Route: an ACK (`dialog`) is one when its top Route carries our token, an INVITE when
-        its To has a tag."""
-        if self.handoff is None:
-            return False
-        if dialog:
-            routes = msg.header_values("route")
-            if routes and self._our_token(routes[0]) is not None:
-                return False
-        elif msg.method == "INVITE" and msg.to.tag is not None:
-            return False
-        if not self.handoff(msg, source):
+    def _handed_off(self, msg: SipMessage, source: Address) -> bool:
+        """Whether the shell passed a request with no transaction here, and of no dialog (an
+        INVITE without To tag, a CANCEL, an ACK without our token), to the worker that may
+        hold it (see `handoff`)."""
+        if self.handoff is None or not self.handoff(msg, source):
             return False
         self._count("handed_off")
         return True

@@ -32,8 +32,7 @@ from __future__ import annotations
 import mmap
 import struct
 import time
-from dataclasses import dataclass
-from typing import Final
+from typing import Final, Protocol
 
 SPREAD: Final = 0
 SINGLE: Final = 1
@@ -140,8 +139,9 @@ class Board:
                 _OWNER.pack_into(self._map, self._slot(group, index), 0)
 
 
-@dataclass(frozen=True)
-class Thresholds:
+class Thresholds(Protocol):
+    """What the controller reads of transport.low_load (proxy/config.py's LowLoadConfig)."""
+
     enter_percent: float  # every worker's CPU summed (% of one core), held hold_s: SINGLE
     leave_percent: float  # one worker's CPU (% of one core) above it: SPREAD
     hold_s: float

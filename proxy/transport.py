@@ -632,7 +632,6 @@ class ProxyServer:
             self._flood_weight = self.worker_count if self.kernel_spread else 1
             if self.board is not None and self.kernel_spread:
                 self.core.handoff = self._handoff
-                self.board.forget()  # a worker joined: the kernel may have renumbered them
                 if self.board.mode == steering.SINGLE:  # a worker restarted: spread again
                     self.board.set_mode(steering.SPREAD, time.monotonic())
                     log.info("udp_steering", mode="spread", reason="worker_started",
@@ -1234,12 +1233,12 @@ class ProxyServer:
         board.set_cpu(self.worker_index, self._cpu.read(now))
         mode = board.mode
         if mode == steering.SPREAD and board.ready and now - changed >= steering.LEARN_AFTER_S:
-            for sock_index, (_, endpoint) in enumerate(self._shared_socks):
+            for _, endpoint in self._shared_socks:
                 sample, endpoint.sample = endpoint.sample, None
                 if sample is None:
                     continue
                 index = spread.expected_socket(sample, self.worker_count, self._spread_keys,
-                                               self._spread_scans[sock_index])
+                                               self._spread_scans[endpoint.group])
                 if index is not None:
                     board.set_owner(endpoint.group, index, self.worker_index)
         if self._controller is None or self._steer_stopped:

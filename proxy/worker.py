@@ -296,16 +296,6 @@ def die_with_parent(sig: int = signal.SIGTERM) -> None:
         libc.prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
 
 
-def steering_thresholds(cfg: Config) -> Any:
-    """transport.low_load as proxy/steering.py's Thresholds (None: off)."""
-    from proxy.steering import Thresholds
-
-    low = cfg.transport.low_load
-    if not low.enabled:
-        return None
-    return Thresholds(low.enter_percent, low.leave_percent, low.hold_s)
-
-
 class Worker:
     """One worker: serves until told to stop; see `run`."""
 
@@ -390,7 +380,9 @@ class Worker:
             tls_server=tls_server, tls_client=tls_client,
             tls_handshake_timeout=cfg.transport.tls.handshake_timeout_s,
             tls_server_names=tls_names,
-            steering_board=self.board, steering_thresholds=steering_thresholds(cfg),
+            steering_board=self.board,
+            steering_thresholds=(cfg.transport.low_load if cfg.transport.low_load.enabled
+                                 else None),
         )
         await self._start_policy(cfg)
         metrics_server = await self._serve_metrics()

@@ -8,9 +8,10 @@ import time
 import pytest
 
 from proxy import steering
-from proxy.steering import SINGLE, SPREAD, Board, Controller, Thresholds
+from proxy.config import LowLoadConfig
+from proxy.steering import SINGLE, SPREAD, Board, Controller
 
-T = Thresholds(enter_percent=30.0, leave_percent=60.0, hold_s=10.0)
+T = LowLoadConfig(enter_percent=30.0, leave_percent=60.0, hold_s=10.0)
 
 
 def test_the_board_is_shared_with_a_forked_worker() -> None:
