@@ -56,7 +56,7 @@ _URI_IN_ANGLES: Final = re.compile(r"[^\x00-\x20\x7f<>\"]+")
 # pairs, no LWS inside the parameter list, parameter values are tokens), so a fast match is
 # always valid and is split exactly as the general parser would split it.
 _FAST_TOKEN: Final = r"[A-Za-z0-9\-.!%*_+`'~]++"
-_FAST_PARAMS: Final = rf"(?:;{_FAST_TOKEN}(?:={_FAST_TOKEN})?)*+"
+_FAST_PARAMS: Final = rf"(?:;{_FAST_TOKEN}(?:={_FAST_TOKEN})?)*"  # no `*+`: see uri.py
 _FAST_SIP_URI: Final = (
     rf"(sips?):(?:({FAST_USER_PATTERN})@)?({FAST_HOST_PATTERN})(?::([0-9]{{1,5}}))?"
 )

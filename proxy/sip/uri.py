@@ -51,7 +51,10 @@ _ABSOLUTE: Final = re.compile(r"[^\x00-\x20\x7f<>\"]+")
 # match because the character after each run is never one the run could take.
 FAST_HOST_PATTERN: Final = r"(?:\[[0-9A-Fa-f:.]++\]|[A-Za-z0-9][A-Za-z0-9\-.]*+(?<!-))"
 FAST_USER_PATTERN: Final = rf"[{USER_CHARS}]++"
-FAST_URI_PARAMS_PATTERN: Final = rf"(?:;[{PARAM_CHARS}]++(?:=[{PARAM_CHARS}]*+)?)*+"
+# A possessive repeat of a group (`(...)*+`) is not used: CPython 3.11.2's sre (Debian 12's
+# python3, the one .venv runs) lets it end inside an iteration, so `sip:0;` matched with an
+# empty parameter; every iteration starts with ';', so the plain `*` backtracks no further.
+FAST_URI_PARAMS_PATTERN: Final = rf"(?:;[{PARAM_CHARS}]++(?:=[{PARAM_CHARS}]*+)?)*"
 # the common `sip:user@host:port;params` shape in one step; no password, no ?headers
 _SIP_FAST: Final = re.compile(
     rf"(sips?):(?:({FAST_USER_PATTERN})@)?({FAST_HOST_PATTERN})(?::([0-9]{{1,5}}))?"

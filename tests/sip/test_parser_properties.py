@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -398,3 +399,15 @@ def test_uri_fast_path_agrees(text: str) -> None:
 def test_params_fast_path_agrees(text: str) -> None:
     assert outcome(lambda t: parse_params(t, "x"), text) == outcome(
         lambda t: _parse_params_general(t, "x"), text)
+
+
+def test_an_empty_parameter_is_refused_by_every_path() -> None:
+    """Found by the property above on Debian's Python 3.11.2, whose sre let a possessive
+    repeat of a group (`(...)*+`) end inside an iteration: the fast regexes took `<sip:0;>`."""
+    for text in ("<sip:0;>", "<sip:a@h;x;>;t", "sip:h;"):
+        for parse in (lambda t: parse_name_addr(t, "x"),
+                      lambda t: _parse_name_addr_general(t.strip(" \t"), "x")):
+            with pytest.raises(ParseError):
+                parse(text)
+    with pytest.raises(ParseError):
+        parse_uri("sip:0;")
