@@ -47,7 +47,8 @@ def port_taken(exc: Exception) -> bool:
     """`start_proxy` failed because a port drawn free was taken before the proxy bound it
     (another suite or program on the machine drew it too): the caller may draw again."""
     text = str(exc)
-    return "start_refused" in text and "Address already in use" in text
+    return (("start_refused" in text or "worker_failed" in text)
+            and "address already in use" in text.lower())  # the OS's words, or uvloop's
 
 
 def _ephemeral_ports() -> tuple[int, int]:
@@ -73,6 +74,12 @@ def _bindable(port: int, host: str) -> bool:
 # tests) must not make two draws of one test come out the same (a gateway on the proxy's port)
 _RNG = random.SystemRandom()
 
+# every port this process has handed out: free when drawn but perhaps not bound yet (a
+# proxy's workers bind theirs a moment after the supervisor starts), so a later draw of the
+# same test (its SIPp's port) must not take it; forgotten in bulk once many have gone by
+_HANDED_OUT: set[int] = set()
+_HANDED_OUT_MAX = 4000
+
 
 def free_port_range(count: int, host: str = "127.0.0.1", avoid: tuple[int, ...] = ()) -> int:
     """The first of `count` consecutive ports free for both UDP and TCP on `host`, none of
@@ -90,7 +97,11 @@ def free_port_range(count: int, host: str = "127.0.0.1", avoid: tuple[int, ...] 
     while True:
         lo, hi = _RNG.choice(spans)
         base = _RNG.randrange(lo, hi - count)
-        if all(p not in avoid and _bindable(p, host) for p in range(base, base + count)):
+        ports = range(base, base + count)
+        if all(p not in avoid and p not in _HANDED_OUT and _bindable(p, host) for p in ports):
+            if len(_HANDED_OUT) > _HANDED_OUT_MAX:
+                _HANDED_OUT.clear()  # long past: those tests have ended
+            _HANDED_OUT.update(ports)
             return base
 
 
@@ -316,6 +327,7 @@ def start_proxy(config_path: Path, port: int, gateway_port: int, log_path: Path,
     """Start `python -m proxy run --config …` and wait for its UDP port (its TCP port when
     the config has no udp listen entry)."""
     log = log_path.open("ab")
+    start = log.tell()  # a proxy restarted in the same directory appends to the old log
     proc = subprocess.Popen(
         [sys.executable, "-m", "proxy", "run", "--config", str(config_path)],
         cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
@@ -329,6 +341,14 @@ def start_proxy(config_path: Path, port: int, gateway_port: int, log_path: Path,
     except TimeoutError:
         proc.kill()
         raise RuntimeError(f"proxy did not start:\n{log_path.read_text()}") from None
+    with log_path.open("rb") as written:
+        written.seek(start)
+        text = written.read().decode(errors="replace")
+    if port_taken(RuntimeError(text)):
+        # a worker's own port was taken between the draw and its bind; the supervisor
+        # restarted it, but the test would fail on the logged error: let the caller draw again
+        stop_process(proc)
+        raise RuntimeError(f"a worker could not bind its port:\n{text}")
     return ProxyProcess(config_path, port, gateway_port, proc, log_path, config or {})
 
 

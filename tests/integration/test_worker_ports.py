@@ -18,8 +18,16 @@ import json
 import socket
 from pathlib import Path
 
+import pytest
+
 from proxy.sip.address import parse_name_addr
-from tests.integration.procs import ProxyProcess, free_port, start_proxy, write_config
+from tests.integration.procs import (
+    ProxyProcess,
+    free_port,
+    port_taken,
+    start_proxy,
+    write_config,
+)
 from tests.integration.rawsip import (
     Peer,
     answer_call,
@@ -172,6 +180,36 @@ def test_one_worker_binds_no_port_of_its_own(tmp_path: Path, proxies: list[Proxy
     finally:
         a.close()
         b.close()
+
+
+def test_a_worker_port_taken_after_the_draw_is_reported_as_a_port_to_draw_again(
+    tmp_path: Path
+) -> None:
+    """The test harness's side of a port race: a TCP socket bound (not listening) on worker
+    1's own port escapes the supervisor's check of the socket tables, so worker 1 fails to
+    bind it. start_proxy reports that as a taken port, which start_sip700 draws again for,
+    instead of handing back a proxy whose log holds an error (the test's teardown would fail).
+    And a port handed out once is not handed out again while it may still be unbound."""
+    gateway_port = free_port()
+    port = free_port()
+    assert port != gateway_port
+    cfg_dir = tmp_path / "proxy"
+    cfg_dir.mkdir()
+    path, config = write_config(cfg_dir, port=port, gateway_port=gateway_port, overrides={
+        "workers": 2, "logging": {"level": "info"},
+        "transport": {"low_load": {"enabled": False}}})
+    base = config["transport"]["worker_port_base"]
+    drawn = {free_port() for _ in range(50)}
+    assert not drawn & {port, gateway_port, base, base + 1, base + 2, base + 3}
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as holder:
+        holder.bind(("127.0.0.1", base + 1))
+        with pytest.raises(RuntimeError) as caught:
+            start_proxy(path, port, gateway_port, cfg_dir / "proxy.log", config)
+    assert port_taken(caught.value), str(caught.value)[-2000:]
+    assert f"{base + 1}" in str(caught.value)
+    for kind in (socket.SOCK_DGRAM, socket.SOCK_STREAM):
+        with socket.socket(socket.AF_INET, kind) as s:
+            s.bind(("127.0.0.1", port))  # the proxy was stopped: its port is free again
 
 
 def test_one_source_sending_everything_to_the_shared_port_is_spread_without_relay(
