@@ -78,6 +78,8 @@ for _d in range(10):
     _NORM_MAP[b"%%3%d" % _d] = _NORM_MAP[bytes((0xEF, 0xBC, 0x90 + _d))] = b"%d" % _d
 for _c in b"0BbDdEe89":
     _NORM_MAP[b"%2" + bytes((_c,))] = b""
+# the chunk bytes (_CHUNK_BYTES) of a plain ASCII message without `%`
+_ASCII_CHUNK_SET: Final = frozenset(b"0123456789ABCDEFabcdef -.()+")
 _NON_DIGITS: Final = bytes(sorted(set(range(256)) - set(b"0123456789")))
 # Deleting these keeps the digits, `%` and 0xEF (the lead byte of full-width forms): if neither
 # of the last two survives, what is left is the plain digit projection.
@@ -139,6 +141,10 @@ class NumberScanner:
             intl = self._intl
             self._forms = tuple({self._national, intl, b"86" + intl, b"0086" + intl})
             self._maxlen = max(map(len, self._forms))
+        if _PERCENT not in data and data.isascii() and _PERCENT not in x:
+            quick = self._replace_ascii(data, x)
+            if quick is not None:
+                return quick
         out, count = self._replace(data, x, literal=False)
         if _PERCENT in out:  # the literal reading of %HH escapes differs only where there are some
             out, more = self._replace(out, x, literal=True)
@@ -158,6 +164,50 @@ class NumberScanner:
             return data, 0
         parts.append(data[pos:])
         return b"".join(parts), len(parts) // 2
+
+    def _replace_ascii(self, data: bytes, x: bytes) -> tuple[bytes, int] | None:
+        """replace() for the common message: plain ASCII, no `%`, the number's intl digits
+        written together (`o=13900000001 …`, `<sip:+8613900000001@…>`). Only the chunks around
+        those places are read, with the general reading's own steps (_ascii_chunk_spans), and
+        chunks are independent, so what it replaces there is what replace() would. None (the
+        general reading then runs) when that finds nothing, or when the result still passes
+        present(): an occurrence split by separators, or one elsewhere, may be left."""
+        intl = self._intl
+        n = len(data)
+        parts: list[bytes] = []
+        pos = 0
+        at = data.find(intl)
+        while at >= 0:
+            lo = at
+            while lo > 0 and data[lo - 1] in _ASCII_CHUNK_SET:
+                lo -= 1
+            hi = at + len(intl)
+            while hi < n and data[hi] in _ASCII_CHUNK_SET:
+                hi += 1
+            for start, end in self._ascii_chunk_spans(data, lo, hi):
+                parts.append(data[pos:start])
+                parts.append(x)
+                pos = end
+            at = data.find(intl, hi)
+        if not parts:
+            return None
+        count = len(parts) // 2
+        parts.append(data[pos:])
+        out = b"".join(parts)
+        if self.present(out):
+            return None
+        return out, count
+
+    def _ascii_chunk_spans(self, data: bytes, lo: int, hi: int) -> list[tuple[int, int]]:
+        """Occurrence spans in the plain ASCII chunk data[lo:hi], as _spans reads one."""
+        spans: list[tuple[int, int]] = []
+        present = self.present
+        if not present(data[lo:hi]):
+            return spans
+        for m in _ASCII_RUNS.finditer(data, lo, hi):
+            if m.start("run") >= 0 and present(m.group()):
+                spans.extend(self._in_run(data, m, _ASCII_UNIT))
+        return spans
 
     def _spans(self, data: bytes, literal: bool) -> Iterator[tuple[int, int]]:
         """Occurrence spans, in order: stretches of lines, chunks, then runs that may hold one.

@@ -412,3 +412,50 @@ def test_scanner_matches_the_reference_reading(data: st.DataObject, national: st
 @given(message=st.binary(max_size=200), national=st.sampled_from(NATIONALS))
 def test_arbitrary_bytes_agree_with_the_reference(message: bytes, national: str) -> None:
     assert NumberScanner(national).replace(message, X) == oracle_replace(message, national, X)
+
+
+# plain ASCII without `%`: replace() reads only the chunks around the intl digits written
+# together (_replace_ascii), and must still agree with the reference everywhere
+_ASCII_SOUP = st.sampled_from(
+    [b"0", b"1", b"3", b"6", b"8", b"9", b"00", b"86", b"139", b"0000", b"0001", b"13900000001",
+     b"8613900000001", b"18612345678", b"2087654321", b" ", b"-", b".", b"(", b")", b"+",
+     b"a", b"B", b"e", b"F", b"o=", b";", b"@", b"\n", b"\r\n", b'"', b"<", b"sip:", X])
+
+
+@st.composite
+def ascii_wire_forms(draw: st.DrawFn, national: str) -> bytes:
+    """One occurrence of `national`, ASCII spellings only, sometimes split by separators."""
+    intl = national[1:] if national.startswith("0") else national
+    form = draw(st.sampled_from([national, intl, "86" + intl, "0086" + intl]))
+    out = draw(st.sampled_from([b"", b"", b"+", b"+ "]))
+    for k, d in enumerate(form):
+        if k and draw(st.integers(0, 5)) == 0:
+            out += draw(st.sampled_from([b" ", b"-", b".", b"(", b")", b" - "]))
+        out += d.encode()
+    return out
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data(), national=st.sampled_from(NATIONALS))
+def test_plain_ascii_messages_agree_with_the_reference(data: st.DataObject, national: str
+                                                       ) -> None:
+    pieces = data.draw(st.lists(st.one_of(_ASCII_SOUP, ascii_wire_forms(national)),
+                                max_size=30))
+    message = b"".join(pieces)
+    assert message.isascii() and b"%" not in message
+    scanner = NumberScanner(national)
+    assert scanner.replace(message, X) == oracle_replace(message, national, X)
+
+
+def test_plain_ascii_shortcut_leaves_split_forms_to_the_general_reading() -> None:
+    """A form written together and one split by separators in the same message: both go, the
+    second by the general reading after the shortcut finds one left (present())."""
+    scanner = NumberScanner(B)
+    message = b"o=" + B.encode() + b" 1 2 IN IP4 h\r\ni=+86 139-0000-0001 x\r\n"
+    assert scanner.replace(message, X) == (b"o=" + X + b" 1 2 IN IP4 h\r\ni=" + X + b" x\r\n", 2)
+    # written together but inside a longer unit: not an occurrence, nothing replaced
+    longer = b"id=9" + B.encode() + b"7\r\n"
+    assert scanner.replace(longer, X) == (longer, 0)
+    # the SDP shape: the number, then digits joined by spaces in the same run
+    sdp = b"v=0\r\no=" + B.encode() + b" 53655765 2353687637 IN IP4 127.0.0.1\r\n"
+    assert scanner.replace(sdp, X) == (sdp.replace(B.encode(), X), 1)
