@@ -199,11 +199,10 @@ class NumberScanner:
         return out, count
 
     def _ascii_chunk_spans(self, data: bytes, lo: int, hi: int) -> list[tuple[int, int]]:
-        """Occurrence spans in the plain ASCII chunk data[lo:hi], as _spans reads one."""
+        """Occurrence spans in the plain ASCII chunk data[lo:hi], as _spans reads one (which
+        also asks present() of the whole chunk first: true here, it holds the intl digits)."""
         spans: list[tuple[int, int]] = []
         present = self.present
-        if not present(data[lo:hi]):
-            return spans
         for m in _ASCII_RUNS.finditer(data, lo, hi):
             if m.start("run") >= 0 and present(m.group()):
                 spans.extend(self._in_run(data, m, _ASCII_UNIT))
