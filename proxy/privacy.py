@@ -644,8 +644,7 @@ class Privacy:
                 found += self._scrub_rows(msg, scanner, xb)
         if msg.body:
             found += make_body_safe(
-                msg, lambda data: scanner.replace(data, xb) if scanner.present(data)
-                else (data, 0), x=x,
+                msg, lambda data: scanner.replace(data, xb), x=x,  # replace() asks present()
                 unreadable=self.policy.unreadable_body if request else "strip",
                 isup=self.policy.isup)
         return found

@@ -33,6 +33,14 @@ contiguously once separators and other bytes are deleted, so deleting every non-
 lead byte (EF) is there, our %-tokens and full-width digits are decoded first (a slower path).
 replace() narrows down the same way (halves at line ends, then chunks of token bytes, then runs)
 so that its regexes and Python logic only see the few runs that may hold an occurrence.
+
+Two shortcuts for the usual message, where a number is written with its digits together
+(`o=13900000001 …`, `<sip:13900000001@…>`): present() first looks for the intl digits as they
+are, before deleting anything; and replace() on plain ASCII without `%` reads only the chunks
+around those digits, then checks with present() that nothing is left (else the general reading
+runs). Measured with callgrind (`scripts/bench_core.py 300 --rounds 1 --bindings 1000`): the
+core's instructions a call 1,223 K -> 1,119 K with numbers in Contact and SDP, 833 K -> 840 K
+with the shared harness's rows (no number there: every present() is a miss).
 """
 
 from __future__ import annotations
@@ -126,6 +134,8 @@ class NumberScanner:
         # operand as an integer first and formats (then clears) a TypeError each time, several
         # times the cost of the search; and compiled, decode and `str in str` are C calls,
         # while `bytes.find` is a call by name
+        if self._intl_text in data.decode("latin-1"):
+            return True  # written together, the usual way: no need to drop the rest first
         digits = data.translate(None, _NON_DIGITS_KEEP_MARKS)
         if self._intl_text in digits.decode("latin-1"):
             return True
