@@ -401,6 +401,8 @@ class ProxyCore:
         # set by the shell while its event loop lags (overload.*): new INVITEs are refused
         # before any lookup, everything else flows
         self.overloaded = False
+        # messages received, malformed ones too: the shell ticks less often while none arrive
+        self.received = 0
         # one worker taking every new call while the load is low (proxy/steering.py): until
         # these times after the last change, a request whose transaction is not here may be
         # another worker's, and `handoff` (the shell's) passes it there and says True
@@ -522,6 +524,7 @@ class ProxyCore:
         try:
             msg = parse_message(data, stream=transport != "udp")
         except ParseError as exc:
+            self.received += 1
             self.reject_malformed(exc, source, transport)
             return
         self.receive_message(msg, data, source, transport, now)
@@ -540,6 +543,7 @@ class ProxyCore:
     def receive_message(
         self, msg: SipMessage, data: bytes, source: Address, transport: str, now: float
     ) -> None:
+        self.received += 1
         try:
             if msg.is_request:
                 self._on_request(msg, source, transport, now)

@@ -29,7 +29,7 @@ from proxy.logs import flush as flush_logs
 from proxy.logs import records_dropped
 
 log = structlog.get_logger("sip700")
-GC_YOUNG_THRESHOLD = 100_000  # automatic passes: a backstop to `collect_young`
+GC_YOUNG_THRESHOLD = 100_000  # automatic passes: a backstop to `YoungCollector`
 # Each pass walks what survived since the last one, so the cadence sets the length of a pause,
 # not the total work (every survivor is walked once per generation either way): short passes
 # keep the tail latency down (`run.sh project 3000 20`, p99 12.8-13.6 ms with 0.1 s / 2 s,
@@ -277,16 +277,31 @@ def open_store_frozen(cfg: Config) -> Any:
     return store
 
 
-async def collect_young(every_s: float = GC_YOUNG_EVERY_S,
-                        middle_every: int = GC_MIDDLE_EVERY) -> None:
+class YoungCollector:
     """Collect the young generations on a clock rather than on the allocation count: each
     pass then walks only what was made since the last one (a millisecond or so), never a
-    backlog of every live call (see Worker.run)."""
-    n = 0
-    while True:
-        await asyncio.sleep(every_s)
-        n += 1
-        gc.collect(1 if n % middle_every == 0 else 0)
+    backlog of every live call (see Worker.run). Called by the transport's tick, so it costs
+    no wake-up of its own: generation 0 every `every_s`, generation 1 every `middle_every`-th
+    time."""
+
+    __slots__ = ("count", "every_s", "middle_every", "next_at")
+
+    def __init__(self, every_s: float = GC_YOUNG_EVERY_S,
+                 middle_every: int = GC_MIDDLE_EVERY) -> None:
+        self.every_s = every_s
+        self.middle_every = middle_every
+        self.next_at: float | None = None
+        self.count = 0
+
+    def __call__(self, now: float) -> None:
+        if self.next_at is None:
+            self.next_at = now + self.every_s
+            return
+        if now < self.next_at:
+            return
+        self.next_at = now + self.every_s
+        self.count += 1
+        gc.collect(1 if self.count % self.middle_every == 0 else 0)
 
 
 def die_with_parent(sig: int = signal.SIGTERM) -> None:
@@ -350,7 +365,7 @@ class Worker:
         # trigger counts net new objects only: in steady state it fires rarely, and then
         # walks everything every call made since (100,000 objects and more, 40-600 ms in the
         # Redis soak of 2026-12-02). So the worker collects the young generation itself,
-        # often and small (`collect_young`).
+        # often and small (`YoungCollector`).
         gc.set_threshold(GC_YOUNG_THRESHOLD, 1000, 1000)
         start = getattr(self.store, "start", None)
         if start is not None:
@@ -417,7 +432,7 @@ class Worker:
         loop = asyncio.get_running_loop()
         self._watch(self.metrics.watch_loop_lag())
         self.metrics.watch_gc(log.warning)
-        self._watch(collect_young())
+        self.server.young_collector = YoungCollector()  # run by the tick: no wake-up of its own
         self._watch(self._watch_parent())
         spare = cfg.worker_port_range(1 - self.port_range)
         if worker_port is not None and spare:

@@ -30,7 +30,7 @@ the way `sip700 run` sets it up and driven the way the shared bench harness driv
   R-URI user B and From / To / P-Asserted-Identity user X, the 200 gives A its own From back.
   A failed check stops the bench: a benchmark that silently stops rewriting is worthless.
 
-- Collector: as in a worker (`proxy.worker.collect_young`): the young generation is collected
+- Collector: as in a worker (`proxy.worker.YoungCollector`): the young generation is collected
   every 50 ms of the simulated clock, the middle one every fourth time, so what a call keeps
   alive past that is walked as it is in production.
 
@@ -324,7 +324,7 @@ class Round:
     calls: int
     calls_cpu: float = 0.0  # seconds in receive_datagram + the lookup step
     timers_cpu: float = 0.0  # seconds in the ticks (next_deadline, handle_timers)
-    gc_cpu: float = 0.0  # seconds in the worker's young collections (collect_young's cadence)
+    gc_cpu: float = 0.0  # seconds in the worker's young collections (YoungCollector's cadence)
     gc_runs: int = 0
     messages_in: int = 0
     messages_out: int = 0
@@ -449,7 +449,7 @@ class Bench:
         self.now = t
 
     def collect(self, tick: float) -> None:
-        """The worker's collector cadence (proxy.worker.collect_young) on the simulated clock:
+        """The worker's collector cadence (proxy.worker.YoungCollector) on the simulated clock:
         generation 0 every GC_YOUNG_EVERY_S, generation 1 every GC_MIDDLE_EVERY-th time. What
         a call leaves alive for longer than that is walked, as in a worker."""
         self.gc_count += 1

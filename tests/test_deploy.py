@@ -141,13 +141,13 @@ def test_a_long_collector_pass_is_timed_and_logged() -> None:
     assert "sip700_gc_pause_seconds_count" in generate_latest(registry).decode()
 
 
-async def test_workers_collect_the_young_generations_on_a_clock() -> None:
-    """collect_young passes over generation 0 at each tick and generation 1 every nth: the
-    young objects are walked while they are few, whatever the allocation count says."""
-    import asyncio
+def test_workers_collect_the_young_generations_on_a_clock() -> None:
+    """YoungCollector (run by the transport's tick) passes over generation 0 once `every_s`
+    has gone by and generation 1 every nth time: the young objects are walked while they are
+    few, whatever the allocation count says. Between those times a tick collects nothing."""
     import gc
 
-    from proxy.worker import collect_young
+    from proxy.worker import YoungCollector
 
     passes: list[int] = []
 
@@ -159,13 +159,14 @@ async def test_workers_collect_the_young_generations_on_a_clock() -> None:
     gc.set_threshold(1_000_000, 1000, 1000)  # no automatic pass during the test
     gc.callbacks.append(seen)
     try:
-        task = asyncio.ensure_future(collect_young(every_s=0.01, middle_every=3))
-        await asyncio.sleep(0.2)
-        task.cancel()
+        collect = YoungCollector(every_s=0.05, middle_every=3)
+        for tick in range(61):  # 10 ms ticks for 0.6 s of its clock
+            collect(100.0 + tick * 0.01)
     finally:
         gc.callbacks.remove(seen)
         gc.set_threshold(*old)
-    assert passes.count(0) >= 5 and passes.count(1) >= 2
+    assert passes == [0, 0, 1, 0, 0, 1, 0, 0, 1, 0, 0, 1][:len(passes)]
+    assert len(passes) in (11, 12), passes  # every 50 ms after the first tick: 11 or 12 in 0.6 s
     assert 2 not in passes
 
 
