@@ -642,6 +642,9 @@ class ProxyServer:
                 self.core.handoff = self._handoff
                 if self.board.mode == steering.SINGLE:  # a worker restarted: spread again
                     self.board.set_mode(steering.SPREAD, time.monotonic())
+                    # its windows now, not at its first tick: the other workers' CANCELs and
+                    # ACKs the kernel gives it from now on are passed to them at once
+                    self._see_board(self.board)
                     log.info("udp_steering", mode="spread", reason="worker_started",
                              worker=self.worker_index)
             log.info("udp_spread", worker=self.worker_index,
@@ -1241,13 +1244,7 @@ class ProxyServer:
         which socket of each group is its own, and (worker 0) the decision."""
         board = self.board
         assert board is not None
-        changed = board.changed_at
-        if changed != self._seen_change:
-            self._seen_change = changed
-            self.core.handoff_until, self.core.handoff_invite_until = steering.handoff_windows(
-                changed, board.mode, self.core.settings.timer_c)
-            # policy.flood: in SINGLE one worker sees a source's every request
-            self._flood_weight = 1 if board.mode == steering.SINGLE else self.worker_count
+        changed = self._see_board(board)
         if self._controller is not None and board.mode == steering.SINGLE and (
                 self.receive_wait > steering.LEAVE_WAIT_S or self.core.overloaded) \
                 and not self._steer_stopped:
@@ -1278,6 +1275,18 @@ class ProxyServer:
                                          indexes_known=known)
         if target is not None:
             self._switch(target, now, cpus, "load")
+
+    def _see_board(self, board: steering.Board) -> float:
+        """Act on the board's last change of mode if this worker has not yet: the hand-off
+        windows after it, and policy.flood's weight. Returns when the change was made."""
+        changed = board.changed_at
+        if changed != self._seen_change:
+            self._seen_change = changed
+            self.core.handoff_until, self.core.handoff_invite_until = steering.handoff_windows(
+                changed, board.mode, self.core.settings.timer_c)
+            # policy.flood: in SINGLE one worker sees a source's every request
+            self._flood_weight = 1 if board.mode == steering.SINGLE else self.worker_count
+        return changed
 
     def _switch(self, target: int, now: float, cpus: list[float], reason: str) -> None:
         """Worker 0: the board first; the kernel's program SWITCH_DELAY_S later, by when every
