@@ -459,3 +459,17 @@ def test_plain_ascii_shortcut_leaves_split_forms_to_the_general_reading() -> Non
     # the SDP shape: the number, then digits joined by spaces in the same run
     sdp = b"v=0\r\no=" + B.encode() + b" 53655765 2353687637 IN IP4 127.0.0.1\r\n"
     assert scanner.replace(sdp, X) == (sdp.replace(B.encode(), X), 1)
+
+
+def test_the_ascii_chunk_set_is_the_chunk_class_read_on_ascii_without_percent() -> None:
+    """_ASCII_CHUNK_SET is written out by hand beside the _CHUNK_BYTES regex class: they must
+    agree on every ASCII byte but `%` (the shortcut only reads such messages)."""
+    import re
+
+    from proxy.scanner import _ASCII_CHUNK_SET, _CHUNK_BYTES
+
+    chunk = re.compile(_CHUNK_BYTES)
+    for byte in range(128):
+        if byte == ord("%"):
+            continue
+        assert (chunk.fullmatch(bytes((byte,))) is not None) == (byte in _ASCII_CHUNK_SET), byte
