@@ -882,7 +882,8 @@ class LowLoadConfig(_Section):
 
     enabled: Bool = True
     # every worker's CPU summed, in % of one core, held hold_s: one worker takes new calls
-    enter_percent: Annotated[float, Strict(), Field(gt=0, le=100)] = 50.0
+    # (65: one worker then runs at 55-60 %, and the load may grow by a third before it leaves)
+    enter_percent: Annotated[float, Strict(), Field(gt=0, le=100)] = 65.0
     # one worker's CPU over a second above this (or any shedding): spread over every worker
     leave_percent: Annotated[float, Strict(), Field(gt=0, le=100)] = 80.0
     hold_s: Annotated[float, Strict(), Field(ge=1, le=3600)] = 10.0

@@ -807,7 +807,7 @@ def test_worker_cpus_reads_this_process_mask(config_dir: Path) -> None:
 def test_low_load_defaults_and_the_hysteresis_named(config_dir: Path) -> None:
     low = load_config(write(config_dir, MINIMAL)).transport.low_load
     assert (low.enabled, low.enter_percent, low.leave_percent, low.hold_s) == (
-        True, 50.0, 80.0, 10.0)
+        True, 65.0, 80.0, 10.0)
     shown, problems = problems_for(
         config_dir, transport={"low_load": {"enter_percent": 80, "leave_percent": 60}})
     assert len(problems) == 1 and problems[0].startswith(f"{shown}: transport.low_load: ")
