@@ -91,7 +91,7 @@ from proxy import logs
 from proxy.bindings.memory import MemoryStore
 from proxy.cli import build_core, dialog_key
 from proxy.config import load_config
-from proxy.worker import GC_MIDDLE_EVERY, GC_YOUNG_EVERY_S
+from proxy.worker import YoungCollector
 
 ROOT = Path(__file__).resolve().parent.parent
 BASE_CONFIG = ROOT / "config" / "proxy.yaml"
@@ -381,8 +381,8 @@ class Bench:
         self.base = 1000.0  # the core's clock is time.monotonic(): any origin
         self.now = self.base
         self.ticks = 1
-        self.next_gc = self.base + GC_YOUNG_EVERY_S
-        self.gc_count = 0
+        self.young = YoungCollector()  # the worker's own cadence, on the simulated clock
+        self.young(self.base)
         self.next_call = 0
         self.prof: cProfile.Profile | None = None
         self.r = Round(0)
@@ -444,20 +444,19 @@ class Bench:
             if core.outbox:
                 self.r.timer_sends += len(core.outbox)
                 core.outbox = []
-            if tick >= self.next_gc:
-                self.collect(tick)
+            self.collect(tick)
         self.now = t
 
     def collect(self, tick: float) -> None:
-        """The worker's collector cadence (proxy.worker.YoungCollector) on the simulated clock:
-        generation 0 every GC_YOUNG_EVERY_S, generation 1 every GC_MIDDLE_EVERY-th time. What
-        a call leaves alive for longer than that is walked, as in a worker."""
-        self.gc_count += 1
-        self.next_gc = tick + GC_YOUNG_EVERY_S
+        """The worker's young collector (proxy.worker.YoungCollector) at this tick of the
+        simulated clock, timed when it made a pass: what a call leaves alive for longer than
+        its period is walked, as in a worker."""
+        passes = self.young.count
         t0 = time.process_time()
-        gc.collect(1 if self.gc_count % GC_MIDDLE_EVERY == 0 else 0)
-        self.r.gc_cpu += time.process_time() - t0
-        self.r.gc_runs += 1
+        self.young(tick)
+        if self.young.count != passes:
+            self.r.gc_cpu += time.process_time() - t0
+            self.r.gc_runs += 1
 
     # -- one round ------------------------------------------------------------------------------
     def run_round(self, calls: int) -> Round:
