@@ -1462,8 +1462,7 @@ class ProxyCore:
             self._count("late_2xx_forwarded")
         elif status >= 200:
             del self._stateless[branch]  # a lost final: the upstream retransmits, we re-forward
-        msg.pop_via()
-        if not msg.has("via"):  # RFC 3261 §16.7 step 3: it was meant for us alone
+        if not _drop_our_via(msg, True):
             self._count("responses_dropped")
             return
         scrubbed = self.privacy.response(msg, entry.restore, entry.rule, entry.receiver,
@@ -1704,8 +1703,7 @@ class ProxyCore:
             return
         if (relay.limit_s is not None or relay.max_call_s is not None) and 200 <= status < 300:
             self._limit_call(relay, msg, now)  # before the rewrite: the callee's own rows
-        msg.pop_via()
-        if not msg.has("via"):  # RFC 3261 §16.7 step 3: it was meant for us alone
+        if not _drop_our_via(msg, relay.rule is not None):
             self._count("responses_dropped")
             return
         if relay.rule is not None:
@@ -2110,6 +2108,26 @@ def _restore(relay: Relay) -> RestoreRows:
     if restore is None:
         restore = relay.restore = restore_of(relay.request)
     return restore
+
+
+def _drop_our_via(msg: SipMessage, restored: bool) -> bool:
+    """RFC 3261 §16.7 step 3: take our Via off a response; False when none is left (it was
+    meant for us alone).
+
+    `restored`: privacy.response then puts back the Via rows of the request it answers in
+    place of all of the response's, ours included. With two Via rows or more one stays after
+    ours whatever their shape, so ours need not be taken off first (reading and cutting the
+    row is most of what a relayed response's Via costs).
+    """
+    if restored:
+        rows = 0
+        for name, _row in msg.rows:
+            if name == "via":
+                rows += 1
+                if rows == 2:
+                    return True
+    msg.pop_via()
+    return msg.has("via")
 
 
 def _response_address(msg: SipMessage, source: Address) -> Address:

@@ -454,6 +454,23 @@ def test_response_carrying_only_our_via_is_not_forwarded() -> None:
     assert core.stats["responses_dropped"] == 1
 
 
+def test_a_response_whose_vias_share_one_row_goes_back_with_the_callers_vias() -> None:
+    core = make_core()
+    forwarded = route_call(core)
+    reply = _callee_reply(forwarded, 180)
+    msg = parse_message(reply)
+    ours, theirs = (row.decode() for name, row in msg.rows if name == "via")
+    joined = reply.replace((ours + "\r\n" + theirs).encode(),
+                           (ours + ", " + theirs.split(":", 1)[1].strip()).encode())
+    assert joined != reply
+    core.receive_datagram(joined, GATEWAY, "udp", 0.1)
+    (ringing,) = [parse_message(o.data) for o in core.outbox if o.dest == CALLER]
+    original = parse_message(invite())
+    assert ringing.status == 180
+    assert ringing.raw_values("via") == original.raw_values("via")
+    assert core.stats.get("responses_dropped", 0) == 0
+
+
 def test_2xx_after_timer_c_is_still_forwarded() -> None:
     core = make_core()
     core.settings.timer_c = 1.0

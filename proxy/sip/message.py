@@ -357,12 +357,23 @@ class SipMessage:
 
     @property
     def max_forwards(self) -> int | None:
-        value = self.header("max-forwards")
-        if value is None:
-            return None
-        number = int(value) if _is_ascii_number(value, 5) else 256
-        if number > 255:
-            raise ParseError(f"bad Max-Forwards {value[:20]!r}", message=self)
+        """Max-Forwards (0-255), None when absent; read once (a request's is asked for by
+        validate, by §16.3's check and when the proxy decrements it)."""
+        cache = self._cache
+        if "max-forwards" in cache:
+            return cache["max-forwards"]
+        number: int | None = None
+        for n, row in self.rows:
+            if n == "max-forwards":
+                number = _plain_number(row)  # the usual `Max-Forwards: 70`, read by hand
+                if not 0 <= number <= 99999:
+                    value = _row_value(row)
+                    number = int(value) if _is_ascii_number(value, 5) else 256
+                if number > 255:
+                    raise ParseError(f"bad Max-Forwards {_row_value(row)[:20]!r}",
+                                     message=self)
+                break
+        cache["max-forwards"] = number
         return number
 
     @property
@@ -624,6 +635,14 @@ def _split_rows(lines: list[bytes]) -> list[tuple[str, bytes]]:
 
 
 def _parse_start(msg: SipMessage, start: bytes) -> None:
+    if len(start) >= 12 and start[11] == 32 and start[:8] == b"SIP/2.0 ":
+        # the usual status line, `SIP/2.0 180 Ringing`: its code read by hand (compiled,
+        # indexing bytes is a C primitive; split, isdigit and int are calls by name)
+        hundreds, tens, units = start[8] - 48, start[9] - 48, start[10] - 48
+        if 1 <= hundreds <= 6 and 0 <= tens <= 9 and 0 <= units <= 9:
+            msg.status = hundreds * 100 + tens * 10 + units
+            msg.reason = start[12:].decode("latin-1")
+            return
     parts = start.split(b" ")
     if len(parts) == 3 and parts[2] == b"SIP/2.0" and parts[1]:
         method = _KNOWN_METHOD_BYTES.get(parts[0])

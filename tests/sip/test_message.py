@@ -580,3 +580,34 @@ def test_top_branch_falls_back_to_the_full_parse_and_its_errors() -> None:
     msg = parse_message(_RESPONSE_HEAD.format(via="Via: SIP/2.0/UDP h;branch=z9hG4bKx").encode())
     assert msg.top_branch() == "z9hG4bKx" and "@via" not in msg._cache
     assert msg.top_via.branch == msg.top_branch()  # parsed since: read from the parse
+
+
+def test_max_forwards_is_read_once_and_follows_an_edit() -> None:
+    msg = parse(INVITE.replace(b"Max-Forwards: 69", b"Max-Forwards:  0000070 "))
+    assert msg.max_forwards == 70  # 1*DIGIT (RFC 3261 §20.22): leading zeros are digits
+    msg.set_header("max-forwards", "69")
+    assert msg.max_forwards == 69
+    copy = msg.copy()
+    copy.set_header("max-forwards", "68")
+    assert (msg.max_forwards, copy.max_forwards) == (69, 68)
+    msg.remove_header("max-forwards")
+    assert msg.max_forwards is None
+
+
+@pytest.mark.parametrize(("line", "status", "reason"), [
+    (b"SIP/2.0 180 Ringing", 180, "Ringing"),
+    (b"SIP/2.0 486 Busy Here", 486, "Busy Here"),
+    (b"SIP/2.0 200 ", 200, ""),
+    (b"SIP/2.0 200", 200, ""),
+    (b"SIP/2.0 699 \xe6\x8b\x92", 699, "\xe6\x8b\x92"),  # octets kept as latin-1, as before
+])
+def test_status_lines(line: bytes, status: int, reason: str) -> None:
+    msg = parse_message(line + b"\r\nVia: SIP/2.0/UDP h;branch=z9hG4bKx\r\n\r\n")
+    assert (msg.status, msg.reason, msg.is_request) == (status, reason, False)
+
+
+@pytest.mark.parametrize("line", [b"SIP/2.0 1a0 OK", b"SIP/2.0 20 OK", b"SIP/2.0 -20 OK",
+                                  b"SIP/2.0 000 OK", b"SIP/2.0 799 OK"])
+def test_bad_status_codes(line: bytes) -> None:
+    with pytest.raises(ParseError):
+        parse_message(line + b"\r\n\r\n")
