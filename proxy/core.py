@@ -73,7 +73,7 @@ from proxy.privacy import (
 from proxy.records.model import BY_PROXY, call_key
 from proxy.sip.address import parse_name_addr
 from proxy.sip.errors import ParseError
-from proxy.sip.message import SipMessage, build_response, parse_message, split_list
+from proxy.sip.message import SipMessage, build_response, colon_at, parse_message, split_list
 from proxy.sip.transaction import (
     ClientInviteTransaction,
     ClientNonInviteTransaction,
@@ -2121,11 +2121,22 @@ def _drop_our_via(msg: SipMessage, restored: bool) -> bool:
     """
     if restored:
         rows = 0
-        for name, _row in msg.rows:
+        first = b""
+        for name, row in msg.rows:
             if name == "via":
                 rows += 1
                 if rows == 2:
                     return True
+                first = row
+        # one row, ours and the next values joined by commas (as SIPp and many UAs answer):
+        # pop_via's own test for a plain row (no quoted string, no fold) whose top value and
+        # next value are both there
+        colon = colon_at(first) + 1
+        comma = first.find(b",", colon)
+        if comma > 0 and first.find(b'"', colon) < 0 and first.find(b"\n", colon) < 0:
+            tail = first[comma + 1:].lstrip(b" \t")
+            if tail and tail[0] != 44 and first[colon:comma].strip(b" \t"):
+                return True
     msg.pop_via()
     return msg.has("via")
 

@@ -767,3 +767,31 @@ def _only_text(value: object) -> bool:
     if isinstance(value, tuple):
         return all(_only_text(item) for item in value)
     return isinstance(value, (str, bytes, int))
+
+
+@pytest.mark.parametrize(("vias", "forwarded"), [
+    ("{ours}, {theirs}", True),
+    ("{ours} ,{theirs}", True),
+    ("{ours}", False),
+    ("{ours},", False),
+    ("{ours}, ,", False),
+    ("{ours}, , {theirs}", True),
+    ('{ours};x="a,b"', False),  # a comma inside a quoted string separates nothing
+    ('{ours};x="a,b", {theirs}', True),
+])
+def test_a_response_with_one_via_row_is_forwarded_only_when_a_value_follows_ours(
+        vias: str, forwarded: bool) -> None:
+    core = make_core()
+    sent = route_call(core)
+    reply = _callee_reply(sent, 180)
+    msg = parse_message(reply)
+    ours, theirs = (row.decode().split(":", 1)[1].strip()
+                    for name, row in msg.rows if name == "via")
+    one_row = b"Via: " + vias.format(ours=ours, theirs=theirs).encode()
+    rows = [row for name, row in msg.rows if name != "via"]
+    data = b"\r\n".join([msg.start_line, one_row, *rows, b"", b""])
+    core.receive_datagram(data, GATEWAY, "udp", 0.1)
+    to_caller = [parse_message(o.data) for o in core.outbox if o.dest == CALLER]
+    assert [m.status for m in to_caller] == ([180] if forwarded else [])
+    if forwarded:
+        assert to_caller[0].raw_values("via") == parse_message(invite()).raw_values("via")
