@@ -9,19 +9,46 @@ follow (journal.py).
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
 import structlog
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.log import server_logger
 
 from proxy.api.app import build_app
 from proxy.api.audit import AuditLog
 from proxy.api.journal import Journal
 from proxy.api.pools import Pools
+from proxy.numbers import mask_number
 
 log = structlog.get_logger("sip700.api")
 JOURNAL_NAME = "api-journal"
+_NUMBER_LIKE = re.compile(r"\d{7,}")
+
+
+class RequestErrorLog:
+    """The logger aiohttp's request handler writes to (`AppRunner(logger=…)`).
+
+    A request its HTTP parser refuses (a bad Content-Length, a line too long, not HTTP) is the
+    client's error, and aiohttp has answered it 400: one `api_bad_http` warning with the
+    reason (its first line, number-like digit runs masked), not a traceback. Anything else
+    goes to aiohttp's own `aiohttp.server` logger, as before.
+    """
+
+    def debug(self, msg: str, *args: Any, **kw: Any) -> None:
+        server_logger.debug(msg, *args, **kw)
+
+    def exception(self, msg: str, *args: Any, exc_info: Any = None, **kw: Any) -> None:
+        if isinstance(exc_info, HttpProcessingError):
+            reason = (str(exc_info.message).strip().splitlines() or [""])[0][:200]
+            log.warning("api_bad_http", status=exc_info.code,
+                        reason=_NUMBER_LIKE.sub(lambda m: mask_number(m.group()), reason),
+                        remote=str(args[0]) if args else "")
+            return
+        server_logger.exception(msg, *args, exc_info=exc_info, **kw)
 
 
 class ApiServer:
@@ -59,7 +86,8 @@ async def start_api(cfg: Any, store: Any = None, journal_dir: str | None = None,
     backend = make_backend(cfg, store, journal_dir)
     await backend.start()
     app = build_app(cfg, backend, backend.audit)
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False,
+                           logger=RequestErrorLog())
     await runner.setup()
     endpoint = cfg.api.listen
     from proxy.config import parse_host_port

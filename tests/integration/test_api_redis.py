@@ -11,6 +11,7 @@ import asyncio
 import json
 import subprocess
 import sys
+import urllib.request
 import uuid
 from collections import Counter
 from collections.abc import Iterator
@@ -332,3 +333,26 @@ def test_allocation_takes_back_numbers_whose_bindings_expired(prefix: str) -> No
         assert attempt(t + 120_003, 6) == [0, "no_free_x"]  # and nothing shares an AXN's X
     finally:
         client.close()
+
+
+@pytest.mark.parametrize("raw", [
+    b"POST /v1/bindings HTTP/1.1\r\nHost: x\r\nContent-Length: Re[HV\r\n\r\n",
+    b"GET /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: 13800005678x\r\n\r\n",
+    b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-" + b"a" * 9000 + b": 1\r\n\r\n",
+], ids=["content-length", "content-length-number", "header-too-long"])
+def test_a_malformed_http_request_gets_400_and_one_log_line_without_a_traceback(
+        apis: list[ApiProcess], raw: bytes) -> None:
+    import socket
+
+    api = apis[0]
+    with socket.create_connection(("127.0.0.1", api.port), timeout=5) as conn:
+        conn.sendall(raw)
+        answer = conn.recv(4096)
+    assert answer.split(b"\r\n", 1)[0].split(b" ")[1] == b"400", answer[:80]
+    with urllib.request.urlopen(f"{api.url}/healthz", timeout=5) as response:  # still up
+        assert response.status == 200
+    lines = [json.loads(line) for line in api.log_text().splitlines()
+             if line.startswith("{") and '"api_bad_http"' in line]
+    assert len(lines) == 1 and lines[0]["status"] == 400 and lines[0]["reason"]
+    assert lines[0]["remote"] == "127.0.0.1"
+    assert "13800005678" not in api.log_text()  # a number quoted by the reason is masked

@@ -60,6 +60,11 @@ def test_params_lookup() -> None:
     assert uri.param("maddr2") == "x"  # escaped name
     assert uri.param("ttl") is None
     assert not uri.has_param("ttl")
+    plain = sip("sip:h;lr;s7=AbC;TRANSPORT=udp;Maddr=10.0.0.1")  # no escape: the quick look
+    assert (plain.param("transport"), plain.param("maddr"), plain.param("S7")) == (
+        "udp", "10.0.0.1", "AbC")
+    assert plain.param("ttl") is None and plain.param("lr") == ""
+    assert plain.param("abc") is None  # in a value, not a key
 
 
 def test_hostport() -> None:
