@@ -268,16 +268,8 @@ class NumberScanner:
     ) -> Iterator[tuple[int, int]]:
         """Occurrences in one run: from the earliest unit that starts one, the longest."""
         first = m.end("plus") if m.start("plus") >= 0 else m.start()
-        end = m.end()
-        together = data[first:end]
-        if together.isdigit():
-            # one unit, the number written together (`o=13900000001`, `sip:+8613900000001@`):
-            # the loop below would find it whole or not at all, without splitting it
-            if together in self._forms:
-                yield m.start(), end
-            return
         units: list[tuple[int, int, bytes]] = []
-        for u in splitter.finditer(data, first, end):
+        for u in splitter.finditer(data, first, m.end()):
             digits = u.group(1)
             if digits is not None:
                 if not digits.isdigit():

@@ -250,8 +250,6 @@ def _lookup_param(params: str, name: str) -> str | None:
     if not params:
         return None
     lname = name.lower()
-    if "%" not in params and lname.isascii() and lname not in params.lower():
-        return None  # not there in any case (a key is lower-cased as part of the whole)
     for part in params.split(";"):
         if not part:
             continue
