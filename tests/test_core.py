@@ -795,3 +795,31 @@ def test_a_response_with_one_via_row_is_forwarded_only_when_a_value_follows_ours
     assert [m.status for m in to_caller] == ([180] if forwarded else [])
     if forwarded:
         assert to_caller[0].raw_values("via") == parse_message(invite()).raw_values("via")
+
+
+_VIA_TAILS = ["", ",", ", ", ", ,", " , ", ", SIP/2.0/UDP 10.0.0.2;branch=z9hG4bKb",
+              ',SIP/2.0/UDP a;x="p,q"', ';x="a,b"', ";x=\"a,b\", SIP/2.0/UDP c", "\r\n ,c",
+              ", ,SIP/2.0/UDP d", "\t,\tSIP/2.0/TCP e:5070"]
+_VIA_ROWS = ["Via: SIP/2.0/UDP 10.0.0.3;branch=z9hG4bKc", "Via: ,", "Via: ", "v: x, y"]
+
+
+def test_dropping_our_via_answers_as_cutting_it_would() -> None:
+    """_drop_our_via skips the cut (restored=True) only where pop_via would leave a Via: every
+    tail of our row with up to two more Via rows of every shape."""
+    from proxy.core import _drop_our_via
+
+    kept = 0
+    extra = [[], *([r] for r in _VIA_ROWS), *([r, q] for r in _VIA_ROWS for q in _VIA_ROWS)]
+    for tail in _VIA_TAILS:
+        for more in extra:
+            rows = ["Via: SIP/2.0/UDP 127.0.0.1:5060;branch=z9hG4bK-s7-1" + tail, *more,
+                    "From: <sip:a@h>;tag=1", "To: <sip:b@h>;tag=2", "Call-ID: c1",
+                    "CSeq: 1 INVITE"]
+            data = ("SIP/2.0 180 Ringing\r\n" + "\r\n".join(rows) + "\r\n\r\n").encode()
+            cut = parse_message(data)
+            cut.pop_via()
+            expected = cut.has("via")
+            kept += expected
+            for restored in (True, False):
+                assert _drop_our_via(parse_message(data), restored) == expected, (rows, restored)
+    assert 0 < kept < len(_VIA_TAILS) * len(extra)  # both answers occur
