@@ -53,7 +53,7 @@ from proxy.legs import (
     record_route_prefix,
     uri_transport,
 )
-from proxy.numbers import mask_number
+from proxy.numbers import mask_number, mask_numbers_in
 from proxy.policy.engine import Decision
 from proxy.policy.windows import TimeWindow
 from proxy.privacy import (
@@ -94,7 +94,6 @@ from proxy.timers import TimerWheel
 
 Address = tuple[str, int]
 BRANCH_PREFIX: Final = "z9hG4bKs7"
-_NUMBER_LIKE: Final = re.compile(r"\d{7,}")  # long enough to be a phone number: masked in free text
 # option-tags this proxy understands in Proxy-Require
 SUPPORTED_EXTENSIONS: Final[frozenset[str]] = frozenset()
 
@@ -448,7 +447,7 @@ class ProxyCore:
         """Free text quoting a message (a parse error's reason): number-like digit runs masked."""
         if not self.settings.mask_numbers:
             return text
-        return _NUMBER_LIKE.sub(lambda m: mask_number(m.group()), text)
+        return mask_numbers_in(text)
 
     def _describe(self, exc: Exception) -> str:
         """An exception for the log: its text can quote a message, so numbers are masked."""

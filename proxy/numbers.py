@@ -60,6 +60,15 @@ def mask_number(number: str) -> str:
     return f"{number[:3]}{'*' * (len(number) - 7)}{number[-4:]}"
 
 
+_NUMBER_LIKE: Final = re.compile(r"\d{7,}")  # long enough to be a phone number
+
+
+def mask_numbers_in(text: str) -> str:
+    """Free text for a log line (a parse error's reason, say): every run of 7 digits or more
+    masked as mask_number does."""
+    return _NUMBER_LIKE.sub(lambda m: mask_number(m.group()), text)
+
+
 def is_mobile(number: str) -> bool:
     """True for an 11-digit national mobile number."""
     return len(number) == 11 and number[0] == "1" and number.isdigit()

@@ -1,6 +1,6 @@
 import pytest
 
-from proxy.numbers import mask_number, normalize_number, number_variants
+from proxy.numbers import mask_number, mask_numbers_in, normalize_number, number_variants
 
 
 @pytest.mark.parametrize(
@@ -36,6 +36,11 @@ def test_mask_keeps_only_prefix_and_suffix() -> None:
     assert mask_number("13800005678") == "138****5678"
     assert mask_number("700100000000001") == "700********0001"
     assert mask_number("12345") == "*****"
+
+
+def test_mask_numbers_in_free_text_leaves_short_digit_runs() -> None:
+    text = "bad Call-ID 13800005678-4711@10.0.0.1 and 8613800005678"
+    assert mask_numbers_in(text) == "bad Call-ID 138****5678-4711@10.0.0.1 and 861******5678"
 
 
 def test_variants_cover_wire_forms() -> None:

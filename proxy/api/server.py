@@ -9,7 +9,6 @@ follow (journal.py).
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any
 
@@ -22,11 +21,10 @@ from proxy.api.app import build_app
 from proxy.api.audit import AuditLog
 from proxy.api.journal import Journal
 from proxy.api.pools import Pools
-from proxy.numbers import mask_number
+from proxy.numbers import mask_numbers_in
 
 log = structlog.get_logger("sip700.api")
 JOURNAL_NAME = "api-journal"
-_NUMBER_LIKE = re.compile(r"\d{7,}")
 
 
 class RequestErrorLog:
@@ -45,7 +43,7 @@ class RequestErrorLog:
         if isinstance(exc_info, HttpProcessingError):
             reason = (str(exc_info.message).strip().splitlines() or [""])[0][:200]
             log.warning("api_bad_http", status=exc_info.code,
-                        reason=_NUMBER_LIKE.sub(lambda m: mask_number(m.group()), reason),
+                        reason=mask_numbers_in(reason),
                         remote=str(args[0]) if args else "")
             return
         server_logger.exception(msg, *args, exc_info=exc_info, **kw)
