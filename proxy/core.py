@@ -73,7 +73,7 @@ from proxy.privacy import (
 from proxy.records.model import BY_PROXY, call_key
 from proxy.sip.address import parse_name_addr
 from proxy.sip.errors import ParseError
-from proxy.sip.message import SipMessage, build_response, colon_at, parse_message, split_list
+from proxy.sip.message import SipMessage, build_response, parse_message, split_list
 from proxy.sip.transaction import (
     ClientInviteTransaction,
     ClientNonInviteTransaction,
@@ -2114,28 +2114,12 @@ def _drop_our_via(msg: SipMessage, restored: bool) -> bool:
     meant for us alone).
 
     `restored`: privacy.response then puts back the Via rows of the request it answers in
-    place of all of the response's, ours included. With two Via rows or more one stays after
-    ours whatever their shape, so ours need not be taken off first (reading and cutting the
-    row is most of what a relayed response's Via costs).
+    place of all of the response's, ours included, so where a value surely follows ours
+    (SipMessage.via_after_top) ours need not be cut first (reading and cutting the row is most
+    of what a relayed response's Via costs).
     """
-    if restored:
-        rows = 0
-        first = b""
-        for name, row in msg.rows:
-            if name == "via":
-                rows += 1
-                if rows == 2:
-                    return True
-                first = row
-        # one row, ours and the next values joined by commas (as SIPp and many UAs answer):
-        # pop_via's own test for a plain row (no quoted string, no fold) whose top value and
-        # next value are both there
-        colon = colon_at(first) + 1
-        comma = first.find(b",", colon)
-        if comma > 0 and first.find(b'"', colon) < 0 and first.find(b"\n", colon) < 0:
-            tail = first[comma + 1:].lstrip(b" \t")
-            if tail and tail[0] != 44 and first[colon:comma].strip(b" \t"):
-                return True
+    if restored and msg.via_after_top():
+        return True
     msg.pop_via()
     return msg.has("via")
 

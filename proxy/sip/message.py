@@ -512,16 +512,12 @@ class SipMessage:
             if n != "via":
                 continue
             colon = colon_at(row) + 1
-            comma = row.find(b",", colon)
-            if comma > 0 and row.find(b'"', colon) < 0 and row.find(b"\n", colon) < 0:
-                # values joined in one row, as many UAs answer (no quoted string, no fold):
-                # the first comma ends the top value, and the rest keeps its bytes
-                top_bytes = row[colon:comma].strip(b" \t")
-                tail = row[comma + 1:].lstrip(b" \t")
-                if top_bytes and tail and tail[0] != 44:  # not ", ," (an empty value): below
-                    self.forget_parsed("via")
-                    rows[i] = ("via", row[:colon] + b" " + tail)
-                    return top_bytes.decode("latin-1")
+            joined = _plain_joined_via(row, colon)
+            if joined is not None:
+                top_bytes, tail = joined
+                self.forget_parsed("via")
+                rows[i] = ("via", row[:colon] + b" " + tail)
+                return top_bytes.decode("latin-1")
             text = row[colon:].decode("latin-1")  # str: its methods are C calls compiled
             if "," not in text:  # the usual case: one value per Via row
                 if not text.strip(" \t\r\n"):
@@ -542,6 +538,17 @@ class SipMessage:
                 rows[i] = ("via", row[:colon] + b" " + rest.encode("latin-1"))
             return top
         raise ParseError("no Via to remove")
+
+    def via_after_top(self) -> bool:
+        """True when a Via value surely follows the top one: a second Via row, or a first row
+        holding two plain values. False says only that pop_via must be asked."""
+        first = b""
+        for n, row in self.rows:
+            if n == "via":
+                if first:
+                    return True
+                first = row
+        return bool(first) and _plain_joined_via(first, colon_at(first) + 1) is not None
 
     def prepend_record_route(self, value: str) -> None:
         """Add our Record-Route on top of the list (RFC 3261 §16.6 step 4)."""
@@ -584,6 +591,19 @@ _SINGLE_SET: Final = frozenset(SINGLE_HEADERS)
 
 
 _ROW_PREFIXES: Final[dict[str, bytes]] = {}
+
+
+def _plain_joined_via(row: bytes, colon: int) -> tuple[bytes, bytes] | None:
+    """A Via row's top value and the rest, when values are joined in one row as many UAs
+    answer and the row is plain (no quoted string, no fold, the first comma ends the top
+    value, a value on each side of it); None for any other row."""
+    comma = row.find(b",", colon)
+    if comma > 0 and row.find(b'"', colon) < 0 and row.find(b"\n", colon) < 0:
+        top = row[colon:comma].strip(b" \t")
+        tail = row[comma + 1:].lstrip(b" \t")
+        if top and tail and tail[0] != 44:  # not ", ," (an empty value)
+            return top, tail
+    return None
 
 
 def _new_row(name: str, value: str) -> bytes:
