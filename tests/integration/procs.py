@@ -8,6 +8,7 @@ code), so a test asserts on what real SIP peers did.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import random
@@ -77,8 +78,32 @@ _RNG = random.SystemRandom()
 # every port this process has handed out: free when drawn but perhaps not bound yet (a
 # proxy's workers bind theirs a moment after the supervisor starts), so a later draw of the
 # same test (its SIPp's port) must not take it; forgotten in bulk once many have gone by
-_HANDED_OUT: set[int] = set()
-_HANDED_OUT_MAX = 4000
+_HANDED_OUT: dict[int, int] = {}  # port -> the descriptor of its claim file (below)
+_HANDED_OUT_MAX = 600
+
+# the same across processes: another test suite on this machine (CI beside a developer's
+# run) draws from the same range, and a port free when this one drew it could be bound by
+# the other before this one's SIPp or proxy binds it. A port is claimed by holding an
+# exclusive flock on a file named after it; a process's claims end with it.
+_CLAIMS = Path(os.environ.get("SIP700_TEST_PORT_CLAIMS", "/tmp/sip700-test-ports"))
+
+
+def _claim(port: int) -> int | None:
+    """The descriptor of this process's claim on `port`, or None if another process holds it."""
+    _CLAIMS.mkdir(mode=0o777, parents=True, exist_ok=True)
+    fd = os.open(_CLAIMS / str(port), os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def _forget_claims() -> None:
+    for fd in _HANDED_OUT.values():
+        os.close(fd)  # the flock goes with the last descriptor
+    _HANDED_OUT.clear()
 
 
 def free_port_range(count: int, host: str = "127.0.0.1", avoid: tuple[int, ...] = ()) -> int:
@@ -88,7 +113,7 @@ def free_port_range(count: int, host: str = "127.0.0.1", avoid: tuple[int, ...] 
 
     Drawn at random outside the kernel's ephemeral range, so that no port free_port (or any
     client socket) picks later can fall into it before the proxy binds it, and tests running
-    side by side rarely draw the same range.
+    side by side rarely draw the same range; claimed (see _CLAIMS) so that they never do.
     """
     low, high = _ephemeral_ports()
     spans = [(lo, hi) for lo, hi in ((20000, low), (high + 1, 65536)) if hi - lo > count]
@@ -98,11 +123,18 @@ def free_port_range(count: int, host: str = "127.0.0.1", avoid: tuple[int, ...] 
         lo, hi = _RNG.choice(spans)
         base = _RNG.randrange(lo, hi - count)
         ports = range(base, base + count)
-        if all(p not in avoid and p not in _HANDED_OUT and _bindable(p, host) for p in ports):
-            if len(_HANDED_OUT) > _HANDED_OUT_MAX:
-                _HANDED_OUT.clear()  # long past: those tests have ended
-            _HANDED_OUT.update(ports)
+        if not all(p not in avoid and p not in _HANDED_OUT and _bindable(p, host)
+                   for p in ports):
+            continue
+        if len(_HANDED_OUT) + count > _HANDED_OUT_MAX:
+            _forget_claims()  # long past: those tests have ended
+        claims = {p: _claim(p) for p in ports}
+        if all(fd is not None for fd in claims.values()):
+            _HANDED_OUT.update(claims)  # type: ignore[arg-type]
             return base
+        for fd in claims.values():
+            if fd is not None:
+                os.close(fd)
 
 
 def config_workers(config: dict) -> int:
@@ -124,7 +156,9 @@ def wait_udp_bound(port: int, host: str = "127.0.0.1", timeout: float = 20.0,
             except OSError:
                 return
         if proc is not None and proc.poll() is not None:
-            said = output.read_text(errors="replace")[-2000:] if output else ""
+            said = output.read_text(errors="replace") if output else ""
+            if len(said) > 3000:  # SIPp says why (a bind refused) first, then its screens
+                said = f"{said[:1000]}\n[…]\n{said[-2000:]}"
             raise RuntimeError(f"exited with {proc.returncode} before binding udp "
                                f"{host}:{port}: {said}")
         time.sleep(0.05)
