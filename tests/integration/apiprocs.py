@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -17,7 +16,7 @@ from pathlib import Path
 import yaml
 
 from proxy.api.keys import hash_key
-from tests.integration.procs import REDIS_URL, ROOT, TEST_DIALOG_KEY, stop_process
+from tests.integration.procs import REDIS_URL, ROOT, TEST_DIALOG_KEY, free_port, stop_process
 
 KEYS = {"shop1": "s7k_test-key-shop1", "shop2": "s7k_test-key-shop2",
         "slow": "s7k_test-key-slow"}
@@ -40,9 +39,9 @@ def tenants(pool_size: int = 20, cap: int = 40) -> list[dict]:
 
 
 def free_tcp_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port for an API server: drawn and claimed as the proxy's are (procs.free_port), not
+    bound to 0, whose port the kernel may hand to a client socket before the server binds it."""
+    return free_port()
 
 
 def api_config(tmp: Path, prefix: str, *, port: int, tenant_list: list[dict] | None = None,

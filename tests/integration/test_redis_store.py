@@ -41,7 +41,7 @@ from proxy.bindings.model import (
     resolve_among,
 )
 from proxy.bindings.redis_store import RedisStore
-from tests.integration.procs import start_redis_server, wait_redis_ping
+from tests.integration.procs import free_port, start_redis_server, wait_redis_ping
 
 pytestmark = pytest.mark.integration
 
@@ -504,12 +504,6 @@ def _long_cache() -> SimpleNamespace:
 
 
 # -- Redis failure -----------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class RedisProcess:
