@@ -89,9 +89,24 @@ _CLAIMS = Path(os.environ.get("SIP700_TEST_PORT_CLAIMS", "/tmp/sip700-test-ports
 
 
 def _claim(port: int) -> int | None:
-    """The descriptor of this process's claim on `port`, or None if another process holds it."""
-    _CLAIMS.mkdir(mode=0o777, parents=True, exist_ok=True)
-    fd = os.open(_CLAIMS / str(port), os.O_RDWR | os.O_CREAT, 0o666)
+    """The descriptor of this process's claim on `port`, or None if another process holds it.
+
+    The folder is shared by every user's suites (sticky and world-writable, as /tmp is) and a
+    claim file is opened read-only (flock needs no write access), so a file another user made
+    can be claimed too. Where the folder cannot be used at all, the port is this process's
+    without a claim (an open /dev/null stands for it), as it was before claims existed."""
+    try:
+        if not _CLAIMS.is_dir():
+            _CLAIMS.mkdir(parents=True, exist_ok=True)
+            with contextlib.suppress(OSError):
+                _CLAIMS.chmod(0o1777)
+        path = _CLAIMS / str(port)
+        try:  # an existing file without O_CREAT: fs.protected_regular refuses O_CREAT on
+            fd = os.open(path, os.O_RDONLY)  # another user's file in a sticky folder
+        except FileNotFoundError:
+            fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o666)
+    except OSError:
+        return os.open(os.devnull, os.O_RDONLY)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:

@@ -67,3 +67,18 @@ def test_this_process_forgets_its_claims_in_bulk_and_releases_them(
         fd = procs._claim(port)
         assert fd is not None, port
         procs.os.close(fd)
+
+
+def test_ports_are_still_drawn_where_the_claims_folder_cannot_be_made(
+    tmp_path: Path, monkeypatch
+) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setattr(procs, "_CLAIMS", blocker / "claims")  # under a file: mkdir fails
+    monkeypatch.setattr(procs, "_HANDED_OUT", {})
+    drawn = [procs.free_port() for _ in range(20)]
+    assert len(set(drawn)) == 20  # still never the same port twice in this process
+    assert set(procs._HANDED_OUT) == set(drawn)
+    assert not (blocker / "claims").exists()
+    procs._forget_claims()
+    assert procs._HANDED_OUT == {}
