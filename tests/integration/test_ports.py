@@ -27,6 +27,13 @@ def _draw_in_another_process(claims: Path, count: int) -> subprocess.Popen[str]:
                             env={"SIP700_TEST_PORT_CLAIMS": str(claims), "PATH": ""})
 
 
+def _assert_claimable(ports: list[int]) -> None:
+    """Each of `ports` can be claimed by this process now (nobody else holds it)."""
+    for port in ports:
+        fd = procs._claim(port)
+        assert fd is not None, port
+        procs.os.close(fd)
+
 def test_a_port_another_process_holds_is_never_drawn_and_is_free_again_when_it_ends(
     tmp_path: Path, monkeypatch
 ) -> None:
@@ -47,10 +54,7 @@ def test_a_port_another_process_holds_is_never_drawn_and_is_free_again_when_it_e
     assert other.stdin is not None
     other.stdin.close()
     assert other.wait(timeout=10) == 0
-    for port in held:
-        fd = procs._claim(port)
-        assert fd is not None, port
-        procs.os.close(fd)
+    _assert_claimable(held)
 
 
 def test_this_process_forgets_its_claims_in_bulk_and_releases_them(
@@ -63,10 +67,7 @@ def test_this_process_forgets_its_claims_in_bulk_and_releases_them(
     assert set(procs._HANDED_OUT) == set(first)
     procs.free_port()  # the eleventh: the first ten are forgotten and their claims released
     assert len(procs._HANDED_OUT) == 1
-    for port in first:
-        fd = procs._claim(port)
-        assert fd is not None, port
-        procs.os.close(fd)
+    _assert_claimable(first)
 
 
 def test_ports_are_still_drawn_where_the_claims_folder_cannot_be_made(
