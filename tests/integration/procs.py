@@ -77,7 +77,8 @@ _RNG = random.SystemRandom()
 
 # every port this process has handed out: free when drawn but perhaps not bound yet (a
 # proxy's workers bind theirs a moment after the supervisor starts), so a later draw of the
-# same test (its SIPp's port) must not take it; forgotten in bulk once many have gone by
+# same test (its SIPp's port) must not take it; the oldest half forgotten once many have
+# gone by
 _HANDED_OUT: dict[int, int] = {}  # port -> the descriptor of its claim file (below)
 _HANDED_OUT_MAX = 600
 
@@ -115,10 +116,11 @@ def _claim(port: int) -> int | None:
     return fd
 
 
-def _forget_claims() -> None:
-    for fd in _HANDED_OUT.values():
-        os.close(fd)  # the flock goes with the last descriptor
-    _HANDED_OUT.clear()
+def _forget_claims(keep: int = 0) -> None:
+    """Forget the oldest handed-out ports (their tests have long ended) and end their claims,
+    keeping the newest `keep`: the running test's ports may not be bound yet."""
+    for port in list(_HANDED_OUT)[:max(0, len(_HANDED_OUT) - keep)]:
+        os.close(_HANDED_OUT.pop(port))  # the flock goes with the last descriptor
 
 
 def free_port_range(count: int, host: str = "127.0.0.1", avoid: tuple[int, ...] = ()) -> int:
@@ -142,14 +144,14 @@ def free_port_range(count: int, host: str = "127.0.0.1", avoid: tuple[int, ...] 
                    for p in ports):
             continue
         if len(_HANDED_OUT) + count > _HANDED_OUT_MAX:
-            _forget_claims()  # long past: those tests have ended
-        claims = {p: _claim(p) for p in ports}
-        if all(fd is not None for fd in claims.values()):
-            _HANDED_OUT.update(claims)  # type: ignore[arg-type]
+            _forget_claims(keep=_HANDED_OUT_MAX // 2)
+        claims = [(p, _claim(p)) for p in ports]
+        held = [(p, fd) for p, fd in claims if fd is not None]
+        if len(held) == count:
+            _HANDED_OUT.update(held)
             return base
-        for fd in claims.values():
-            if fd is not None:
-                os.close(fd)
+        for _p, fd in held:  # another suite holds one of them: draw again
+            os.close(fd)
 
 
 def config_workers(config: dict) -> int:

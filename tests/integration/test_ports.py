@@ -57,7 +57,7 @@ def test_a_port_another_process_holds_is_never_drawn_and_is_free_again_when_it_e
     _assert_claimable(held)
 
 
-def test_this_process_forgets_its_claims_in_bulk_and_releases_them(
+def test_this_process_forgets_its_oldest_claims_and_keeps_the_newest(
     tmp_path: Path, monkeypatch
 ) -> None:
     monkeypatch.setattr(procs, "_CLAIMS", tmp_path)
@@ -65,9 +65,11 @@ def test_this_process_forgets_its_claims_in_bulk_and_releases_them(
     monkeypatch.setattr(procs, "_HANDED_OUT_MAX", 10)
     first = [procs.free_port() for _ in range(10)]
     assert set(procs._HANDED_OUT) == set(first)
-    procs.free_port()  # the eleventh: the first ten are forgotten and their claims released
-    assert len(procs._HANDED_OUT) == 1
-    _assert_claimable(first)
+    last = procs.free_port()  # the eleventh: the oldest five are forgotten, their claims ended
+    assert list(procs._HANDED_OUT) == [*first[5:], last]
+    _assert_claimable(first[:5])
+    for port in [*first[5:], last]:  # still held: even another descriptor here is refused
+        assert procs._claim(port) is None, port
 
 
 def test_ports_are_still_drawn_where_the_claims_folder_cannot_be_made(
