@@ -10,11 +10,19 @@ whatever the overlay sets, e.g. `overload: {max_receive_wait_ms: 450}`).
     scripts/bench_ab.py --b ../other-checkout              this checkout against another
     scripts/bench_ab.py --b-config nolog.yaml --store redis   one config change, Redis store
     scripts/bench_ab.py --rates 4000 5500 --seconds 30 --pairs 3
+    scripts/bench_ab.py --a kamailio --rates 200 1000 --seconds 30 --pairs 5
+                                                          the standing bar: Kamailio against this
+
+`kamailio` in place of a checkout runs the harness's reference proxy (`run.sh kamailio`, its
+Redis GET per INVITE; it takes no overlay, and `--store` does not apply to it).
 
 Each run prints its verdict, failed calls, INVITE→200 p99 and max, the proxy's CPU (all its
 processes, % of one core) and µs of it per call, Redis's CPU, and how often the workers entered
 overload and how many calls they shed (from the proxy's log). The summary gives, per rate, each
-variant's median CPU a call and the median of the pairs' ratios B / A: the figure to quote.
+variant's median CPU a call and the median of the pairs' ratios B / A: the figure to quote; and
+each variant's median p99, the median of the pairs' p99 differences B − A, and in how many
+pairs B's p99 was at most A's (one pair says little: the tail moves by a few tenths of a
+millisecond from one run to the next).
 Both variants run on the interpreter running this script (`--python` for another): build each
 checkout's compiled modules with that interpreter (`scripts/build-compiled`), or neither.
 """
@@ -31,7 +39,7 @@ import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import yaml
 
@@ -122,25 +130,36 @@ def log_overloads(lines: Any) -> tuple[int, int]:
     return episodes, shed
 
 
+KAMAILIO: Final = "kamailio"  # in place of a checkout: the harness's reference proxy
+
+
 @dataclass
 class Variant:
     name: str
-    checkout: Path
-    config: Path
+    checkout: Path | None  # None: Kamailio
+    config: Path | None
     runs: dict[int, list[dict[str, Any]]] = field(default_factory=dict)
+
+    @property
+    def target(self) -> str:
+        """run.sh's target: `project`, or `kamailio`."""
+        return "project" if self.checkout is not None else KAMAILIO
 
 
 def run_once(bench: Path, variant: Variant, rate: int, seconds: int, store: str,
              python: str) -> dict[str, Any]:
-    env = {**os.environ, "PROJECT_DIR": str(variant.checkout),
-           "PROJECT_CONFIG": str(variant.config), "PROJECT_STORE": store,
-           "PROJECT_CMD": f"{python} -m proxy"}
-    proc = subprocess.run([str(bench / "run.sh"), "project", str(rate), str(seconds)],
-                          cwd=variant.checkout, env=env, capture_output=True, text=True)
+    env = dict(os.environ)
+    if variant.checkout is not None:
+        env.update({"PROJECT_DIR": str(variant.checkout),
+                    "PROJECT_CONFIG": str(variant.config), "PROJECT_STORE": store,
+                    "PROJECT_CMD": f"{python} -m proxy"})
+    proc = subprocess.run([str(bench / "run.sh"), variant.target, str(rate), str(seconds)],
+                          cwd=variant.checkout or bench, env=env, capture_output=True,
+                          text=True)
     fields: dict[str, Any] = parse_result(proc.stdout + "\n" + proc.stderr)
     run_dir = Path(fields.get("run_dir", "/nonexistent"))
     cpu = read_cpu((run_dir / "cpu.txt").read_text()) if (run_dir / "cpu.txt").exists() else {}
-    fields["proxy_cpu"] = cpu.get("project")
+    fields["proxy_cpu"] = cpu.get(variant.target)
     fields["redis_cpu"] = cpu.get("redis")
     log = run_dir / "project.log"
     if log.exists():
@@ -161,6 +180,25 @@ def paired_ratio(a: list[float | None], b: list[float | None]) -> float | None:
     return statistics.median(ratios) if ratios else None
 
 
+def p99(run: dict[str, Any]) -> float | None:
+    """The run's INVITE→200 p99 (ms), None when it has none."""
+    try:
+        return float(run["rt_p99_ms"])
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def paired_difference(a: list[float | None],
+                      b: list[float | None]) -> tuple[float, int, int] | None:
+    """Over the pairs with both figures: the median of B − A, how many pairs had B ≤ A, and
+    how many pairs there were; None without any."""
+    pairs = [(x, y) for x, y in zip(a, b, strict=False) if x is not None and y is not None]
+    if not pairs:
+        return None
+    return (statistics.median(y - x for x, y in pairs), sum(y <= x for x, y in pairs),
+            len(pairs))
+
+
 def row(variant: Variant, rate: int, run: dict[str, Any]) -> str:
     us = us_per_call(run, rate)
     cpu = run.get("proxy_cpu")
@@ -176,8 +214,10 @@ def row(variant: Variant, rate: int, run: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--a", type=Path, default=ROOT, help="checkout A (default: this one)")
-    parser.add_argument("--b", type=Path, default=ROOT, help="checkout B (default: this one)")
+    parser.add_argument("--a", default=str(ROOT),
+                        help="checkout A (default: this one), or `kamailio`")
+    parser.add_argument("--b", default=str(ROOT),
+                        help="checkout B (default: this one), or `kamailio`")
     parser.add_argument("--a-config", type=Path, help="YAML overlay for A")
     parser.add_argument("--b-config", type=Path, help="YAML overlay for B")
     parser.add_argument("--store", choices=("memory", "redis"), default="memory")
@@ -191,21 +231,35 @@ def main(argv: list[str] | None = None) -> int:
     if not (bench / "run.sh").exists():
         print(f"bench_ab: no harness at {bench} (set BENCH_DIR)", file=sys.stderr)
         return 2
-    for checkout in (args.a, args.b):
+    checkouts: dict[str, Path | None] = {}
+    for name, given, overlay in (("A", args.a, args.a_config), ("B", args.b, args.b_config)):
+        if given == KAMAILIO:
+            if overlay is not None:
+                print(f"bench_ab: --{name.lower()}-config: Kamailio takes no overlay",
+                      file=sys.stderr)
+                return 2
+            checkouts[name] = None
+            continue
+        checkout = Path(given)
         if not (checkout / "proxy" / "__main__.py").exists():
             print(f"bench_ab: {checkout} is not a sip700 checkout", file=sys.stderr)
             return 2
+        checkouts[name] = checkout.resolve()
     bindings = Path(os.environ.get("BENCH_TMP", "/tmp/axb-bench")) / "data-100000" / "bindings.yaml"
     base = harness_config(args.store, bindings)
     with tempfile.TemporaryDirectory() as tmp:
         variants = []
-        for name, checkout, overlay in (("A", args.a, args.a_config),
-                                        ("B", args.b, args.b_config)):
+        for name, overlay in (("A", args.a_config), ("B", args.b_config)):
+            checkout = checkouts[name]
+            if checkout is None:
+                variants.append(Variant(name, None, None))
+                print(f"{name}: Kamailio (run.sh kamailio: a Redis GET per INVITE)")
+                continue
             config = Path(tmp) / f"{name}.yaml"
             config.write_text(yaml.safe_dump(merged(base, read_overlay(overlay)),
                                              sort_keys=False))
-            variants.append(Variant(name, checkout.resolve(), config))
-            print(f"{name}: {checkout.resolve()}"
+            variants.append(Variant(name, checkout, config))
+            print(f"{name}: {checkout}"
                   + (f" + {overlay}" if overlay else "") + f", {args.store} store")
         print("   rate   verdict  failed  p99 ms   max ms   CPU %  µs/call redis% over   shed")
         for rate in args.rates:
@@ -218,6 +272,7 @@ def main(argv: list[str] | None = None) -> int:
         print()
         for rate in args.rates:
             figures = {}
+            tails = {}
             for variant in variants:
                 runs = variant.runs[rate]
                 figures[variant.name] = costs = [us_per_call(r, rate) for r in runs]
@@ -225,12 +280,20 @@ def main(argv: list[str] | None = None) -> int:
                 failed = sum(int(r.get("failed", 0) or 0) for r in runs)
                 passed = sum(r.get("verdict") == "PASS" for r in runs)
                 median = f"{statistics.median(per_call):.0f} µs" if per_call else "?"
+                tails[variant.name] = p99s = [p99(r) for r in runs]
+                known = [t for t in p99s if t is not None]
+                tail = f"{statistics.median(known):.2f} ms" if known else "?"
                 print(f"{rate} CPS {variant.name}: {passed}/{len(runs)} passed, {failed} failed "
-                      f"calls, median {median} of CPU a call")
+                      f"calls, median {median} of CPU a call, median p99 {tail}")
             ratio = paired_ratio(figures["A"], figures["B"])
             if ratio is not None:
                 print(f"{rate} CPS: B / A, median of the {args.pairs} pairs: "
                       f"{100 * (ratio - 1):+.1f} % CPU a call")
+            difference = paired_difference(tails["A"], tails["B"])
+            if difference is not None:
+                median_diff, at_most, count = difference
+                print(f"{rate} CPS: p99 B − A, median of the pairs: {median_diff:+.2f} ms; "
+                      f"B's p99 at most A's in {at_most} of {count} pairs")
     return 0
 
 

@@ -97,3 +97,56 @@ def test_a_directory_that_is_not_a_checkout_is_refused(ab, tmp_path, monkeypatch
     monkeypatch.setenv("BENCH_DIR", str(tmp_path))
     assert ab.main(["--b", str(tmp_path)]) == 2
     assert f"{tmp_path} is not a sip700 checkout" in capsys.readouterr().err
+
+
+def test_paired_difference_gives_the_median_and_how_often_b_was_not_worse(ab) -> None:
+    assert ab.paired_difference([2.31, 2.11, 2.50], [2.54, 2.10, 2.70]) == \
+        pytest.approx((0.2, 1, 3))
+    assert ab.paired_difference([2.0, None], [None, 3.0]) is None
+    assert ab.p99({"rt_p99_ms": "2.54"}) == pytest.approx(2.54)
+    assert ab.p99({"rt_p99_ms": "?"}) is None
+    assert ab.p99({}) is None
+
+
+def test_kamailio_takes_no_overlay(ab, tmp_path, monkeypatch, capsys) -> None:
+    (tmp_path / "run.sh").write_text("#!/bin/sh\n")
+    overlay = tmp_path / "o.yaml"
+    overlay.write_text("overload: {max_receive_wait_ms: 450}\n")
+    monkeypatch.setenv("BENCH_DIR", str(tmp_path))
+    assert ab.main(["--a", "kamailio", "--a-config", str(overlay)]) == 2
+    assert "--a-config: Kamailio takes no overlay" in capsys.readouterr().err
+
+
+def test_kamailio_against_a_checkout_runs_each_target_and_reads_its_own_cpu(
+        ab, tmp_path, monkeypatch, capsys) -> None:
+    """A stand-in harness (the real one takes minutes): it records how it was called and
+    answers the way run.sh does, so what is checked is bench_ab's side of the contract."""
+    calls = tmp_path / "calls"
+    runs = tmp_path / "runs"
+    script = tmp_path / "run.sh"
+    script.write_text(f"""#!/bin/sh
+n=$(wc -l < {calls} 2>/dev/null || echo 0)
+dir={runs}/$n-$1
+mkdir -p "$dir"
+echo "$1 $2 $3 ${{PROJECT_DIR:-none}} ${{PROJECT_STORE:-none}}" >> {calls}
+if [ "$1" = kamailio ]; then cpu=40; p99=2.3$n; else cpu=36; p99=2.4$n; fi
+printf 'sipp_uac 10.0\\n%s %s\\nredis 3.0\\nsipp_uas 11.0\\n' "$1" "$cpu" > "$dir/cpu.txt"
+echo "[run.sh] run dir $dir"
+echo "RESULT target=$1 rate=$2 secs=$3 failed=0 rt_p99_ms=$p99 rt_max_ms=5.0 verdict=PASS"
+""")
+    script.chmod(0o755)
+    monkeypatch.setenv("BENCH_DIR", str(tmp_path))
+    assert ab.main(["--a", "kamailio", "--rates", "1000", "--seconds", "2",
+                    "--pairs", "2"]) == 0
+    lines = calls.read_text().splitlines()
+    assert [line.split()[0] for line in lines] == ["kamailio", "project"] * 2
+    assert lines[0].split()[3:] == ["none", "none"]  # Kamailio: no PROJECT_* variables
+    assert lines[1].split()[1:3] == ["1000", "2"]
+    assert lines[1].split()[3] == str(ab.ROOT)
+    out = capsys.readouterr().out
+    assert "A: Kamailio" in out
+    assert "1000 CPS A: 2/2 passed, 0 failed calls, median 400 µs of CPU a call" in out
+    assert "1000 CPS B: 2/2 passed, 0 failed calls, median 360 µs of CPU a call" in out
+    assert "B / A, median of the 2 pairs: -10.0 % CPU a call" in out
+    # pairs: 2.30 / 2.41 and 2.32 / 2.43: B over by 0.11 ms in both
+    assert "p99 B − A, median of the pairs: +0.11 ms; B's p99 at most A's in 0 of 2 pairs" in out
