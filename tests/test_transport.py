@@ -23,7 +23,10 @@ from proxy.core import CoreSettings, Hop, ProxyCore
 from proxy.logs import NonBlockingLineWriter
 from proxy.privacy import DialogSealer
 from proxy.transport import (
+    IDLE_TICK_S,
+    LOW_RATE_MESSAGES_PER_S,
     QUEUE_STANDING_S,
+    TICK_S,
     ProxyServer,
     branch_worker,
     call_id_hasher,
@@ -191,6 +194,36 @@ def _server(rcvbuf: int, max_receive_queue_kb: int, max_receive_wait_ms: int = 2
     return ProxyServer(ProxyCore(settings, DialogSealer(bytes(32))), None, listen=[],
                        udp_rcvbuf=rcvbuf, overload=overload)
 
+
+def test_the_tick_slows_down_while_few_messages_arrive_and_not_for_timers_or_load() -> None:
+    async def run() -> None:
+        server = _server(rcvbuf=1 << 20, max_receive_queue_kb=1024)
+        core = server.core
+        core.received = 10_000
+        now = 100.0
+        # nothing arrived, a few (200 CPS: 12 messages in 10 ms, 36 in 30 ms): the slow tick
+        assert server._tick_period(now, None, 10_000, TICK_S) == IDLE_TICK_S
+        assert server._tick_period(now, None, 10_000 - 12, TICK_S) == IDLE_TICK_S
+        assert server._tick_period(now, None, 10_000 - 36, IDLE_TICK_S) == IDLE_TICK_S
+        # at the limit still slow, past it the 10 ms tick, whichever period the count is over
+        at_limit = int(LOW_RATE_MESSAGES_PER_S * TICK_S)
+        assert server._tick_period(now, None, 10_000 - at_limit, TICK_S) == IDLE_TICK_S
+        assert server._tick_period(now, None, 10_000 - at_limit - 1, TICK_S) == TICK_S
+        over_slow = int(LOW_RATE_MESSAGES_PER_S * IDLE_TICK_S) + 1
+        assert server._tick_period(now, None, 10_000 - over_slow, IDLE_TICK_S) == TICK_S
+        assert server._tick_period(now, None, 10_000 - over_slow, TICK_S) == TICK_S
+        # a timer due sooner than the slow tick: woken for it, never later, never under 10 ms
+        assert server._tick_period(now, now + 0.017, 10_000, TICK_S) == pytest.approx(0.017)
+        assert server._tick_period(now, now + 0.001, 10_000, TICK_S) == TICK_S
+        assert server._tick_period(now, now + 0.5, 10_000, TICK_S) == IDLE_TICK_S
+        # shedding, or lookups waiting for the store: the 10 ms tick whatever the rate
+        core.overloaded = True
+        assert server._tick_period(now, None, 10_000, TICK_S) == TICK_S
+        core.overloaded = False
+        server._batched_lookups = 1
+        assert server._tick_period(now, None, 10_000, TICK_S) == TICK_S
+
+    asyncio.run(run())
 
 async def _listening(server: ProxyServer) -> tuple[ProxyServer, Any, tuple[str, int]]:
     """`server` on a real UDP socket of its own (port chosen by the kernel)."""
