@@ -1232,7 +1232,7 @@ class ProxyServer:
             expected = now + period
 
     def _tick_period(self, now: float, deadline: float | None, seen: int,
-                     last: float = TICK_S) -> float:
+                     last: float) -> float:
         """TICK_S, or IDLE_TICK_S while few messages arrive (fewer than
         LOW_RATE_MESSAGES_PER_S over the last period, `last`: the count was `seen` at its
         start), nothing waits for the store, no call is shed and no timer is due sooner. A

@@ -34,6 +34,7 @@ def _assert_claimable(ports: list[int]) -> None:
         assert fd is not None, port
         procs.os.close(fd)
 
+
 def test_a_port_another_process_holds_is_never_drawn_and_is_free_again_when_it_ends(
     tmp_path: Path, monkeypatch
 ) -> None:
