@@ -60,6 +60,9 @@ IDLE_TICK_S: Final = 0.03
 # 190 µs with its caches cold. Timers keep their precision (a tick comes no later than the
 # next one due), and past this rate the 10 ms tick is back for the overload signals
 LOW_RATE_MESSAGES_PER_S: Final = 2000
+# past this many messages a second (per worker, over the last tick), a UDP datagram's sends
+# wait for the end of the event loop's pass (_flush_pass): ~1,700 calls a second on one worker
+PASS_SENDS_MESSAGES_PER_S: Final = 10_000
 QUEUE_STANDING_S: Final = 0.1  # a receive queue over its limit this long is overload
 # getsockopt(SO_MEMINFO) (Linux): u32 sk_meminfo[]; [0] rmem_alloc, [8] drops
 SO_MEMINFO: Final = 55
@@ -523,6 +526,11 @@ class ProxyServer:
         # the misses of this loop pass, sent once its I/O callbacks are done (_send_misses):
         # every datagram the loop read in the pass, not one, shares a write to the store
         self._misses: list[tuple[Relay, str, str]] = []
+        # a UDP datagram's sends wait for the end of the loop pass (_flush_pass) while more
+        # than PASS_SENDS_MESSAGES_PER_S arrive (set each tick); below, they leave at once
+        self._pass_sends = False
+        self._pass_flush = False
+        self._passing = False  # _flush_pass is flushing: it sends the pass's misses itself
         self._policy_checks: list[tuple[Relay, Resolution]] = []  # the same for the policy
         self._last_logged: dict[str, tuple[float, int]] = {}  # event → (when, suppressed)
         self.worker_index = worker_index
@@ -793,7 +801,34 @@ class ProxyServer:
             self.core.receive_datagram(data, source, "udp", time.monotonic())
         except Exception:  # a bug must cost one message, never the process
             self._internal_error(source)
-        self.flush()
+        if not self._pass_sends:
+            self.flush()
+        elif not self._pass_flush:  # its sends go out with the rest of the pass's
+            self._pass_flush = True
+            self.loop.call_soon(self._flush_pass)
+
+    def _flush_pass(self) -> None:
+        """Send what the loop pass's datagrams made, once the loop has read and handled every
+        one of them (uvloop reads up to 32 a socket a pass), and give the store and the policy
+        the pass's lookups and checks in one batch each.
+
+        Only while more than PASS_SENDS_MESSAGES_PER_S arrive (`_pass_sends`, set each
+        tick). Below, a pass holds one datagram or a small burst, each datagram's sends leave
+        as it is handled, and the first of a burst is not kept waiting for the rest (at 200
+        and 1,000 CPS this measured no gain, and one callback more a datagram). Above, what a
+        pass holds is what arrived while the previous one ran, and reading it all before
+        sending measured 4-5 % less CPU a call and a far shorter tail at 4,000-4,500 CPS
+        (scripts/bench_ab.py, three pairs; the README's performance section, 2026-12-07)."""
+        self._pass_flush = False
+        self._passing = True
+        try:
+            self.flush()
+        finally:
+            self._passing = False
+        if self._misses:
+            self._send_misses()
+        if self._policy_checks:
+            self._submit_policy()
 
     def _owner(self, data: bytes, source: tuple[str, int], shared: bool) -> int | None:
         """Which worker holds what this datagram needs; None: whoever received it."""
@@ -927,7 +962,7 @@ class ProxyServer:
                     else:
                         misses.append((relay, x, caller))
                 if misses and self._lookup_batch is not None:
-                    if not self._misses:
+                    if not self._misses and not self._passing:  # else: _flush_pass sends
                         self.loop.call_soon(self._send_misses)
                     self._misses += misses
                     self._batched_lookups += len(misses)  # waiting: counted as out
@@ -935,7 +970,7 @@ class ProxyServer:
                     self._lookup_tasks(misses)
             if core.policy_checks:  # the anti-fraud policy step (proxy/policy/runner.py)
                 # the pass's calls in one submit, so one write to the policy's Redis
-                if not self._policy_checks:
+                if not self._policy_checks and not self._passing:
                     self.loop.call_soon(self._submit_policy)
                 self._policy_checks += core.policy_checks
                 core.policy_checks = []
@@ -956,9 +991,10 @@ class ProxyServer:
 
     def _send_misses(self) -> None:
         """The loop pass's cache misses to the store in one batch (uvloop reads up to 32
-        datagrams a socket a pass, each one handled and flushed in its own callback; this runs
-        after all of them). One at a time, a lookup costs ~90 µs of this process's CPU, in a
-        batch of 32 ~14 µs (scripts/bench_store.py): under load, passes carry more datagrams."""
+        datagrams a socket a pass; this runs after all of them: from _flush_pass, or for
+        misses made elsewhere, a TCP message's say, as a callback of its own). One at a time,
+        a lookup costs ~90 µs of this process's CPU, in a batch of 32 ~14 µs
+        (scripts/bench_store.py): under load, passes carry more datagrams."""
         misses, self._misses = self._misses, []
         self._batched_lookups -= len(misses)
         if not misses:
@@ -1227,6 +1263,7 @@ class ProxyServer:
             logs.flush()  # what a slow log reader left waiting
             if self.young_collector is not None:
                 self.young_collector(now)
+            self._pass_sends = core.received - seen > PASS_SENDS_MESSAGES_PER_S * period
             period = self._tick_period(now, deadline, seen, period)
             seen = core.received
             expected = now + period

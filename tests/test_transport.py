@@ -25,6 +25,7 @@ from proxy.privacy import DialogSealer
 from proxy.transport import (
     IDLE_TICK_S,
     LOW_RATE_MESSAGES_PER_S,
+    PASS_SENDS_MESSAGES_PER_S,
     QUEUE_STANDING_S,
     TICK_S,
     ProxyServer,
@@ -323,4 +324,71 @@ def test_datagrams_the_kernel_dropped_are_counted_and_shed_new_calls() -> None:
         assert server.core.overloaded  # the queue is far under 1 MiB: the drops decided
         assert server.core.stats["udp_receive_drops"] > 50
         udp.close()
+    asyncio.run(run())
+
+
+def _bye(n: int) -> bytes:
+    return ("BYE sip:x@127.0.0.1 SIP/2.0\r\n"
+            f"Via: SIP/2.0/UDP 127.0.0.1:5999;rport;branch=z9hG4bK{n}\r\n"
+            "From: <sip:a@h>;tag=1\r\nTo: <sip:b@h>;tag=2\r\nCall-ID: c1\r\n"
+            f"CSeq: {n} BYE\r\nMax-Forwards: 70\r\nContent-Length: 0\r\n\r\n").encode()
+
+
+def test_under_load_a_loop_pass_s_sends_leave_together_after_its_datagrams() -> None:
+    """Past PASS_SENDS_MESSAGES_PER_S the replies a pass makes wait for the end of the pass (one
+    loop callback); below it each leaves as its datagram is handled. A BYE without our dialog
+    token gets its 481 at once: the reply shows when the sends left."""
+    async def run() -> None:
+        server, udp, _ = await _listening(_server(rcvbuf=1 << 20, max_receive_queue_kb=1024))
+        server.udp[socket.AF_INET] = udp  # replies leave from the shared port
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as peer:
+            peer.bind(("127.0.0.1", 0))
+            peer.setblocking(False)
+            source = peer.getsockname()
+            server._pass_sends = True
+            for n in (1, 2, 3):  # as uvloop hands over the datagrams of one pass
+                server.on_datagram(_bye(n), source)
+                assert len(server.core.outbox) == n  # made, not sent
+            with pytest.raises(BlockingIOError):
+                peer.recv(65536)
+            await asyncio.sleep(0)  # the end of the pass
+            assert server.core.outbox == []
+            await asyncio.sleep(0.05)
+            replies = [peer.recv(65536) for _ in range(3)]
+            assert [r.split(b"\r\n")[0] for r in replies] == \
+                [b"SIP/2.0 481 Call/Transaction Does Not Exist"] * 3
+            assert [r.split(b"CSeq: ")[1][:1] for r in replies] == [b"1", b"2", b"3"]
+            server._pass_sends = False
+            server.on_datagram(_bye(4), source)
+            assert server.core.outbox == []  # sent as it was handled
+            await asyncio.sleep(0.05)
+            assert b"CSeq: 4 BYE" in peer.recv(65536)
+        udp.close()
+    asyncio.run(run())
+
+
+def test_the_tick_sends_per_pass_only_while_many_messages_arrive() -> None:
+    async def run() -> None:
+        server = _server(rcvbuf=1 << 20, max_receive_queue_kb=1024)
+        server.loop = asyncio.get_running_loop()
+        core = server.core
+
+        async def becomes(expected: bool, arriving: int) -> None:
+            for _ in range(200):  # a tick is 10-30 ms away
+                if server._pass_sends is expected:
+                    return
+                core.received += arriving  # every 5 ms: 200 a second per message
+                await asyncio.sleep(0.005)
+            raise AssertionError(f"_pass_sends still {server._pass_sends} after 1 s")
+
+        server._pass_sends = True
+        ticker = asyncio.get_running_loop().create_task(server._tick())
+        try:
+            await becomes(False, 0)  # nothing arrives
+            await becomes(True, 1000)  # 200,000 a second: well past the limit
+            # 1,000 CPS on one worker (7,000 a second): each datagram's sends at once
+            assert PASS_SENDS_MESSAGES_PER_S > 7_000
+            await becomes(False, 35)
+        finally:
+            ticker.cancel()
     asyncio.run(run())
