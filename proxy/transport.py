@@ -529,8 +529,8 @@ class ProxyServer:
         # a UDP datagram's sends wait for the end of the loop pass (_flush_pass) while more
         # than PASS_SENDS_MESSAGES_PER_S arrive (set each tick); below, they leave at once
         self._pass_sends = False
+        # a _flush_pass is scheduled or running: it sends the pass's misses and checks itself
         self._pass_flush = False
-        self._passing = False  # _flush_pass is flushing: it sends the pass's misses itself
         self._policy_checks: list[tuple[Relay, Resolution]] = []  # the same for the policy
         self._last_logged: dict[str, tuple[float, int]] = {}  # event → (when, suppressed)
         self.worker_index = worker_index
@@ -819,12 +819,10 @@ class ProxyServer:
         pass holds is what arrived while the previous one ran, and reading it all before
         sending measured 4-5 % less CPU a call and a far shorter tail at 4,000-4,500 CPS
         (scripts/bench_ab.py, three pairs; the README's performance section, 2026-12-07)."""
-        self._pass_flush = False
-        self._passing = True
         try:
             self.flush()
         finally:
-            self._passing = False
+            self._pass_flush = False
         if self._misses:
             self._send_misses()
         if self._policy_checks:
@@ -962,7 +960,7 @@ class ProxyServer:
                     else:
                         misses.append((relay, x, caller))
                 if misses and self._lookup_batch is not None:
-                    if not self._misses and not self._passing:  # else: _flush_pass sends
+                    if not self._misses and not self._pass_flush:  # else: _flush_pass sends
                         self.loop.call_soon(self._send_misses)
                     self._misses += misses
                     self._batched_lookups += len(misses)  # waiting: counted as out
@@ -970,7 +968,7 @@ class ProxyServer:
                     self._lookup_tasks(misses)
             if core.policy_checks:  # the anti-fraud policy step (proxy/policy/runner.py)
                 # the pass's calls in one submit, so one write to the policy's Redis
-                if not self._policy_checks and not self._passing:
+                if not self._policy_checks and not self._pass_flush:
                     self.loop.call_soon(self._submit_policy)
                 self._policy_checks += core.policy_checks
                 core.policy_checks = []

@@ -377,7 +377,7 @@ def test_the_tick_sends_per_pass_only_while_many_messages_arrive() -> None:
             for _ in range(200):  # a tick is 10-30 ms away
                 if server._pass_sends is expected:
                     return
-                core.received += arriving  # every 5 ms: 200 a second per message
+                core.received += arriving  # every 5 ms: `arriving` × 200 a second
                 await asyncio.sleep(0.005)
             raise AssertionError(f"_pass_sends still {server._pass_sends} after 1 s")
 
