@@ -14,7 +14,9 @@ whatever the overlay sets, e.g. `overload: {max_receive_wait_ms: 450}`).
                                                           the standing bar: Kamailio against this
 
 `kamailio` in place of a checkout runs the harness's reference proxy (`run.sh kamailio`, its
-Redis GET per INVITE; it takes no overlay, and `--store` does not apply to it).
+Redis GET per INVITE; it takes no overlay, and `--store` does not apply to it). `floor` runs
+`scripts/bench_floor.py`, the deliberately minimal stateless forwarder, in sip700's place (the
+memory store only, no overlay): what a call costs Python with nothing of a product around it.
 
 Each run prints its verdict, failed calls, INVITE→200 p99 and max, the proxy's CPU (all its
 processes, % of one core) and µs of it per call, Redis's CPU, and how often the workers entered
@@ -131,25 +133,32 @@ def log_overloads(lines: Any) -> tuple[int, int]:
 
 
 KAMAILIO: Final = "kamailio"  # in place of a checkout: the harness's reference proxy
+FLOOR: Final = "floor"  # in place of a checkout: scripts/bench_floor.py, the minimal forwarder
 
 
 @dataclass
 class Variant:
     name: str
-    checkout: Path | None  # None: Kamailio
+    checkout: Path | None  # None: Kamailio or the floor (`kind`)
     config: Path | None
     runs: dict[int, list[dict[str, Any]]] = field(default_factory=dict)
+    kind: str = "checkout"  # or KAMAILIO, FLOOR
 
     @property
     def target(self) -> str:
-        """run.sh's target: `project`, or `kamailio`."""
-        return "project" if self.checkout is not None else KAMAILIO
+        """run.sh's target: `project` (a checkout, the floor), or `kamailio`."""
+        return KAMAILIO if self.kind == KAMAILIO else "project"
 
 
 def run_once(bench: Path, variant: Variant, rate: int, seconds: int, store: str,
              python: str) -> dict[str, Any]:
     env = dict(os.environ)
-    if variant.checkout is not None:
+    if variant.kind == FLOOR:  # run.sh writes its own config for it: the memory store
+        for name in ("PROJECT_DIR", "PROJECT_CONFIG"):
+            env.pop(name, None)
+        env.update({"PROJECT_STORE": "memory",
+                    "PROJECT_CMD": f"{python} {ROOT / 'scripts' / 'bench_floor.py'}"})
+    elif variant.checkout is not None:
         env.update({"PROJECT_DIR": str(variant.checkout),
                     "PROJECT_CONFIG": str(variant.config), "PROJECT_STORE": store,
                     "PROJECT_CMD": f"{python} -m proxy"})
@@ -215,9 +224,9 @@ def row(variant: Variant, rate: int, run: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--a", default=str(ROOT),
-                        help="checkout A (default: this one), or `kamailio`")
+                        help="checkout A (default: this one), `kamailio` or `floor`")
     parser.add_argument("--b", default=str(ROOT),
-                        help="checkout B (default: this one), or `kamailio`")
+                        help="checkout B (default: this one), `kamailio` or `floor`")
     parser.add_argument("--a-config", type=Path, help="YAML overlay for A")
     parser.add_argument("--b-config", type=Path, help="YAML overlay for B")
     parser.add_argument("--store", choices=("memory", "redis"), default="memory")
@@ -232,14 +241,21 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench_ab: no harness at {bench} (set BENCH_DIR)", file=sys.stderr)
         return 2
     checkouts: dict[str, Path | None] = {}
+    kinds: dict[str, str] = {}
     for name, given, overlay in (("A", args.a, args.a_config), ("B", args.b, args.b_config)):
-        if given == KAMAILIO:
+        if given in (KAMAILIO, FLOOR):
+            label = "Kamailio" if given == KAMAILIO else "the floor"
             if overlay is not None:
-                print(f"bench_ab: --{name.lower()}-config: Kamailio takes no overlay",
+                print(f"bench_ab: --{name.lower()}-config: {label} takes no overlay",
                       file=sys.stderr)
                 return 2
-            checkouts[name] = None
+            if given == FLOOR and args.store != "memory":
+                print(f"bench_ab: --{name.lower()} floor: the floor has the memory store only",
+                      file=sys.stderr)
+                return 2
+            checkouts[name], kinds[name] = None, given
             continue
+        kinds[name] = "checkout"
         checkout = Path(given)
         if not (checkout / "proxy" / "__main__.py").exists():
             print(f"bench_ab: {checkout} is not a sip700 checkout", file=sys.stderr)
@@ -251,10 +267,16 @@ def main(argv: list[str] | None = None) -> int:
         variants = []
         for name, overlay in (("A", args.a_config), ("B", args.b_config)):
             checkout = checkouts[name]
-            if checkout is None:
-                variants.append(Variant(name, None, None))
+            if kinds[name] == KAMAILIO:
+                variants.append(Variant(name, None, None, kind=KAMAILIO))
                 print(f"{name}: Kamailio (run.sh kamailio: a Redis GET per INVITE)")
                 continue
+            if kinds[name] == FLOOR:
+                variants.append(Variant(name, None, None, kind=FLOOR))
+                print(f"{name}: the floor (scripts/bench_floor.py: a minimal stateless "
+                      "forwarder)")
+                continue
+            assert checkout is not None
             config = Path(tmp) / f"{name}.yaml"
             config.write_text(yaml.safe_dump(merged(base, read_overlay(overlay)),
                                              sort_keys=False))

@@ -150,3 +150,47 @@ echo "RESULT target=$1 rate=$2 secs=$3 failed=0 rt_p99_ms=$p99 rt_max_ms=5.0 ver
     assert "B / A, median of the 2 pairs: -10.0 % CPU a call" in out
     # pairs: 2.30 / 2.41 and 2.32 / 2.43: B over by 0.11 ms in both
     assert "p99 B − A, median of the pairs: +0.11 ms; B's p99 at most A's in 0 of 2 pairs" in out
+
+
+def test_the_floor_runs_as_the_project_target_with_its_own_command(
+        ab, tmp_path, monkeypatch, capsys) -> None:
+    """`--a floor`: run.sh's project target with PROJECT_CMD naming scripts/bench_floor.py,
+    the memory store, and no checkout or config of a caller's environment."""
+    calls = tmp_path / "calls"
+    runs = tmp_path / "runs"
+    script = tmp_path / "run.sh"
+    script.write_text(f"""#!/bin/sh
+n=$(wc -l < {calls} 2>/dev/null || echo 0)
+dir={runs}/$n-$1
+mkdir -p "$dir"
+cmd=${{PROJECT_CMD:-none}}; dir_=${{PROJECT_DIR:-none}}
+echo "$1|$cmd|$dir_|${{PROJECT_CONFIG:-none}}|${{PROJECT_STORE:-none}}" >> {calls}
+case "$PROJECT_CMD" in *bench_floor.py) cpu=20 ;; *) cpu=50 ;; esac
+printf '%s %s\\n' "$1" "$cpu" > "$dir/cpu.txt"
+echo "[run.sh] run dir $dir"
+echo "RESULT target=$1 rate=$2 secs=$3 failed=0 rt_p99_ms=1.5 rt_max_ms=5.0 verdict=PASS"
+""")
+    script.chmod(0o755)
+    monkeypatch.setenv("BENCH_DIR", str(tmp_path))
+    monkeypatch.setenv("PROJECT_CONFIG", "/somewhere/else.yaml")
+    assert ab.main(["--a", "floor", "--rates", "1000", "--seconds", "2", "--pairs", "1"]) == 0
+    floor, checkout = (line.split("|") for line in calls.read_text().splitlines())
+    assert floor[0] == "project"
+    assert floor[1].endswith(" " + str(ab.ROOT / "scripts" / "bench_floor.py"))
+    assert floor[2:] == ["none", "none", "memory"]
+    assert checkout[1].endswith(" -m proxy") and checkout[2] == str(ab.ROOT)
+    out = capsys.readouterr().out
+    assert "A: the floor" in out
+    assert "1000 CPS A: 1/1 passed, 0 failed calls, median 200 µs of CPU a call" in out
+    assert "B / A, median of the 1 pairs: +150.0 % CPU a call" in out
+
+
+def test_the_floor_takes_no_overlay_and_no_redis(ab, tmp_path, monkeypatch, capsys) -> None:
+    (tmp_path / "run.sh").write_text("#!/bin/sh\n")
+    overlay = tmp_path / "o.yaml"
+    overlay.write_text("overload: {max_receive_wait_ms: 450}\n")
+    monkeypatch.setenv("BENCH_DIR", str(tmp_path))
+    assert ab.main(["--b", "floor", "--b-config", str(overlay)]) == 2
+    assert "--b-config: the floor takes no overlay" in capsys.readouterr().err
+    assert ab.main(["--a", "floor", "--store", "redis"]) == 2
+    assert "the floor has the memory store only" in capsys.readouterr().err
