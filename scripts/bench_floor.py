@@ -77,6 +77,13 @@ class Floor:
         return a, x
 
     def handle(self, data: bytes, source: tuple[str, int]) -> tuple[bytes, tuple[str, int]] | None:
+        """What to send for `data`, or None: dropped (malformed, not ours, a forged token)."""
+        try:
+            return self._handle(data, source)
+        except (ValueError, IndexError):
+            return None
+
+    def _handle(self, data: bytes, source: tuple[str, int]) -> tuple[bytes, tuple[str, int]] | None:
         if data.startswith(b"SIP/2.0 "):
             return self.response(data)
         head, sep, body = data.partition(b"\r\n\r\n")

@@ -97,6 +97,10 @@ def test_an_unknown_caller_gets_a_404_and_a_forged_token_nothing() -> None:
     forged = response[:at] + flipped + response[at + 1:]
     assert floor.handle(forged, CARRIER) is None
     assert floor.handle(b"BYE sip:127.0.0.1:15070 SIP/2.0\r\nCall-ID: x\r\n\r\n", CALLER) is None
+    for garbage in (b"", b"SIP/2.0 200 OK\r\nVia: x\r\n\r\n", b"\xff" * 40,
+                    b"INVITE sip:" + X + b"@h SIP/2.0\r\nFrom: <sip:" + A + b"@h>\r\n",
+                    response.replace(b", SIP/2.0/UDP 127.0.0.1:15080", b", x")):
+        assert floor.handle(garbage, CALLER) is None
 
 
 def test_the_harness_bindings_file_is_read_both_ways(tmp_path: Path) -> None:
