@@ -151,6 +151,8 @@ def _lookup_faults_in_a_child(store: MemoryStore, calls: list[tuple[str, str]],
     if pid == 0:  # the child: report and leave at once
         try:
             touched = store.own_pages() if own_pages else 0
+            for x, a in calls:  # the calls' own shared pages, written by the refcounts here,
+                del x, a  # are copied now: only the store's pages count below
             before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             routed = sum(1 for x, a in calls if store.resolve_cached(x, a, NOW).callee)
             after = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
