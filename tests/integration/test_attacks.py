@@ -13,6 +13,7 @@ from __future__ import annotations
 import gzip
 import json
 import re
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ from proxy.sip.uri import OtherUri, SipUri
 from tests.integration.procs import (
     ProxyProcess,
     free_port,
+    port_taken,
     start_proxy,
     write_config,
 )
@@ -121,17 +123,22 @@ class Rigs:
         rig = self.started.get(key)
         if rig is not None:
             return rig
-        tmp = self.tmp / f"proxy{len(self.started) + len(self.refused)}"
-        tmp.mkdir()
-        port, gateway_port = free_port(), free_port()
-        path, config = write_config(tmp, port=port, gateway_port=gateway_port,
-                                    overrides={"workers": self.workers, **overrides},
-                                    transports=("udp",))
-        problems = check_config(path)
-        if problems:
-            self.refused[key] = f"the proxy refuses config {overrides}: {problems}"
-            pytest.fail(self.refused[key])
-        proxy = start_proxy(path, port, gateway_port, tmp / "proxy.log", config)
+        for attempt in range(3):  # a port drawn free may be taken before the proxy binds it
+            tmp = Path(tempfile.mkdtemp(prefix="proxy", dir=self.tmp))  # never one reused
+            port, gateway_port = free_port(), free_port()
+            path, config = write_config(tmp, port=port, gateway_port=gateway_port,
+                                        overrides={"workers": self.workers, **overrides},
+                                        transports=("udp",))
+            problems = check_config(path)
+            if problems:
+                self.refused[key] = f"the proxy refuses config {overrides}: {problems}"
+                pytest.fail(self.refused[key])
+            try:
+                proxy = start_proxy(path, port, gateway_port, tmp / "proxy.log", config)
+                break
+            except RuntimeError as exc:
+                if attempt == 2 or not port_taken(exc):
+                    raise
         rig = Rig(proxy, Peer(name="A"), Peer(port=gateway_port, name="B"), self.workers)
         self.started[key] = rig
         _wait_ready(port)
