@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import yaml
@@ -108,33 +109,29 @@ def test_paired_difference_gives_the_median_and_how_often_b_was_not_worse(ab) ->
     assert ab.p99({}) is None
 
 
-def test_kamailio_takes_no_overlay(ab, tmp_path, monkeypatch, capsys) -> None:
+def test_kamailio_and_the_floor_take_no_overlay_and_the_floor_no_redis(
+        ab, tmp_path, monkeypatch, capsys) -> None:
     (tmp_path / "run.sh").write_text("#!/bin/sh\n")
     overlay = tmp_path / "o.yaml"
     overlay.write_text("overload: {max_receive_wait_ms: 450}\n")
     monkeypatch.setenv("BENCH_DIR", str(tmp_path))
     assert ab.main(["--a", "kamailio", "--a-config", str(overlay)]) == 2
     assert "--a-config: Kamailio takes no overlay" in capsys.readouterr().err
+    assert ab.main(["--b", "floor", "--b-config", str(overlay)]) == 2
+    assert "--b-config: the floor takes no overlay" in capsys.readouterr().err
+    assert ab.main(["--a", "floor", "--store", "redis"]) == 2
+    assert "the floor has the memory store only" in capsys.readouterr().err
 
 
 def test_kamailio_against_a_checkout_runs_each_target_and_reads_its_own_cpu(
         ab, tmp_path, monkeypatch, capsys) -> None:
     """A stand-in harness (the real one takes minutes): it records how it was called and
     answers the way run.sh does, so what is checked is bench_ab's side of the contract."""
-    calls = tmp_path / "calls"
-    runs = tmp_path / "runs"
-    script = tmp_path / "run.sh"
-    script.write_text(f"""#!/bin/sh
-n=$(wc -l < {calls} 2>/dev/null || echo 0)
-dir={runs}/$n-$1
-mkdir -p "$dir"
-echo "$1 $2 $3 ${{PROJECT_DIR:-none}} ${{PROJECT_STORE:-none}}" >> {calls}
+    calls = _stand_in_harness(tmp_path, """
+echo "$1 $2 $3 ${PROJECT_DIR:-none} ${PROJECT_STORE:-none}" >> "$calls"
 if [ "$1" = kamailio ]; then cpu=40; p99=2.3$n; else cpu=36; p99=2.4$n; fi
 printf 'sipp_uac 10.0\\n%s %s\\nredis 3.0\\nsipp_uas 11.0\\n' "$1" "$cpu" > "$dir/cpu.txt"
-echo "[run.sh] run dir $dir"
-echo "RESULT target=$1 rate=$2 secs=$3 failed=0 rt_p99_ms=$p99 rt_max_ms=5.0 verdict=PASS"
 """)
-    script.chmod(0o755)
     monkeypatch.setenv("BENCH_DIR", str(tmp_path))
     assert ab.main(["--a", "kamailio", "--rates", "1000", "--seconds", "2",
                     "--pairs", "2"]) == 0
@@ -156,21 +153,13 @@ def test_the_floor_runs_as_the_project_target_with_its_own_command(
         ab, tmp_path, monkeypatch, capsys) -> None:
     """`--a floor`: run.sh's project target with PROJECT_CMD naming scripts/bench_floor.py,
     the memory store, and no checkout or config of a caller's environment."""
-    calls = tmp_path / "calls"
-    runs = tmp_path / "runs"
-    script = tmp_path / "run.sh"
-    script.write_text(f"""#!/bin/sh
-n=$(wc -l < {calls} 2>/dev/null || echo 0)
-dir={runs}/$n-$1
-mkdir -p "$dir"
-cmd=${{PROJECT_CMD:-none}}; dir_=${{PROJECT_DIR:-none}}
-echo "$1|$cmd|$dir_|${{PROJECT_CONFIG:-none}}|${{PROJECT_STORE:-none}}" >> {calls}
+    calls = _stand_in_harness(tmp_path, """
+cmd=${PROJECT_CMD:-none}; dir_=${PROJECT_DIR:-none}
+echo "$1|$cmd|$dir_|${PROJECT_CONFIG:-none}|${PROJECT_STORE:-none}" >> "$calls"
 case "$PROJECT_CMD" in *bench_floor.py) cpu=20 ;; *) cpu=50 ;; esac
 printf '%s %s\\n' "$1" "$cpu" > "$dir/cpu.txt"
-echo "[run.sh] run dir $dir"
-echo "RESULT target=$1 rate=$2 secs=$3 failed=0 rt_p99_ms=1.5 rt_max_ms=5.0 verdict=PASS"
+p99=1.5
 """)
-    script.chmod(0o755)
     monkeypatch.setenv("BENCH_DIR", str(tmp_path))
     monkeypatch.setenv("PROJECT_CONFIG", "/somewhere/else.yaml")
     assert ab.main(["--a", "floor", "--rates", "1000", "--seconds", "2", "--pairs", "1"]) == 0
@@ -185,12 +174,21 @@ echo "RESULT target=$1 rate=$2 secs=$3 failed=0 rt_p99_ms=1.5 rt_max_ms=5.0 verd
     assert "B / A, median of the 1 pairs: +150.0 % CPU a call" in out
 
 
-def test_the_floor_takes_no_overlay_and_no_redis(ab, tmp_path, monkeypatch, capsys) -> None:
-    (tmp_path / "run.sh").write_text("#!/bin/sh\n")
-    overlay = tmp_path / "o.yaml"
-    overlay.write_text("overload: {max_receive_wait_ms: 450}\n")
-    monkeypatch.setenv("BENCH_DIR", str(tmp_path))
-    assert ab.main(["--b", "floor", "--b-config", str(overlay)]) == 2
-    assert "--b-config: the floor takes no overlay" in capsys.readouterr().err
-    assert ab.main(["--a", "floor", "--store", "redis"]) == 2
-    assert "the floor has the memory store only" in capsys.readouterr().err
+def _stand_in_harness(tmp_path: Path, body: str) -> Path:
+    """A stand-in run.sh (the real one takes minutes) in tmp_path, where BENCH_DIR will point:
+    each run gets a directory `$dir` and its number `$n`; `body` records how it was called in
+    `$calls` (the file returned), writes `$dir/cpu.txt` and sets `$p99`; then it answers the
+    way run.sh does."""
+    calls = tmp_path / "calls"
+    script = tmp_path / "run.sh"
+    script.write_text(f"""#!/bin/sh
+calls={calls}
+n=$(wc -l < "$calls" 2>/dev/null || echo 0)
+dir={tmp_path / "runs"}/$n-$1
+mkdir -p "$dir"
+""" + body + """
+echo "[run.sh] run dir $dir"
+echo "RESULT target=$1 rate=$2 secs=$3 failed=0 rt_p99_ms=$p99 rt_max_ms=5.0 verdict=PASS"
+""")
+    script.chmod(0o755)
+    return calls

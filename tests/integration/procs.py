@@ -19,7 +19,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -401,6 +401,21 @@ def start_proxy(config_path: Path, port: int, gateway_port: int, log_path: Path,
         stop_process(proc)
         raise RuntimeError(f"a worker could not bind its port:\n{text}")
     return ProxyProcess(config_path, port, gateway_port, proc, log_path, config or {})
+
+
+def start_on_fresh_ports(configure: Callable[[], tuple[Path, dict, int, int, Path]],
+                         attempts: int = 3) -> ProxyProcess:
+    """start_proxy for what `configure()` writes (config path, config, port, gateway port, log
+    path) on ports it draws; configured and started again when a port drawn free was taken
+    before the proxy bound it (port_taken). The ports are the returned process's."""
+    for attempt in range(attempts):
+        path, config, port, gateway_port, log_path = configure()
+        try:
+            return start_proxy(path, port, gateway_port, log_path, config)
+        except RuntimeError as exc:
+            if attempt == attempts - 1 or not port_taken(exc):
+                raise
+    raise AssertionError("unreachable")
 
 
 def wait_all_listening(config: dict, proc: subprocess.Popen[bytes], timeout: float = 30.0

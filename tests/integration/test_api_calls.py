@@ -22,9 +22,8 @@ from tests.integration.procs import (
     ProxyProcess,
     delete_redis_prefix,
     free_port,
-    port_taken,
     run_sipp,
-    start_proxy,
+    start_on_fresh_ports,
     write_config,
 )
 from tests.integration.sipclient import Endpoint, place_call
@@ -39,21 +38,21 @@ A, B = "13800000001", "13700000009"  # B outside 139…: uac_expect_reject refus
 @pytest.fixture(params=["memory", "redis"])
 def proxy(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[ProxyProcess]:
     prefix = f"sip700test:{uuid.uuid4().hex[:12]}:"
-    for attempt in range(3):  # a port drawn free may be taken before the proxy binds it
+    api_ports: list[int] = []
+
+    def configure() -> tuple[Path, dict, int, int, Path]:
         port, gateway_port, api_port = free_port(), free_port(), free_tcp_port()
+        api_ports.append(api_port)
         overrides = {"workers": 2, "api": {"listen": f"127.0.0.1:{api_port}"},
                      "tenants": tenants(), "operator_keys": [hash_key("s7k_op")],
                      "store": {"key_prefix": prefix}}
         path, config = write_config(tmp_path, port=port, gateway_port=gateway_port,
                                     bindings=[], overrides=overrides,
                                     redis_prefix=prefix if request.param == "redis" else None)
-        try:
-            process = start_proxy(path, port, gateway_port, tmp_path / "proxy.log", config)
-            break
-        except RuntimeError as exc:
-            if attempt == 2 or not port_taken(exc):
-                raise
-    process.api_url = f"http://127.0.0.1:{api_port}"  # type: ignore[attr-defined]
+        return path, config, port, gateway_port, tmp_path / "proxy.log"
+
+    process = start_on_fresh_ports(configure)
+    process.api_url = f"http://127.0.0.1:{api_ports[-1]}"  # type: ignore[attr-defined]
     wait_http(f"{process.api_url}/healthz")  # type: ignore[attr-defined]
     yield process
     rc = process.stop()

@@ -28,8 +28,7 @@ from proxy.sip.uri import OtherUri, SipUri
 from tests.integration.procs import (
     ProxyProcess,
     free_port,
-    port_taken,
-    start_proxy,
+    start_on_fresh_ports,
     write_config,
 )
 from tests.integration.rawsip import (
@@ -123,7 +122,8 @@ class Rigs:
         rig = self.started.get(key)
         if rig is not None:
             return rig
-        for attempt in range(3):  # a port drawn free may be taken before the proxy binds it
+
+        def configure() -> tuple[Path, dict, int, int, Path]:
             tmp = Path(tempfile.mkdtemp(prefix="proxy", dir=self.tmp))  # never one reused
             port, gateway_port = free_port(), free_port()
             path, config = write_config(tmp, port=port, gateway_port=gateway_port,
@@ -133,15 +133,12 @@ class Rigs:
             if problems:
                 self.refused[key] = f"the proxy refuses config {overrides}: {problems}"
                 pytest.fail(self.refused[key])
-            try:
-                proxy = start_proxy(path, port, gateway_port, tmp / "proxy.log", config)
-                break
-            except RuntimeError as exc:
-                if attempt == 2 or not port_taken(exc):
-                    raise
-        rig = Rig(proxy, Peer(name="A"), Peer(port=gateway_port, name="B"), self.workers)
+            return path, config, port, gateway_port, tmp / "proxy.log"
+
+        proxy = start_on_fresh_ports(configure)
+        rig = Rig(proxy, Peer(name="A"), Peer(port=proxy.gateway_port, name="B"), self.workers)
         self.started[key] = rig
-        _wait_ready(port)
+        _wait_ready(proxy.port)
         return rig
 
     def close(self) -> list[str]:
