@@ -96,6 +96,18 @@ def test_an_unknown_caller_gets_a_404_and_a_forged_token_nothing() -> None:
     flipped = b"A" if response[at:at + 1] != b"A" else b"B"
     forged = response[:at] + flipped + response[at + 1:]
     assert floor.handle(forged, CARRIER) is None
+    # where it sends is not the parties' to choose: a BYE aimed elsewhere, a Via off loopback
+    rr = re.search(rb"Record-Route: <([^>]+)>", invite)
+    assert rr is not None
+    elsewhere = (b"BYE sip:127.0.0.9:5060 SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:15080;branch=z9\r\n"
+                 b"Route: <" + rr.group(1) + b">\r\nFrom: <sip:" + A + b"@127.0.0.1>;tag=t\r\n"
+                 b"Call-ID: 1-77@127.0.0.1\r\nCSeq: 2 BYE\r\n\r\n")
+    assert floor.handle(elsewhere, CALLER) is None
+    to_carrier = elsewhere.replace(b"127.0.0.9:5060", b"127.0.0.1:15070")
+    assert floor.handle(to_carrier, CALLER) is not None
+    offsite = response.replace(b", SIP/2.0/UDP 127.0.0.1:15080", b", SIP/2.0/UDP 10.1.2.3:5060")
+    assert floor.handle(offsite, CARRIER) is None
+    assert floor.handle(response, CARRIER) is not None
     assert floor.handle(b"BYE sip:127.0.0.1:15070 SIP/2.0\r\nCall-ID: x\r\n\r\n", CALLER) is None
     for garbage in (b"", b"SIP/2.0 200 OK\r\nVia: x\r\n\r\n", b"\xff" * 40,
                     b"INVITE sip:" + X + b"@h SIP/2.0\r\nFrom: <sip:" + A + b"@h>\r\n",
