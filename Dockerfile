@@ -39,7 +39,7 @@ RUN if [ "$COMPILED" = 1 ]; then \
     fi
 COPY pyproject.toml README.md /src/
 COPY proxy /src/proxy
-COPY scripts/build-compiled /src/scripts/build-compiled
+COPY scripts/build-compiled scripts/bench_core.py /src/scripts/
 # a regular (not editable) install: the code (and the compiled modules, package data) lands in
 # the venv's site-packages; the sources, build/ and the egg-info stay behind in this stage. The
 # extensions are touched last: a source newer than its extension would not be used

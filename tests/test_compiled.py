@@ -8,13 +8,19 @@ from __future__ import annotations
 
 import ast
 import importlib.machinery
+import importlib.util
 import os
+import shutil
 import subprocess
 import sys
 import tomllib
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 from proxy import __version__, compiled
+from tests.scripts import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -101,3 +107,64 @@ def test_a_stale_build_is_not_used(tmp_path: Path) -> None:
     assert path == str(tmp_path / "proxy" / "sip" / "uri.py")
     assert state == "false (stale build ignored)"
     assert stale == "['proxy.sip.uri']"
+
+
+# ---- the profile-guided build (scripts/build-compiled) -------------------------------------
+
+def _build_script() -> Any:
+    """scripts/build-compiled (no .py suffix) as a module."""
+    loader = importlib.machinery.SourceFileLoader(
+        "build_compiled", str(ROOT / "scripts" / "build-compiled"))
+    spec = importlib.util.spec_from_loader("build_compiled", loader)
+    assert spec is not None
+    module = importlib.util.module_from_spec(spec)
+    loader.exec_module(module)
+    return module
+
+
+def test_the_training_asks_bench_core_for_options_it_has() -> None:
+    """A bench_core option renamed must fail here, not turn every build quietly plain (the
+    build falls back to it when the training fails)."""
+    build = _build_script()
+    loaded = load_script("bench_core")
+    bench = next(loaded)
+    shapes = set()
+    try:
+        for args in build.TRAINING:
+            parsed = bench.parse_args(list(args))
+            shapes.add((parsed.shape, parsed.records, parsed.max_call_s is not None))
+    finally:
+        loaded.close()
+    # the harness's rows, real UAs' rows, and records with a duration limit
+    assert shapes == {("harness", False, False), ("production", False, False),
+                      ("production", True, True)}
+
+
+def test_the_profile_flags_are_only_for_gcc(tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    build = _build_script()
+    clang = tmp_path / "clang"
+    clang.write_text("#!/bin/sh\necho 'Debian clang version 14.0.6'\n")
+    clang.chmod(0o755)
+    monkeypatch.setenv("CC", f"{clang} -pthread")
+    assert build.compiler_is_gcc() is False
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    assert build.compiler_is_gcc() is False
+    gcc = shutil.which("gcc")
+    assert gcc is not None, "scripts/install --compiled installs gcc"
+    monkeypatch.setenv("CC", gcc)
+    assert build.compiler_is_gcc() is True
+
+
+def test_a_failed_training_is_reported_not_raised(tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """What `train()` returns makes the build fall back to the plain one, saying why."""
+    build = _build_script()
+    monkeypatch.setattr(build, "PROFILE", tmp_path / "pgo")
+    monkeypatch.setattr(build, "TRAINING", (("10", "--no-such-option"),))
+    failed = build.train()
+    assert failed is not None and "exit 2" in failed and "--no-such-option" in failed
+    # a run that works but counts nothing (no instrumented build here): no profile to use
+    monkeypatch.setattr(build, "TRAINING", (
+        ("20", "--rounds", "1", "--warmup", "0", "--bindings", "100", "--shape", "harness"),))
+    assert build.train() == "the training wrote no profile"
