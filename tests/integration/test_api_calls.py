@@ -38,11 +38,8 @@ A, B = "13800000001", "13700000009"  # B outside 139…: uac_expect_reject refus
 @pytest.fixture(params=["memory", "redis"])
 def proxy(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[ProxyProcess]:
     prefix = f"sip700test:{uuid.uuid4().hex[:12]}:"
-    api_ports: list[int] = []
-
     def configure() -> tuple[Path, dict, int, int, Path]:
         port, gateway_port, api_port = free_port(), free_port(), free_tcp_port()
-        api_ports.append(api_port)
         overrides = {"workers": 2, "api": {"listen": f"127.0.0.1:{api_port}"},
                      "tenants": tenants(), "operator_keys": [hash_key("s7k_op")],
                      "store": {"key_prefix": prefix}}
@@ -52,7 +49,7 @@ def proxy(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[ProxyProce
         return path, config, port, gateway_port, tmp_path / "proxy.log"
 
     process = start_on_fresh_ports(configure)
-    process.api_url = f"http://127.0.0.1:{api_ports[-1]}"  # type: ignore[attr-defined]
+    process.api_url = f"http://{process.config['api']['listen']}"  # type: ignore[attr-defined]
     wait_http(f"{process.api_url}/healthz")  # type: ignore[attr-defined]
     yield process
     rc = process.stop()
