@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import ast
 import importlib.machinery
-import importlib.util
 import os
 import shutil
 import subprocess
 import sys
 import tomllib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -111,21 +111,15 @@ def test_a_stale_build_is_not_used(tmp_path: Path) -> None:
 
 # ---- the profile-guided build (scripts/build-compiled) -------------------------------------
 
-def _build_script() -> Any:
-    """scripts/build-compiled (no .py suffix) as a module."""
-    loader = importlib.machinery.SourceFileLoader(
-        "build_compiled", str(ROOT / "scripts" / "build-compiled"))
-    spec = importlib.util.spec_from_loader("build_compiled", loader)
-    assert spec is not None
-    module = importlib.util.module_from_spec(spec)
-    loader.exec_module(module)
-    return module
+@pytest.fixture
+def build() -> Iterator[Any]:
+    """scripts/build-compiled as a module."""
+    yield from load_script("build-compiled")
 
 
-def test_the_training_asks_bench_core_for_options_it_has() -> None:
+def test_the_training_asks_bench_core_for_options_it_has(build: Any) -> None:
     """A bench_core option renamed must fail here, not turn every build quietly plain (the
     build falls back to it when the training fails)."""
-    build = _build_script()
     loaded = load_script("bench_core")
     bench = next(loaded)
     shapes = set()
@@ -140,9 +134,8 @@ def test_the_training_asks_bench_core_for_options_it_has() -> None:
                       ("production", True, True)}
 
 
-def test_the_profile_flags_are_only_for_gcc(tmp_path: Path,
+def test_the_profile_flags_are_only_for_gcc(build: Any, tmp_path: Path,
                                             monkeypatch: pytest.MonkeyPatch) -> None:
-    build = _build_script()
     clang = tmp_path / "clang"
     clang.write_text("#!/bin/sh\necho 'Debian clang version 14.0.6'\n")
     clang.chmod(0o755)
@@ -156,10 +149,9 @@ def test_the_profile_flags_are_only_for_gcc(tmp_path: Path,
     assert build.compiler_is_gcc() is True
 
 
-def test_a_failed_training_is_reported_not_raised(tmp_path: Path,
+def test_a_failed_training_is_reported_not_raised(build: Any, tmp_path: Path,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """What `train()` returns makes the build fall back to the plain one, saying why."""
-    build = _build_script()
     monkeypatch.setattr(build, "PROFILE", tmp_path / "pgo")
     monkeypatch.setattr(build, "TRAINING", (("10", "--no-such-option"),))
     failed = build.train()
