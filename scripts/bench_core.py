@@ -57,6 +57,12 @@ Usage:
                    (the shared harness's own rows: no number there, as ../shared/bench)
     --trying-after-ms MS  timers.trying_after_ms (default: the config's 200, so the 180 a
                    millisecond later makes the 100 moot; 0 sends a 100 per INVITE)
+    --evict-kb KB  before each datagram, outside the timed part, write one byte in every
+                   64-byte line of a KB KiB buffer: the caches are as cold as a worker finds
+                   them when it wakes for one datagram at a low rate, after the SIPp processes
+                   (and on a VM, its neighbours) ran on its CPU. 8192 reads about what
+                   `run.sh project 1000` costs a call in user time on the 2-core VM; 0 (the
+                   default) is the warm core, as under load
     --profile      one round under cProfile (the core's entry points only), sorted by
                    cumulative time (--sort tottime for own time)
 """
@@ -328,6 +334,7 @@ class Round:
     gc_runs: int = 0
     messages_in: int = 0
     messages_out: int = 0
+    evictions: int = 0  # datagrams delivered after the caches were evicted (--evict-kb)
     timer_runs: int = 0  # ticks at which a deadline was due: handle_timers calls
     timer_sends: int = 0  # datagrams the timers sent (retransmissions, 408s): 0 when healthy
     transactions_left: int = 0
@@ -386,11 +393,17 @@ class Bench:
         self.next_call = 0
         self.prof: cProfile.Profile | None = None
         self.r = Round(0)
+        # --evict-kb: a line's worth of bytes written for every 64 bytes of the buffer
+        self.evict_buffer = bytearray(args.evict_kb * 1024)
+        self.evict_lines = b"\x01" * (len(self.evict_buffer) // 64)
 
     # -- the core's entry points, timed ---------------------------------------------------------
     def deliver(self, data: bytes, source: tuple[str, int]) -> list[Any]:
         core, prof, now = self.core, self.prof, self.now
         clock = time.process_time
+        if self.evict_lines:  # untimed: what the other processes on this CPU did meanwhile
+            self.evict_buffer[::64] = self.evict_lines
+            self.r.evictions += 1
         if prof is not None:
             prof.enable()
         t0 = clock()
@@ -586,6 +599,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="production: A and B in Contact and SDP o= as real UAs put them; "
                         "harness: the shared harness's own rows (no number there), to compare "
                         "with ../shared/bench end to end")
+    p.add_argument("--evict-kb", type=int, default=0,
+                   help="before each datagram, untimed, write every 64-byte line of a buffer "
+                        "of this many KiB: the cold caches of a worker that wakes for each "
+                        "datagram at a low rate (8192 reads about 1,000 CPS end to end on the "
+                        "2-core VM; 0: warm, as under load)")
     p.add_argument("--profile", action="store_true")
     p.add_argument("--sort", default="cumulative", help="pstats order with --profile")
     p.add_argument("--cumulative", action="store_const", const="cumulative", dest="sort",
@@ -593,8 +611,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.calls < 1 or args.rounds < 1 or args.bindings < 1 or args.cps <= 0:
         p.error("CALLS, --rounds, --bindings and --cps must be positive")
-    if args.check_every < 0 or args.warmup < 0 or args.hold_ms < 0:
-        p.error("--check-every, --warmup and --hold-ms cannot be negative")
+    if args.check_every < 0 or args.warmup < 0 or args.hold_ms < 0 or args.evict_kb < 0:
+        p.error("--check-every, --warmup, --hold-ms and --evict-kb cannot be negative")
     return args
 
 
@@ -623,6 +641,9 @@ def report(args: argparse.Namespace, result: Result) -> None:
           f", {args.cps:g} calls/s, hold {args.hold_ms:g} ms, clock +{DRAIN_S:g} s after each "
           f"round: {result.transactions_left} transactions left; privacy checked on "
           f"{result.privacy_checked_calls} calls ({result.privacy_checked_messages} messages)")
+    if args.evict_kb:
+        print(f"  cold caches: {args.evict_kb} KiB written (a byte a 64-byte line, untimed) "
+              f"before each of the {sum(r.evictions for r in rounds)} datagrams measured")
 
 
 def encode_records(tracker: Any) -> float:

@@ -83,3 +83,20 @@ def test_bench_core_fails_when_the_rewrite_stops(bench, monkeypatch) -> None:
     with pytest.raises(bench.BenchError, match="callee"):
         bench.main(["3", "--bindings", "10", "--rounds", "1", "--warmup", "0",
                     "--check-every", "1"])
+
+
+def test_bench_core_with_cold_caches(bench, capsys) -> None:
+    """--evict-kb: every datagram measured is delivered after the buffer was written, and the
+    writing is not in the figure (the calls still make their 6 messages each way)."""
+    result = bench.main(["5", "--bindings", "20", "--rounds", "2", "--warmup", "1",
+                         "--evict-kb", "64"])
+    for r in result.rounds:
+        assert r.evictions == r.messages_in == 6 * r.calls
+    assert "cold caches: 64 KiB written" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        bench.main(["5", "--evict-kb", "-1"])
+
+
+def test_bench_core_warm_by_default(bench) -> None:
+    result = bench.main(["3", "--bindings", "10", "--rounds", "1", "--warmup", "0"])
+    assert result.rounds[0].evictions == 0
