@@ -60,9 +60,10 @@ Usage:
     --evict-kb KB  before each datagram, outside the timed part, write one byte in every
                    64-byte line of a KB KiB buffer: the caches are as cold as a worker finds
                    them when it wakes for one datagram at a low rate, after the SIPp processes
-                   (and on a VM, its neighbours) ran on its CPU. 8192 reads about what
-                   `run.sh project 1000` costs a call in user time on the 2-core VM; 0 (the
-                   default) is the warm core, as under load
+                   (and on a VM, its neighbours) ran on its CPU. With 8192 the core's CPU a
+                   call grows by what a worker's user time a call grows from 2,500 to 1,000
+                   CPS on the 2-core VM (1.5-1.6x); 0 (the default) is the warm core, as
+                   under load
     --profile      one round under cProfile (the core's entry points only), sorted by
                    cumulative time (--sort tottime for own time)
 """
@@ -602,8 +603,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--evict-kb", type=int, default=0,
                    help="before each datagram, untimed, write every 64-byte line of a buffer "
                         "of this many KiB: the cold caches of a worker that wakes for each "
-                        "datagram at a low rate (8192 reads about 1,000 CPS end to end on the "
-                        "2-core VM; 0: warm, as under load)")
+                        "datagram at a low rate (8192: +50-60 %, as a worker's user time a "
+                        "call from 2,500 to 1,000 CPS on the 2-core VM; 0: warm, as under load)")
     p.add_argument("--profile", action="store_true")
     p.add_argument("--sort", default="cumulative", help="pstats order with --profile")
     p.add_argument("--cumulative", action="store_const", const="cumulative", dest="sort",
