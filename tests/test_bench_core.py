@@ -86,8 +86,8 @@ def test_bench_core_fails_when_the_rewrite_stops(bench, monkeypatch) -> None:
 
 
 def test_bench_core_with_cold_caches(bench, capsys) -> None:
-    """--evict-kb: every datagram measured is delivered after the buffer was written, and the
-    writing is not in the figure (the calls still make their 6 messages each way)."""
+    """--evict-kb: every datagram measured is delivered after the buffer was written (the calls
+    still make their 6 messages each way), the report says so, a negative size is refused."""
     result = bench.main(["5", "--bindings", "20", "--rounds", "2", "--warmup", "1",
                          "--evict-kb", "64"])
     for r in result.rounds:
