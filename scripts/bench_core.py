@@ -603,7 +603,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--evict-kb", type=int, default=0,
                    help="before each datagram, untimed, write every 64-byte line of a buffer "
                         "of this many KiB: the cold caches of a worker that wakes for each "
-                        "datagram at a low rate (8192: +50-60 %, as a worker's user time a "
+                        "datagram at a low rate (8192: +50-60 %%, as a worker's user time a "
                         "call from 2,500 to 1,000 CPS on the 2-core VM; 0: warm, as under load)")
     p.add_argument("--profile", action="store_true")
     p.add_argument("--sort", default="cumulative", help="pstats order with --profile")

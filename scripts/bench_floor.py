@@ -230,6 +230,10 @@ async def serve(config: dict[str, Any]) -> None:
 
 
 def main(argv: list[str]) -> int:
+    if argv in (["-h"], ["--help"]):
+        print("usage: bench_floor.py run --config FILE (the harness's project config)")
+        print(__doc__.strip())
+        return 0
     if len(argv) != 3 or argv[0] != "run" or argv[1] != "--config":
         print("usage: bench_floor.py run --config FILE (the harness's project config)",
               file=sys.stderr)

@@ -92,7 +92,15 @@ def measure(fn, rounds: int) -> tuple[float, float]:
 
 
 def main() -> None:
-    rounds = int(sys.argv[1]) if len(sys.argv) > 1 else 200_000
+    args = sys.argv[1:]
+    if args and args[0] in ("-h", "--help"):
+        print(__doc__.strip())
+        return
+    if len(args) > 1 or (args and not (args[0].isascii() and args[0].isdigit())):
+        sys.exit("usage: bench_sip.py [ROUNDS] (a positive number, 200000 by default)")
+    rounds = int(args[0]) if args else 200_000
+    if rounds < 1:
+        sys.exit("usage: bench_sip.py [ROUNDS] (a positive number, 200000 by default)")
     print(f"INVITE size: {len(INVITE)} bytes, {INVITE.count(b': ')} header rows; "
           f"{rounds} rounds, timed in batches of 50")
     for label, fn in (("(a) parse", case_parse),
