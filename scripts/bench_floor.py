@@ -229,14 +229,16 @@ async def serve(config: dict[str, Any]) -> None:
     await asyncio.Event().wait()
 
 
+USAGE = "usage: bench_floor.py run --config FILE (the harness's project config)"
+
+
 def main(argv: list[str]) -> int:
     if argv in (["-h"], ["--help"]):
-        print("usage: bench_floor.py run --config FILE (the harness's project config)")
+        print(USAGE)
         print(__doc__.strip())
         return 0
     if len(argv) != 3 or argv[0] != "run" or argv[1] != "--config":
-        print("usage: bench_floor.py run --config FILE (the harness's project config)",
-              file=sys.stderr)
+        print(USAGE, file=sys.stderr)
         return 2
     config = yaml.safe_load(Path(argv[2]).read_text())
     if config.get("store", {}).get("backend") != "memory":

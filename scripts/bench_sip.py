@@ -10,6 +10,7 @@ Usage: python3 scripts/bench_sip.py [ROUNDS]
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import sys
 import time
@@ -92,15 +93,12 @@ def measure(fn, rounds: int) -> tuple[float, float]:
 
 
 def main() -> None:
-    args = sys.argv[1:]
-    if args and args[0] in ("-h", "--help"):
-        print(__doc__.strip())
-        return
-    if len(args) > 1 or (args and not (args[0].isascii() and args[0].isdigit())):
-        sys.exit("usage: bench_sip.py [ROUNDS] (a positive number, 200000 by default)")
-    rounds = int(args[0]) if args else 200_000
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("rounds", nargs="?", type=int, default=200_000,
+                   help="timed rounds of each case (200000)")
+    rounds = p.parse_args().rounds
     if rounds < 1:
-        sys.exit("usage: bench_sip.py [ROUNDS] (a positive number, 200000 by default)")
+        p.error("ROUNDS must be positive")
     print(f"INVITE size: {len(INVITE)} bytes, {INVITE.count(b': ')} header rows; "
           f"{rounds} rounds, timed in batches of 50")
     for label, fn in (("(a) parse", case_parse),

@@ -33,5 +33,5 @@ def test_bench_sip_refuses_a_bad_round_count() -> None:
     done = subprocess.run([sys.executable, str(script), "many"], capture_output=True,
                           text=True, timeout=60, check=False)
     assert done.returncode != 0
-    assert "usage: bench_sip.py" in done.stderr
+    assert "usage: bench_sip.py" in done.stderr and "invalid int value" in done.stderr
     assert "Traceback" not in done.stderr
